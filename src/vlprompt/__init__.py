@@ -1,0 +1,35 @@
+"""vlprompt: prompt learning (CoOp, CoCoOp) and baselines for CLIP-style vision-language models.
+
+The package import is light: heavy modules (torch, transformers) load only when a public name is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"; resolved on first access (PEP 562)
+_LAZY: dict[str, str] = {
+    "load_clip": "vlprompt.backbone.loaders:load_clip",
+    "CLIP": "vlprompt.backbone.model:CLIP",
+    "CLIPConfig": "vlprompt.backbone.model:CLIPConfig",
+    "build_tiny_clip": "vlprompt.backbone.tiny:build_tiny_clip",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'vlprompt' has no attribute {name!r}")
+    module_name, attr = target.split(":")
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
