@@ -13,15 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from vlprompt import __version__
+from vlprompt.errors import VlpromptError
 
 # subcommand module registry, in the order shown by --help
 COMMAND_MODULES: tuple[str, ...] = (
     "vlprompt.cli.data_cmd",
 )
-
-
-class UsageError(Exception):
-    """A user error: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (UsageError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except VlpromptError as exc:
         print(f"vlprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
