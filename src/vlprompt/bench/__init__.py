@@ -1,0 +1,13 @@
+"""Benchmarks: the papers' protocols and the results report.
+
+Submodules (imported explicitly; importing this package loads nothing heavy):
+
+- ``aggregate``: find and parse result JSON files, group them over seeds, and the statistics (mean, sample std,
+  Student-t 95% confidence interval, harmonic mean, averages over datasets);
+- ``published``: the papers' reported numbers as data, with source and backbone;
+- ``tables``: tables in the papers' layouts, rendered as Markdown and CSV;
+- ``plots``: few-shot curves and base-vs-novel charts (matplotlib, Agg);
+- ``html``: the one-page offline HTML report.
+
+The ``vlprompt report DIR`` command (``vlprompt.cli.report_cmd``) puts them together.
+"""
