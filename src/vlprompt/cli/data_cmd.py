@@ -1,0 +1,167 @@
+"""``vlprompt data``: list the built-in datasets, check a dataset on disk, write split and few-shot files.
+
+    vlprompt data list [--json]
+    vlprompt data check NAME [--root DIR] [--workers N] [--no-decode]      exit 0: all good, 1: problems found
+    vlprompt data split SPEC [--root DIR] [--out FILE] [--force]           your own data: folder:PATH, csv:FILE, ...
+    vlprompt data fewshot NAME --shots K --seed S [--root DIR] [--out FILE] [--json]
+
+``--root`` defaults to ``$VLPROMPT_DATA_ROOT``. Torch is never imported by these commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlprompt.errors import ConfigError
+
+ROOT_ENV = "VLPROMPT_DATA_ROOT"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``vlprompt data`` and its subcommands."""
+    parser = subparsers.add_parser("data", help="datasets: list, check, split, fewshot",
+                                   description="List, check and prepare datasets (built-in or your own).")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+
+    p_list = sub.add_parser("list", help="supported datasets, their folder names and expected counts")
+    p_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p_list.set_defaults(func=run_list)
+
+    p_check = sub.add_parser("check", help="presence, counts against the expected numbers, unreadable images")
+    _dataset_args(p_check)
+    p_check.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs, at most 8)")
+    p_check.add_argument("--no-decode", action="store_true", help="skip decoding (only presence and counts)")
+    p_check.set_defaults(func=run_check)
+
+    p_split = sub.add_parser("split", help="write the split file of your own dataset")
+    _dataset_args(p_split, what="your dataset: folder:PATH, csv:FILE, json:FILE or a path")
+    p_split.add_argument("--out", type=Path, default=None, help="also write the split (CoOp format) to this file")
+    p_split.add_argument("--force", action="store_true", help="re-create a split vlprompt created before")
+    p_split.set_defaults(func=run_split)
+
+    p_few = sub.add_parser("fewshot", help="sample K shots per class and write the portable few-shot file")
+    _dataset_args(p_few)
+    p_few.add_argument("--shots", type=int, required=True, help="images per class for train (val: min(K, 4))")
+    p_few.add_argument("--seed", type=int, required=True, help="random seed (the papers use 1, 2, 3)")
+    p_few.add_argument("--out", type=Path, default=None,
+                       help="output file (default: fewshot_<dataset>_<K>shot_seed<S>.json here)")
+    p_few.add_argument("--json", action="store_true", help="print the written file instead of a summary")
+    p_few.set_defaults(func=run_fewshot)
+
+
+def _dataset_args(parser: argparse.ArgumentParser, what: str | None = None) -> None:
+    parser.add_argument("dataset", metavar="NAME",
+                        help=what or "built-in dataset (see `vlprompt data list`) or folder:PATH, csv:FILE, json:FILE")
+    parser.add_argument("--root", type=Path, default=None,
+                        help=f"data root holding the dataset folders (default: ${ROOT_ENV})")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where created splits of read-only datasets go (default: $VLPROMPT_CACHE_DIR or the "
+                             "user cache folder)")
+
+
+def _root(args: argparse.Namespace) -> Path | None:
+    if args.root is not None:
+        return Path(args.root)
+    env = os.environ.get(ROOT_ENV)
+    return Path(env) if env else None
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print the registry: key, name, folder, image folder, classes and expected counts."""
+    from vlprompt.data import DATASETS
+
+    if args.json:
+        rows = [{"key": key, "name": info.title, "folder": info.folder, "image_folder": info.image_subdir,
+                 "template": info.template, "split_file": info.split_file, **info.expected.as_dict()}
+                for key, info in DATASETS.items()]
+        print(json.dumps(rows, indent=1))
+        return 0
+    header = ("key", "name", "folder", "image folder", "classes", "train", "val", "test")
+    rows_txt = [header] + [(key, info.title, info.folder, info.image_subdir or ".", str(info.expected.classes),
+                            *(str(getattr(info.expected, n)) if getattr(info.expected, n) else "-"
+                              for n in ("train", "val", "test")))
+                           for key, info in DATASETS.items()]
+    widths = [max(len(row[i]) for row in rows_txt) for i in range(len(header))]
+    for row in rows_txt:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("\nYour own data: folder:PATH (a folder per class, optionally under train/ val/ test/), csv:FILE or "
+          "json:FILE (path,label[,split]).")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Check a dataset; exit status 1 when something is missing, unreadable or of the wrong size."""
+    from vlprompt.data.check import check_dataset
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}.")
+    report = check_dataset(args.dataset, _root(args), decode=not args.no_decode, workers=args.workers,
+                           cache_dir=args.cache_dir)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
+def run_split(args: argparse.Namespace) -> int:
+    """Create (or re-create) the split of a custom dataset and say where it is."""
+    from vlprompt.data.custom import parse_custom_spec
+    from vlprompt.data.info import ReadContext, default_cache_dir
+    from vlprompt.data.load import load_dataset
+    from vlprompt.data.registry import lookup
+    from vlprompt.data.splitfile import LabelledSplits, write_split_file
+
+    root = _root(args)
+    if lookup(args.dataset) is not None and ":" not in args.dataset:
+        raise ConfigError(f"{args.dataset!r} is a built-in dataset: it uses its standard split (shipped, yours, or "
+                          "created on first load). `data split` writes the split of your own data.")
+    spec = parse_custom_spec(args.dataset, root)
+    if spec is None:
+        raise ConfigError(f"{args.dataset!r} is not a folder, .csv or .json file; give folder:PATH, csv:FILE or "
+                          "json:FILE.")
+    cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    candidates = [spec.created_split_file,
+                  ReadContext(root or Path("."), cache_dir).split_cache_folder(spec.base_dir) /
+                  spec.created_split_file.name]
+    if args.force:
+        for candidate in candidates:
+            candidate.unlink(missing_ok=True)
+    splits = load_dataset(args.dataset, root, cache_dir=cache_dir)
+    counts = splits.counts()
+    print(f"{splits.name}: {counts.classes} classes, {counts.train} train / {counts.val} val / {counts.test} test")
+    written = next((c for c in candidates if c.is_file()), None)
+    exported = LabelledSplits(splits.train, splits.val, splits.test, splits.classnames, splits.split_source)
+    if written is None:
+        written = write_split_file(spec.created_split_file, exported, {"created_by": "vlprompt",
+                                                                         "procedure": splits.split_source})
+        print(f"the split is defined by {splits.split_source}; a copy in split-file form is in {written}")
+    else:
+        print(f"split file: {written}")
+    if args.out is not None:
+        print(f"written: {write_split_file(args.out, exported, {'created_by': 'vlprompt'})}")
+    return 0
+
+
+def run_fewshot(args: argparse.Namespace) -> int:
+    """Sample a few-shot set, write it, print a summary (or the file with --json)."""
+    from vlprompt.data.fewshot import sample_fewshot, save_fewshot
+    from vlprompt.data.load import load_dataset
+
+    splits = load_dataset(args.dataset, _root(args), cache_dir=args.cache_dir)
+    result = sample_fewshot(splits, args.shots, args.seed)
+    out = args.out or Path(f"fewshot_{splits.name}_{args.shots}shot_seed{args.seed}.json")
+    path = save_fewshot(result, out)
+    if args.json:
+        sys.stdout.write(path.read_text(encoding="utf-8"))
+        return 0
+    print(f"{splits.name}: {args.shots} shots, seed {args.seed}: {len(result.train)} train / {len(result.val)} val "
+          f"images ({result.val_shots} per class, from {result.val_from}), {len(result.test)} test")
+    for line in result.short_report():
+        print(f"note: {line}")
+    print(f"written: {path}")
+    return 0

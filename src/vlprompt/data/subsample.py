@@ -1,0 +1,41 @@
+"""Base / novel class split of the base-to-novel protocol (CoCoOp's ``subsample_classes``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from vlprompt.data.types import DatasetSplits, Item
+from vlprompt.errors import ConfigError
+
+Subset = Literal["all", "base", "new"]
+SUBSETS: tuple[str, ...] = ("all", "base", "new")
+
+
+def base_novel_labels(num_classes: int, subset: Subset) -> list[int]:
+    """The original labels kept by ``subset``: labels sorted, the first ``ceil(n / 2)`` base, the rest new."""
+    if subset not in SUBSETS:
+        raise ConfigError(f"unknown class subset {subset!r}: use one of {', '.join(SUBSETS)}.")
+    labels = list(range(num_classes))
+    cut = math.ceil(num_classes / 2)
+    return labels if subset == "all" else labels[:cut] if subset == "base" else labels[cut:]
+
+
+def subsample_classes(splits: DatasetSplits, subset: Subset) -> DatasetSplits:
+    """Keep only the base or new classes of every split, relabelled from 0 in label order ("all" keeps everything).
+
+    The reference takes the labels present in the training split; with every class present in train (all standard
+    datasets, and few-shot samples of them) that is ``range(n)``, which is what is used here, so test-only datasets
+    can be subsampled too.
+    """
+    kept = base_novel_labels(splits.num_classes, subset)
+    if subset == "all":
+        return DatasetSplits(splits.name, splits.image_dir, list(splits.classnames), splits.template,
+                             list(splits.train), list(splits.val), list(splits.test), split_source=splits.split_source)
+    relabel = {old: new for new, old in enumerate(kept)}
+
+    def keep(items: list[Item]) -> list[Item]:
+        return [Item(item.path, relabel[item.label]) for item in items if item.label in relabel]
+
+    return DatasetSplits(splits.name, splits.image_dir, [splits.classnames[old] for old in kept], splits.template,
+                         keep(splits.train), keep(splits.val), keep(splits.test), split_source=splits.split_source)
