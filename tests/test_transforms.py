@@ -264,7 +264,7 @@ def test_crop_sampling_statistics() -> None:
     assert min(fractions) < 0.1 and max(fractions) > 0.95
     assert 0.45 < float(np.mean(fractions)) < 0.6  # uniform area on [0.08, 1] (mean 0.54), minus rejected large boxes
     assert abs(float(np.mean(np.log(ratios)))) < 0.02  # log-uniform ratio, symmetric around 1
-    flips = [TrainTransform()._draw(400, 400, gen)[1] for _ in range(2000)]  # noqa: SLF001
+    flips = [TrainTransform().sample_params(400, 400, gen)[1] for _ in range(2000)]
     assert 0.46 < float(np.mean(flips)) < 0.54
 
 
@@ -289,6 +289,12 @@ def test_describe_is_stable_and_distinct() -> None:
     }  # fmt: skip
     assert len(names) == 7
     assert EvalTransform(336) == EvalTransform(336) and hash(EvalTransform()) == hash(EvalTransform())
+    from_json = TrainTransform(
+        mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], scale=[0.5, 1], ratio=[1, 1]  # type: ignore[arg-type]
+    )
+    assert from_json.scale == (0.5, 1.0) and hash(from_json) == hash(TrainTransform(
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), scale=(0.5, 1.0), ratio=(1.0, 1.0)))  # fmt: skip
+    assert TrainTransform() != TensorTrainTransform()
 
 
 def test_invalid_parameters_and_inputs() -> None:
@@ -303,6 +309,10 @@ def test_invalid_parameters_and_inputs() -> None:
         TrainTransform(flip_p=1.5)
     with pytest.raises(ConfigError, match="std"):
         EvalTransform(std=(0.2, 0.0, 0.2))
+    with pytest.raises(ConfigError, match="mean"):
+        EvalTransform(mean=(0.5, 0.5))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="scale"):
+        TrainTransform(scale="big")  # type: ignore[arg-type]
     transform = TensorEvalTransform()
     with pytest.raises(ConfigError, match=r"permute\(2, 0, 1\)"):
         transform(torch.zeros(50, 60, 3, dtype=torch.uint8))
@@ -386,6 +396,9 @@ def test_to_rgb_in_memory() -> None:
     assert to_rgb(rgb) is rgb
     assert _rgb_at(to_rgb(Image.new("I;16B", (1, 1), 65535)), 0, 0) == (255, 255, 255)
     assert _rgb_at(to_rgb(Image.new("RGBa", (1, 1), (0, 0, 0, 0))), 0, 0) == (255, 255, 255)
+    premultiplied = Image.new("La", (2, 1))
+    premultiplied.putdata([(0, 0), (40, 255)])
+    assert [_rgb_at(to_rgb(premultiplied), x, 0) for x in range(2)] == [(255, 255, 255), (40, 40, 40)]
     assert _rgb_at(to_rgb(Image.new("YCbCr", (1, 1), (255, 128, 128))), 0, 0) == (255, 255, 255)
 
 

@@ -59,26 +59,26 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         with Image.open(name) as opened:
             opened.load()
             if getattr(opened, "_ended", False):  # JpegImagePlugin's mark of a premature end of file
-                raise DatasetError(f"image file {name!r} is truncated; re-download or remove it")
+                raise DatasetError(f"image file '{name}' is truncated; re-download or remove it")
             upright = ImageOps.exif_transpose(opened)
             try:
                 return to_rgb(upright)
             except DatasetError as exc:
-                raise DatasetError(f"image file {name!r}: {exc}") from None
+                raise DatasetError(f"image file '{name}': {exc}") from None
     except DatasetError:
         raise
     except FileNotFoundError:
-        raise DatasetError(f"image file {name!r} does not exist") from None
+        raise DatasetError(f"image file '{name}' does not exist") from None
     except UnidentifiedImageError:
         raise DatasetError(
-            f"{name!r} is not an image file Pillow can read (empty, corrupt or of an unsupported format)"
+            f"'{name}' is not an image file Pillow can read (empty, corrupt or of an unsupported format)"
         ) from None
     except Image.DecompressionBombError as exc:
-        raise DatasetError(f"image file {name!r} is too large to decode safely: {exc}") from None
+        raise DatasetError(f"image file '{name}' is too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         if "truncated" in str(exc):
-            raise DatasetError(f"image file {name!r} is truncated ({exc}); re-download or remove it") from None
-        raise DatasetError(f"cannot read image file {name!r}: {exc}") from None
+            raise DatasetError(f"image file '{name}' is truncated ({exc}); re-download or remove it") from None
+        raise DatasetError(f"cannot read image file '{name}': {exc}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -100,7 +100,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("I", "F") or mode.startswith("I;16"):
         return _grey_to_rgb(img)
     if mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
+        rgba = (img.convert("LA") if mode == "La" else img).convert("RGBA")  # Pillow has no La -> RGBA
         background = Image.new("RGBA", rgba.size, (*WHITE, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     try:
@@ -223,6 +223,16 @@ def _check_stats(mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         raise ConfigError(f"mean and std need 3 values each and std > 0, got mean={mean!r}, std={std!r}")
 
 
+def _freeze_floats(obj: object, *names: str) -> None:
+    """Store the named fields of a frozen dataclass as tuples of floats (lists from a JSON config stay hashable)."""
+    for name in names:
+        try:
+            values = tuple(float(v) for v in getattr(obj, name))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a sequence of numbers, got {getattr(obj, name)!r}") from None
+        object.__setattr__(obj, name, values)
+
+
 def _fmt(values: Sequence[float]) -> str:
     return "(" + ",".join(repr(float(v)) for v in values) + ")"
 
@@ -335,6 +345,7 @@ class EvalTransform:
 
     def __post_init__(self) -> None:
         _check_size(self.size)
+        _freeze_floats(self, "mean", "std")
         _check_stats(self.mean, self.std)
 
     def describe(self) -> str:
@@ -368,6 +379,7 @@ class TensorEvalTransform:
 
     def __post_init__(self) -> None:
         _check_size(self.size)
+        _freeze_floats(self, "mean", "std")
         _check_stats(self.mean, self.std)
 
     def describe(self) -> str:
@@ -408,7 +420,10 @@ class _TrainParams:
 
     def __post_init__(self) -> None:
         _check_size(self.size)
+        _freeze_floats(self, "mean", "std", "scale", "ratio")
         _check_stats(self.mean, self.std)
+        if len(self.scale) != 2 or len(self.ratio) != 2:
+            raise ConfigError(f"scale and ratio need 2 values each, got scale={self.scale!r}, ratio={self.ratio!r}")
         low, high = self.scale
         if not 0 < low <= high <= 1:
             raise ConfigError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale!r}")
@@ -423,8 +438,8 @@ class _TrainParams:
             f"ratio={_fmt(self.ratio)},flip_p={float(self.flip_p)!r},mean={_fmt(self.mean)},std={_fmt(self.std)})"
         )
 
-    def _draw(self, height: int, width: int, generator: torch.Generator) -> tuple[CropBox, bool]:
-        """Crop box, then flip decision, in torchvision's order (RandomResizedCrop before RandomHorizontalFlip)."""
+    def sample_params(self, height: int, width: int, generator: torch.Generator) -> tuple[CropBox, bool]:
+        """The crop box and whether to flip, drawn in torchvision's order (RandomResizedCrop, then the flip)."""
         import torch
 
         box = sample_resized_crop(height, width, generator, self.scale, self.ratio)
@@ -447,7 +462,7 @@ class TrainTransform(_TrainParams):
         from PIL import Image
 
         img = to_rgb(img)
-        box, flip = self._draw(img.height, img.width, _as_generator(generator))
+        box, flip = self.sample_params(img.height, img.width, _as_generator(generator))
         img = img.crop((box.left, box.top, box.left + box.width, box.top + box.height))
         img = _resize_pil(img, self.size, self.size)
         if flip:
@@ -477,7 +492,7 @@ class TensorTrainTransform(_TrainParams):
         out = []
         for batch in batches:
             for image in batch.split(1):
-                box, flip = self._draw(image.shape[-2], image.shape[-1], gen)
+                box, flip = self.sample_params(image.shape[-2], image.shape[-1], gen)
                 crop = image[..., box.top : box.top + box.height, box.left : box.left + box.width]
                 crop = _resize_tensor(crop, self.size, self.size)
                 out.append(crop.flip(-1) if flip else crop)
