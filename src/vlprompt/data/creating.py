@@ -84,7 +84,8 @@ def split_trainval(
     if too_small:
         raise DatasetError(
             f"cannot take a validation split from the training images of {source}: {len(too_small)} classes have too "
-            f"few images to put {p_val:.0%} (at least one) in val: {format_offenders(too_small)}."
+            f"few images to put {p_val:.0%} (at least one) in val: {format_offenders(too_small)}. Give a val split "
+            "yourself (a val/ folder, 'val' rows) or add training images."
         )
     rng = random.Random(seed)
     train: list[Item] = []

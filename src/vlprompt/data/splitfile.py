@@ -47,7 +47,8 @@ class LabelledSplits:
 def shipped_split_names() -> list[str]:
     """File names (without ``.gz``) of the split files shipped with the package."""
     folder = resources.files(_SHIPPED_PACKAGE).joinpath(_SHIPPED_FOLDER)
-    return sorted(p.name[: -len(".gz")] for p in folder.iterdir() if p.name.endswith(".json.gz"))
+    return sorted(p.name[: -len(".gz")] for p in folder.iterdir()
+                  if p.name.startswith("split_") and p.name.endswith(".json.gz"))
 
 
 def read_shipped_json(file_name: str) -> Any:
