@@ -74,6 +74,11 @@ def _grid(count: int) -> tuple[Figure, list]:
     return figure, axes[:count]
 
 
+def _average_title(count: int, left_out: bool) -> str:
+    title = f"Average over {count} datasets"
+    return title + "\n(incomplete points left out)" if left_out else title
+
+
 def _shot_position(shots: int) -> float:
     return math.log2(shots) + 1.0 if shots else 0.0
 
@@ -99,12 +104,15 @@ def fewshot_figure(partition: Partition) -> Figure | None:
     panels: list[tuple[str, dict[str, list[_Point]]]] = []
     if len(datasets) >= 2:
         average: dict[str, list[_Point]] = {}
+        left_out = False
         for method in methods:
             for shots in shots_of[method]:
                 mean = mean_if_complete([index.mean("fewshot", method, d, d, "all", shots) for d in datasets])
-                if mean is not None:
+                if mean is None:
+                    left_out = True
+                else:
                     average.setdefault(method, []).append(_Point(shots, mean, None))
-        panels.append((f"Average over {len(datasets)} datasets", average))
+        panels.append((_average_title(len(datasets), left_out), average))
     for dataset in datasets:
         points: dict[str, list[_Point]] = {}
         for method in methods:
@@ -179,7 +187,8 @@ def base2novel_figure(partition: Partition) -> Figure | None:
         for variant in variants:
             pairs = [values(d, variant) for d in datasets]
             average[variant] = (mean_if_complete([b for b, _ in pairs]), mean_if_complete([n for _, n in pairs]))
-        panels.append((f"Average over {len(datasets)} datasets", average))
+        left_out = any(b is None or n is None for b, n in average.values())
+        panels.append((_average_title(len(datasets), left_out), average))
     for dataset in datasets:
         panels.append((dataset_label(dataset), {v: values(dataset, v) for v in variants}))
 

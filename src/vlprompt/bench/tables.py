@@ -63,6 +63,7 @@ class Cell:
     n: int | None = None  # seeds behind a statistics cell; None for derived and published numbers
     decimals: int = 2
     note: str | None = None  # replaces the number, e.g. "incomplete (10/11)"
+    published: bool = False  # a paper's number: shown with the paper's own precision everywhere
     recalled: bool = False
 
     @classmethod
@@ -80,7 +81,7 @@ class Cell:
     def of_published(cls, value: pub.PublishedValue | None) -> Cell:
         if value is None:
             return cls()
-        return cls(mean=value.accuracy, decimals=value.decimals, recalled=value.recalled)
+        return cls(mean=value.accuracy, decimals=value.decimals, published=True, recalled=value.recalled)
 
     @property
     def empty(self) -> bool:
@@ -98,12 +99,15 @@ class Cell:
         return text + (" (recalled)" if self.recalled else "")
 
     def csv_fields(self) -> list[str]:
-        """The four CSV fields: mean (or the note), std, ci95, n; empty where undefined."""
+        """The four CSV fields: mean (or the note), std, ci95, n; empty where undefined.
+
+        Computed numbers have 4 decimals; published ones keep the paper's precision.
+        """
         if self.note is not None:
             return [self.note, "", "", ""]
         if self.mean is None:
             return ["", "", "", ""]
-        decimals = 4 if self.n is not None else self.decimals
+        decimals = self.decimals if self.published else 4
         return [
             f"{self.mean:.{decimals}f}",
             "" if self.std is None else f"{self.std:.4f}",
