@@ -1,0 +1,128 @@
+"""The methods: zero-shot CLIP, prompt ensembling, linear probe, CoOp, CoCoOp; one explicit registry dict.
+
+Every method works on image features (``clip.encode_image`` output, float32, not normalised) and is an ``nn.Module``
+whose parameters and buffers are only its learned state (see "Method contract" in docs/architecture.md).
+
+This package module imports nothing heavy: the configs live in :mod:`vlprompt.methods.configs` and each
+:class:`MethodSpec` builds its method through a lazy reference to the implementing module, which imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+from vlprompt.errors import ConfigError
+from vlprompt.methods.configs import (
+    CoCoOpConfig,
+    CoOpConfig,
+    EnsembleConfig,
+    LinearProbeConfig,
+    ZeroShotConfig,
+    cocoop_train_defaults,
+    coop_train_defaults,
+    no_train_defaults,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vlprompt.backbone.model import CLIP
+
+MethodKind = Literal["fixed", "closed_form", "sgd"]
+
+
+@dataclass(frozen=True)
+class LazyBuild:
+    """``build(clip, classnames, config)`` of a method, importing its module (``"module:function"``) on first call."""
+
+    target: str
+
+    def __call__(self, clip: CLIP, classnames: list[str], config: Any) -> nn.Module:
+        module_name, attr = self.target.split(":")
+        build: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
+        return build(clip, classnames, config)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method.
+
+    ``kind``: "fixed" (nothing to learn), "closed_form" (``method.fit(train, val)``), "sgd" (the trainer optimises
+    ``method.parameters()``). ``train_defaults(shots, dataset)`` gives the reference's training recipe for the
+    trainer (batch size, epochs, optimiser settings; empty for methods that are not trained by SGD).
+    """
+
+    name: str
+    config_cls: type
+    kind: MethodKind
+    build: Callable[[CLIP, list[str], Any], nn.Module]
+    train_defaults: Callable[[int | None, str | None], dict[str, Any]]
+    description: str
+
+
+METHODS: Mapping[str, MethodSpec] = MappingProxyType({
+    "zeroshot": MethodSpec(
+        name="zeroshot", config_cls=ZeroShotConfig, kind="fixed",
+        build=LazyBuild("vlprompt.methods.zeroshot:build_zeroshot"), train_defaults=no_train_defaults,
+        description="zero-shot CLIP with the dataset's hand-crafted template",
+    ),
+    "ensemble": MethodSpec(
+        name="ensemble", config_cls=EnsembleConfig, kind="fixed",
+        build=LazyBuild("vlprompt.methods.zeroshot:build_ensemble"), train_defaults=no_train_defaults,
+        description="zero-shot CLIP with prompt ensembling (mean of normalised text features over templates)",
+    ),
+    "linear_probe": MethodSpec(
+        name="linear_probe", config_cls=LinearProbeConfig, kind="closed_form",
+        build=LazyBuild("vlprompt.methods.linear_probe:build_linear_probe"), train_defaults=no_train_defaults,
+        description="logistic regression on frozen image features, C searched on the validation split",
+    ),
+    "coop": MethodSpec(
+        name="coop", config_cls=CoOpConfig, kind="sgd",
+        build=LazyBuild("vlprompt.methods.coop:build_coop"), train_defaults=coop_train_defaults,
+        description="CoOp: learned context vectors (unified or class-specific) in the text prompt",
+    ),
+    "cocoop": MethodSpec(
+        name="cocoop", config_cls=CoCoOpConfig, kind="sgd",
+        build=LazyBuild("vlprompt.methods.cocoop:build_cocoop"), train_defaults=cocoop_train_defaults,
+        description="CoCoOp: CoOp's context plus a per-image token from a small meta-net",
+    ),
+})
+"""Every method, by name."""
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method ``name``, or a :class:`ConfigError` listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}: use one of {', '.join(METHODS)}") from None
+
+
+def config_for_dataset(config: Any, dataset: str | None, template: str) -> Any:
+    """``config`` completed with what it takes from the dataset (its name and hand-crafted ``template``).
+
+    Zero-shot takes the template where none is set; the ensemble adds it to its set (not for ImageNet, as the
+    reference); other methods' configs are returned unchanged. Callers with a ``DatasetSplits`` use
+    ``config_for_dataset(config, splits.name, splits.template)`` before ``spec.build``.
+    """
+    for_dataset = getattr(config, "for_dataset", None)
+    return config if for_dataset is None else for_dataset(dataset, template)
+
+
+__all__ = [
+    "METHODS",
+    "CoCoOpConfig",
+    "CoOpConfig",
+    "EnsembleConfig",
+    "LazyBuild",
+    "LinearProbeConfig",
+    "MethodKind",
+    "MethodSpec",
+    "ZeroShotConfig",
+    "config_for_dataset",
+    "get_method",
+]

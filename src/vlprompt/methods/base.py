@@ -1,0 +1,124 @@
+"""What every method shares: the frozen CLIP held outside the module tree, class-name checks, cosine logits."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlprompt.backbone.model import CLIP
+from vlprompt.errors import ConfigError
+
+
+def check_classnames(classnames: Sequence[str]) -> list[str]:
+    """The class names as a list, or a :class:`ConfigError` if the list is empty or holds a non-string / blank name.
+
+    Names are used as given (the data layer already turns ``_`` into spaces); repeated names are allowed (ImageNet
+    has two "crane" classes).
+    """
+    if isinstance(classnames, str):
+        raise ConfigError(f"class names must be a list of strings, not one string ({classnames!r})")
+    names = list(classnames)
+    if not names:
+        raise ConfigError("the class list is empty: a classifier needs at least one class name")
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"class name #{index} is {name!r}; every class needs a non-empty name")
+    return names
+
+
+def cosine_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    """``logit_scale * normalize(image) @ normalize(text).T`` in fp32: [B, D] x [K, D] -> [B, K].
+
+    ``text_features`` may also be per image, [B, K, D]; then each image is scored against its own K features.
+    """
+    image = F.normalize(image_features.float(), dim=-1)
+    text = F.normalize(text_features.float(), dim=-1)
+    if text.ndim == 3:
+        return logit_scale * torch.einsum("bd,bkd->bk", image, text)
+    return logit_scale * image @ text.t()
+
+
+def logit_scale_of(clip: CLIP) -> Tensor:
+    """``exp(clip.logit_scale)`` as a detached fp32 scalar (CLIP's temperature is frozen)."""
+    return clip.logit_scale.detach().float().exp()
+
+
+@contextlib.contextmanager
+def rng_untouched(device: torch.device) -> Iterator[None]:
+    """Run a block that draws random numbers (a throw-away initialisation) without advancing the caller's RNG."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@dataclass(frozen=True)
+class CosineClassifier:
+    """Evaluation classifier: fixed normalised text features [K, D] and CLIP's logit scale; image features -> logits.
+
+    Image features are moved to the text features' device; logits come back there, in fp32.
+    """
+
+    text_features: Tensor
+    logit_scale: Tensor
+
+    def __call__(self, image_features: Tensor) -> Tensor:
+        features = image_features.to(self.text_features.device)
+        return cosine_logits(features, self.text_features, self.logit_scale.to(features.device))
+
+
+class FrozenClipMethod(nn.Module):
+    """Base of the methods: holds the frozen CLIP without registering it, so ``parameters()`` and ``state_dict()``
+    hold only the method's learned state.
+
+    The CLIP is frozen in place (``requires_grad_(False)``, eval mode) so backward never computes its gradients.
+    Device and dtype moves of the method (``.to()``, ``.cuda()``, ``.half()``) also apply to the CLIP and to the
+    frozen tensors a subclass lists in :meth:`_apply_frozen`; ``.train()`` / ``.eval()`` do not touch the CLIP.
+    """
+
+    method_name: str = ""
+
+    def __init__(self, clip: CLIP, classnames: Sequence[str], config: Any) -> None:
+        super().__init__()
+        if not isinstance(clip, CLIP):
+            raise ConfigError(f"methods need a vlprompt CLIP model, got {type(clip).__name__}")
+        object.__setattr__(self, "_clip", clip)  # plain attribute: not a registered submodule
+        clip.requires_grad_(False)
+        clip.eval()
+        self.classnames: list[str] = check_classnames(classnames)
+        self.config = config
+
+    @property
+    def clip(self) -> CLIP:
+        """The frozen CLIP (not part of this module's parameters or state dict)."""
+        clip: CLIP = self.__dict__["_clip"]
+        return clip
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FrozenClipMethod:  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self.clip._apply(fn, recurse)
+        self._apply_frozen(fn)
+        return self
+
+    def _apply_frozen(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply a device/dtype move to the subclass's frozen (unregistered) tensors; nothing by default."""
+
+    def classifier(self) -> Callable[[Tensor], Tensor]:
+        """Evaluation callable: image features [B, D] -> logits [B, K], with text features computed once here."""
+        raise NotImplementedError
+
+    def with_classnames(self, classnames: Sequence[str]) -> FrozenClipMethod:
+        """The same method for another class list (cross-dataset evaluation)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name!r}, classes={self.num_classes}, backbone={self.clip.config.name!r}"

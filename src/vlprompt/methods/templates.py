@@ -1,0 +1,217 @@
+"""Prompt templates: the hand-crafted template of each benchmark dataset and the ImageNet template sets.
+
+A template is a string with exactly one ``{}`` where the class name goes ("a photo of a {}."). The data layer gives
+each dataset's template with its splits (``DatasetSplits.template``); :data:`DATASET_TEMPLATES` holds the same
+templates for use without a dataset (CoOp's ``CUSTOM_TEMPLATES`` / the CLIP paper's choices).
+
+Template sets for prompt ensembling (:data:`TEMPLATE_SETS`):
+
+- ``"coop7"``: the 7 ImageNet templates CoOp's prompt-ensembling baseline selects (``IMAGENET_TEMPLATES_SELECT``);
+  the reference adds the dataset's own template for every dataset but ImageNet;
+- ``"clip80"``: the 80 ImageNet templates of CLIP's prompt-engineering notebook.
+
+This module imports nothing heavy (the CLI reads it at start).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+
+from vlprompt.errors import ConfigError
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+"""CLIP's generic template, used when no dataset is known."""
+
+PLACEHOLDER = "{}"
+
+# canonical dataset key (lower-case letters and digits) -> hand-crafted template
+DATASET_TEMPLATES: Mapping[str, str] = MappingProxyType({
+    "imagenet": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "oxfordpets": "a photo of a {}, a type of pet.",
+    "stanfordcars": "a photo of a {}.",
+    "oxfordflowers": "a photo of a {}, a type of flower.",
+    "food101": "a photo of {}, a type of food.",
+    "fgvcaircraft": "a photo of a {}, a type of aircraft.",
+    "sun397": "a photo of a {}.",
+    "dtd": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "imagenetv2": "a photo of a {}.",
+    "imagenetsketch": "a photo of a {}.",
+    "imageneta": "a photo of a {}.",
+    "imagenetr": "a photo of a {}.",
+})
+
+# other spellings (papers' titles, reference class names, standard folder names) -> canonical key
+DATASET_ALIASES: Mapping[str, str] = MappingProxyType({
+    "flowers102": "oxfordflowers",
+    "oxfordflowers102": "oxfordflowers",
+    "pets": "oxfordpets",
+    "cars": "stanfordcars",
+    "aircraft": "fgvcaircraft",
+    "describabletextures": "dtd",
+    "sun": "sun397",
+    "imagenetadversarial": "imageneta",
+    "imagenetrendition": "imagenetr",
+})
+
+IMAGENET_TEMPLATES_SELECT: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+"""The 7 ImageNet templates of CoOp's prompt-ensembling baseline (reference ``IMAGENET_TEMPLATES_SELECT``)."""
+
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+"""CLIP's 80 ImageNet prompt-engineering templates."""
+
+TEMPLATE_SETS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "coop7": IMAGENET_TEMPLATES_SELECT,
+    "clip80": IMAGENET_TEMPLATES,
+})
+
+
+def dataset_key(name: str) -> str:
+    """Canonical key of a dataset name: lower-case letters and digits only, aliases resolved.
+
+    ``"oxford_flowers"``, ``"OxfordFlowers"`` and ``"Flowers102"`` all give ``"oxfordflowers"``.
+    """
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return DATASET_ALIASES.get(key, key)
+
+
+def dataset_template(name: str) -> str:
+    """The hand-crafted template of a benchmark dataset (any spelling :func:`dataset_key` understands)."""
+    key = dataset_key(name)
+    try:
+        return DATASET_TEMPLATES[key]
+    except KeyError:
+        known = ", ".join(sorted(DATASET_TEMPLATES))
+        raise ConfigError(
+            f"no hand-crafted template is known for dataset {name!r} (known: {known}); "
+            f"pass a template with one '{{}}' for the class name instead"
+        ) from None
+
+
+def template_set(name: str) -> tuple[str, ...]:
+    """A named template set (:data:`TEMPLATE_SETS`)."""
+    try:
+        return TEMPLATE_SETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown template set {name!r}: use one of {', '.join(TEMPLATE_SETS)}, or pass your own templates"
+        ) from None
+
+
+def check_template(template: str) -> str:
+    """Return ``template`` if it holds exactly one ``{}`` placeholder, else raise :class:`ConfigError`."""
+    if not isinstance(template, str):
+        raise ConfigError(f"a template must be a string, got {type(template).__name__}: {template!r}")
+    count = template.count(PLACEHOLDER)
+    if count != 1:
+        raise ConfigError(
+            f"template {template!r} has {count} '{{}}' placeholders; it needs exactly one, where the class name goes "
+            f"(e.g. {DEFAULT_TEMPLATE!r})"
+        )
+    return template
+
+
+def check_templates(templates: Iterable[str]) -> tuple[str, ...]:
+    """Validate several templates (at least one, each with one ``{}``); duplicates are dropped, order kept."""
+    checked = tuple(dict.fromkeys(check_template(template) for template in templates))
+    if not checked:
+        raise ConfigError("the template list is empty: give at least one template with '{}' for the class name")
+    return checked
+
+
+def fill(template: str, classname: str) -> str:
+    """The prompt of one class: ``template`` with its ``{}`` replaced by ``classname`` (no other formatting)."""
+    return template.replace(PLACEHOLDER, classname, 1)
