@@ -117,7 +117,7 @@ def test_eval_shapes_dtypes_and_range(size: int, shape: tuple[int, int]) -> None
 
 
 def test_eval_pil_and_tensor_agree_on_real_photos() -> None:
-    paths = _fixture_images(30)
+    paths = _fixture_images(12)
     for size in (224, 336):
         pil_t, tensor_t = EvalTransform(size), TensorEvalTransform(size)
         diffs = []
