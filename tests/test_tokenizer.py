@@ -395,6 +395,8 @@ def test_bad_input_raises_config_error(tok: ClipTokenizer) -> None:
         tok.encode(3)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="encodes str"):
         tok(["a cat", None])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="sequence of str"):
+        tok(None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="context_length"):
         tok("a cat", context_length=1)
     with pytest.raises(ConfigError, match="outside CLIP's vocabulary"):

@@ -272,6 +272,8 @@ class ClipTokenizer:
 
         if isinstance(texts, str):
             texts = [texts]
+        if not isinstance(texts, Sequence):
+            raise ConfigError(f"the tokenizer takes a str or a sequence of str, got {type(texts).__name__}")
         if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
             raise ConfigError(f"context_length must be an int >= 2 (start and end tokens), got {context_length!r}")
         rows: list[list[int]] = []
