@@ -10,6 +10,7 @@ from test_report_support import write_result, write_seeds
 
 from vlprompt.bench.aggregate import (
     Stats,
+    canonical_dataset,
     collect_results,
     dataset_label,
     dataset_sort_key,
@@ -76,6 +77,10 @@ def test_harmonic_mean_and_complete_means():
 
 
 def test_dataset_names_are_canonical_and_ordered():
+    assert canonical_dataset("OxfordPets") == canonical_dataset("pets") == "oxford_pets"
+    assert canonical_dataset("Flowers102") == canonical_dataset("oxford-flowers") == "oxford_flowers"
+    assert canonical_dataset("ImageNet-Sketch") == "imagenet_sketch"
+    assert canonical_dataset("My_Data") == "My_Data"  # custom datasets keep their name
     assert dataset_label("oxford_pets") == dataset_label("OxfordPets") == "OxfordPets"
     assert dataset_label("oxford_flowers") == "Flowers102"
     assert dataset_label("my_data") == "my_data"
@@ -171,6 +176,27 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(ConfigError, match="no result files"):
         collect_results(tmp_path / "runs")
+
+
+def test_spellings_of_a_dataset_are_one_group(tmp_path):
+    write_result(tmp_path, dataset="dtd", seed=1, accuracy=60.0)
+    write_result(tmp_path, dataset="DescribableTextures", seed=2, accuracy=64.0)
+    (group,) = group_records(collect_results(tmp_path).records)
+    assert (group.key.dataset, group.key.eval_dataset, group.seeds, group.stats.mean) == ("dtd", "dtd", (1, 2), 62.0)
+    write_result(tmp_path, dataset="textures", seed=2, accuracy=64.0)
+    with pytest.raises(RunError, match="duplicate"):
+        collect_results(tmp_path)
+
+
+def test_runs_set_aside_by_overwrite_are_ignored(tmp_path):
+    run = tmp_path / "dtd-coop"  # a run folder being re-run: config.json, and the old results in previous/
+    write_result(run, accuracy=60.0).parent.rename(run / "previous")
+    (run / "config.json").write_text("{}", encoding="utf-8")
+    assert (run / "previous" / "results.json").is_file()
+    fresh = write_result(tmp_path, accuracy=61.0)
+    # "previous" folders that are not inside a run folder are ordinary folders
+    other = write_result(tmp_path / "previous", dataset="eurosat", accuracy=70.0)
+    assert [r.path for r in collect_results(tmp_path).records] == sorted([fresh, other])
 
 
 def test_zero_shots_is_the_same_as_null(tmp_path):

@@ -38,36 +38,48 @@ SUBSETS: tuple[str, ...] = ("all", "base", "new")
 PROTOCOLS: tuple[str, ...] = ("fewshot", "base2novel", "crossdataset", "domainshift")
 BUDGET_BANNER = "SMOKE TEST (budget) – not comparable to papers"
 
-# canonical dataset key -> display name, in the papers' table order (11 benchmarks, then the ImageNet variants)
+# dataset key (the keys of vlprompt.data.DATASETS) -> display name, in the papers' table order: the 11 benchmarks,
+# then the ImageNet variants. Kept here as plain data so a report never depends on the data loaders.
 DATASET_NAMES: dict[str, str] = {
     "imagenet": "ImageNet",
     "caltech101": "Caltech101",
-    "oxfordpets": "OxfordPets",
-    "stanfordcars": "StanfordCars",
-    "flowers102": "Flowers102",
+    "oxford_pets": "OxfordPets",
+    "stanford_cars": "StanfordCars",
+    "oxford_flowers": "Flowers102",
     "food101": "Food101",
-    "fgvcaircraft": "FGVCAircraft",
+    "fgvc_aircraft": "FGVCAircraft",
     "sun397": "SUN397",
     "dtd": "DTD",
     "eurosat": "EuroSAT",
     "ucf101": "UCF101",
     "imagenetv2": "ImageNet-V2",
-    "imagenetsketch": "ImageNet-Sketch",
-    "imageneta": "ImageNet-A",
-    "imagenetr": "ImageNet-R",
+    "imagenet_sketch": "ImageNet-Sketch",
+    "imagenet_a": "ImageNet-A",
+    "imagenet_r": "ImageNet-R",
 }
 BENCHMARK_DATASETS: tuple[str, ...] = tuple(list(DATASET_NAMES)[:11])
 
-# other spellings (folder names, class names of the reference code) -> canonical key; compared after _squash()
+# other spellings (paper and reference-code names, folder names, short aliases) -> dataset key, compared after
+# removing case, spaces, dashes and underscores
 DATASET_ALIASES: dict[str, str] = {
-    "oxfordflowers": "flowers102",
-    "flowers": "flowers102",
-    "pets": "oxfordpets",
-    "cars": "stanfordcars",
-    "aircraft": "fgvcaircraft",
+    "flowers102": "oxford_flowers",
+    "oxfordflowers102": "oxford_flowers",
+    "flowers": "oxford_flowers",
+    "pets": "oxford_pets",
+    "cars": "stanford_cars",
+    "aircraft": "fgvc_aircraft",
+    "fgvc": "fgvc_aircraft",
     "describabletextures": "dtd",
-    "imagenetadversarial": "imageneta",
-    "imagenetrendition": "imagenetr",
+    "textures": "dtd",
+    "caltech": "caltech101",
+    "food": "food101",
+    "sun": "sun397",
+    "ucf": "ucf101",
+    "imagenet1k": "imagenet",
+    "ilsvrc2012": "imagenet",
+    "sketch": "imagenet_sketch",
+    "imagenetadversarial": "imagenet_a",
+    "imagenetrendition": "imagenet_r",
 }
 
 # method name -> display name, in table order; methods not listed keep their name and come after these
@@ -91,9 +103,15 @@ def _squash(name: str) -> str:
 
 
 def canonical_dataset(name: str) -> str:
-    """The canonical key of a dataset name: ``"oxford_pets"``, ``"OxfordPets"`` -> ``"oxfordpets"``."""
-    key = _squash(name)
-    return DATASET_ALIASES.get(key, key)
+    """The dataset key of a known dataset's any spelling (``"OxfordPets"``, ``"pets"`` -> ``"oxford_pets"``).
+
+    Unknown (custom) dataset names are returned unchanged.
+    """
+    squashed = _squash(name)
+    for key in DATASET_NAMES:
+        if _squash(key) == squashed:
+            return key
+    return DATASET_ALIASES.get(squashed, name)
 
 
 def dataset_label(name: str) -> str:
@@ -106,6 +124,14 @@ def dataset_sort_key(name: str) -> tuple[int, str]:
     order = list(DATASET_NAMES)
     key = canonical_dataset(name)
     return (order.index(key), "") if key in DATASET_NAMES else (len(order), name.lower())
+
+
+def _is_set_aside(relative: Path, root: Path) -> bool:
+    """True inside a run folder's ``previous/`` (an older run kept by ``--overwrite`` until the new one finishes)."""
+    for depth, part in enumerate(relative.parts[:-1]):
+        if part == "previous" and (root.joinpath(*relative.parts[:depth]) / "config.json").is_file():
+            return True
+    return False
 
 
 def method_label(name: str) -> str:
@@ -234,11 +260,15 @@ class ResultRecord:
 
 
 def find_result_files(root: Path) -> list[Path]:
-    """Every ``results.json`` and ``eval-*.json`` under ``root``, sorted; hidden files and folders are skipped."""
+    """Every ``results.json`` and ``eval-*.json`` under ``root``, sorted.
+
+    Hidden files and folders (temporary files of atomic writes) and runs set aside in a run folder's ``previous/``
+    are skipped.
+    """
     found = []
     for path in root.rglob("*.json"):
         relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
+        if any(part.startswith(".") for part in relative.parts) or _is_set_aside(relative, root):
             continue
         if RESULT_FILE_PATTERN.match(path.name) and path.is_file():
             found.append(path)
@@ -339,7 +369,7 @@ class Collection:
 
 @dataclass(frozen=True, order=True)
 class GroupKey:
-    """What identifies an experiment, apart from the seed."""
+    """What identifies an experiment, apart from the seed (datasets by their canonical key)."""
 
     protocol: str
     method: str
@@ -355,8 +385,8 @@ class GroupKey:
         return cls(
             protocol=record.protocol or "",
             method=record.method,
-            dataset=record.dataset,
-            eval_dataset=record.eval_dataset,
+            dataset=canonical_dataset(record.dataset),
+            eval_dataset=canonical_dataset(record.eval_dataset),
             subset=record.subset,
             shots=record.shots or 0,
             model=record.model or "",

@@ -35,8 +35,8 @@ class PublishedValue:
     """One reported accuracy (percent), as printed in the paper (``decimals`` digits)."""
 
     method: str
-    dataset: str  # canonical training dataset, or AVERAGE
-    eval_dataset: str  # canonical evaluation dataset, or AVERAGE
+    dataset: str  # training dataset key (vlprompt.data.DATASETS), or AVERAGE
+    eval_dataset: str  # evaluation dataset key, or AVERAGE
     subset: str  # "all", "base", "new" or HARMONIC
     shots: int | None  # None: no training images
     model: str  # canonical backbone name, e.g. "ViT-B/16"
@@ -82,7 +82,7 @@ PUBLISHED: tuple[PublishedValue, ...] = (
     *(
         PublishedValue("coop", "imagenet", target, "all", 16, "ViT-B/16", acc, _COOP_T1_DG)
         for target, acc in (
-            ("imagenetv2", 64.18), ("imagenetsketch", 46.71), ("imageneta", 48.41), ("imagenetr", 74.32)
+            ("imagenetv2", 64.18), ("imagenet_sketch", 46.71), ("imagenet_a", 48.41), ("imagenet_r", 74.32)
         )
     ),
     # prompt ensembling on ImageNet
