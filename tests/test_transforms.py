@@ -184,12 +184,15 @@ def test_train_never_touches_the_global_rng() -> None:
         TrainTransform()(_pattern(10, 10), None)  # type: ignore[arg-type]
 
 
-def test_view_generator_depends_only_on_seed_index_view() -> None:
-    def draw(seed: int, index: int, view: int) -> list[float]:
-        return torch.rand(4, generator=view_generator(seed, index, view)).tolist()
+def test_view_generator_depends_only_on_seed_item_view() -> None:
+    def draw(seed: int, item: int, view: int) -> list[float]:
+        return torch.rand(4, generator=view_generator(seed, item, view)).tolist()
 
     assert draw(1, 2, 3) == draw(1, 2, 3)
     assert len({tuple(draw(*key)) for key in [(1, 2, 3), (1, 2, 4), (1, 3, 3), (2, 2, 3), (1, 23, 0)]}) == 5
+    by_path = torch.rand(4, generator=view_generator(1, "banded/banded_0024.jpg", 0)).tolist()
+    assert by_path == torch.rand(4, generator=view_generator(1, "banded/banded_0024.jpg", 0)).tolist()
+    assert by_path != torch.rand(4, generator=view_generator(1, "banded/banded_0085.jpg", 0)).tolist()
 
 
 def test_train_pil_and_tensor_draw_the_same_boxes() -> None:

@@ -187,12 +187,13 @@ def sample_resized_crop(
     return CropBox((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
 
 
-def view_generator(seed: int, index: int, view: int = 0) -> torch.Generator:
-    """A generator seeded from (seed, image index, view number) alone, so an augmented view is reproducible
-    whatever the order, batching or number of workers."""
+def view_generator(seed: int, item: int | str, view: int = 0) -> torch.Generator:
+    """A generator seeded from (seed, item, view number) alone, so an augmented view is reproducible whatever the
+    order, batching or number of workers. ``item`` names the image: its index or, more robust when the item list
+    changes, its relative path (an int and its decimal string name the same item)."""
     import torch
 
-    digest = hashlib.blake2b(f"vlprompt-view:{seed}:{index}:{view}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"vlprompt-view:{seed}:{item}:{view}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
