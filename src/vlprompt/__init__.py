@@ -16,6 +16,8 @@ _LAZY: dict[str, str] = {
     "CLIP": "vlprompt.backbone.model:CLIP",
     "CLIPConfig": "vlprompt.backbone.model:CLIPConfig",
     "build_tiny_clip": "vlprompt.backbone.tiny:build_tiny_clip",
+    "tokenize": "vlprompt.backbone.tokenizer:tokenize",
+    "get_tokenizer": "vlprompt.backbone.tokenizer:get_tokenizer",
 }
 
 __all__ = ["__version__", *_LAZY]
