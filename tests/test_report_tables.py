@@ -242,7 +242,10 @@ def test_published_lookup():
     assert pub.lookup("coop", "imagenet", pub.AVERAGE, "all", 16, "ViT-B/16", "domainshift") is None
     assert pub.lookup("coop", "imagenet", "imagenet", "all", 16, "ViT-L/14") is None
     # the published base-to-novel H values agree with H of the published base and novel means (to rounding)
-    for method in pub.published_methods("ViT-B/16", "base"):
-        b, n, h = (pub.lookup(method, pub.AVERAGE, pub.AVERAGE, s, None if method == "zeroshot" else 16, "ViT-B/16")
-                   for s in ("base", "new", pub.HARMONIC))
-        assert abs(2 * b.accuracy * n.accuracy / (b.accuracy + n.accuracy) - h.accuracy) < 0.015, method
+    bases = pub.dataset_averages("ViT-B/16", "base")
+    assert [(v.method, v.shots) for v in bases] == [
+        ("zeroshot", None), ("coop", 16), ("cocoop", 16), ("kgcoop", 16), ("maple", 16), ("promptsrc", 16)]
+    for base in bases:
+        n, h = (pub.lookup(base.method, pub.AVERAGE, pub.AVERAGE, subset, base.shots, "ViT-B/16")
+                for subset in ("new", pub.HARMONIC))
+        assert abs(2 * base.accuracy * n.accuracy / (base.accuracy + n.accuracy) - h.accuracy) < 0.015, base.method

@@ -166,11 +166,7 @@ def lookup(
     return None
 
 
-def published_methods(model: str | None, subset: str) -> list[str]:
-    """Methods with a published base-to-novel (or other AVERAGE) value for ``subset`` on this backbone, in order."""
+def dataset_averages(model: str | None, subset: str) -> list[PublishedValue]:
+    """The published means over datasets for ``subset`` on this backbone (e.g. every method's base-to-novel "base")."""
     backbone = canonical_model(model)
-    seen: list[str] = []
-    for value in PUBLISHED:
-        if value.model == backbone and value.dataset == AVERAGE and value.subset == subset and value.method not in seen:
-            seen.append(value.method)
-    return seen
+    return [v for v in PUBLISHED if v.model == backbone and v.dataset == AVERAGE and v.subset == subset]

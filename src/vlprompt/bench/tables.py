@@ -283,8 +283,6 @@ def fewshot_tables(ctx: _Context) -> list[Table]:
 
 @dataclass(frozen=True)
 class _B2NAverage:
-    base: float | None
-    novel: float | None
     base_cell: Cell
     novel_cell: Cell
     h_cell: Cell
@@ -313,8 +311,6 @@ def _base2novel_method_table(ctx: _Context, method: str, shots: int, datasets: S
         label = _average_label(len(datasets))
         b_avg, n_avg = mean_if_complete(base_means), mean_if_complete(novel_means)
         average = _B2NAverage(
-            base=b_avg,
-            novel=n_avg,
             base_cell=_average_cell(base_means),
             novel_cell=_average_cell(novel_means),
             h_cell=Cell(mean=harmonic_mean(b_avg, n_avg)),
@@ -355,22 +351,16 @@ def base2novel_tables(ctx: _Context) -> list[Table]:
         if average is not None:
             summary_rows.append(Row(name, (average.base_cell, average.novel_cell, average.h_cell), kind="average"))
     if summary_rows and ctx.show_published:
-        for method in pub.published_methods(ctx.partition.model, "base"):
-            shots = _b2n_published_shots(method)
-            values = [ctx.published(method, pub.AVERAGE, pub.AVERAGE, s, shots, "base2novel")
+        for base in pub.dataset_averages(ctx.partition.model, "base"):
+            values = [ctx.published(base.method, pub.AVERAGE, pub.AVERAGE, s, base.shots, "base2novel")
                       for s in ("base", "new", pub.HARMONIC)]
-            row = _published_row(_published_label(method_label(method)), values)
+            row = _published_row(_published_label(method_label(base.method)), values)
             if row is not None:
                 summary_rows.append(row)
     if summary_rows:
         title = f"Base-to-novel: {_average_label(len(datasets))}"
         tables.append(ctx.table("base2novel_average", title, "Method", ("Base", "Novel", "H"), summary_rows))
     return tables
-
-
-def _b2n_published_shots(method: str) -> int | None:
-    """Published base-to-novel results train with 16 shots, except zero-shot CLIP which trains on nothing."""
-    return None if method in ("zeroshot", "ensemble") else 16
 
 
 # ----------------------------------------------------------------------------------------------------------- transfer

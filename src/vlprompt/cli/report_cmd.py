@@ -199,7 +199,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "report",
         help="aggregate run results into tables, plots and an HTML report",
         description=(
-            "Collect every results.json / eval-*.json under DIR, aggregate over seeds (mean, sample std, 95%% "
+            "Collect every results.json / eval-*.json under DIR, aggregate over seeds (mean, sample std, 95% "
             "Student-t CI) and write tables in the papers' layouts (Markdown, CSV), plots (PNG, SVG) and one "
             "self-contained report.html. Smoke-test (--budget) results are marked in every output."
         ),
