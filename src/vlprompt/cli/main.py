@@ -18,6 +18,7 @@ from vlprompt.errors import VlpromptError
 # subcommand module registry, in the order shown by --help
 COMMAND_MODULES: tuple[str, ...] = (
     "vlprompt.cli.data_cmd",
+    "vlprompt.cli.report_cmd",
 )
 
 
