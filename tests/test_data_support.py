@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -33,3 +35,13 @@ def class_folders(base: Path, counts: Mapping[str, int], suffix: str = ".jpg") -
             write_image(base / name / f"img{i:03d}{suffix}", number * 10 + i)
             made[name].append(f"{name}/img{i:03d}{suffix}")
     return made
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A real 64x64 noise JPEG cut in half (Pillow refuses it when decoding)."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", quality=95)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path

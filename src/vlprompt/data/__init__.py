@@ -32,6 +32,7 @@ from vlprompt.data.types import BadImage, DatasetSplits, Item, SplitCounts
 _LAZY: dict[str, str] = {
     "ImageDataset": "vlprompt.data.images:ImageDataset",
     "ImageBatch": "vlprompt.data.images:ImageBatch",
+    "UnreadableImageError": "vlprompt.data.images:UnreadableImageError",
     "collate_images": "vlprompt.data.images:collate_images",
     "describe_bad_images": "vlprompt.data.images:describe_bad_images",
 }

@@ -33,15 +33,16 @@ def _check_chunk(task: tuple[str, int, Sequence[str]]) -> list[tuple[int, str, s
 
 
 def find_unreadable(image_dir: str | Path, paths: Sequence[str], *, workers: int | None = None,
-                    progress: bool | None = None) -> list[BadImage]:
+                    progress: bool | None = None, chunk_size: int = CHUNK) -> list[BadImage]:
     """Fully decode every image of ``paths`` (relative to ``image_dir``); the ones that fail, in input order.
 
-    ``workers`` > 1 decodes in a process pool (default: up to 8, one per CPU); ``progress`` shows a tqdm bar
-    (default: only when stderr is a terminal).
+    ``workers`` > 1 decodes in a process pool, ``chunk_size`` images per task (default: up to 8 workers, one per
+    CPU); ``progress`` shows a tqdm bar (default: only when stderr is a terminal).
     """
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     show = sys.stderr.isatty() if progress is None else progress
-    tasks = [(str(image_dir), start, list(paths[start : start + CHUNK])) for start in range(0, len(paths), CHUNK)]
+    tasks = [(str(image_dir), start, list(paths[start : start + chunk_size]))
+             for start in range(0, len(paths), chunk_size)]
     bad: list[tuple[int, str, str]] = []
     with _progress(len(paths), show) as bar:
         for result, size in _run(tasks, workers):

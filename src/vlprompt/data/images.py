@@ -4,8 +4,8 @@ Each ``__getitem__`` opens its image exactly once (:func:`vlprompt.backbone.tran
 orientation, truncated / corrupt / empty / non-image files refused with :class:`DatasetError`), so decoding runs in the
 DataLoader's worker processes and no image is opened twice per epoch. On a bad file:
 
-- ``on_error="raise"`` (default): raise :class:`DatasetError` naming the file (the run stops; ``vlprompt data check``
-  lists every unreadable file of a dataset at once);
+- ``on_error="raise"`` (default): raise :class:`UnreadableImageError` (a :class:`DatasetError`) naming the file
+  (the run stops; ``vlprompt data check`` lists every unreadable file of a dataset at once);
 - ``on_error="skip"``: return a :class:`BadImage`; :func:`collate_images` (``dataset.collate_fn``) drops it from the
   batch and reports it in ``batch.bad`` so the caller can count and list skipped files.
 
@@ -37,6 +37,21 @@ class ImageBatch(NamedTuple):
     labels: torch.Tensor
     indices: torch.Tensor
     bad: list[BadImage]
+
+
+class UnreadableImageError(DatasetError):
+    """An image of an :class:`ImageDataset` cannot be decoded (``on_error="raise"``).
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as ``UnreadableImageError(text)`` where
+    ``text`` wraps the original message in the worker's traceback; the constructor keeps only the original message, so
+    the command line prints one clear line.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 def _load_image(path: str) -> Any:
@@ -72,7 +87,7 @@ class ImageDataset(torch.utils.data.Dataset):
         except DatasetError as exc:
             if self.on_error == "skip":
                 return BadImage(index, item.path, str(exc))
-            raise DatasetError(
+            raise UnreadableImageError(
                 f"{exc} (item {index} of {len(self.items)}). Run `vlprompt data check` to list every unreadable file "
                 "of the dataset, then remove or replace them, or skip unreadable images (on_error='skip')."
             ) from None
