@@ -33,24 +33,23 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from vlprompt import dist as dist_helpers
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.transforms import EvalTransform, TrainTransform, view_generator
-from vlprompt.data.images import BadImage, ImageDataset
+from vlprompt.config import PRECISIONS, Precision
+from vlprompt.data.images import ON_ERROR_CHOICES, BadImage, ImageDataset, OnError
 from vlprompt.data.listing import format_offenders
 from vlprompt.data.types import Item
 from vlprompt.errors import ConfigError, DatasetError, RunError
+from vlprompt.evaluate import autocast_for
 from vlprompt.feature_cache import FeatureCache, FeatureKeyer
 
 logger = logging.getLogger(__name__)
-
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-OnError = Literal["raise", "skip"]
 
 
 @dataclass
@@ -249,9 +248,13 @@ def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item
     try:
         keys = _local_keys(clip, image_dir, local, transform, views, seed, precision, target, cache, bad)
         todo = _fill_from_cache(rows, keys, cache, dim, bad)
-        _compute(clip, image_dir, local, todo, rows, keys, cache, transform=transform, views=views, seed=seed,
-                 device=target, precision=precision, batch_size=batch_size, num_workers=num_workers, bad=bad,
-                 stop_encoding_on_error=on_error == "raise", show=_show_progress(progress, rank))
+        served = (len(local) - len(bad)) * num_views - sum(len(slots) for _, slots in todo)
+        encoded = _compute(clip, image_dir, local, todo, rows, keys, cache, transform=transform, views=views,
+                           seed=seed, device=target, precision=precision, batch_size=batch_size,
+                           num_workers=num_workers, bad=bad, stop_encoding_on_error=on_error == "raise",
+                           show=_show_progress(progress, rank))
+        logger.info("image features (rank %d of %d): %d images x %d view(s), %d rows from the cache, %d encoded",
+                    rank, world, len(local), num_views, served, encoded)
     except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
         if world == 1:
             raise
@@ -276,7 +279,7 @@ def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item
 def _check_options(precision: str, batch_size: int, num_workers: int, on_error: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if on_error not in ("raise", "skip"):
+    if on_error not in ON_ERROR_CHOICES:
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -296,15 +299,13 @@ def _resolve_device(clip: CLIP, device: str | torch.device | None) -> torch.devi
 
 
 def _rank_world(distributed: bool | None) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    running = dist.is_available() and dist.is_initialized()
+    running = dist_helpers.is_initialized()
     if distributed and not running:
         raise ConfigError("distributed feature extraction needs an initialised torch.distributed process group "
                           "(launch with torchrun)")
     if distributed is False or not running:
         return 0, 1
-    return dist.get_rank(), dist.get_world_size()
+    return dist_helpers.rank(), dist_helpers.world_size()
 
 
 def _show_progress(progress: bool | None, rank: int) -> bool:
@@ -365,10 +366,13 @@ def _fill_from_cache(rows: Tensor, keys: list[list[str]] | None, cache: FeatureC
 def _compute(clip: CLIP, image_dir: Path, local: list[Item], todo: list[tuple[int, tuple[int, ...]]], rows: Tensor,
              keys: list[list[str]] | None, cache: FeatureCache | None, *, transform: Callable[..., Tensor],
              views: list[int] | None, seed: int, device: torch.device, precision: str, batch_size: int,
-             num_workers: int, bad: dict[int, str], stop_encoding_on_error: bool, show: bool) -> None:
-    """Decode and encode the images of ``todo`` into ``rows`` (and the cache); bad files go to ``bad``."""
+             num_workers: int, bad: dict[int, str], stop_encoding_on_error: bool, show: bool) -> int:
+    """Decode and encode the images of ``todo`` into ``rows`` (and the cache); bad files go to ``bad``.
+
+    Returns the number of rows encoded."""
     if not todo:
-        return
+        return 0
+    encoded = 0
     num_views = rows.shape[0]
     job_items = torch.tensor([j for j, _ in todo])
     slot_table = torch.zeros(len(todo), num_views, dtype=torch.int64)  # [job, n-th row of the job] -> view slot
@@ -390,18 +394,18 @@ def _compute(clip: CLIP, image_dir: Path, local: list[Item], todo: list[tuple[in
                     part = slice(start, start + batch_size)
                     features = _encode(clip, batch.pixels[part], device, precision)
                     rows[slots[part], items[part]] = features
+                    encoded += features.shape[0]
                     if cache is not None and keys is not None:
                         cache.put_many((keys[int(k)][int(j)], f) for k, j, f in
                                        zip(slots[part], items[part], features.numpy()))
             bar.update(len(batch.jobs.unique()) + len(batch.bad))
+    return encoded
 
 
 def _encode(clip: CLIP, pixels: Tensor, device: torch.device, precision: str) -> Tensor:
     """``clip.encode_image`` of one batch under the requested autocast; float32 on the CPU."""
     pixels = pixels.to(device, non_blocking=device.type == "cuda")
-    dtype = PRECISIONS[precision]
-    context = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with context:
+    with autocast_for(device, precision):
         features = clip.encode_image(pixels)
     return features.float().cpu()
 
