@@ -33,15 +33,16 @@ def check_classnames(classnames: Sequence[str]) -> list[str]:
 
 
 def cosine_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
-    """``logit_scale * normalize(image) @ normalize(text).T`` in fp32: [B, D] x [K, D] -> [B, K].
+    """``logit_scale * normalize(image) @ normalize(text).T`` in fp32 (also under autocast): [B, D] x [K, D] -> [B, K].
 
     ``text_features`` may also be per image, [B, K, D]; then each image is scored against its own K features.
     """
-    image = F.normalize(image_features.float(), dim=-1)
-    text = F.normalize(text_features.float(), dim=-1)
-    if text.ndim == 3:
-        return logit_scale * torch.einsum("bd,bkd->bk", image, text)
-    return logit_scale * image @ text.t()
+    with torch.autocast(device_type=image_features.device.type, enabled=False):  # fp32 even under autocast
+        image = F.normalize(image_features.float(), dim=-1)
+        text = F.normalize(text_features.float(), dim=-1)
+        if text.ndim == 3:
+            return logit_scale * torch.einsum("bd,bkd->bk", image, text)
+        return logit_scale * image @ text.t()
 
 
 def logit_scale_of(clip: CLIP) -> Tensor:

@@ -23,24 +23,36 @@ from vlprompt.methods.templates import DEFAULT_TEMPLATE, check_templates, fill, 
 
 __all__ = [
     "Ensemble", "EnsembleConfig", "TemplateClassifier", "ZeroShot", "ZeroShotConfig", "build_ensemble",
-    "build_zeroshot", "encode_prompts", "ensemble_templates",
+    "build_zeroshot", "encode_prompts", "encode_token_ids", "ensemble_templates", "tokenize_prompts",
 ]
 
 PROMPT_BATCH = 1024
 """Prompts encoded per text-tower call when building a classifier (bounds memory for 80 templates x 1000 classes)."""
 
 
+def tokenize_prompts(texts: Sequence[str], context_length: int, tokenizer: ClipTokenizer | None = None) -> Tensor:
+    """Token ids [N, L] of prompts, cut after the longest one's EOT (exact: later positions are never read).
+
+    A prompt longer than the context raises :class:`~vlprompt.errors.ConfigError`.
+    """
+    ids = (tokenizer or get_tokenizer())(list(texts), context_length=context_length)
+    return ids[:, : int(ids.argmax(dim=-1).max()) + 1].clone()
+
+
 @torch.no_grad()
-def encode_prompts(clip: CLIP, texts: Sequence[str], tokenizer: ClipTokenizer | None = None,
-                   batch_size: int = PROMPT_BATCH) -> Tensor:
-    """L2-normalised fp32 text features [N, D] of prompts, on the CLIP's device (each batch trimmed to its EOT)."""
-    tokenizer = tokenizer or get_tokenizer()
-    ids = tokenizer(list(texts), context_length=clip.context_length).to(clip.device)
+def encode_token_ids(clip: CLIP, ids: Tensor, batch_size: int = PROMPT_BATCH) -> Tensor:
+    """L2-normalised fp32 text features [N, D] of token ids [N, L], on the CLIP's device (batches trimmed)."""
     chunks = []
     for start in range(0, ids.shape[0], batch_size):
-        chunk = ids[start : start + batch_size]
+        chunk = ids[start : start + batch_size].to(clip.device)
         chunks.append(encode_trimmed(clip, clip.token_embedding(chunk), chunk.argmax(dim=-1)).float())
     return F.normalize(torch.cat(chunks), dim=-1)
+
+
+def encode_prompts(clip: CLIP, texts: Sequence[str], tokenizer: ClipTokenizer | None = None,
+                   batch_size: int = PROMPT_BATCH) -> Tensor:
+    """L2-normalised fp32 text features [N, D] of prompts, on the CLIP's device."""
+    return encode_token_ids(clip, tokenize_prompts(texts, clip.context_length, tokenizer), batch_size)
 
 
 def ensemble_templates(config: EnsembleConfig) -> tuple[str, ...]:
@@ -63,6 +75,8 @@ class TemplateClassifier(FrozenClipMethod):
         super().__init__(clip, classnames, config)
         self.templates: tuple[str, ...] = check_templates(templates)
         self._tokenizer = tokenizer
+        texts = [prompt for per_template in self.prompts() for prompt in per_template]
+        self._token_ids = tokenize_prompts(texts, clip.context_length, tokenizer)  # CPU; errors surface here
         self._cache: Tensor | None = None
 
     def prompts(self) -> list[list[str]]:
@@ -72,8 +86,7 @@ class TemplateClassifier(FrozenClipMethod):
     @torch.no_grad()
     def text_features(self) -> Tensor:
         """Normalised class text features [K, D] (fp32): each template's normalised features, averaged, normalised."""
-        texts = [prompt for per_template in self.prompts() for prompt in per_template]
-        features = encode_prompts(self.clip, texts, self._tokenizer)
+        features = encode_token_ids(self.clip, self._token_ids)
         features = features.view(len(self.templates), self.num_classes, -1).mean(dim=0)
         return F.normalize(features, dim=-1)
 

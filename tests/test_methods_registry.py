@@ -1,0 +1,90 @@
+"""The METHODS registry: the papers' defaults, training recipes, light import, config (de)serialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from vlprompt.errors import ConfigError
+from vlprompt.methods import METHODS, get_method
+from vlprompt.methods.configs import (
+    CoCoOpConfig,
+    CoOpConfig,
+    EnsembleConfig,
+    LinearProbeConfig,
+    ZeroShotConfig,
+    config_from_dict,
+    config_to_dict,
+)
+
+
+def test_registry_lists_the_five_methods_with_their_kinds():
+    assert {name: spec.kind for name, spec in METHODS.items()} == {
+        "zeroshot": "fixed", "ensemble": "fixed", "linear_probe": "closed_form", "coop": "sgd", "cocoop": "sgd"}
+    assert all(spec.name == name for name, spec in METHODS.items())
+    with pytest.raises(TypeError):
+        METHODS["mine"] = METHODS["coop"]  # type: ignore[index]
+    with pytest.raises(ConfigError, match="unknown method 'maple'"):
+        get_method("maple")
+
+
+def test_defaults_are_the_papers():
+    assert CoOpConfig() == CoOpConfig(n_ctx=16, ctx_init="", csc=False, class_token_position="end", fast_text=True)
+    assert CoCoOpConfig() == CoCoOpConfig(n_ctx=4, ctx_init="a photo of a", class_token_position="end",
+                                          meta_net_reduction=16, fast_text=True)
+    probe = LinearProbeConfig()
+    assert probe.c is None and probe.c_grid == (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
+    assert probe.search_steps == 8 and probe.max_iter == 1000 and probe.normalize is False
+    assert EnsembleConfig().template_set == "coop7"
+
+
+@pytest.mark.parametrize(("shots", "dataset", "epochs"), [
+    (1, "dtd", 50), (2, "dtd", 100), (4, "eurosat", 100), (8, "dtd", 200), (16, "oxford_flowers", 200),
+    (16, "imagenet", 50), (1, "ImageNet", 50), (None, "dtd", 200),
+])
+def test_coop_training_defaults(shots, dataset, epochs):
+    recipe = METHODS["coop"].train_defaults(shots, dataset)
+    assert recipe["epochs"] == epochs and recipe["batch_size"] == 32
+    assert (recipe["lr"], recipe["momentum"], recipe["weight_decay"]) == (0.002, 0.9, 5e-4)
+    assert (recipe["lr_scheduler"], recipe["warmup_epochs"], recipe["warmup_lr"]) == ("cosine", 1, 1e-5)
+
+
+def test_cocoop_and_untrained_defaults():
+    recipe = METHODS["cocoop"].train_defaults(16, "imagenet")
+    assert (recipe["batch_size"], recipe["epochs"], recipe["lr"]) == (1, 10, 0.002)
+    for name in ("zeroshot", "ensemble", "linear_probe"):
+        assert METHODS[name].train_defaults(16, "dtd") == {}
+
+
+def test_every_config_field_documents_itself():
+    for spec in METHODS.values():
+        for field in dataclasses.fields(spec.config_cls):
+            assert len(field.metadata.get("help", "")) > 10, (spec.name, field.name)
+    assert dataclasses.fields(CoOpConfig)[3].metadata["choices"] == ("end", "middle", "front")
+
+
+@pytest.mark.parametrize("config", [
+    CoOpConfig(n_ctx=4, csc=True, class_token_position="front"), CoCoOpConfig(ctx_init=""),
+    EnsembleConfig(templates=("a {}.", "the {}.")), ZeroShotConfig("{} texture."), LinearProbeConfig(c=0.1),
+])
+def test_configs_round_trip_through_json_values(config):
+    data = config_to_dict(config)
+    assert all(not isinstance(value, tuple) for value in data.values())
+    assert config_from_dict(type(config), data) == config
+
+
+def test_config_from_dict_rejects_unknown_or_invalid_fields():
+    with pytest.raises(ConfigError, match="unknown CoOpConfig field"):
+        config_from_dict(CoOpConfig, {"n_ctx": 4, "colour": "red"})
+    with pytest.raises(ConfigError, match="n_ctx"):
+        config_from_dict(CoOpConfig, {"n_ctx": -1})
+
+
+def test_importing_the_registry_does_not_import_torch():
+    code = ("import sys, vlprompt.methods as m; m.METHODS['coop'].config_cls(); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
