@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 from test_data_support import class_folders, truncated_jpeg
@@ -55,6 +57,11 @@ def test_raise_names_the_file_and_points_to_data_check(folder_with_bad_files):
         dataset[1]
     assert "img001.jpg" in str(info.value) and "truncated" in str(info.value)
     assert "vlprompt data check" in str(info.value) and "(item 1 of 6)" in str(info.value)
+    with pytest.raises(UnreadableImageError) as info:   # a batched fetch names every bad file of the batch
+        dataset.__getitems__([0, 1, 2, 3, 4, 5])
+    message = str(info.value)
+    assert message.startswith("2 unreadable images: image file ") and "(item 1, item 5 of 6)" in message
+    assert "img001.jpg" in message and "img002.jpg" in message
     with pytest.raises(ConfigError, match="on_error must be 'raise' or 'skip'"):
         ImageDataset(items, root, on_error="ignore")
 
@@ -69,7 +76,6 @@ def test_skip_drops_bad_files_from_batches_and_reports_them(folder_with_bad_file
     assert [bad.path for b in batches for bad in b.bad] == ["a/img001.jpg", "b/img002.jpg"]
 
 
-@pytest.mark.slow
 def test_decoding_in_worker_processes_matches_the_main_process(folder_with_bad_files):
     root, items = folder_with_bad_files
     dataset = ImageDataset(items, root, transform=_to_tensor, on_error="skip")
@@ -83,8 +89,28 @@ def test_decoding_in_worker_processes_matches_the_main_process(folder_with_bad_f
         list(torch.utils.data.DataLoader(raising, batch_size=2, num_workers=1, collate_fn=raising.collate_fn))
     except UnreadableImageError as exc:   # re-raised in the main process with the worker's message only
         message = str(exc)
+        # drop the reference cycle through the traceback so the failed loader shuts its worker down now (when the
+        # garbage collector finalises it later, torch waits 5 s for the worker)
+        traceback.clear_frames(exc.__traceback__)
     assert message.startswith(f"image file {str(root / 'a' / 'img001.jpg')!r} is truncated")
     assert "Traceback" not in message and message.endswith("(on_error='skip').")
     pooled = find_unreadable(root, [item.path for item in items], workers=2, progress=False, chunk_size=2)
     assert pooled == find_unreadable(root, [item.path for item in items], workers=1, progress=False)
     assert [bad.index for bad in pooled] == [1, 5]
+
+
+class _Doubled(ImageDataset):
+    """A subclass that post-processes samples in ``__getitem__`` (as feature extraction does)."""
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        return sample if isinstance(sample, BadImage) else (sample[0] * 2, sample[1], sample[2])
+
+
+def test_batched_fetch_goes_through_a_subclass_getitem(folder_with_bad_files):
+    root, items = folder_with_bad_files
+    plain = ImageDataset(items, root, transform=_to_tensor, on_error="skip")
+    doubled = _Doubled(items, root, transform=_to_tensor, on_error="skip")
+    get = [torch.utils.data.DataLoader(d, batch_size=3, collate_fn=d.collate_fn) for d in (plain, doubled)]
+    for base, twice in zip(*get):
+        assert torch.equal(twice.images, base.images * 2) and twice.bad == base.bad

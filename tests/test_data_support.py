@@ -15,7 +15,8 @@ FIXTURES = SHARED / "fixtures" / "coop_data"
 SHARED_SPLITS = SHARED / "splits"
 
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"test fixtures absent ({FIXTURES})")
-needs_shared_splits = pytest.mark.skipif(not SHARED_SPLITS.is_dir(), reason=f"shared split files absent ({SHARED_SPLITS})")
+needs_shared_splits = pytest.mark.skipif(not SHARED_SPLITS.is_dir(),
+                                         reason=f"shared split files absent ({SHARED_SPLITS})")
 
 
 def write_image(path: Path, value: int = 0, size: tuple[int, int] = (6, 4)) -> Path:

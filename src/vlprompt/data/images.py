@@ -4,8 +4,8 @@ Each ``__getitem__`` opens its image exactly once (:func:`vlprompt.backbone.tran
 orientation, truncated / corrupt / empty / non-image files refused with :class:`DatasetError`), so decoding runs in the
 DataLoader's worker processes and no image is opened twice per epoch. On a bad file:
 
-- ``on_error="raise"`` (default): raise :class:`UnreadableImageError` (a :class:`DatasetError`) naming the file
-  (the run stops; ``vlprompt data check`` lists every unreadable file of a dataset at once);
+- ``on_error="raise"`` (default): raise :class:`UnreadableImageError` (a :class:`DatasetError`) naming every bad
+  file of the batch being fetched (the run stops; ``vlprompt data check`` lists every unreadable file of a dataset);
 - ``on_error="skip"``: return a :class:`BadImage`; :func:`collate_images` (``dataset.collate_fn``) drops it from the
   batch and reports it in ``batch.bad`` so the caller can count and list skipped files.
 
@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from vlprompt.data.listing import format_offenders
+from vlprompt.data.listing import MAX_LISTED, format_offenders
 from vlprompt.data.types import BadImage, Item
 from vlprompt.errors import ConfigError, DatasetError
 
@@ -47,11 +47,12 @@ class UnreadableImageError(DatasetError):
     the command line prints one clear line.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, bad: Sequence[BadImage] = ()) -> None:
         marker = f"{type(self).__name__}: "
         if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
             message = message.rsplit(marker, 1)[1].strip()
         super().__init__(message)
+        self.bad: list[BadImage] = list(bad)   # empty once re-raised from a worker (only the message crosses)
 
 
 def _load_image(path: str) -> Any:
@@ -80,20 +81,42 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int] | BadImage:
+        sample = self._sample(index)
+        if isinstance(sample, BadImage) and self.on_error == "raise":
+            raise UnreadableImageError(self._failure([sample]), [sample])
+        return sample
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, int, int] | BadImage]:
+        """A batch of samples (the DataLoader's batched fetch) through ``__getitem__`` (so subclasses may override
+        it); with "raise", one error names every bad file of the batch instead of only the first."""
+        samples: list[tuple[Any, int, int] | BadImage] = []
+        bad: list[BadImage] = []
+        for index in indices:
+            try:
+                samples.append(self[index])
+            except UnreadableImageError as exc:
+                bad.extend(exc.bad)
+        if bad:
+            raise UnreadableImageError(self._failure(bad), bad)
+        return samples
+
+    def _sample(self, index: int) -> tuple[Any, int, int] | BadImage:
         item = self.items[index]
-        path = os.path.join(self.image_dir, item.path)
         try:
-            image = _load_image(path)
+            image = _load_image(os.path.join(self.image_dir, item.path))
         except DatasetError as exc:
-            if self.on_error == "skip":
-                return BadImage(index, item.path, str(exc))
-            raise UnreadableImageError(
-                f"{exc} (item {index} of {len(self.items)}). Run `vlprompt data check` to list every unreadable file "
-                "of the dataset, then remove or replace them, or skip unreadable images (on_error='skip')."
-            ) from None
+            return BadImage(index, item.path, str(exc))
         if self.transform is not None:
             image = self.transform(image)
         return image, item.label, index
+
+    def _failure(self, bad: Sequence[BadImage]) -> str:
+        where = ", ".join(f"item {b.index}" for b in bad[:MAX_LISTED])
+        head = bad[0].reason if len(bad) == 1 else \
+            f"{len(bad)} unreadable images: " + "; ".join(b.reason for b in bad[:MAX_LISTED]) + \
+            (f"; ... (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else "")
+        return (f"{head} ({where} of {len(self.items)}). Run `vlprompt data check` to list every unreadable file of "
+                "the dataset, then remove or replace them, or skip unreadable images (on_error='skip').")
 
     @property
     def collate_fn(self) -> Callable[[Sequence[tuple[Any, int, int] | BadImage]], ImageBatch]:

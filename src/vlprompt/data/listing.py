@@ -86,8 +86,10 @@ def require_files(image_dir: Path, paths: Sequence[str], source: str) -> None:
     if not missing:
         return
     unique_missing = list(dict.fromkeys(missing))
-    absent_folders = sorted({p.split("/")[0] for p in unique_missing if "/" in p and not (image_dir / p.split("/")[0]).is_dir()})
-    folder_note = f" Folders absent under the image folder: {format_offenders(absent_folders)}." if absent_folders else ""
+    tops = {p.split("/")[0] for p in unique_missing if "/" in p}
+    absent_folders = sorted(top for top in tops if not (image_dir / top).is_dir())
+    folder_note = f" Folders absent under the image folder: {format_offenders(absent_folders)}." \
+        if absent_folders else ""
     everything = len(unique_missing) == len(set(paths))
     hint = (
         "None of its images exist: check that --root is the folder holding the dataset folder and that the images "
