@@ -23,6 +23,15 @@ def test_list_shows_every_dataset_with_folder_and_counts(capsys):
     assert rows[8]["split_file"] == "split_zhou_DescribableTextures.json" and rows[8]["template"] == "{} texture."
 
 
+@needs_fixtures
+def test_list_with_a_root_shows_which_datasets_are_there(capsys):
+    assert main(["data", "list", "--root", str(FIXTURES)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "found"
+    found = {line.split()[0]: line.split()[-1] for line in lines[1:16]}
+    assert found == {key: ("yes" if key in ("dtd", "oxford_flowers") else "no") for key in found} and len(found) == 15
+
+
 def test_data_without_subcommand_prints_help(capsys):
     assert main(["data"]) == 2
     assert "check" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from vlprompt.data import (
     ImageDataset,
     Item,
     SplitCounts,
+    find_unreadable,
     load_dataset,
     load_fewshot,
     load_or_sample_fewshot,
@@ -54,6 +55,8 @@ def test_flowers_fixture_items_labels_and_names():
     assert splits.train[0] == Item("image_06749.jpg", 0)
     assert splits.counts() == SplitCounts(20, 10, 15, 5)
     assert all("/" not in item.path for item in splits.test)
+    every = [item.path for split in ("train", "val", "test") for item in splits.split(split)]
+    assert find_unreadable(splits.image_dir, every, workers=1, progress=False) == []   # all 45 decode
 
 
 def test_fixture_images_decode_once_each_in_label_order():

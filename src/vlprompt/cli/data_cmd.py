@@ -1,6 +1,6 @@
 """``vlprompt data``: list the built-in datasets, check a dataset on disk, write split and few-shot files.
 
-    vlprompt data list [--json]
+    vlprompt data list [--root DIR] [--json]                              with a root: which datasets are there
     vlprompt data check NAME [--root DIR] [--workers N] [--no-decode]      exit 0: all good, 1: problems found
     vlprompt data split SPEC [--root DIR] [--out FILE] [--force]           your own data: folder:PATH, csv:FILE, ...
     vlprompt data fewshot NAME --shots K --seed S [--root DIR] [--out FILE] [--json]
@@ -31,6 +31,9 @@ def add_parser(subparsers: Any) -> None:
 
     p_list = sub.add_parser("list", help="supported datasets, their folder names and expected counts")
     p_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p_list.add_argument("--root", type=Path, default=None,
+                        help=f"also show which datasets have their image folder under this data root "
+                             f"(default: ${ROOT_ENV})")
     p_list.set_defaults(func=run_list)
 
     p_check = sub.add_parser("check", help="presence, counts against the expected numbers, unreadable images")
@@ -73,23 +76,31 @@ def _root(args: argparse.Namespace) -> Path | None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    """Print the registry: key, name, folder, image folder, classes and expected counts."""
+    """Print the registry: key, name, folder, image folder, classes, expected counts (and presence under a root)."""
     from vlprompt.data import DATASETS
 
+    root = _root(args)
+    found = {key: info.image_dir(root).is_dir() for key, info in DATASETS.items()} if root is not None else None
     if args.json:
         rows = [{"key": key, "name": info.title, "folder": info.folder, "image_folder": info.image_subdir,
-                 "template": info.template, "split_file": info.split_file, **info.expected.as_dict()}
+                 "template": info.template, "split_file": info.split_file, **info.expected.as_dict(),
+                 **({"found": found[key]} if found is not None else {})}
                 for key, info in DATASETS.items()]
         print(json.dumps(rows, indent=1))
         return 0
     header = ("key", "name", "folder", "image folder", "classes", "train", "val", "test")
-    rows_txt = [header] + [(key, info.title, info.folder, info.image_subdir or ".", str(info.expected.classes),
-                            *(str(getattr(info.expected, n)) if getattr(info.expected, n) else "-"
-                              for n in ("train", "val", "test")))
-                           for key, info in DATASETS.items()]
-    widths = [max(len(row[i]) for row in rows_txt) for i in range(len(header))]
-    for row in rows_txt:
+    if found is not None:
+        header = (*header, "found")
+    table = [header]
+    for key, info in DATASETS.items():
+        counts = [str(getattr(info.expected, n)) if getattr(info.expected, n) else "-" for n in ("train", "val", "test")]
+        row = (key, info.title, info.folder, info.image_subdir or ".", str(info.expected.classes), *counts)
+        table.append((*row, "yes" if found[key] else "no") if found is not None else row)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if root is not None:
+        print(f"\n'found': <root>/<folder>/<image folder> exists under {root}.")
     print("\nYour own data: folder:PATH (a folder per class, optionally under train/ val/ test/), csv:FILE or "
           "json:FILE (path,label[,split]).")
     return 0

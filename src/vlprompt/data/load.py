@@ -33,7 +33,8 @@ def load_dataset(
 
     ``name_or_path`` is a built-in dataset (registry key or alias, case-insensitive: ``"dtd"``,
     ``"DescribableTextures"``, ``"Flowers102"`` ...) read from ``<root>/<folder>``, or a custom dataset spec
-    (``folder:PATH``, ``csv:FILE``, ``json:FILE`` or an existing path; see :mod:`vlprompt.data.custom`).
+    (``folder:PATH``, ``csv:FILE``, ``json:FILE`` or an existing path; see :mod:`vlprompt.data.custom`). A built-in
+    name wins over a same-named folder: write ``folder:dtd`` to mean the folder.
 
     ``check_files`` verifies that every image a split file names exists (folder listings need no check); a split that
     disagrees with the disk raises :class:`DatasetError` listing the first missing files and their count.
