@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -357,8 +358,6 @@ def _fill_from_cache(rows: Tensor, keys: list[list[str]] | None, cache: FeatureC
                 hit_item.append(j)
                 hit_rows.append(vector)
     if hit_rows:
-        import numpy as np
-
         rows[hit_slot, hit_item] = torch.from_numpy(np.stack(hit_rows))
     return [(j, tuple(slots)) for j, slots in sorted(missing.items())]
 
