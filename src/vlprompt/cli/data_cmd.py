@@ -93,7 +93,8 @@ def run_list(args: argparse.Namespace) -> int:
         header = (*header, "found")
     table = [header]
     for key, info in DATASETS.items():
-        counts = [str(getattr(info.expected, n)) if getattr(info.expected, n) else "-" for n in ("train", "val", "test")]
+        expected = info.expected.as_dict()
+        counts = [str(expected[n]) if expected[n] else "-" for n in ("train", "val", "test")]
         row = (key, info.title, info.folder, info.image_subdir or ".", str(info.expected.classes), *counts)
         table.append((*row, "yes" if found[key] else "no") if found is not None else row)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
