@@ -39,7 +39,10 @@ _HF_TENSORS: dict[str, str] = {
     "vision_model.post_layernorm.bias": "visual.ln_post.bias",
 }
 # nn.Linear weights [out, in] that OpenAI stores as projection matrices [in, out]
-_HF_TRANSPOSED: dict[str, str] = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
+_HF_TRANSPOSED: dict[str, str] = {
+    "text_projection.weight": "text_projection",
+    "visual_projection.weight": "visual.proj",
+}
 # transformer stacks and, inside a block, module names (HF -> ours); q/k/v projections are fused into in_proj
 _HF_STACKS: dict[str, str] = {
     "text_model.encoder.layers.": "transformer.resblocks.",
