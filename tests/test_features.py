@@ -211,7 +211,7 @@ def test_views_are_the_seeded_train_transform_of_each_image(dtd, vit):
 
 
 def test_views_are_reproducible_and_distinct(dtd, vit):
-    root, items = dtd
+    root, items = dtd[0], dtd[1][:4]
     first = augmented_views(vit, root, items, views=3, seed=1, batch_size=1).features
     again = augmented_views(vit, root, items, views=3, seed=1, batch_size=1, num_workers=2).features
     reordered = augmented_views(vit, root, items[::-1], views=[2, 0, 1], seed=1, batch_size=1).features
