@@ -143,3 +143,9 @@ def test_base_and_new_classes_of_a_fewshot_sample():
     assert base.classnames == DTD_NAMES[:3] and new.classnames == DTD_NAMES[3:]
     assert _per_class(base.train) == {0: 2, 1: 2, 2: 2} and _per_class(new.test) == {0: 3, 1: 3}
     assert [i.path for i in new.test] == [i.path for i in fewshot.test if i.label >= 3]
+
+
+def test_relative_root_gives_an_absolute_image_folder(monkeypatch):
+    monkeypatch.chdir(FIXTURES.parent)
+    splits = load_dataset("dtd", "coop_data")
+    assert splits.image_dir.is_absolute() and splits.image_dir == FIXTURES / "dtd" / "images"

@@ -105,7 +105,7 @@ def _find_path(raw: str, root: Path | None, must_exist: bool) -> Path:
     candidates = [path] if path.is_absolute() or root is None else [path, root / path]
     for candidate in candidates:
         if candidate.exists():
-            return candidate.resolve()
+            return candidate.absolute()
     if must_exist:
         where = " or ".join(str(c) for c in candidates)
         raise DatasetError(f"custom dataset {raw!r} not found (looked for {where}).")

@@ -44,7 +44,7 @@ def load_dataset(
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise DatasetError("give a dataset name (see `vlprompt data list`) or a custom dataset path.")
-    root_path = Path(root).expanduser() if root is not None else None
+    root_path = Path(root).expanduser().absolute() if root is not None else None
     context = ReadContext(root_path or Path("."), Path(cache_dir) if cache_dir is not None else default_cache_dir())
     info = lookup(name_or_path) if not _has_custom_prefix(name_or_path) else None
     if info is not None:
