@@ -34,7 +34,7 @@ def test_class_folders_get_a_created_split_that_is_reused(tmp_path):
     assert (again.train, again.val, again.test) == (splits.train, splits.val, splits.test)
 
 
-def test_split_folders_are_used_as_given(tmp_path):
+def test_split_folders_are_used_as_given(tmp_path, caplog):
     data = tmp_path / "birds"
     for split, count in (("train", 2), ("val", 1), ("test", 1)):
         class_folders(data / split, {"robin": count, "wren": count})
@@ -45,6 +45,7 @@ def test_split_folders_are_used_as_given(tmp_path):
     assert splits.test[0] == Item("test/owl/x.png", 0)
     assert splits.counts() == SplitCounts(4, 2, 3, 3)
     assert not list(data.glob("split_vlprompt_*"))
+    assert "birds: 1 classes have no training images (train/<class>/ missing or empty): owl" in caplog.text
 
 
 def test_train_and_test_folders_without_val_take_val_from_train(tmp_path):

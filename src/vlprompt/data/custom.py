@@ -23,7 +23,7 @@ see :mod:`vlprompt.data.classnames`; by default the class names are the folder n
 from __future__ import annotations
 
 import csv
-import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -40,6 +40,8 @@ from vlprompt.data.splitfile import LabelledSplits, parse_split, read_split_json
 from vlprompt.data.standard import split_class_folders
 from vlprompt.data.types import SPLIT_NAMES, Item
 from vlprompt.errors import DatasetError
+
+log = logging.getLogger(__name__)
 
 CustomKind = Literal["folder", "csv", "json"]
 CUSTOM_KINDS: tuple[CustomKind, ...] = ("folder", "csv", "json")
@@ -160,6 +162,10 @@ def _read_folder(spec: CustomSpec, context: ReadContext) -> LabelledSplits:
     listed = {split: [Item(f"{split}/{cls}/{file}", label) for label, cls in enumerate(classes)
                       for file in (image_files(folder / split / cls)[0] if (folder / split / cls).is_dir() else [])]
               for split in split_names}
+    untrained = sorted(set(classes) - {classes[item.label] for item in listed["train"]})
+    if untrained:
+        log.warning("%s: %d classes have no training images (train/<class>/ missing or empty): %s", spec.name,
+                    len(untrained), format_offenders(untrained))
     if has["val"]:
         return LabelledSplits(listed["train"], listed["val"], listed["test"], classes, f"split folders in {folder}",
                               listed=True)
