@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``vlprompt data`` and its subcommands."""
     parser = subparsers.add_parser("data", help="datasets: list, check, split, fewshot",
                                    description="List, check and prepare datasets (built-in or your own).")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(func=_help_of(parser))
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
     p_list = sub.add_parser("list", help="supported datasets, their folder names and expected counts")
@@ -56,6 +57,16 @@ def add_parser(subparsers: Any) -> None:
                        help="output file (default: fewshot_<dataset>_<K>shot_seed<S>.json here)")
     p_few.add_argument("--json", action="store_true", help="print the written file instead of a summary")
     p_few.set_defaults(func=run_fewshot)
+
+
+def _help_of(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``vlprompt data`` without a subcommand: print its help, exit status 2."""
+
+    def show_help(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return show_help
 
 
 def _dataset_args(parser: argparse.ArgumentParser, what: str | None = None) -> None:
