@@ -183,6 +183,15 @@ def test_bad_precision(saved, precision):
         load_clip(saved["state_dict"], precision=precision)
 
 
+def test_bad_options(saved):
+    with pytest.raises(ConfigError, match="quick_gelu must be"):
+        load_clip(saved["state_dict"], quick_gelu="yes")
+    with pytest.raises(ConfigError, match="model_name must be"):
+        load_clip(saved["state_dict"], model_name="")
+    with pytest.raises(ConfigError, match="must be a name or a path"):
+        load_clip(3)
+
+
 def test_bad_device(saved):
     with pytest.raises(ConfigError, match="invalid device"):
         load_clip(saved["state_dict"], device="gpu0")

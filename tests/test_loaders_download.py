@@ -145,3 +145,13 @@ def test_downloaded_archive_loads(tmp_path):
     ids = token_ids([320, 1125])
     with torch.inference_mode():
         assert torch.equal(loaded.encode_text(ids), model.encode_text(ids))
+
+
+def test_download_module_does_not_import_torch():
+    """The CLI can resolve names and fetch files without paying for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys; from vlprompt.backbone import download; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -90,6 +90,10 @@ def load_clip(source: str | os.PathLike[str], device: str | torch.device = "cpu"
     """
     dtype = _dtype(precision)
     target = _device(device)
+    if quick_gelu is not None and not isinstance(quick_gelu, bool):
+        raise ConfigError(f"quick_gelu must be True, False or None, got {quick_gelu!r}")
+    if model_name is not None and (not isinstance(model_name, str) or not model_name.strip()):
+        raise ConfigError(f"model_name must be a non-empty string such as 'ViT-B-16', got {model_name!r}")
     loaded = _resolve(source, cache_dir=cache_dir, model_name=model_name, quick_gelu=quick_gelu)
     model = build_clip(loaded.weights, loaded.config, origin=loaded.source.get("path", str(source)), dtype=dtype)
     model = model.to(target).eval().requires_grad_(False)
