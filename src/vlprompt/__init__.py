@@ -18,6 +18,10 @@ _LAZY: dict[str, str] = {
     "build_tiny_clip": "vlprompt.backbone.tiny:build_tiny_clip",
     "tokenize": "vlprompt.backbone.tokenizer:tokenize",
     "get_tokenizer": "vlprompt.backbone.tokenizer:get_tokenizer",
+    "FeatureSet": "vlprompt.features:FeatureSet",
+    "FeatureCache": "vlprompt.feature_cache:FeatureCache",
+    "extract_features": "vlprompt.features:extract_features",
+    "augmented_views": "vlprompt.features:augmented_views",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -62,12 +62,9 @@ class FeatureCacheError(VlpromptError):
 
 def default_cache_root() -> Path:
     """``$VLPROMPT_CACHE/features`` if that variable is set, else ``<user cache dir>/vlprompt/features``."""
-    env = os.environ.get("VLPROMPT_CACHE")
-    if env:
-        return Path(env).expanduser() / "features"
-    import platformdirs
+    from vlprompt.paths import cache_dir
 
-    return Path(platformdirs.user_cache_dir("vlprompt")) / "features"
+    return cache_dir("features")
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

@@ -75,7 +75,7 @@ def _dataset_args(parser: argparse.ArgumentParser, what: str | None = None) -> N
     parser.add_argument("--root", type=Path, default=None,
                         help=f"data root holding the dataset folders (default: ${ROOT_ENV})")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where created splits of read-only datasets go (default: $VLPROMPT_CACHE_DIR or the "
+                        help="where created splits of read-only datasets go (default: $VLPROMPT_CACHE/splits or the "
                              "user cache folder)")
 
 

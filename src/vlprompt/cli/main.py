@@ -19,6 +19,7 @@ from vlprompt.errors import VlpromptError
 COMMAND_MODULES: tuple[str, ...] = (
     "vlprompt.cli.data_cmd",
     "vlprompt.cli.report_cmd",
+    "vlprompt.cli.cache_cmd",
 )
 
 

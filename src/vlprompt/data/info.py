@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +12,11 @@ from vlprompt.data.splitfile import LabelledSplits
 from vlprompt.data.types import SplitCounts
 from vlprompt.errors import DatasetError
 
-# environment variable that moves vlprompt's cache folder (created split files of read-only datasets)
-CACHE_ENV = "VLPROMPT_CACHE_DIR"
-
-
 def default_cache_dir() -> Path:
-    """``$VLPROMPT_CACHE_DIR`` if set, else the platform's user cache folder for vlprompt (platformdirs)."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    import platformdirs
+    """Where split files created for read-only datasets go: ``$VLPROMPT_CACHE/splits`` or the user cache folder."""
+    from vlprompt.paths import cache_dir
 
-    return Path(platformdirs.user_cache_dir("vlprompt", appauthor=False))
+    return cache_dir("splits")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def load_dataset(
     disagrees with the disk raises :class:`DatasetError` listing the first missing files and their count.
     ``classnames`` overrides class names (a names file path, a list in label order or a ``{class: name}`` mapping);
     without it, a ``classnames_override.json``/``.txt`` in the dataset folder is used if present. ``cache_dir`` is
-    where created splits of read-only datasets go (default ``$VLPROMPT_CACHE_DIR`` or the user cache folder).
+    where created splits of read-only datasets go (default ``$VLPROMPT_CACHE/splits`` or the user cache folder).
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise DatasetError("give a dataset name (see `vlprompt data list`) or a custom dataset path.")

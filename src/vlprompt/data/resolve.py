@@ -83,5 +83,5 @@ def write_created_split(splits: LabelledSplits, target: Path, fallback_folder: P
     except OSError as exc:
         raise DatasetError(
             f"cannot write the created split file to {target} nor to {fallback} ({exc}); make one of them writable or "
-            "set VLPROMPT_CACHE_DIR to a writable folder."
+            "set VLPROMPT_CACHE to a writable folder."
         ) from None
