@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +113,17 @@ class FrozenClipMethod(nn.Module):
 
     def _apply_frozen(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Apply a device/dtype move to the subclass's frozen (unregistered) tensors; nothing by default."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenClipMethod:
+        """A deep copy of the learned state that shares the (frozen, possibly large) CLIP and the tokenizer."""
+        for shared in (self.clip, self.__dict__.get("_tokenizer")):
+            if shared is not None:
+                memo[id(shared)] = shared
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
 
     def classifier(self) -> Callable[[Tensor], Tensor]:
         """Evaluation callable: image features [B, D] -> logits [B, K], with text features computed once here."""
