@@ -84,6 +84,7 @@ class TinyPrompt(nn.Module):
         self._eot_index = torch.full((num_classes,), 1 + n_ctx + 2)
         self.classnames = [f"class{i}" for i in range(num_classes)]
         self.text_encodings = 0  # how often the text tower ran (tests count it)
+        self.rows_seen = 0  # image features seen by the training path
 
     def text_features(self) -> torch.Tensor:
         self.text_encodings += 1
@@ -92,6 +93,7 @@ class TinyPrompt(nn.Module):
         return F.normalize(self.clip.encode_text_embeddings(prompts, self._eot_index).float(), dim=-1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.rows_seen += features.shape[0]
         text = self.text_features()
         return self.clip.logit_scale.exp() * F.normalize(features, dim=-1) @ text.t()
 
