@@ -3,7 +3,8 @@
 The prompt of class k is ``[SOT] [V]_1 ... [V]_M [CLASS_k] . [EOT]`` (or the middle / front layouts, see
 :mod:`vlprompt.methods.prompt_layout`). Only the context ``ctx`` is learned: ``[M, width]`` (unified) or
 ``[K, M, width]`` (class-specific, CSC). Initialisation: N(0, 0.02^2), or the word embeddings of ``ctx_init`` (then
-M = its token count and, untrained, CoOp equals zero-shot CLIP with the template ``"<ctx_init> {}."``).
+M = its token count and, untrained, CoOp equals zero-shot CLIP with the template ``"<ctx_init> {}."``). With CSC
+and ``ctx_init`` every class starts from the phrase (the reference silently falls back to one unified context there).
 
 The context is kept in fp32 (master weights); the text tower runs in the CLIP's dtype or under the caller's autocast.
 With ``fast_text`` (default) a unified context's shared prefix is encoded once per step
