@@ -16,9 +16,8 @@ from vlprompt.config import (
     TrainConfig,
     add_dataclass_arguments,
     dataclass_from_args,
-    default_batch_size,
-    default_epochs,
     field_help,
+    method_train_defaults,
     resolve_train_config,
 )
 from vlprompt.errors import ConfigError
@@ -34,19 +33,30 @@ def test_defaults_are_the_reference_recipe():
 
 @pytest.mark.parametrize(("shots", "epochs"), [(1, 50), (2, 100), (4, 100), (8, 200), (16, 200)])
 def test_coop_epochs_follow_shots(shots, epochs):
-    assert default_epochs("coop", shots, "dtd") == epochs
+    assert method_train_defaults("coop", shots, "dtd") == {"epochs": epochs, "batch_size": 32}
     resolved = resolve_train_config(TrainConfig(), method="coop", shots=shots, dataset="oxford_pets")
     assert (resolved.epochs, resolved.batch_size) == (epochs, 32)
 
 
-def test_imagenet_and_cocoop_defaults():
-    assert default_epochs("coop", 16, "ImageNet") == 50
-    assert default_epochs("cocoop", 16, "imagenet") == 10
-    assert default_epochs("cocoop", 1, "dtd") == 10
-    assert default_batch_size("cocoop") == 1 and default_batch_size("coop") == 32
+def test_imagenet_cocoop_and_untrained_defaults():
+    assert method_train_defaults("coop", 16, "ImageNet")["epochs"] == 50
+    assert method_train_defaults("cocoop", 16, "imagenet") == {"epochs": 10, "batch_size": 1}
+    assert method_train_defaults("cocoop", 1, "dtd") == {"epochs": 10, "batch_size": 1}
+    assert method_train_defaults("zeroshot", 0, "dtd") == {}
+    assert not resolve_train_config(TrainConfig(), method="zeroshot", shots=0, dataset="dtd").is_resolved
     # explicit values win over the method defaults
     explicit = resolve_train_config(TrainConfig(epochs=7, batch_size=4), method="cocoop", shots=16, dataset="dtd")
     assert (explicit.epochs, explicit.batch_size) == (7, 4)
+    with pytest.raises(ConfigError, match="unknown method 'coopp'"):
+        resolve_train_config(TrainConfig(), method="coopp", shots=16, dataset="dtd")
+
+
+def test_train_defaults_agree_with_the_methods_sgd_recipe():
+    from vlprompt.methods.configs import SGD_RECIPE
+
+    config = TrainConfig()
+    for key in ("lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr"):
+        assert getattr(config, key) == SGD_RECIPE[key], key
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -169,6 +179,22 @@ def test_prefixed_options_with_attribute_docstrings():
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, _MethodLike, "coop-")
     assert "where the class token goes (default: end)" in parser.format_help()
+
+
+def test_every_registered_method_config_becomes_options():
+    from vlprompt.methods import METHODS
+
+    for name, spec in METHODS.items():
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        add_dataclass_arguments(parser, spec.config_cls, prefix=f"{name}-")
+        assert dataclass_from_args(spec.config_cls, parser.parse_args([]), prefix=f"{name}-") == spec.config_cls()
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_dataclass_arguments(parser, METHODS["coop"].config_cls, prefix="coop-")
+    with pytest.raises(argparse.ArgumentError):  # choices come from metadata["choices"]
+        parser.parse_args(["--coop-class-token-position", "last"])
+    config = dataclass_from_args(METHODS["coop"].config_cls, parser.parse_args(
+        ["--coop-n-ctx", "4", "--coop-csc", "--coop-class-token-position", "middle"]), prefix="coop-")
+    assert (config.n_ctx, config.csc, config.class_token_position) == (4, True, "middle")
 
 
 def test_unsupported_field_types_fail_loudly():

@@ -1,10 +1,10 @@
 """Typed run configuration with the papers' defaults, its validation, and argparse options generated from it.
 
 :class:`TrainConfig` holds the reference recipe of CoOp/CoCoOp (Dassl engine): SGD lr 0.002, momentum 0.9, weight
-decay 5e-4, one constant warm-up epoch at 1e-5 then cosine decay, batch 32 (CoCoOp 1), epochs by shots
-(50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16 shots; ImageNet 50; CoCoOp 10). ``epochs`` and ``batch_size`` left
-at ``None`` mean "the method's default"; :func:`resolve_train_config` fills them in, and the resolved values are what a
-run folder saves. :class:`RunConfig` describes a whole run (method, data, backbone, seed, training) and has a stable
+decay 5e-4, one constant warm-up epoch at 1e-5 then cosine decay. ``epochs`` and ``batch_size`` left at ``None`` mean
+"the method's default" (each MethodSpec's ``train_defaults``: CoOp batch 32 and 50 / 100 / 100 / 200 / 200 epochs for
+1 / 2 / 4 / 8 / 16 shots, ImageNet 50; CoCoOp batch 1, 10 epochs); :func:`resolve_train_config` fills them in, and the
+resolved values are what a run folder saves. :class:`RunConfig` describes a whole run (method, data, backbone, seed, training) and has a stable
 :meth:`RunConfig.config_hash`.
 
 :func:`add_dataclass_arguments` / :func:`dataclass_from_args` turn any such dataclass (these, and the methods'
@@ -29,7 +29,6 @@ import types
 import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Literal
 
 from vlprompt.errors import ConfigError
@@ -52,7 +51,10 @@ def _opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's key
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a gradient-trained method (CoOp, CoCoOp, ...) is optimised; defaults are the reference recipe."""
+    """How a gradient-trained method (CoOp, CoCoOp, ...) is optimised; defaults are the reference recipe.
+
+    ``epochs`` / ``batch_size`` = None stand for the method's defaults (:func:`resolve_train_config`).
+    """
 
     lr: float = _opt(0.002, "base learning rate of SGD")
     momentum: float = _opt(0.9, "SGD momentum (dampening 0, no Nesterov)")
@@ -121,45 +123,31 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- method defaults
 
-# CoOp's recipe applies to every gradient-trained method unless listed here (explicit table, no registration)
-_METHOD_TRAIN_DEFAULTS: Mapping[str, Mapping[str, int]] = MappingProxyType({
-    "cocoop": MappingProxyType({"epochs": 10, "batch_size": 1}),
-})
-_DEFAULT_BATCH_SIZE = 32
-_IMAGENET_EPOCHS = 50
 
+def method_train_defaults(method: str, shots: int, dataset: str) -> dict[str, Any]:
+    """The method's reference ``epochs`` / ``batch_size`` (from its MethodSpec in ``vlprompt.methods.METHODS``).
 
-def default_epochs(method: str, shots: int, dataset: str) -> int:
-    """The reference number of epochs: CoCoOp 10; ImageNet 50; else 50 / 100 / 200 for <=1 / <=4 / more shots."""
-    fixed = _METHOD_TRAIN_DEFAULTS.get(method, {}).get("epochs")
-    if fixed is not None:
-        return fixed
-    if _squash(dataset) == "imagenet":
-        return _IMAGENET_EPOCHS
-    if shots <= 1:
-        return 50
-    if shots <= 4:
-        return 100
-    return 200
+    CoOp: batch 32, epochs 50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16 shots, ImageNet 50; CoCoOp: batch 1,
+    10 epochs. Empty for methods that are not trained by SGD.
+    """
+    from vlprompt.methods import get_method  # light: the registry module imports no torch
 
-
-def default_batch_size(method: str) -> int:
-    """The reference batch size: CoCoOp 1, else 32."""
-    return _METHOD_TRAIN_DEFAULTS.get(method, {}).get("batch_size", _DEFAULT_BATCH_SIZE)
+    defaults = get_method(method).train_defaults(shots, dataset)
+    return {key: defaults[key] for key in ("epochs", "batch_size") if key in defaults}
 
 
 def resolve_train_config(train: TrainConfig, *, method: str, shots: int, dataset: str) -> TrainConfig:
-    """``train`` with ``epochs`` / ``batch_size`` that were left at None replaced by the method's defaults."""
-    epochs = train.epochs if train.epochs is not None else default_epochs(method, shots, dataset)
-    batch_size = train.batch_size if train.batch_size is not None else default_batch_size(method)
-    if train.warmup_epochs >= epochs:
+    """``train`` with ``epochs`` / ``batch_size`` that were left at None replaced by the method's defaults.
+
+    Methods without SGD training (no defaults) keep None there.
+    """
+    defaults = method_train_defaults(method, shots, dataset)
+    epochs = train.epochs if train.epochs is not None else defaults.get("epochs")
+    batch_size = train.batch_size if train.batch_size is not None else defaults.get("batch_size")
+    if epochs is not None and train.warmup_epochs >= epochs:
         raise ConfigError(f"train.warmup_epochs ({train.warmup_epochs}) must be smaller than the {epochs} epochs of "
                           f"{method}; lower --warmup-epochs or raise --epochs")
     return dataclasses.replace(train, epochs=epochs, batch_size=batch_size)
-
-
-def _squash(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 # --------------------------------------------------------------------------------------------------------- RunConfig
@@ -334,8 +322,10 @@ def _attribute_docstrings(cls: type) -> dict[str, str]:
     return docs
 
 
-def _option_type(hint: Any, name: str) -> dict[str, Any]:
-    """argparse keyword arguments (type/choices/nargs/action) for one field type."""
+def _option_type(hint: Any, name: str, choices: Collection[Any] | None = None) -> dict[str, Any]:
+    """argparse keyword arguments (type/choices/nargs/action) for one field type (``choices`` from metadata)."""
+    if choices is not None and hint in (int, float, str):
+        return {"type": hint, "choices": list(choices)}
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is bool:
@@ -397,7 +387,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
 
     Options that are not given stay absent from the parsed namespace (``argparse.SUPPRESS``), so
     :func:`dataclass_from_args` keeps the dataclass default for them. bool fields become ``--flag/--no-flag``,
-    Literal fields get choices, ``int | None`` fields accept ``none``, sequences take several values.
+    Literal fields and fields with ``metadata["choices"]`` get choices, ``int | None`` fields accept ``none``, sequences take several values.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
@@ -405,7 +395,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.init:
             continue
-        kwargs = _option_type(hints[f.name], f.name)
+        kwargs = _option_type(hints[f.name], f.name, f.metadata.get("choices"))
         help_text = field_help(cls, f.name)
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -415,6 +405,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
             default = dataclasses.MISSING
         if default is not dataclasses.MISSING and kwargs.get("action") is not argparse.BooleanOptionalAction:
             shown = "method default" if default is None and f.name in ("epochs", "batch_size") else default
+            shown = "''" if shown == "" else shown
             help_text = f"{help_text} (default: {shown})".strip()
         option = "--" + (prefix + f.name).replace("_", "-")
         parser.add_argument(option, dest=_dest(prefix, f.name), default=argparse.SUPPRESS,
