@@ -186,30 +186,12 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
                 group["lr"] = lr
             view = features[epoch % features.shape[0]]
             batches = epoch_batches(labels.numel(), config.batch_size, config.seed, epoch)
-            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (global)
-            with _seeded_forward(config.seed, epoch, target):
-                for step, batch in enumerate(batches):
-                    local = batch.tensor_split(world)[rank]
-                    x = view[local.to(view.device)].to(target, non_blocking=True)
-                    y = labels[local].to(target, non_blocking=True)
-                    with autocast_for(target, config.precision):
-                        logits = model(x)
-                    if logits.ndim != 2 or logits.shape[0] != local.numel() or logits.shape[1] <= max_label:
-                        raise DatasetError(f"the method returned logits of shape {tuple(logits.shape)} for a batch "
-                                           f"of {local.numel()} with labels up to {max_label}: do the training "
-                                           "labels belong to the method's classes?")
-                    loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-                    step_totals = torch.stack([loss_sum.detach(), (logits.argmax(1) == y).sum().to(loss_sum.dtype),
-                                               torch.tensor(float(local.numel()), device=target)]).double()
-                    step_totals = dist.all_reduce_sum(step_totals).cpu()
-                    if not math.isfinite(float(step_totals[0])):
-                        raise _diverged(float(step_totals[0]), epoch, step, len(batches), lr, config, run_dir)
-                    totals += step_totals
-                    optimizer.zero_grad(set_to_none=True)
-                    # DDP averages gradients over ranks: scale so the result is the mean over the global batch
-                    scaler.scale(loss_sum * (world / batch.numel())).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+            try:
+                with _seeded_forward(config.seed, epoch, target):
+                    totals = _train_epoch(model, optimizer, scaler, view, labels, batches, target,
+                                          config.precision, max_label)
+            except _NonFiniteLoss as bad:
+                raise _diverged(bad.value, epoch, bad.step, len(batches), lr, config, run_dir) from None
             stats = EpochStats(epoch=epoch + 1, lr=lr, loss=float(totals[0] / totals[2]),
                                accuracy=float(100.0 * totals[1] / totals[2]),
                                seconds=time.perf_counter() - started)
@@ -231,6 +213,44 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
 
 
 # ------------------------------------------------------------------------------------------------ loop helpers
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(step, value)
+        self.step, self.value = step, value
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 view: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor], device: torch.device,
+                 precision: str, max_label: int) -> torch.Tensor:
+    """One pass over ``batches``; returns the global (loss sum, correct, count). Each rank takes its share of every
+    batch; a non-finite loss raises :class:`_NonFiniteLoss` on every rank before that step's update."""
+    rank, world = dist.rank(), dist.world_size()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for step, batch in enumerate(batches):
+        local = batch.tensor_split(world)[rank]
+        x = view[local.to(view.device)].to(device, non_blocking=True)
+        y = labels[local].to(device, non_blocking=True)
+        with autocast_for(device, precision):
+            logits = model(x)
+        if logits.ndim != 2 or logits.shape[0] != local.numel() or logits.shape[1] <= max_label:
+            raise DatasetError(f"the method returned logits of shape {tuple(logits.shape)} for a batch of "
+                               f"{local.numel()} with labels up to {max_label}: do the training labels belong to "
+                               "the method's classes?")
+        loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+        correct = (logits.argmax(dim=1) == y).sum().to(loss_sum.dtype)
+        count = torch.full((), float(local.numel()), device=device)
+        step_totals = dist.all_reduce_sum(torch.stack([loss_sum.detach(), correct, count]).double()).cpu()
+        if not math.isfinite(float(step_totals[0])):
+            raise _NonFiniteLoss(step, float(step_totals[0]))
+        totals += step_totals
+        optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; this scale makes the result the mean over the whole global batch
+        scaler.scale(loss_sum * (world / batch.numel())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return totals
 
 
 def _training_views(train_set: FeatureData) -> tuple[torch.Tensor, torch.Tensor]:
