@@ -73,7 +73,7 @@ class PlannedRun:
         config = self.config
         parts = [config.method, config.dataset]
         if config.shots:
-            parts += [f"{config.shots} shots", f"seed {config.seed}"]
+            parts += [f"{config.shots}-shot", f"seed {config.seed}"]
         if config.subset != "all":
             parts.append(f"{config.subset} classes")
         if self.evals:

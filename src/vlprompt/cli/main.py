@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vlprompt.cli.data_cmd",
     "vlprompt.cli.report_cmd",
     "vlprompt.cli.cache_cmd",
+    "vlprompt.cli.bench_cmd",
 )
 
 

@@ -1,0 +1,95 @@
+"""The default runner: one planned run through :mod:`vlprompt.pipeline`.
+
+- ``request.train``: :func:`~vlprompt.pipeline.run_experiment` with ``resume=True`` (a new run starts, an interrupted
+  one continues from its last checkpoint, a failed one is tried again) and the run's evaluations;
+- otherwise the run is trained and only evaluations are missing: :func:`~vlprompt.pipeline.evaluate_run` for each.
+
+Two things the pipeline does not do are done here, on the result files of the run itself:
+
+- an evaluation asked for by another protocol than the run's own (domain generalisation on the shared ImageNet runs)
+  is labelled with that protocol (the ``protocol`` field the report groups by);
+- an evaluation of the run's own test split under another protocol's label (``eval-imagenet-domainshift.json``, the
+  source column of the domain generalisation table) is ``results.json`` relabelled: the same metrics, not recomputed.
+
+Picklable (worker processes get a copy); imports the pipeline, hence torch, only when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlprompt.bench.execute import RunRequest
+from vlprompt.bench.plan import RESULTS_NAME, PlannedEval, PlannedRun
+from vlprompt.errors import RunError
+from vlprompt.io import atomic_write_json
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    from vlprompt.data.registry import lookup
+
+    info_a, info_b = lookup(a), lookup(b)
+    return (info_a.key if info_a else a) == (info_b.key if info_b else b)
+
+
+def is_own_split(run: PlannedRun, evaluation: PlannedEval) -> bool:
+    """True when ``evaluation`` is the run's own test split (dataset and class subset): ``results.json``'s."""
+    return evaluation.subset == run.config.subset and _same_dataset(evaluation.dataset, run.config.dataset)
+
+
+def label_result(path: Path, protocol: str | None) -> None:
+    """Set the ``protocol`` of result file ``path`` (rewritten atomically; nothing to do when it already is)."""
+    if protocol is None:
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("protocol") != protocol:
+        data["protocol"] = protocol
+        atomic_write_json(path, data)
+
+
+def copy_own_result(run: PlannedRun, evaluation: PlannedEval) -> Path:
+    """Write ``eval-<name>.json`` as the run's ``results.json`` under ``evaluation``'s protocol label."""
+    source = run.run_dir / RESULTS_NAME
+    try:
+        data: dict[str, Any] = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{source} is missing: the run must finish before its evaluations") from None
+    if evaluation.protocol is not None:
+        data["protocol"] = evaluation.protocol
+    return atomic_write_json(run.run_dir / evaluation.filename, data)
+
+
+@dataclass(frozen=True)
+class PipelineRunner:
+    """Runs one :class:`~vlprompt.bench.execute.RunRequest` with the pipeline.
+
+    ``progress``: progress bars (None: when stderr is a terminal; workers pass False). ``feature_cache``: as
+    :func:`~vlprompt.pipeline.run_experiment` takes it (None: the default cache).
+    """
+
+    progress: bool | None = None
+    feature_cache: Any = None
+
+    def __call__(self, request: RunRequest) -> None:
+        from vlprompt.pipeline import EvalSpec, evaluate_run, run_experiment
+
+        run = request.run
+        config = run.config
+        if request.device is not None:
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=request.device))
+        computed = [e for e in request.evals if not is_own_split(run, e)]
+        if request.train:
+            run_experiment(config, run.run_dir, resume=True, progress=self.progress, feature_cache=self.feature_cache,
+                           evals=[EvalSpec(e.dataset, e.subset, e.name) for e in computed])
+        else:
+            for evaluation in computed:
+                evaluate_run(run.run_dir, dataset=evaluation.dataset, subset=evaluation.subset, name=evaluation.name,
+                             device=request.device, feature_cache=self.feature_cache, progress=self.progress)
+        for evaluation in request.evals:
+            if is_own_split(run, evaluation):
+                copy_own_result(run, evaluation)
+            elif evaluation.protocol not in (None, config.protocol):
+                label_result(run.run_dir / evaluation.filename, evaluation.protocol)
