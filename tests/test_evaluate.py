@@ -31,6 +31,13 @@ def test_metrics_by_hand():
     assert metrics["macro_f1"] == pytest.approx(100 * (6 / 7 + 0.5 + 0.8) / 3, abs=1e-12)
 
 
+def test_repeated_class_names_keep_separate_per_class_entries():
+    # ImageNet has two "crane" classes (a bird and a machine): both must be reported
+    metrics = metrics_from_predictions(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]),
+                                       ["crane", "kite", "crane"])
+    assert metrics["per_class_accuracy"] == {"crane (0)": 100.0, "kite": 50.0, "crane (2)": 100.0}
+
+
 def test_macro_f1_matches_sklearn_including_absent_classes():
     generator = torch.Generator().manual_seed(0)
     names = [f"c{i}" for i in range(7)]

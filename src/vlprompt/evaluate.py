@@ -30,7 +30,8 @@ def evaluate(classifier: Classifier, features: torch.Tensor, labels: torch.Tenso
              progress: bool | None = None) -> dict[str, Any]:
     """Metrics of ``classifier`` on ``features`` [N, D] with ``labels`` [N] in ``range(len(classnames))``.
 
-    Returns ``{"accuracy", "macro_f1", "per_class_accuracy" (by class name; None for a class without samples),
+    Returns ``{"accuracy", "macro_f1", "per_class_accuracy" (by class name, see :func:`unique_class_keys`; None for a
+    class without samples),
     "confusion_matrix" (rows: true class, columns: predicted class), "num_samples"}``.
     """
     predictions = predict(classifier, features, len(classnames), labels=labels, batch_size=batch_size, device=device,
@@ -90,7 +91,7 @@ def metrics_from_predictions(predictions: torch.Tensor, labels: torch.Tensor,
     f1 = 2.0 * true_positive[present].double() / f1_denominator[present].double()
     total = int(labels.numel())
     per_class = {name: (100.0 * int(true_positive[i]) / int(support[i]) if int(support[i]) else None)
-                 for i, name in enumerate(classnames)}
+                 for i, name in enumerate(unique_class_keys(classnames))}
     return {
         "accuracy": 100.0 * int(true_positive.sum()) / total,
         "macro_f1": 100.0 * float(f1.mean()) if f1.numel() else 0.0,
@@ -98,6 +99,27 @@ def metrics_from_predictions(predictions: torch.Tensor, labels: torch.Tensor,
         "confusion_matrix": confusion.tolist(),
         "num_samples": total,
     }
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast context for ``precision`` (fp32: none; bf16/fp16: torch.autocast on ``device``'s type)."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in dtypes:
+        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
+
+
+def unique_class_keys(classnames: Sequence[str]) -> list[str]:
+    """Class names usable as dict keys: a name that occurs more than once (ImageNet's two "crane" classes) gets its
+    label appended to every occurrence, ``"crane (134)"``; unique names stay as they are."""
+    counts: dict[str, int] = {}
+    for name in classnames:
+        counts[name] = counts.get(name, 0) + 1
+    return [f"{name} ({label})" if counts[name] > 1 else name for label, name in enumerate(classnames)]
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -122,18 +144,6 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 def _describe(value: Any) -> str:
     shape = getattr(value, "shape", None)
     return f"{type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}" if shape is not None else repr(value)
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast context for ``precision`` (fp32: none; bf16/fp16: torch.autocast on ``device``'s type)."""
-    import torch
-
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in dtypes:
-        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
 def _run_batches(classifier: Classifier, features: torch.Tensor, num_classes: int, batch_size: int,

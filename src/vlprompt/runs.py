@@ -364,9 +364,17 @@ def _refuse_foreign_folder(folder: Path) -> None:
 
 
 def _acquire_lock(folder: Path) -> int:
+    """Open ``run.lock``, take an exclusive non-blocking flock and write our pid into it (POSIX; without fcntl,
+    as on Windows, the folder is not locked and a warning says so)."""
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        _lock_nonblocking(fd)
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        logger.warning("file locking is unavailable on this platform: %s is not protected against a second run",
+                       folder)
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
@@ -375,13 +383,6 @@ def _acquire_lock(folder: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
-
-
-def _lock_nonblocking(fd: int) -> None:
-    """Exclusive, non-blocking flock (POSIX); raises OSError (BlockingIOError) when another descriptor holds it."""
-    import fcntl
-
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _release_lock(fd: int) -> None:
