@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vlprompt.cli.report_cmd",
     "vlprompt.cli.cache_cmd",
     "vlprompt.cli.bench_cmd",
+    "vlprompt.cli.run_cmds",
+    "vlprompt.cli.predict_cmds",
 )
 
 

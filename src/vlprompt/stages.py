@@ -1,0 +1,302 @@
+"""The steps of an experiment as plain functions: data -> features -> method -> fit -> metrics.
+
+:mod:`vlprompt.pipeline` (run folders, result files) and :mod:`vlprompt.api` (the Python API) both run these steps;
+nothing here touches a run folder except through the ``run_dir`` handed to :func:`fit_method` for checkpoints.
+
+- :func:`method_config` / :func:`build_method_for`: a method's typed config from plain options, and the method built
+  for a dataset (its hand-crafted template filled in) with a seeded initialisation.
+- :func:`training_splits`: the few-shot sample (saved as portable JSON and reused when a path is given), then the
+  base / new class subset.
+- :class:`FeatureOptions`, :func:`eval_features`, :func:`train_features`: frozen image-tower features through the
+  feature cache (evaluation transform; augmented views for gradient-trained methods).
+- :func:`fit_method`: SGD (:func:`vlprompt.train.train`), closed form (``method.fit``) or nothing, by the method's kind.
+- :func:`adapt_method`: the method for another class list (cross-dataset, base-to-novel "new").
+- :func:`score`: test metrics with the classifier's text features computed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vlprompt.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlprompt.backbone.model import CLIP
+    from vlprompt.config import RunConfig, TrainConfig
+    from vlprompt.data import DatasetSplits
+    from vlprompt.feature_cache import FeatureCache
+    from vlprompt.features import FeatureSet
+    from vlprompt.methods import MethodSpec
+    from vlprompt.runs import RunDir
+    from vlprompt.train import EpochStats
+
+logger = logging.getLogger(__name__)
+
+FEATURE_BATCH_SIZE = 64
+"""Images per image-tower call when extracting features."""
+
+
+# ------------------------------------------------------------------------------------------------------ resources
+
+
+def open_feature_cache(cache: Any = None) -> FeatureCache | None:
+    """The feature cache to use: None or True -> the default location (``$VLPROMPT_CACHE/features`` or the user
+    cache folder), False -> no cache, a path -> a cache there, a :class:`FeatureCache` -> itself."""
+    from vlprompt.feature_cache import FeatureCache
+
+    if cache is False:
+        return None
+    if cache is None or cache is True:
+        return FeatureCache()
+    if isinstance(cache, FeatureCache):
+        return cache
+    if isinstance(cache, str | os.PathLike):
+        return FeatureCache(cache)
+    raise ConfigError(f"feature_cache must be a FeatureCache, a folder path, True/None (default location) or False "
+                      f"(no cache), got {type(cache).__name__}")
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``auto`` (CUDA when available, the process's own GPU under torchrun), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    from vlprompt import dist
+
+    if isinstance(spec, torch.device):
+        return spec
+    return dist.resolve_device(spec or "auto")
+
+
+def load_backbone(model: str, device: torch.device) -> CLIP:
+    """``load_clip(model)`` in fp32 on ``device`` (mixed precision comes from autocast, weights stay fp32)."""
+    from vlprompt.backbone.loaders import load_clip
+
+    return load_clip(model, device=device, precision="fp32")
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+
+
+def method_config(spec: MethodSpec, options: Mapping[str, Any]) -> Any:
+    """``spec``'s config dataclass from plain options (unknown names and bad values raise ConfigError)."""
+    from vlprompt.methods.configs import config_from_dict
+
+    try:
+        return config_from_dict(spec.config_cls, options)
+    except ConfigError as exc:
+        raise ConfigError(f"method {spec.name}: {exc}") from None
+
+
+def method_config_dict(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete config of ``spec`` (defaults filled in) as JSON-ready values: what a run folder records."""
+    from vlprompt.methods.configs import config_to_dict
+
+    return config_to_dict(method_config(spec, options))
+
+
+def build_method_for(spec: MethodSpec, clip: CLIP, classnames: list[str], options: Mapping[str, Any], *,
+                     dataset: str | None, template: str, seed: int) -> Any:
+    """Build ``spec``'s method on ``clip`` for ``classnames``; the dataset's ``template`` completes the config
+    (zero-shot, ensemble) and the initialisation (CoOp's random context) is drawn from ``seed`` alone."""
+    from vlprompt.methods import config_for_dataset
+
+    config = config_for_dataset(method_config(spec, options), dataset, template)
+    with seeded_rng(seed, "init", clip.device):
+        return spec.build(clip, list(classnames), config)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, stream: str, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG for a block from (``seed``, ``stream``), restoring the caller's RNG state afterwards."""
+    import torch
+
+    from vlprompt.train import derive_seed
+
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, stream))
+        yield
+
+
+def adapt_method(method: Any, spec: MethodSpec, options: Mapping[str, Any], target: DatasetSplits, *,
+                 same_dataset: bool, seed: int) -> Any:
+    """``method`` for ``target``'s classes.
+
+    The same classes of the same dataset: ``method`` itself. Fixed methods (zero-shot, ensemble) are rebuilt from the
+    run's ``options`` with the target dataset's own template, as the baselines of the papers are evaluated. Learned
+    methods move their learned state with ``method.with_classnames`` (ConfigError where impossible: class-specific
+    contexts, linear probes).
+    """
+    if same_dataset and list(method.classnames) == list(target.classnames):
+        return method
+    if spec.kind == "fixed":
+        return build_method_for(spec, method.clip, target.classnames, options, dataset=target.name,
+                                template=target.template, seed=seed)
+    return method.with_classnames(list(target.classnames))
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+
+
+def training_splits(splits: DatasetSplits, *, shots: int, seed: int, subset: str,
+                    fewshot_path: str | os.PathLike[str] | None = None) -> DatasetSplits:
+    """The data a method learns from: ``shots`` per class (0 = every training image) drawn with ``seed`` from the
+    full dataset, then the ``subset`` of classes ("all", "base", "new"; relabelled from 0).
+
+    With ``fewshot_path`` the sample is saved there as portable JSON, and an existing file is reused (it must hold the
+    same shots and seed). Sampling before the class subset is what the base-to-novel reference does.
+    """
+    from vlprompt.data import load_or_sample_fewshot, sample_fewshot, subsample_classes
+
+    if shots > 0:
+        if fewshot_path is not None:
+            sampled = load_or_sample_fewshot(splits, shots, seed, fewshot_path)
+        else:
+            sampled = sample_fewshot(splits, shots, seed)
+        splits = sampled.as_splits()
+    return subsample_classes(splits, subset)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------------- features
+
+
+@dataclass
+class FeatureOptions:
+    """How image features are computed: device, autocast precision, batch, workers, cache, progress bars."""
+
+    device: torch.device
+    precision: str = "fp32"
+    batch_size: int = FEATURE_BATCH_SIZE
+    num_workers: int = 0
+    cache: FeatureCache | None = None
+    progress: bool | None = None
+    seconds: float = field(default=0.0)  # time spent extracting, accumulated by the functions below
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def eval_features(clip: CLIP, splits: DatasetSplits, split: str, options: FeatureOptions) -> FeatureSet:
+    """Evaluation-transform features ``[N, D]`` of one split ("train", "val" or "test")."""
+    from vlprompt.features import extract_features
+
+    with options.timed():
+        return extract_features(clip, splits.image_dir, splits.split(split), device=options.device,
+                                precision=options.precision, batch_size=options.batch_size,  # type: ignore[arg-type]
+                                num_workers=options.num_workers, cache=options.cache, progress=options.progress)
+
+
+def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, options: FeatureOptions) -> FeatureSet:
+    """Training features of a gradient-trained method: ``[V, N, D]`` augmented views (``train.views``, seeded by
+    ``train.seed``), or evaluation-transform features ``[N, D]`` when ``views`` is 0."""
+    from vlprompt.features import augmented_views
+
+    views = train.num_views
+    if views == 0:
+        return eval_features(clip, splits, "train", options)
+    with options.timed():
+        return augmented_views(clip, splits.image_dir, splits.train, views=views, seed=train.seed,
+                               device=options.device, precision=options.precision,  # type: ignore[arg-type]
+                               batch_size=options.batch_size, num_workers=options.num_workers, cache=options.cache,
+                               progress=options.progress)
+
+
+def require_images(splits: DatasetSplits, split: str) -> None:
+    """A DatasetError when ``split`` of ``splits`` is empty (nothing to learn from or to evaluate)."""
+    from vlprompt.errors import DatasetError
+
+    if not splits.split(split):
+        raise DatasetError(f"{splits.name} has no {split} images for these classes; a method needs {split} images "
+                           f"here (check the dataset's split file or --subset)")
+
+
+# -------------------------------------------------------------------------------------------------------------- fit
+
+
+@dataclass
+class FitOutcome:
+    """What fitting did: the method's kind, seconds spent, and a JSON-ready summary for the result file."""
+
+    kind: str
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+    history: list[EpochStats] = field(default_factory=list)
+
+
+def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_set: FeatureSet | None, *,
+               train: TrainConfig | None = None, run_dir: RunDir | None = None, device: torch.device | None = None,
+               on_epoch_end: Callable[[EpochStats], None] | None = None, progress: bool | None = None) -> FitOutcome:
+    """Fit ``method`` by its kind: "sgd" -> :func:`vlprompt.train.train` (``train`` resolved; checkpoints into
+    ``run_dir`` and resumes from one), "closed_form" -> ``method.fit(train_set, val_set)``, "fixed" -> nothing."""
+    if spec.kind == "fixed":
+        return FitOutcome("fixed")
+    if train_set is None:
+        raise ConfigError(f"method {spec.name} learns from training images: give training features")
+    started = time.perf_counter()
+    if spec.kind == "closed_form":
+        info = method.fit(train_set, val_set)
+        seconds = time.perf_counter() - started
+        return FitOutcome("closed_form", seconds, {"num_train": len(train_set), **_jsonable(info)})
+    if train is None or not train.is_resolved:
+        raise ConfigError("SGD training needs a resolved TrainConfig (epochs and batch size set)")
+    from vlprompt.train import train as run_training
+
+    result = run_training(method, train_set, train, run_dir=run_dir, device=device, on_epoch_end=on_epoch_end,
+                          progress=progress)
+    last = result.history[-1] if result.history else None
+    summary = {"num_train": len(train_set), "views": train_set.num_views, "epochs": len(result.history),
+               "resumed_after_epoch": result.start_epoch,
+               "final_loss": last.loss if last else None, "final_train_accuracy": last.accuracy if last else None,
+               "loss_history": [stats.loss for stats in result.history]}
+    return FitOutcome("sgd", result.train_s, summary, list(result.history))
+
+
+def _jsonable(info: Mapping[str, Any]) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(dict(info), default=float))
+
+
+# ------------------------------------------------------------------------------------------------------------ score
+
+
+def score(method: Any, features: FeatureSet, classnames: list[str], options: FeatureOptions) -> tuple[dict[str, Any],
+                                                                                                     float]:
+    """``(metrics, seconds)`` of ``method`` on ``features``: its classifier (text features computed once) applied
+    in batches; metrics as :func:`vlprompt.evaluate.evaluate` (accuracy in percent)."""
+    from vlprompt.evaluate import evaluate
+
+    started = time.perf_counter()
+    classifier = method.classifier()
+    metrics = evaluate(classifier, features.features, features.labels, classnames, device=options.device,
+                       precision=options.precision, progress=options.progress)
+    return metrics, time.perf_counter() - started
+
+
+def run_summary(config: RunConfig) -> str:
+    """One line naming a run: method, dataset (subset), shots, seed, backbone."""
+    subset = f" ({config.subset} classes)" if config.subset != "all" else ""
+    return (f"{config.method} on {config.dataset}{subset}, {config.shots} shots, seed {config.seed}, "
+            f"backbone {config.model}")
+
+
+def dataset_id(name: str) -> str:
+    """The registry key of a built-in dataset's any spelling, else the name itself (custom dataset specs)."""
+    from vlprompt.data import lookup
+
+    info = lookup(name)
+    return info.key if info is not None else name
