@@ -15,7 +15,8 @@ from torch import nn
 from vlprompt.config import TrainConfig
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, VlpromptError
 from vlprompt.runs import RunDir, load_params
-from vlprompt.train import TrainingDiverged, derive_seed, epoch_batches, lr_at_epoch, lr_schedule, train
+from vlprompt.train import (TrainingDiverged, derive_seed, epoch_batches, epoch_view_indices, lr_at_epoch, lr_schedule,
+                            train)
 
 CONFIG = TrainConfig(epochs=4, batch_size=8)
 __all__ = ["single_thread"]  # the autouse fixture applies to this module
@@ -113,20 +114,34 @@ def test_same_seed_gives_identical_parameters_and_another_seed_does_not():
     assert not torch.equal(runs["a"], runs["c"])  # a different seed changes the data order
 
 
-def test_epoch_uses_view_epoch_modulo_views():
-    views = 3
-    feats = clustered_features(num_classes=2, per_class=4, dim=8, views=views)
-    feats.features += torch.arange(views).view(views, 1, 1) * 1000.0  # view v has values near 1000 v
-    seen: list[list[int]] = [[]]
+def test_each_image_cycles_through_its_views_in_a_seeded_order():
+    views, per_class = 3, 4
+    feats = clustered_features(num_classes=2, per_class=per_class, dim=8, views=views)
+    n = feats.labels.numel()
+    # feature 0 encodes (view, image): 1000 * view + image index
+    feats.features[:, :, 0] = torch.arange(views).view(views, 1) * 1000.0 + torch.arange(n).view(1, n)
+    seen: list[dict[int, int]] = [{}]
 
     class Recorder(LinearHead):
         def forward(self, features):
-            seen[-1].extend(torch.div(features[:, 0] + 500, 1000, rounding_mode="floor").long().tolist())
+            for value in features[:, 0].round().long().tolist():
+                seen[-1][value % 1000] = value // 1000
             return super().forward(features)
 
-    train(Recorder(8, 2), feats, TrainConfig(epochs=5, batch_size=4, lr=1e-6), on_epoch_end=lambda s: seen.append([]))
-    assert [sorted(set(epoch)) for epoch in seen[:-1]] == [[0], [1], [2], [0], [1]]
-    assert all(len(epoch) == 8 for epoch in seen[:-1])
+    config = TrainConfig(epochs=6, batch_size=4, lr=1e-6, seed=3)
+    train(Recorder(8, 2), feats, config, on_epoch_end=lambda s: seen.append({}))
+    epochs = seen[:-1]
+    assert all(len(epoch) == n for epoch in epochs)
+    for image in range(n):
+        sequence = [epoch[image] for epoch in epochs]
+        assert sorted(sequence[:views]) == [0, 1, 2]  # every view once per V epochs
+        assert sequence[views:] == sequence[:views]  # then the same cycle again
+        assert all((b - a) % views == 1 for a, b in zip(sequence, sequence[1:]))
+    assert [epoch_view_indices(views, n, 3, e).tolist() for e in range(6)] == \
+        [[epoch[i] for i in range(n)] for epoch in epochs]
+    other = [epoch_view_indices(views, n, 4, e).tolist() for e in range(views)]
+    assert other != [[epoch[i] for i in range(n)] for epoch in epochs[:views]]  # another seed, another order
+    assert epoch_view_indices(1, n, 3, 5).tolist() == [0] * n
 
 
 # ---------------------------------------------------------------------------------------------------------- resume

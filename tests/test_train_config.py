@@ -154,7 +154,7 @@ def test_help_text_comes_from_the_fields():
     add_dataclass_arguments(parser, TrainConfig, exclude=("seed",))
     text = " ".join(parser.format_help().split())
     assert "base learning rate of SGD (default: 0.002)" in text
-    assert "epoch e uses view e % V" in text
+    assert "epoch e shows image i its view (e + offset_i) % V" in text
     assert "--seed" not in text
 
 

@@ -9,7 +9,8 @@ One flat function, :func:`train`, plus small pure helpers:
   during the warm-up, so epoch ``warmup_epochs`` runs at the full ``lr`` and the cosine never reaches zero.
 - Each epoch visits the training set in a random order drawn from a generator seeded by (seed, epoch), in batches of
   ``batch_size`` with the last incomplete batch dropped when the set holds at least one full batch (else one smaller
-  batch), as Dassl's loader. Epoch ``e`` uses view ``e % V`` of features [V, N, D]. Randomness inside the method's
+  batch), as Dassl's loader. In epoch ``e`` image ``i`` uses view ``(e + offset_i) % V`` of features [V, N, D], the
+  offsets drawn from the seed (:func:`epoch_view_indices`). Randomness inside the method's
   forward (if any) is seeded per (seed, epoch) too, so a resumed run needs no RNG replay.
 - Cross-entropy on the logits; the last epoch is the final model.
 - Precision: fp32, or autocast bf16 / fp16 (fp16 with gradient scaling); learned parameters and optimiser state stay
@@ -113,6 +114,21 @@ def derive_seed(seed: int, *keys: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def epoch_view_indices(num_views: int, num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which augmented view [N] each image uses in ``epoch``: ``(epoch + offset_i) % V``.
+
+    The pool of ``V`` views per image is shared by every run (so the feature cache serves it across seeds and
+    methods); the run's seed draws each image's offset, so two seeds see different view sequences, and over ``V``
+    consecutive epochs every image visits each of its views exactly once (``views="epochs"`` therefore gives a fresh
+    augmentation every epoch, as the reference).
+    """
+    if num_views == 1:
+        return torch.zeros(num_items, dtype=torch.long)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "views"))
+    offsets = torch.randint(num_views, (num_items,), generator=generator)
+    return (offsets + epoch) % num_views
+
+
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Index batches of one epoch: a seeded permutation, cut into ``batch_size`` pieces; the last incomplete piece
     is dropped when at least one full batch exists (Dassl's ``drop_last``), else the single smaller batch is kept."""
@@ -184,7 +200,8 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
             lr = lr_at_epoch(epoch, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            view = features[epoch % features.shape[0]]
+            view = features[epoch_view_indices(features.shape[0], labels.numel(), config.seed, epoch),
+                            torch.arange(labels.numel())]
             batches = epoch_batches(labels.numel(), config.batch_size, config.seed, epoch)
             try:
                 with _seeded_forward(config.seed, epoch, target):
