@@ -1,0 +1,970 @@
+"""Speed benchmark of the "fast by construction" prompt-learning path against the plain (reference-equivalent) path.
+
+Run from the repository root (CPU; prints a table, ``--json`` saves every number)::
+
+    .venv/bin/python benchmarks/bench_speed.py --quick                 # a few minutes: K = 10, 102, short sections
+    .venv/bin/python benchmarks/bench_speed.py --json bench.json       # full: K = 10, 102, 1000 (tens of minutes)
+    .venv/bin/python benchmarks/bench_speed.py --classes 102 --sections steps --profile   # the targets only
+
+What is measured, in one run, for a ViT-B/16-shaped CLIP with random weights (no pretrained weights are needed, the
+cost does not depend on them):
+
+* **Training steps** of CoOp (M = 16, unified context, class name at the end, batch 32) and CoCoOp (M = 4 from
+  "a photo of a", batch 1) for each K:
+
+  - ``plain``: the reference-equivalent step: the frozen image tower on the batch of 224 px images (fp32, no grad),
+    the method with ``fast_text=False`` (all K prompts at 77 tokens, fp32), cross-entropy, backward, SGD step;
+  - ``text plain fp32`` / ``text fast fp32`` (CoOp: both; CoCoOp: the fast one): the same step on cached image
+    features, so the sources of the speed-up are visible one at a time (image tower, fast text, bf16);
+  - ``ours``: cached image features (no image tower), ``fast_text=True`` (shortest length, shared prefix), bf16
+    autocast on the CPU, cross-entropy, backward, SGD step (what :func:`vlprompt.train.train` does per step).
+
+  Repetitions of the paths of one group are interleaved (round robin, order rotated every round) and the median is
+  reported, so the ratios are measured under the same machine load. The first call of each path is a warm-up; when it
+  takes longer than ``--slow-s`` it counts as a timed run and the path gets ``--reps-slow`` runs in all.
+  The plain path holds ~40 KB of activations per token and layer (K = 1000: ~37 GB), so above ``--plain-max-classes``
+  (or what fits in half the available memory) its time and memory are measured at two smaller class counts and
+  extrapolated linearly in K (exact in structure: every plain prompt is 77 tokens whatever its class name); such
+  rows are marked ``~``.
+
+* **Floor**: FLOPs of the minimal computation of ours (see :func:`minimal_text_flops`) over the bf16 matrix-product
+  rate measured in the same group (a square bf16 matmul timed between the steps); "x floor" = time / floor time.
+
+* **Peak memory** of each step (its first call): the torch profiler's CPU memory accounting
+  (``profile_memory=True``): the maximum over the step of the bytes allocated by torch's CPU allocator since the
+  step began (tensors alive before the step, e.g. the weights and cached features, are not counted; memory that
+  MKL/oneDNN allocate outside torch's allocator is not seen).
+
+* **Evaluation** of CoOp on a 10,000-image test set of random features: text-encoder calls and time per path at two
+  batch sizes (plain: re-encode the class prompts for every batch as the reference; ours: ``method.classifier()``
+  once). Text-encoder calls are counted with a forward hook on ``clip.ln_final`` (every text encoding passes it once).
+
+* **A full 16-shot CoOp run** on 10 classes (160 synthetic JPEG images, 200 epochs, batch 32): ours end to end
+  (feature extraction of the images with ``--views`` augmented views by :func:`vlprompt.features.augmented_views`,
+  then :func:`vlprompt.train.train`), and the plain reference loop (decode + augment + image tower + 77-token text
+  every step) timed for a few epochs and extrapolated (labelled).
+
+Threads: torch's intra-op thread count (``torch.get_num_threads()``, set with ``--threads``) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlprompt.backbone.model import CLIP, CLIPConfig
+from vlprompt.backbone.tiny import tiny_config
+from vlprompt.config import TrainConfig
+from vlprompt.data.classnames import clean_classname
+from vlprompt.data.splitfile import parse_split, read_shipped_json
+from vlprompt.data.types import Item
+from vlprompt.evaluate import autocast_for, evaluate
+from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of
+from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
+from vlprompt.methods.coop import CoOp, CoOpConfig
+
+CPU = torch.device("cpu")
+GIB = 1024**3
+MIB = 1024**2
+
+MODELS: dict[str, CLIPConfig] = {
+    "vit-b16": CLIPConfig(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                          vision_patch_size=16, transformer_width=512, transformer_heads=8, transformer_layers=12,
+                          name="ViT-B/16 (random weights)"),
+    "tiny": tiny_config("vit"),
+}
+"""Model shapes: ``vit-b16`` is the benchmark's; ``tiny`` (a 2-layer, 128-wide CLIP) is for the smoke test."""
+
+NAMED_CLASS_SETS: dict[int, tuple[str, str]] = {
+    10: ("EuroSAT", "split_zhou_EuroSAT.json"),
+    37: ("OxfordPets", "split_zhou_OxfordPets.json"),
+    47: ("DTD", "split_zhou_DescribableTextures.json"),
+    100: ("Caltech101", "split_zhou_Caltech101.json"),
+    101: ("UCF101", "split_zhou_UCF101.json"),
+    102: ("Flowers102", "split_zhou_OxfordFlowers.json"),
+    196: ("StanfordCars", "split_zhou_StanfordCars.json"),
+}
+"""Class counts served by a real dataset's class names (shipped split files); other counts use :func:`mixed_names`."""
+
+ACTIVATION_FLOATS_PER_TOKEN_LAYER = 20
+"""Upper estimate of the fp32 values per token and text layer that backward keeps (x, ln, q/k/v, attention out,
+MLP 4w in/out of QuickGELU ...), in units of the width: used only to keep runs inside the machine's memory."""
+
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "quick": {"classes": "10,102", "reps": 3, "reps_slow": 1, "slow_s": 4.0, "matmul_size": 2048,
+              "eval_plain_max_batches": 3, "fullrun_ours_epochs": 10, "fullrun_plain_epochs": 1, "views": 1},
+    "full": {"classes": "10,102,1000", "reps": 5, "reps_slow": 2, "slow_s": 20.0, "matmul_size": 4096,
+             "eval_plain_max_batches": 0, "fullrun_ours_epochs": 0, "fullrun_plain_epochs": 2, "views": 2},
+}
+"""Defaults of ``--quick`` and of the full mode; every one can be overridden by its own option."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# class names
+
+
+def shipped_classnames(file_name: str) -> list[str]:
+    """Cleaned class names (label order) of a split file shipped with vlprompt."""
+    splits = parse_split(read_shipped_json(file_name), file_name)
+    return [clean_classname(name) for name in splits.raw_classnames]
+
+
+def mixed_names(count: int) -> list[str]:
+    """``count`` realistic class names: all shipped datasets' names interleaved round robin, repeated with a numeric
+    suffix (" 2", " 3", ...) from the second round on (ImageNet's names are not shipped)."""
+    lists = [shipped_classnames(file_name) for _, file_name in sorted(NAMED_CLASS_SETS.values())]
+    pool: list[str] = []
+    for index in range(max(len(names) for names in lists)):
+        pool.extend(names[index] for names in lists if index < len(names))
+    return [name if i < len(pool) else f"{name} {i // len(pool) + 1}"
+            for i, name in ((i, pool[i % len(pool)]) for i in range(count))]
+
+
+def class_names(count: int) -> tuple[list[str], str]:
+    """Class names for K = ``count`` and where they come from."""
+    if count in NAMED_CLASS_SETS:
+        dataset, file_name = NAMED_CLASS_SETS[count]
+        return shipped_classnames(file_name), dataset
+    return mixed_names(count), "mix of all shipped datasets' names" + (" (repeated with a suffix)" if count > 593
+                                                                        else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOP model
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """What the FLOP model needs of the text tower: width w, layers, output dim D, context length."""
+
+    width: int
+    layers: int
+    embed_dim: int
+    context_length: int
+
+    @classmethod
+    def of(cls, config: CLIPConfig) -> TextShape:
+        return cls(config.transformer_width, config.transformer_layers, config.embed_dim, config.context_length)
+
+
+def transformer_flops(shape: TextShape, tokens: float, keys: float, *, backward: bool) -> float:
+    """FLOPs of the text blocks for ``tokens`` token-positions attending ``keys`` keys in all (summed over queries).
+
+    Per layer and token (w = width, MLP 4w): QKV 2*w*3w + output projection 2*w*w + MLP 2*w*4w*2 = 24 w^2; attention
+    scores q.k and weights.v: 4 w per (query, key) pair. Backward to the inputs only (CLIP is frozen: no weight
+    gradients): a product with a frozen weight needs one product (dX), a product of two activations (attention) needs
+    two (both operands get gradients): 24 w^2 per token + 8 w per pair. Elementwise ops (LayerNorm, QuickGELU,
+    softmax, residuals) are ignored.
+    """
+    w = shape.width
+    per_layer = 24 * tokens * w * w + (8 if backward else 4) * w * keys
+    return shape.layers * per_layer
+
+
+def head_flops(shape: TextShape, prompts: float, images: int, classes: int) -> float:
+    """Forward + backward of the end: ``ln_final`` + text projection at the EOT of every prompt (2 w D each way)
+    and the cosine logits (2 D per (image, class) pair each way; image features are constants)."""
+    return 2 * (2 * prompts * shape.width * shape.embed_dim) + 2 * (2 * images * classes * shape.embed_dim)
+
+
+def minimal_text_flops(shape: TextShape, prefix_len: int, eot_index: Sequence[int], prefixes: int,
+                       images: int) -> float:
+    """The floor's FLOPs: forward + backward-to-input of the minimal computation of a fast prompt-learning step.
+
+    The shared prefix (P positions: SOT + context before the name) runs once per prefix (``prefixes`` = 1 for CoOp,
+    one per image for CoCoOp); each class k runs only its own suffix s_k = eot_k - P + 1 positions (no padding to
+    the longest class), attending causally to the prefix and to its own earlier positions:
+
+        tokens = prefixes * (P + sum_k s_k)
+        keys   = prefixes * (P (P + 1) / 2 + sum_k (s_k P + s_k (s_k + 1) / 2))
+        FLOPs  = layers * (24 w^2 tokens + 4 w keys)          (forward)
+               + layers * (24 w^2 tokens + 8 w keys)          (backward to the inputs, no weight gradients)
+               + head (ln_final + projection at every EOT, cosine logits; forward and backward)
+    """
+    suffix = [int(e) - prefix_len + 1 for e in eot_index]
+    tokens = prefixes * (prefix_len + sum(suffix))
+    keys = prefixes * (prefix_len * (prefix_len + 1) / 2 + sum(s * prefix_len + s * (s + 1) / 2 for s in suffix))
+    return (transformer_flops(shape, tokens, keys, backward=False) + transformer_flops(shape, tokens, keys, backward=True)
+            + head_flops(shape, prefixes * len(suffix), images, len(suffix)))
+
+
+def fast_text_flops(shape: TextShape, prefix_len: int, padded_len: int, classes: int, prefixes: int,
+                    images: int) -> float:
+    """FLOPs the fast path executes: as :func:`minimal_text_flops`, but every class runs the padded suffix length
+    S = max_k(eot_k) + 1 - P and its queries score all P + S keys (the causal mask is applied, not skipped)."""
+    tokens = prefixes * (prefix_len + classes * padded_len)
+    keys = prefixes * (prefix_len * (prefix_len + 1) / 2 + classes * padded_len * (prefix_len + padded_len))
+    return (transformer_flops(shape, tokens, keys, backward=False) + transformer_flops(shape, tokens, keys, backward=True)
+            + head_flops(shape, prefixes * classes, images, classes))
+
+
+def plain_text_flops(shape: TextShape, prompts: int, images: int, classes: int) -> float:
+    """FLOPs of the plain path's text side: every prompt at the full context length, causal attention."""
+    length = shape.context_length
+    tokens = prompts * length
+    keys = prompts * length * (length + 1) / 2
+    return (transformer_flops(shape, tokens, keys, backward=False) + transformer_flops(shape, tokens, keys, backward=True)
+            + head_flops(shape, prompts, images, classes))
+
+
+def image_tower_flops(config: CLIPConfig, images: int) -> float:
+    """Forward FLOPs of the ViT image tower: patch embedding, blocks (24 w^2 per token, 4 w per attention pair),
+    projection. (The benchmark's models are ViTs.)"""
+    if not config.is_vit:
+        return float("nan")
+    patch = int(config.vision_patch_size or 0)
+    grid = config.image_resolution // patch
+    tokens = grid * grid + 1
+    w = config.vision_width
+    layers = int(config.vision_layers)  # type: ignore[arg-type]
+    per_image = (2 * (tokens - 1) * w * 3 * patch * patch + layers * (24 * tokens * w * w + 4 * w * tokens * tokens)
+                 + 2 * w * config.embed_dim)
+    return images * per_image
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (a large number where it cannot be read)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 50
+
+
+def activation_bytes(shape: TextShape, tokens: int) -> int:
+    """Upper estimate of the text activations kept for backward (fp32) for ``tokens`` token positions."""
+    return tokens * shape.layers * ACTIVATION_FLOATS_PER_TOKEN_LAYER * shape.width * 4
+
+
+def peak_step_memory(fn: Callable[[], None]) -> int:
+    """Run ``fn`` once under the torch profiler with ``profile_memory=True``; the peak bytes allocated by torch's CPU
+    allocator during the call, counted from its start (the profiler's running "Total Allocated")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    totals = [int(e["args"].get("Total Allocated", 0)) for e in events
+              if e.get("name") == "[memory]" and int(e.get("args", {}).get("Device Type", 0)) == 0]
+    return max([0, *totals])
+
+
+def timed(fn: Callable[[], None]) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def matmul_probe(size: int, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+    """A ``[size x size] @ [size x size]`` product in ``dtype`` and its FLOPs (2 size^3)."""
+    generator = torch.Generator().manual_seed(size)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
+
+    def run() -> None:
+        torch.mm(a, b, out=out)
+
+    return run, 2.0 * size**3
+
+
+@dataclass
+class Measured:
+    """One measured path of a group: what it runs and its result."""
+
+    key: str
+    label: str
+    run: Callable[[], None] | None
+    flops: float = 0.0                     # FLOPs the path executes (for the achieved rate); 0 = not counted
+    memory: bool = True                    # measure peak memory on the first call
+    times: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    note: str = ""
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.times) if self.times else None
+
+
+def measure(paths: Sequence[Measured], reps: int, reps_slow: int, slow_s: float, log: Callable[[str], None]) -> None:
+    """First call of every path (peak memory, warm-up), then interleaved timed rounds (order rotated each round).
+
+    A path whose first call exceeds ``slow_s`` keeps that call as a timed run and gets ``reps_slow`` runs in all.
+    """
+    wanted: dict[str, int] = {}
+    for path in paths:
+        assert path.run is not None
+        start = time.perf_counter()
+        if path.memory:
+            path.peak_bytes = peak_step_memory(path.run)
+        else:
+            path.run()
+        first = time.perf_counter() - start
+        if first > slow_s:
+            path.times.append(first)
+            wanted[path.key] = max(1, reps_slow) - 1
+            path.note = (path.note + "; " if path.note else "") + f"slow: {max(1, reps_slow)} run(s)"
+        else:
+            wanted[path.key] = reps
+        log(f"    first call of {path.label}: {first:.2f} s")
+    rounds = max(wanted.values(), default=0)
+    for r in range(rounds):
+        order = list(paths[r % len(paths):]) + list(paths[: r % len(paths)])
+        for path in order:
+            if wanted[path.key] > 0:
+                path.times.append(timed(path.run))  # type: ignore[arg-type]
+                wanted[path.key] -= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training steps
+
+
+def make_step(clip: CLIP, method: FrozenClipMethod, *, images: Tensor | None, features: Tensor, labels: Tensor,
+              precision: str) -> Callable[[], None]:
+    """One SGD step of ``method`` (the reference recipe's SGD; learned parameters fp32).
+
+    ``images`` given: the frozen image tower runs on them first (fp32, no grad) as in the reference; else the cached
+    ``features`` are used. The method's forward runs under ``precision`` autocast, as :func:`vlprompt.train.train`.
+    """
+    recipe = TrainConfig()
+    optimizer = torch.optim.SGD(method.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+
+    def step() -> None:
+        if images is not None:
+            with torch.no_grad():
+                batch_features = clip.encode_image(images).float()
+        else:
+            batch_features = features
+        with autocast_for(CPU, precision):
+            logits = method(batch_features)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+@dataclass
+class GroupResult:
+    """The measured paths of one (method, K) group and its floor."""
+
+    method: str
+    classes: int
+    names_from: str
+    batch: int
+    prefix_len: int
+    padded_suffix: int
+    mean_suffix: float
+    floor_flops: float
+    bf16_rate: float
+    fp32_rate: float
+    paths: list[Measured]
+
+    @property
+    def floor_s(self) -> float:
+        return self.floor_flops / self.bf16_rate
+
+    def path(self, key: str) -> Measured | None:
+        return next((p for p in self.paths if p.key == key), None)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "paths"}
+        data["floor_s"] = self.floor_s
+        data["paths"] = {p.key: {"label": p.label, "times_s": p.times, "median_s": p.median, "flops": p.flops,
+                                 "peak_bytes": p.peak_bytes, "note": p.note,
+                                 "x_floor": (p.median / self.floor_s) if p.median else None}
+                         for p in self.paths}
+        return data
+
+
+def build_method(kind: str, clip: CLIP, names: list[str], fast: bool) -> FrozenClipMethod:
+    """CoOp (M=16, unified, end, random init) or CoCoOp (M=4 from "a photo of a"), fast or plain text path."""
+    if kind == "coop":
+        return CoOp(clip, names, CoOpConfig(fast_text=fast))
+    return CoCoOp(clip, names, CoCoOpConfig(fast_text=fast))
+
+
+def extrapolate(points: list[tuple[int, float]], target: int) -> float:
+    """Affine fit y = a + b K through the measured (K, y) points, evaluated at ``target``."""
+    (k1, y1), (k2, y2) = points[0], points[-1]
+    slope = (y2 - y1) / (k2 - k1)
+    return y1 + slope * (target - k1)
+
+
+def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
+                log: Callable[[str], None]) -> GroupResult:
+    """Measure one (method, K) group: plain, the text-only variants, ours, and the matmul rates between them."""
+    shape = TextShape.of(clip.config)
+    batch = 32 if kind == "coop" else 1
+    names, source = class_names(classes)
+    generator = torch.Generator().manual_seed(classes)
+    features = torch.randn(batch, clip.config.embed_dim, generator=generator)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    resolution = clip.config.image_resolution
+    images = torch.randn(batch, 3, resolution, resolution, generator=generator)
+    fast = build_method(kind, clip, names, fast=True)
+    layout = fast.layout  # type: ignore[attr-defined]
+    prefix_len = layout.shared_length
+    eot = [int(e) for e in layout.eot_index.tolist()]
+    padded = layout.trimmed_length - prefix_len
+    prefixes = 1 if kind == "coop" else batch
+    floor_flops = minimal_text_flops(shape, prefix_len, eot, prefixes, batch)
+    fast_flops = fast_text_flops(shape, prefix_len, padded, classes, prefixes, batch)
+    budget = available_memory() // 2
+    fast_tokens = prefixes * (prefix_len + classes * padded)
+    if activation_bytes(shape, fast_tokens) > budget:
+        raise MemoryError(f"{kind} K={classes}: the fast path needs ~{activation_bytes(shape, fast_tokens) / GIB:.1f}"
+                          f" GiB, more than half the available memory; use fewer classes")
+
+    # the plain path: at K itself, or at two smaller class counts when K would not fit (or is above the cap)
+    plain_cap = args.plain_max_classes
+    while plain_cap > 2 and activation_bytes(shape, prefixes * plain_cap * shape.context_length) > budget * 0.8:
+        plain_cap //= 2
+    plain_ks = [classes] if classes <= plain_cap else [max(1, plain_cap // 2), plain_cap]
+    mm_bf16, mm_flops = matmul_probe(args.matmul_size, torch.bfloat16)
+    mm_fp32, _ = matmul_probe(args.matmul_size, torch.float32)
+
+    paths: list[Measured] = []
+    plain_runs: dict[int, list[Measured]] = {}
+    for k in plain_ks:
+        sub_names = names[:k]
+        plain = build_method(kind, clip, sub_names, fast=False)
+        sub_labels = labels % k
+        suffix = "" if k == classes else f"@K={k}"
+        img_flops = image_tower_flops(clip.config, batch)
+        text_flops = plain_text_flops(shape, prefixes * k, batch, k)
+        runs = [Measured(f"plain{suffix}", f"plain (image tower + 77-token text, fp32){suffix}",
+                      make_step(clip, plain, images=images, features=features, labels=sub_labels, precision="fp32"),
+                      flops=img_flops + text_flops)]
+        if kind == "coop":
+            runs.append(Measured(f"text_plain_fp32{suffix}", f"text only: plain 77 tokens fp32{suffix}",
+                              make_step(clip, plain, images=None, features=features, labels=sub_labels,
+                                        precision="fp32"), flops=text_flops))
+        plain_runs[k] = runs
+        paths.extend(runs)
+    paths.append(Measured("text_fast_fp32", "text only: fast fp32",
+                       make_step(clip, fast, images=None, features=features, labels=labels, precision="fp32"),
+                       flops=fast_flops))
+    paths.append(Measured("ours", f"ours: cached features + fast text, {args.precision}",
+                       make_step(clip, fast, images=None, features=features, labels=labels, precision=args.precision),
+                       flops=fast_flops))
+    paths.append(Measured("matmul_bf16", f"matmul bf16 {args.matmul_size}^2", mm_bf16, flops=mm_flops, memory=False))
+    paths.append(Measured("matmul_fp32", f"matmul fp32 {args.matmul_size}^2", mm_fp32, flops=mm_flops, memory=False))
+
+    log(f"  {kind} K={classes} ({source}): prefix {prefix_len}, padded suffix {padded}, "
+        f"plain measured at K={plain_ks}")
+    measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+
+    if len(plain_ks) > 1:  # extrapolate the plain rows to K, linear in K
+        for template in plain_runs[plain_ks[0]]:
+            base = template.key.split("@")[0]
+            series = [next(p for p in plain_runs[k] if p.key.split("@")[0] == base) for k in plain_ks]
+            median = extrapolate([(k, p.median or 0.0) for k, p in zip(plain_ks, series)], classes)
+            peak = extrapolate([(k, float(p.peak_bytes or 0)) for k, p in zip(plain_ks, series)], classes)
+            flops = (image_tower_flops(clip.config, batch) if base == "plain" else 0.0) + plain_text_flops(
+                shape, prefixes * classes, batch, classes)
+            label = template.label.split("@")[0]
+            note = f"~ extrapolated linearly in K from K={plain_ks[0]},{plain_ks[1]}"
+            paths.append(Measured(base, label, None, flops=flops, times=[median], peak_bytes=int(peak), note=note))
+    rate = {p.key: p.flops / p.median for p in paths if p.key.startswith("matmul") and p.median}
+    return GroupResult(kind, classes, source, batch, prefix_len, padded,
+                       sum(e - prefix_len + 1 for e in eot) / len(eot), floor_flops,
+                       rate.get("matmul_bf16", float("nan")), rate.get("matmul_fp32", float("nan")), paths)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@contextlib.contextmanager
+def count_text_encodings(clip: CLIP) -> Iterator[list[int]]:
+    """Count text encodings: every one (plain, trimmed or shared-prefix) passes ``clip.ln_final`` once."""
+    counter = [0]
+    handle = clip.ln_final.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+def bench_eval(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """CoOp evaluation on ``--eval-images`` random features: text encodings per path and batch size."""
+    names, source = class_names(args.eval_classes)
+    generator = torch.Generator().manual_seed(7)
+    total = args.eval_images
+    features = torch.randn(total, clip.config.embed_dim, generator=generator)
+    labels = torch.randint(0, len(names), (total,), generator=generator)
+    plain = build_method("coop", clip, names, fast=False)
+    fast = build_method("coop", clip, names, fast=True)
+    fast.load_state_dict(plain.state_dict())
+    scale = logit_scale_of(clip)
+    rows: list[dict[str, Any]] = []
+    for batch_size in args.eval_batch_sizes:
+        batches = math.ceil(total / batch_size)
+        # ours: text features once, then the cached classifier for every batch
+        with count_text_encodings(clip) as calls:
+            start = time.perf_counter()
+            with torch.no_grad(), autocast_for(CPU, args.precision):
+                classifier = fast.classifier()
+            text_s = time.perf_counter() - start
+            evaluate(classifier, features, labels, names, batch_size=batch_size, progress=False)
+            eval_s = time.perf_counter() - start
+        rows.append({"path": "ours", "batch_size": batch_size, "batches": batches, "text_encodings": calls[0],
+                     "text_s": text_s, "eval_s": eval_s, "note": ""})
+        # plain: the reference re-encodes the class prompts (77 tokens, fp32) for every batch
+        cap = args.eval_plain_max_batches
+        run_batches = batches if cap <= 0 else min(batches, cap)
+        text_time = [0.0]
+
+        def plain_classifier(image_features: Tensor) -> Tensor:
+            start_text = time.perf_counter()
+            text = plain.text_features()  # type: ignore[operator]
+            text_time[0] += time.perf_counter() - start_text
+            return cosine_logits(image_features, text, scale)
+
+        subset = min(total, run_batches * batch_size)
+        with count_text_encodings(clip) as calls:
+            start = time.perf_counter()
+            evaluate(plain_classifier, features[:subset], labels[:subset], names, batch_size=batch_size,
+                     progress=False)
+            eval_s = time.perf_counter() - start
+        factor = batches / run_batches
+        rows.append({"path": "plain", "batch_size": batch_size, "batches": batches,
+                     "text_encodings": round(calls[0] * factor), "text_s": text_time[0] * factor,
+                     "eval_s": eval_s * factor,
+                     "note": "" if run_batches == batches else f"~ extrapolated from {run_batches} batches"})
+        log(f"  evaluation, batch {batch_size}: done")
+    for row in rows:
+        row["classes"] = len(names)
+        row["names_from"] = source
+        row["images"] = total
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# full 16-shot run
+
+
+def write_images(folder: Path, classes: int, shots: int, seed: int = 0) -> list[Item]:
+    """``classes x shots`` synthetic JPEGs (smooth random colour fields plus noise, 320x256) and their items."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    items = []
+    for label in range(classes):
+        (folder / f"class{label:03d}").mkdir(parents=True, exist_ok=True)
+        for shot in range(shots):
+            coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((320, 256),
+                                                                                            Image.Resampling.BICUBIC)
+            pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (256, 320, 3))
+            relative = f"class{label:03d}/img{shot:03d}.jpg"
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / relative, quality=90)
+            items.append(Item(relative, label))
+    return items
+
+
+def bench_full_run(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Wall time of a full few-shot CoOp run, ours (measured end to end) and plain (a few epochs, extrapolated)."""
+    from vlprompt.backbone.transforms import TrainTransform, load_image
+    from vlprompt.features import augmented_views
+    from vlprompt.train import epoch_batches, train
+
+    names, source = class_names(args.fullrun_classes)
+    epochs, batch_size = args.fullrun_epochs, 32
+    result: dict[str, Any] = {"classes": len(names), "names_from": source, "shots": args.shots, "epochs": epochs,
+                              "batch_size": batch_size, "views": args.views, "precision": args.precision}
+    with tempfile.TemporaryDirectory(prefix="vlprompt-bench-") as tmp:
+        root = Path(tmp)
+        items = write_images(root, len(names), args.shots)
+        result["images"] = len(items)
+        steps_per_epoch = len(epoch_batches(len(items), batch_size, 1, 0))
+        result["steps"] = steps_per_epoch * epochs
+
+        # ours: features once (V augmented views), then the training loop on cached features
+        ours_epochs = epochs if args.fullrun_ours_epochs <= 0 else min(epochs, max(2, args.fullrun_ours_epochs))
+        start = time.perf_counter()
+        train_set = augmented_views(clip, root, items, views=args.views, seed=1, precision=args.precision,
+                                    batch_size=64, progress=False)
+        extract_s = time.perf_counter() - start
+        method = build_method("coop", clip, names, fast=True)
+        config = TrainConfig(epochs=ours_epochs, batch_size=batch_size, precision=args.precision, device="cpu",
+                             seed=1)
+        start = time.perf_counter()
+        train(method, train_set, config, device="cpu", progress=False)
+        train_s = time.perf_counter() - start
+        log(f"  full run, ours: extraction {extract_s:.1f} s, {ours_epochs} epochs {train_s:.1f} s")
+        result["ours"] = {"extract_s": extract_s, "train_s": train_s * epochs / ours_epochs,
+                          "total_s": extract_s + train_s * epochs / ours_epochs, "measured_epochs": ours_epochs,
+                          "note": "" if ours_epochs == epochs else
+                          f"~ training extrapolated from {ours_epochs} epochs (extraction measured)"}
+
+        # plain: the reference loop (decode + augment + image tower + 77-token text, fp32), a few epochs
+        plain = build_method("coop", clip, names, fast=False)
+        recipe = TrainConfig()
+        optimizer = torch.optim.SGD(plain.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                    weight_decay=recipe.weight_decay)
+        transform = TrainTransform(clip.config.image_resolution)
+        labels = torch.tensor([item.label for item in items])
+        plain_epochs = min(epochs, max(1, args.fullrun_plain_epochs))
+        start = time.perf_counter()
+        for epoch in range(plain_epochs):
+            for step, batch in enumerate(epoch_batches(len(items), batch_size, 1, epoch)):
+                generator = torch.Generator().manual_seed(epoch * 1000 + step)
+                pixels = torch.stack([transform(load_image(root / items[i].path), generator)
+                                      for i in batch.tolist()])
+                with torch.no_grad():
+                    image_features = clip.encode_image(pixels).float()
+                loss = F.cross_entropy(plain(image_features).float(), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        plain_s = time.perf_counter() - start
+        log(f"  full run, plain: {plain_epochs} epoch(s) {plain_s:.1f} s")
+        result["plain"] = {"total_s": plain_s * epochs / plain_epochs, "measured_epochs": plain_epochs,
+                           "note": f"~ extrapolated from {plain_epochs} epoch(s)" if plain_epochs < epochs else ""}
+    result["speedup"] = result["plain"]["total_s"] / result["ours"]["total_s"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# profile
+
+
+PROFILE_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
+    "attention (sdpa)": ("aten::_scaled_dot_product", "aten::_flash_attention"),
+    "casts/copies": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"),
+    "cat/index": ("aten::cat", "aten::index", "aten::take_along_dim", "aten::gather", "aten::scatter"),
+    "layernorm": ("aten::native_layer_norm",),
+    "softmax": ("aten::_softmax",),
+    "elementwise": ("aten::mul", "aten::add", "aten::sigmoid", "aten::masked_fill", "aten::div", "aten::sub",
+                    "aten::where", "aten::threshold", "aten::neg", "aten::exp", "aten::sum", "aten::fill_",
+                    "aten::zero_"),
+}
+
+
+def profile_step(fn: Callable[[], None], rows: int = 15) -> dict[str, Any]:
+    """Profile one call: self CPU time by category, and the top ops by self time grouped by input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    averages = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in averages)
+    categories: dict[str, float] = {}
+    for event in averages:
+        name = next((cat for cat, prefixes in PROFILE_CATEGORIES.items()
+                     if any(event.key.startswith(p) for p in prefixes)), "other")
+        categories[name] = categories.get(name, 0.0) + event.self_cpu_time_total
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows,
+                                                               max_name_column_width=34, max_shapes_column_width=60)
+    return {"total_ms": total / 1000, "categories_ms": {k: v / 1000 for k, v in sorted(categories.items(),
+                                                                                        key=lambda kv: -kv[1])},
+            "table": table}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# report
+
+
+def fmt_s(value: float | None) -> str:
+    """Seconds with their unit: "512 s", "12.34 s", "85.1 ms"."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    if value >= 100:
+        return f"{value:.0f} s"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{value * 1000:.1f} ms"
+
+
+def fmt_x(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.1f}x" if value < 100 else f"{value:.0f}x"
+
+
+def fmt_mib(value: int | float | None) -> str:
+    return "-" if value is None else f"{value / MIB:,.0f}"
+
+
+def print_group(group: GroupResult, out: Callable[[str], None]) -> None:
+    """The table of one (method, K) group."""
+    plain = group.path("plain")
+    header = (f"\n{group.method.upper()}  K={group.classes} ({group.names_from}), batch {group.batch}; prefix P="
+              f"{group.prefix_len}, suffix padded S={group.padded_suffix} (mean needed {group.mean_suffix:.1f}); "
+              f"matmul fp32 {group.fp32_rate / 1e9:.0f} / bf16 {group.bf16_rate / 1e9:.0f} GFLOP/s")
+    out(header)
+    out(f"  {'path':<48} {'median':>9} {'runs':>4} {'speed-up':>9} {'x floor':>8} {'GFLOP':>8} "
+        f"{'GFLOP/s':>8} {'peak MiB':>9}  note")
+    order = ["plain", "text_plain_fp32", "text_fast_fp32", "ours"]
+    for p in sorted((p for p in group.paths if p.key in order), key=lambda p: order.index(p.key)):
+        speedup = (plain.median / p.median) if plain and plain.median and p.median else None
+        rate = p.flops / p.median / 1e9 if p.flops and p.median else None
+        out(f"  {p.label:<48} {fmt_s(p.median):>9} {len(p.times) if p.run else '~':>4} {fmt_x(speedup):>9} "
+            f"{fmt_x(p.median / group.floor_s if p.median else None):>8} {p.flops / 1e9:>8.1f} "
+            f"{(f'{rate:.0f}' if rate else '-'):>8} {fmt_mib(p.peak_bytes):>9}  {p.note}")
+    out(f"  {'floor: minimal FLOPs / bf16 matmul rate':<48} {fmt_s(group.floor_s):>9} {'':>4} {'':>9} "
+        f"{'1.0x':>8} {group.floor_flops / 1e9:>8.1f}")
+    sources = []
+    text_plain, text_fast, ours = group.path("text_plain_fp32"), group.path("text_fast_fp32"), group.path("ours")
+    if plain and text_plain and plain.median and text_plain.median:
+        sources.append(f"no image tower {plain.median / text_plain.median:.2f}x")
+    if text_plain and text_fast and text_plain.median and text_fast.median:
+        sources.append(f"fast text {text_plain.median / text_fast.median:.2f}x")
+    elif plain and text_fast and plain.median and text_fast.median:
+        sources.append(f"no image tower + fast text {plain.median / text_fast.median:.2f}x")
+    if text_fast and ours and text_fast.median and ours.median:
+        sources.append(f"bf16 vs fp32 {text_fast.median / ours.median:.2f}x")
+    if sources:
+        out("  sources of the speed-up: " + ", ".join(sources))
+
+
+def targets(groups: list[GroupResult], evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, checked on whatever this run measured."""
+    found: list[dict[str, Any]] = []
+
+    def group(method: str, k: int) -> GroupResult | None:
+        return next((g for g in groups if g.method == method and g.classes == k), None)
+
+    def ratio(g: GroupResult, a: str, b: str) -> float | None:
+        pa, pb = g.path(a), g.path(b)
+        return pa.median / pb.median if pa and pb and pa.median and pb.median else None
+
+    coop102 = group("coop", 102)
+    if coop102:
+        speedup = ratio(coop102, "plain", "ours")
+        ours = coop102.path("ours")
+        floor_x = ours.median / coop102.floor_s if ours and ours.median else None
+        fast32 = coop102.path("text_fast_fp32")
+        found.append({"target": "CoOp step K=102: >= 20x faster than plain", "value": speedup,
+                      "met": speedup is not None and speedup >= 20,
+                      "with_fast_fp32": ratio(coop102, "plain", "text_fast_fp32")})
+        found.append({"target": "CoOp step K=102: within 5x of the floor", "value": floor_x,
+                      "met": floor_x is not None and floor_x <= 5,
+                      "with_fast_fp32": fast32.median / coop102.floor_s if fast32 and fast32.median else None})
+    for g in groups:
+        if g.method == "cocoop":
+            speedup = ratio(g, "plain", "ours")
+            found.append({"target": f"CoCoOp per-image step K={g.classes}: >= 10x faster than plain",
+                          "value": speedup, "met": speedup is not None and speedup >= 10,
+                          "with_fast_fp32": ratio(g, "plain", "text_fast_fp32")})
+    ours_eval = [row for row in evals if row["path"] == "ours"]
+    if len(ours_eval) >= 2:
+        calls = {row["text_encodings"] for row in ours_eval}
+        found.append({"target": "CoOp evaluation: text encoding independent of the number of batches",
+                      "value": f"{sorted(calls)} encoding(s) at batch sizes "
+                               f"{[row['batch_size'] for row in ours_eval]}",
+                      "met": calls == {1}})
+    coop1000 = group("coop", 1000)
+    if coop1000:
+        plain, ours = coop1000.path("plain"), coop1000.path("ours")
+        share = (ours.peak_bytes / plain.peak_bytes) if plain and ours and plain.peak_bytes and ours.peak_bytes \
+            else None
+        found.append({"target": "CoOp step K=1000: peak memory < 1/4 of plain", "value": share,
+                      "met": share is not None and share < 0.25})
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short run (a few minutes): K=10,102, fewer repetitions, "
+                                                             "shortened sections (extrapolations are labelled)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="vit-b16", help="model shape (tiny: smoke test)")
+    parser.add_argument("--classes", help="comma-separated K values of the step benchmark (quick: 10,102; "
+                                          "full: 10,102,1000)")
+    parser.add_argument("--methods", default="coop,cocoop", help="comma-separated: coop, cocoop")
+    parser.add_argument("--sections", default="steps,eval,fullrun", help="comma-separated: steps, eval, fullrun")
+    parser.add_argument("--reps", type=int, help="timed runs per path (median reported); quick 3, full 5")
+    parser.add_argument("--reps-slow", type=int, help="runs in all for a path whose first call exceeds --slow-s "
+                                                      "(quick 1, full 2)")
+    parser.add_argument("--slow-s", type=float, help="seconds above which a path is 'slow' (quick 4, full 20)")
+    parser.add_argument("--plain-max-classes", type=int, default=128,
+                        help="above this K the plain path is measured at K/2 and K of this cap and extrapolated "
+                             "linearly (it needs ~40 KB per token and layer); default 128")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="precision of 'ours'")
+    parser.add_argument("--matmul-size", type=int, help="square matmul of the rate probe (quick 2048, full 4096)")
+    parser.add_argument("--eval-classes", type=int, default=10, help="classes of the evaluation section")
+    parser.add_argument("--eval-images", type=int, default=10_000, help="test-set size of the evaluation section")
+    parser.add_argument("--eval-batch-sizes", default="100,1000", help="comma-separated evaluation batch sizes")
+    parser.add_argument("--eval-plain-max-batches", type=int,
+                        help="plain evaluation runs at most this many batches and extrapolates (0 = all; quick 3)")
+    parser.add_argument("--fullrun-classes", type=int, default=10, help="classes of the full run")
+    parser.add_argument("--shots", type=int, default=16, help="images per class of the full run")
+    parser.add_argument("--fullrun-epochs", type=int, default=200, help="epochs of the full run")
+    parser.add_argument("--fullrun-ours-epochs", type=int,
+                        help="epochs ours really trains (0 = all; fewer = extrapolated; quick 10)")
+    parser.add_argument("--fullrun-plain-epochs", type=int, help="epochs the plain loop runs before extrapolating "
+                                                                 "(quick 1, full 2)")
+    parser.add_argument("--views", type=int, help="augmented views extracted for ours in the full run (quick 1, "
+                                                  "full 2)")
+    parser.add_argument("--profile", action="store_true", help="profile ours' CoOp step at the target K (102, or the "
+                                                               "first K) and print where the time goes")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    args = parser.parse_args(argv)
+    defaults = MODE_DEFAULTS["quick" if args.quick else "full"]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.classes = [int(k) for k in str(args.classes).split(",") if k.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    args.eval_batch_sizes = [int(b) for b in args.eval_batch_sizes.split(",") if b.strip()]
+    for name in args.methods:
+        if name not in ("coop", "cocoop"):
+            parser.error(f"unknown method {name!r}")
+    for name in args.sections:
+        if name not in ("steps", "eval", "fullrun"):
+            parser.error(f"unknown section {name!r}")
+    return args
+
+
+def cpu_description() -> str:
+    """CPU model and the ISA features that matter for bf16 (AMX, AVX-512 BF16)."""
+    model, flags = platform.processor() or "cpu", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("cpu", "x86_64", ""):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f in flags]
+    return f"{model} [{', '.join(isa) or 'no AVX-512'}{'' if 'amx_bf16' in flags else ', no AMX'}]"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the tables; return (and with ``--json`` save) the numbers."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    out = print
+    config = MODELS[args.model]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description(),
+           "loadavg_start": list(load), "model": config.name, "mode": "quick" if args.quick else "full",
+           "precision_ours": args.precision, "reps": args.reps, "reps_slow": args.reps_slow, "slow_s": args.slow_s}
+    out(f"vlprompt speed benchmark: {config.name}, {env['mode']} mode")
+    out(f"torch {torch.__version__}, {env['threads']} threads, {env['cpu']}, load average {load[0]:.1f} at start")
+    out("times are medians of interleaved runs; ratios compare paths measured in the same rounds")
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip = CLIP(config).eval()
+    clip.requires_grad_(False)
+    log(f"model built in {time.perf_counter() - start:.1f} s")
+    results: dict[str, Any] = {"env": env, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in vars(args).items()}}
+
+    groups: list[GroupResult] = []
+    if "steps" in args.sections:
+        out("\n== Training steps (median seconds per step) ==")
+        out("plain = image tower (fp32) + 77-token text (fp32) every step; ours = cached image features + fast text "
+            f"({args.precision}); speed-up = plain / path; x floor = time / floor; ~ = extrapolated")
+        for kind in args.methods:
+            for classes in args.classes:
+                group = bench_group(kind, clip, classes, args, log)
+                groups.append(group)
+                print_group(group, out)
+                gc.collect()
+        results["steps"] = [g.to_json() for g in groups]
+
+    if args.profile and "coop" in args.methods:
+        target_k = 102 if 102 in args.classes else args.classes[0]
+        names, _ = class_names(target_k)
+        method = build_method("coop", clip, names, fast=True)
+        step = make_step(clip, method, images=None, features=torch.randn(32, clip.config.embed_dim),
+                         labels=torch.randint(0, target_k, (32,)), precision=args.precision)
+        profiled = profile_step(step)
+        out(f"\n== Profile of ours' CoOp step, K={target_k} ({args.precision}), self CPU time "
+            f"{profiled['total_ms']:.0f} ms (profiled, so slower than the timed runs) ==")
+        for name, ms in profiled["categories_ms"].items():
+            out(f"  {name:<24} {ms:8.1f} ms  {100 * ms / profiled['total_ms']:5.1f}%")
+        out(profiled["table"])
+        results["profile"] = {k: v for k, v in profiled.items()}
+
+    evals: list[dict[str, Any]] = []
+    if "eval" in args.sections:
+        out(f"\n== CoOp evaluation: {args.eval_images:,} test images (random features), K={args.eval_classes} ==")
+        evals = bench_eval(clip, args, log)
+        out(f"  {'path':<6} {'batch':>6} {'batches':>8} {'text encodings':>15} {'text s':>9} {'eval s':>9}  note")
+        for row in evals:
+            out(f"  {row['path']:<6} {row['batch_size']:>6} {row['batches']:>8} {row['text_encodings']:>15} "
+                f"{fmt_s(row['text_s']):>9} {fmt_s(row['eval_s']):>9}  {row['note']}")
+        results["eval"] = evals
+
+    if "fullrun" in args.sections:
+        out(f"\n== Full {args.shots}-shot CoOp run: {args.fullrun_classes} classes, {args.fullrun_epochs} epochs, "
+            f"batch 32 ==")
+        full = bench_full_run(clip, args, log)
+        ours, plain = full["ours"], full["plain"]
+        out(f"  images {full['images']}, {full['steps']} steps; ours extracts {full['views']} augmented view(s) once")
+        out(f"  ours : extraction {fmt_s(ours['extract_s'])} + training {fmt_s(ours['train_s'])} = "
+            f"{fmt_s(ours['total_s'])}  {ours['note']}")
+        out(f"  plain: {fmt_s(plain['total_s'])}  {plain['note']}")
+        out(f"  speed-up {fmt_x(full['speedup'])}")
+        results["fullrun"] = full
+
+    checks = targets(groups, evals)
+    if checks:
+        out("\n== Targets ==")
+        for check in checks:
+            value = check["value"]
+            shown = value if isinstance(value, str) else fmt_x(value) if value is not None else "-"
+            if "memory" in check["target"] and isinstance(value, float):
+                shown = f"{value:.3f} of plain"
+            alternative = check.get("with_fast_fp32")
+            extra = f"  (same step with fast text in fp32: {fmt_x(alternative)})" if alternative else ""
+            out(f"  [{'met' if check['met'] else 'NOT met'}] {check['target']}: {shown}{extra}")
+    results["targets"] = checks
+    results["env"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
+    results["env"]["wall_s"] = time.perf_counter() - start
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        out(f"\nnumbers saved to {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
