@@ -9,13 +9,13 @@ the classes that occur in the labels or the predictions (a class in neither has 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vlprompt.errors import ConfigError, DatasetError
+from vlprompt.precision import autocast_for
 
 if TYPE_CHECKING:
     import torch
@@ -99,18 +99,6 @@ def metrics_from_predictions(predictions: torch.Tensor, labels: torch.Tensor,
         "confusion_matrix": confusion.tolist(),
         "num_samples": total,
     }
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast context for ``precision`` (fp32: none; bf16/fp16: torch.autocast on ``device``'s type)."""
-    import torch
-
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in dtypes:
-        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
 def unique_class_keys(classnames: Sequence[str]) -> list[str]:

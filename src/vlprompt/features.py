@@ -47,7 +47,7 @@ from vlprompt.data.images import ON_ERROR_CHOICES, BadImage, ImageDataset, OnErr
 from vlprompt.data.listing import format_offenders
 from vlprompt.data.types import Item
 from vlprompt.errors import ConfigError, DatasetError, RunError
-from vlprompt.evaluate import autocast_for
+from vlprompt.precision import autocast_for
 from vlprompt.feature_cache import FeatureCache, FeatureKeyer
 
 logger = logging.getLogger(__name__)

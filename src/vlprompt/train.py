@@ -42,7 +42,7 @@ from torch import nn
 from vlprompt import dist
 from vlprompt.config import TrainConfig, stable_hash, train_identity
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, RunError
-from vlprompt.evaluate import autocast_for
+from vlprompt.precision import autocast_for
 
 if TYPE_CHECKING:
     from vlprompt.runs import RunDir
