@@ -1,0 +1,79 @@
+"""Smoke test of the speed benchmark (benchmarks/bench_speed.py): every section runs on a tiny CLIP with tiny sizes.
+
+No timing is asserted (timings belong to the benchmark, not to the test suite); the test only checks that the code
+keeps working against the library's public functions and that the JSON report has its parts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speed.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("vlprompt_bench_speed", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_bench()
+
+
+def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "bench.json"
+    results = bench.main([
+        "--model", "tiny", "--classes", "3,5", "--reps", "1", "--reps-slow", "1", "--slow-s", "60",
+        "--plain-max-classes", "4",  # K=5 takes the extrapolation path (plain measured at K=2, 4)
+        "--matmul-size", "64", "--eval-images", "120", "--eval-batch-sizes", "40,60",
+        "--eval-plain-max-batches", "1", "--shots", "2", "--fullrun-classes", "3", "--fullrun-epochs", "3",
+        "--fullrun-ours-epochs", "2", "--fullrun-plain-epochs", "1", "--views", "1", "--profile",
+        "--json", str(report),
+    ])
+    saved = json.loads(report.read_text())
+    assert {"env", "steps", "eval", "fullrun", "targets", "profile"} <= saved.keys()
+    assert len(results["steps"]) == 4  # coop and cocoop at K = 3, 5
+    for group in saved["steps"]:
+        assert {"plain", "ours", "text_fast_fp32"} <= group["paths"].keys()
+        assert group["floor_flops"] > 0
+        assert group["paths"]["ours"]["peak_bytes"] > 0
+        extrapolated = group["classes"] == 5
+        assert ("extrapolated" in group["paths"]["plain"]["note"]) == extrapolated
+    ours_eval = [row for row in saved["eval"] if row["path"] == "ours"]
+    plain_eval = [row for row in saved["eval"] if row["path"] == "plain"]
+    assert [row["text_encodings"] for row in ours_eval] == [1, 1]  # once, whatever the number of batches
+    assert [row["text_encodings"] for row in plain_eval] == [row["batches"] for row in plain_eval]
+    assert saved["fullrun"]["images"] == 6
+    out = capsys.readouterr().out
+    assert "Training steps" in out and "Targets" in out and "floor" in out
+
+
+def test_floor_formula_counts_the_minimal_computation(bench: ModuleType) -> None:
+    shape = bench.TextShape(width=64, layers=2, embed_dim=32, context_length=77)
+    # one class, prefix of 2 positions, EOT at position 3: suffix of 2 positions, no padding
+    minimal = bench.minimal_text_flops(shape, 2, [3], prefixes=1, images=1)
+    padded = bench.fast_text_flops(shape, 2, 2, classes=1, prefixes=1, images=1)
+    tokens, keys = 4, 1 + 2 + 3 + 4  # causal: position p attends p + 1 keys
+    blocks = 2 * (24 * tokens * 64 * 64) * 2 + 2 * (4 + 8) * 64 * keys
+    head = 2 * 2 * 64 * 32 + 2 * 2 * 32
+    assert minimal == pytest.approx(blocks + head)
+    assert padded >= minimal  # the padded path scores the full suffix block
+
+
+def test_class_names_are_real_and_mostly_distinct(bench: ModuleType) -> None:
+    flowers, source = bench.class_names(102)
+    assert source == "Flowers102" and len(flowers) == 102
+    mixed, _ = bench.class_names(1000)
+    assert len(mixed) == 1000 and len(set(mixed)) > 990  # the shipped sets share a few names (as ImageNet has)
