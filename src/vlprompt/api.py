@@ -1,0 +1,182 @@
+"""The Python API: the whole workflow in a few documented functions.
+
+    import vlprompt.api as vp
+
+    clip = vp.load_clip("ViT-B/16")                          # a name, a checkpoint file or a Hugging Face folder
+    data = vp.load_dataset("folder:~/my_photos")             # one sub-folder of images per class (split created)
+    coop = vp.build_method("coop", clip, data, n_ctx=4)      # options: the fields of the method's config
+    vp.fit(coop, data, shots=16, seed=1, epochs=50)          # training options: the fields of TrainConfig
+    print(vp.evaluate(coop, data)["accuracy"])               # test split, percent
+    predictor = vp.Predictor(coop)
+    for p in predictor.predict(["new.jpg", "more_photos/"], top_k=3):
+        print(p.source, p.labels, p.probs)
+    vp.save_prompt(coop, "coop.safetensors")
+    coop = vp.load_prompt("coop.safetensors", clip)          # refuses a backbone with other weights
+
+Methods: "coop", "cocoop" (trained by SGD), "linear_probe" (closed form), "zeroshot", "ensemble" (nothing to fit).
+For experiments with run folders, checkpoints, resume and result files use :func:`run_experiment` /
+:func:`evaluate_run` (what ``vlprompt train`` / ``vlprompt eval`` run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlprompt.backbone.loaders import load_clip
+from vlprompt.backbone.model import CLIP
+from vlprompt.config import RunConfig, TrainConfig, resolve_train_config
+from vlprompt.data import DatasetSplits, load_dataset
+from vlprompt.errors import ConfigError
+from vlprompt.methods import METHODS, get_method
+from vlprompt.methods.prompt_file import load_prompt, save_prompt
+from vlprompt.pipeline import EvalSpec, evaluate_run, run_experiment
+from vlprompt.predict import Prediction, Predictor
+from vlprompt.train import EpochStats
+
+__all__ = [
+    "METHODS",
+    "EvalSpec",
+    "FitResult",
+    "Prediction",
+    "Predictor",
+    "RunConfig",
+    "TrainConfig",
+    "build_method",
+    "evaluate",
+    "evaluate_run",
+    "fit",
+    "load_clip",
+    "load_dataset",
+    "load_prompt",
+    "run_experiment",
+    "save_prompt",
+]
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` did.
+
+    ``kind``: "sgd", "closed_form" or "fixed" (nothing fitted). ``num_train``: training images used. ``history``:
+    one :class:`~vlprompt.train.EpochStats` per SGD epoch (loss, accuracy, lr). ``info``: the closed-form fit's
+    record (the linear probe's chosen C, validation accuracy, search). Times in seconds.
+    """
+
+    kind: str
+    num_train: int = 0
+    train_s: float = 0.0
+    feature_s: float = 0.0
+    history: list[EpochStats] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def build_method(name: str, clip: CLIP, classes: DatasetSplits | Sequence[str], *, seed: int = 1,
+                 **options: Any) -> Any:
+    """A method on ``clip`` for the classes of ``classes`` (a dataset from :func:`load_dataset`, or class names).
+
+    ``options`` are fields of the method's config (``METHODS[name].config_cls``), e.g. ``n_ctx=4``,
+    ``ctx_init="a photo of a"``, ``csc=True`` for CoOp; unknown names raise ConfigError. A dataset also supplies
+    its hand-crafted template (zero-shot, ensemble); with plain names the template is ``"a photo of a {}."``. The
+    random initialisation (CoOp's context) is drawn from ``seed`` without touching torch's global RNG state.
+    """
+    from vlprompt.stages import build_method_for
+
+    spec = get_method(name)
+    if isinstance(classes, DatasetSplits):
+        classnames, dataset, template = list(classes.classnames), classes.name, classes.template
+    else:
+        from vlprompt.methods.base import check_classnames
+
+        classnames, dataset, template = check_classnames(classes), None, DEFAULT_TEMPLATE
+    return build_method_for(spec, clip, classnames, options, dataset=dataset, template=template, seed=seed)
+
+
+def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, train: TrainConfig | None = None,
+        feature_cache: Any = None, progress: bool | None = False,
+        on_epoch_end: Callable[[EpochStats], None] | None = None, **train_options: Any) -> FitResult:
+    """Fit ``method`` on ``shots`` training images per class of ``data`` (0 = all), sampled with ``seed``.
+
+    CoOp / CoCoOp are trained by SGD with the papers' recipe (``train_options`` are TrainConfig fields: ``epochs``,
+    ``lr``, ``batch_size``, ``views``, ``precision``, ``device`` ...; or pass a whole ``train``); the linear probe is
+    fitted in closed form (C searched on the few-shot validation split); zero-shot methods have nothing to fit.
+    Image features come from the frozen image tower through the feature cache (``feature_cache``: None = the
+    default cache, False = none, or a folder). ``data`` must have the method's classes (same names, same order).
+    """
+    from vlprompt.stages import (
+        FeatureOptions,
+        eval_features,
+        fit_method,
+        open_feature_cache,
+        require_images,
+        train_features,
+        training_splits,
+    )
+
+    spec = _spec_of(method)
+    _require_same_classes(method, data)
+    if train is not None and train_options:
+        raise ConfigError("give either train=TrainConfig(...) or training options as keywords, not both")
+    try:
+        config = train if train is not None else TrainConfig(**train_options)
+    except TypeError as exc:
+        raise ConfigError(f"unknown training option: {exc}; use the fields of TrainConfig") from None
+    config = resolve_train_config(dataclasses.replace(config, seed=seed), method=spec.name, shots=shots,
+                                  dataset=data.name)
+    if spec.kind == "fixed":
+        return FitResult("fixed")
+    sample = training_splits(data, shots=shots, seed=seed, subset="all")
+    require_images(sample, "train")
+    options = FeatureOptions(device=method.clip.device, precision=config.precision, num_workers=config.num_workers,
+                             cache=open_feature_cache(feature_cache), progress=progress)
+    if spec.kind == "sgd":
+        train_set, val_set = train_features(method.clip, sample, config, options), None
+    else:
+        train_set = eval_features(method.clip, sample, "train", options)
+        val_set = eval_features(method.clip, sample, "val", options) if sample.val else None
+    outcome = fit_method(method, spec, train_set, val_set, train=config, device=None, on_epoch_end=on_epoch_end,
+                         progress=progress)
+    info = {k: v for k, v in outcome.summary.items() if k != "num_train"} if spec.kind == "closed_form" else {}
+    return FitResult(outcome.kind, len(train_set), outcome.seconds, options.seconds, outcome.history, info)
+
+
+def evaluate(method: Any, data: DatasetSplits, *, split: str = "test", precision: str = "fp32",
+             feature_cache: Any = None, progress: bool | None = False) -> dict[str, Any]:
+    """Metrics of ``method`` on ``split`` of ``data``: accuracy and macro F1 in percent, per-class accuracy,
+    confusion matrix, number of images (see :func:`vlprompt.evaluate.evaluate`).
+
+    ``data`` must have the method's classes; for another dataset (cross-dataset transfer) evaluate
+    ``method.with_classnames(other.classnames)``, and for the novel classes of base-to-novel pass
+    ``vlprompt.data.subsample_classes(data, "new")``.
+    """
+    from vlprompt.stages import FeatureOptions, eval_features, open_feature_cache, require_images, score
+
+    _spec_of(method)
+    _require_same_classes(method, data)
+    require_images(data, split)
+    options = FeatureOptions(device=method.clip.device, precision=precision, cache=open_feature_cache(feature_cache),
+                             progress=progress)
+    features = eval_features(method.clip, data, split, options)
+    metrics, _ = score(method, features, list(data.classnames), options)
+    return metrics
+
+
+def _spec_of(method: Any) -> Any:
+    name = getattr(method, "method_name", None)
+    if name not in METHODS or not hasattr(method, "clip"):
+        raise ConfigError(f"expected a method from build_method() or load_prompt(), got {type(method).__name__}")
+    return METHODS[name]
+
+
+def _require_same_classes(method: Any, data: DatasetSplits) -> None:
+    if not isinstance(data, DatasetSplits):
+        raise ConfigError(f"expected a dataset from load_dataset(), got {type(data).__name__}")
+    if list(method.classnames) != list(data.classnames):
+        raise ConfigError(f"the method classifies {len(method.classnames)} classes ({', '.join(method.classnames[:3])}"
+                          f"{', ...' if len(method.classnames) > 3 else ''}) but {data.name} has "
+                          f"{len(data.classnames)} other ones; use method.with_classnames(data.classnames) for "
+                          "cross-dataset transfer, or build the method for this dataset")
