@@ -308,7 +308,7 @@ def test_untrained_coop_equals_zero_shot_through_the_pipeline(env, capsys):
 def test_linear_probe_run(env, capsys):
     out = env["base"] / "runs" / "lp"
     code, _, _ = run_cli(capsys, "linear-probe", "--dataset", "dtd", "--shots", "2", "--seed", "2", "--model",
-                         env["model"], "--out", out, "--search-steps", "2", "-q")
+                         env["model"], "--out", out, "--c-grid", "1", "0.01", "--search-steps", "2", "-q")
     assert code == 0
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "fewshot.json", "prompt.safetensors", "results.json", "log.txt"} <= names
@@ -317,7 +317,7 @@ def test_linear_probe_run(env, capsys):
     fit = results["fit"]
     assert fit["kind"] == "closed_form" and fit["num_train"] == 10 and len(fit["refine"]) == 2
     assert fit["c"] > 0 and 0 <= fit["val_accuracy"] <= 100
-    assert results["config"]["method_config"]["search_steps"] == 2
+    assert results["config"]["method_config"]["search_steps"] == 2 and len(fit["coarse"]) == 2
     code, _, err = run_cli(capsys, "eval", out, "--dataset", "oxford_flowers")
     assert code == 2 and "linear probe" in err
 
