@@ -1,0 +1,55 @@
+"""`vlprompt train` under torchrun (2 gloo processes on the CPU) writes the same run as one process.
+
+Only rank 0 opens the run folder and writes files; both ranks share feature extraction and training. The learned
+context equals the single-process run's up to the order of float32 sums (see tests/test_dist.py for the bound).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from clip_formats import save_openai_state_dict
+
+from vlprompt.backbone.tiny import build_tiny_clip
+from vlprompt.cli.main import main
+from vlprompt.runs import load_params
+
+FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_torchrun_training_matches_one_process(tmp_path, monkeypatch):
+    model = save_openai_state_dict(build_tiny_clip("vit", seed=0), tmp_path / "tiny.pt")
+    args = ["train", "--method", "coop", "--dataset", "dtd", "--root", str(FIXTURES), "--shots", "2", "--epochs", "3",
+            "--lr", "0.05", "--n-ctx", "2", "--model", str(model), "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "VLPROMPT_CACHE": str(tmp_path / "cache")}
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlprompt.cli.main", *args,
+               "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("test accuracy") == 1  # only rank 0 reports
+
+    monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    ddp, single = load_params(tmp_path / "ddp")["ctx"], load_params(tmp_path / "single")["ctx"]
+    torch.testing.assert_close(ddp, single, rtol=0.0, atol=1e-5)
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text(encoding="utf-8"))
+    assert config == json.loads((tmp_path / "single" / "config.json").read_text(encoding="utf-8"))
+    assert (tmp_path / "ddp" / "fewshot.json").read_bytes() == (tmp_path / "single" / "fewshot.json").read_bytes()
