@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -377,6 +378,21 @@ def test_unknown_method_dataset_and_stray_options(env, capsys):
                            env["model"], "--out", out)
     assert code == 2 and "--subset base" in err
     assert not out.exists()  # refused before the run folder was created
+
+
+def test_an_unreadable_dataset_image_is_named_and_earlier_results_stay(env, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(FIXTURES / "dtd", root / "dtd")
+    broken = root / "dtd" / "images" / "bumpy" / load_dataset("dtd", FIXTURES).test[-1].path.split("/")[-1]
+    assert broken.is_file()
+    broken.write_bytes(b"\xff\xd8 truncated")
+    out = env["base"] / "runs" / "zs-broken"
+    assert run_cli(capsys, "zeroshot", "--dataset", "dtd", "--model", env["model"], "--out", out, "-q")[0] == 0
+    before = (out / "results.json").read_bytes()
+    code, _, err = run_cli(capsys, "zeroshot", "--dataset", "dtd", "--root", root, "--model", env["model"], "--out",
+                           out, "--overwrite", "-q")
+    assert code == 2 and broken.name in err and "Traceback" not in err
+    assert (out / "previous" / "results.json").read_bytes() == before  # kept until a new run finishes
 
 
 def test_class_specific_context_cannot_transfer_and_is_refused_before_training(env, capsys):

@@ -241,7 +241,7 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, Any], train: 
     cache = feature_cache_arg(args)
     with console_logging(args.quiet), dist.distributed(train.device):
         payload = run_experiment(config, args.out, resume=args.resume, overwrite=args.overwrite, evals=evals,
-                                 feature_cache=cache)
+                                 feature_cache=cache, progress=False if args.quiet else None)
         if dist.is_main_process():
             _print_run(args, payload)
     return 0
@@ -272,7 +272,7 @@ def run_eval(args: argparse.Namespace) -> int:
     with console_logging(args.quiet):
         payload = evaluate_run(args.run, dataset=args.dataset, subset=args.subset, root=data_root(args),
                                name=args.name, model=args.model, device=args.device, precision=args.precision,
-                               feature_cache=feature_cache_arg(args))
+                               feature_cache=feature_cache_arg(args), progress=False if args.quiet else None)
     name = args.name or default_eval_name(payload["eval_dataset"], payload["subset"])
     out = Path(args.run) / f"eval-{name}.json"
     if args.json:
