@@ -725,6 +725,10 @@ def print_group(group: GroupResult, out: Callable[[str], None]) -> None:
               f"{group.prefix_len}, suffix padded S={group.padded_suffix} (mean needed {group.mean_suffix:.1f}); "
               f"matmul fp32 {group.fp32_rate / 1e9:.0f} / bf16 {group.bf16_rate / 1e9:.0f} GFLOP/s")
     out(header)
+    ours = group.path("ours")
+    if ours and ours.flops:
+        out(f"  the fast path executes {ours.flops / 1e9:.1f} GFLOP = {ours.flops / group.floor_flops:.2f}x the "
+            f"minimal {group.floor_flops / 1e9:.1f} GFLOP (suffixes padded to the longest class name)")
     out(f"  {'path':<48} {'median':>9} {'runs':>4} {'speed-up':>9} {'x floor':>8} {'GFLOP':>8} "
         f"{'GFLOP/s':>8} {'peak MiB':>9}  note")
     order = ["plain", "text_plain_fp32", "text_fast_fp32", "ours"]
@@ -737,7 +741,7 @@ def print_group(group: GroupResult, out: Callable[[str], None]) -> None:
     out(f"  {'floor: minimal FLOPs / bf16 matmul rate':<48} {fmt_s(group.floor_s):>9} {'':>4} {'':>9} "
         f"{'1.0x':>8} {group.floor_flops / 1e9:>8.1f}")
     sources = []
-    text_plain, text_fast, ours = group.path("text_plain_fp32"), group.path("text_fast_fp32"), group.path("ours")
+    text_plain, text_fast = group.path("text_plain_fp32"), group.path("text_fast_fp32")
     if plain and text_plain and plain.median and text_plain.median:
         sources.append(f"no image tower {plain.median / text_plain.median:.2f}x")
     if text_plain and text_fast and text_plain.median and text_fast.median:
@@ -887,6 +891,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out(f"vlprompt speed benchmark: {config.name}, {env['mode']} mode")
     out(f"torch {torch.__version__}, {env['threads']} threads, {env['cpu']}, load average {load[0]:.1f} at start")
     out("times are medians of interleaved runs; ratios compare paths measured in the same rounds")
+    cores = os.cpu_count() or 1
+    if env["threads"] > 1 and load[0] > cores - env["threads"] + 0.5:
+        out(f"note: load average {load[0]:.1f} on {cores} cores: other processes compete for the cores, and with "
+            f"{env['threads']} threads every parallel op waits for a descheduled thread (several ms per op), which "
+            "penalises paths made of many small ops; --threads 1 gives fairer ratios on a shared machine")
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
