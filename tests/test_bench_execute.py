@@ -189,6 +189,20 @@ def test_a_foreign_file_makes_a_conflict(tmp_path):
     assert status.state is RunState.CONFLICT and "not a run folder" in status.detail
 
 
+def test_leftovers_of_a_killed_write_are_cleared_not_a_conflict(tmp_path):
+    (run,) = fewshot_plan(tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), methods=("coop",), baselines=False)
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "run.lock").write_text("", encoding="ascii")
+    leftover = run.run_dir / ".config.json.k2j4x9.tmp"  # SIGKILL while config.json was being written
+    leftover.write_text('{"method": "co', encoding="utf-8")
+    assert inspect_run(run, tmp_path).state is RunState.MISSING
+    lines: list[str] = []
+    runner = FakeRunner(tmp_path / "calls.log")
+    assert execute_plan([run], tmp_path, runner, log=lines.append).exit_code == 0
+    assert not leftover.exists() and f"removed {leftover}, left by an interrupted write" in lines
+    assert [c["key"] for c in calls(runner.log)] == [run.key]
+
+
 def test_epochs_left_to_the_method_match_the_saved_resolved_value(tmp_path):
     (run,) = fewshot_plan(tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), methods=("coop",), baselines=False)
     saved = run.config.to_dict()

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from vlprompt.bench.claims import ErrorRecord, clear_error, error_path, lock_holder, try_claim, write_error
 from vlprompt.bench.plan import PlannedEval, PlannedRun
-from vlprompt.bench.status import LOCK_NAME, RunState, RunStatus, inspect_run
+from vlprompt.bench.status import CONFIG_NAME, LOCK_NAME, RunState, RunStatus, inspect_run, write_leftovers
 
 Log = Callable[[str], None]
 
@@ -112,6 +112,12 @@ def _execute_one(run: PlannedRun, status: RunStatus, out: Path, runner: Runner, 
         record = _record_failure(out, run, session, None, message, "RunBusy")
         log(f"BUSY    {run.key}: {message}")
         return Outcome(run.key, action, False, 0.0, worker, record.summary(), str(error_path(out, run.key)))
+    if not (run.run_dir / CONFIG_NAME).is_file():
+        # a process killed while creating the folder leaves the temporary file of its atomic write: nothing of value,
+        # but the run folder would refuse to start in a folder that is "not empty"
+        for leftover in write_leftovers(run.run_dir):
+            leftover.unlink(missing_ok=True)
+            log(f"removed {leftover}, left by an interrupted write")
     request = _request_for(run, status, device)
     log(f"{action:<8}{run.key} ({run.describe()})" + (f" on {device}" if device else ""))
     start = time.monotonic()

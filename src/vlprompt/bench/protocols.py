@@ -59,8 +59,11 @@ FIXED_SEED = 1
 
 BUDGET_EPOCHS = 2
 """Training epochs of a smoke-test (``--budget``) run unless ``--epochs`` is given."""
-BUDGET_TEST_IMAGES = 64
-"""Test images per evaluation of a smoke-test run (a deterministic subset), where the pipeline can cap them."""
+BUDGET_METHOD_OPTIONS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "linear_probe": MappingProxyType({"c_grid": (1e-2, 1.0, 1e2), "search_steps": 0, "max_iter": 100}),
+})
+"""Method options of a smoke-test run (the user's ``--method-option`` still wins): the linear probe's C search is
+a 3-value sweep with short lbfgs fits (its "fewer epochs")."""
 
 # CoCoOp paper, section 4: "we fix the context length to 4 and initialize the context vectors using the pre-trained
 # word embeddings of 'a photo of a' for both CoOp and CoCoOp" (base-to-novel, cross-dataset, domain generalisation)
@@ -201,7 +204,9 @@ def _runs_for(protocol: Protocol, options: ProtocolOptions, *, tree: str, datase
     runs = []
     for dataset in datasets:
         for method in methods:
-            method_config = _method_config(method, method_defaults.get(method, {}), options)
+            defaults = {**method_defaults.get(method, {}),
+                        **(BUDGET_METHOD_OPTIONS.get(method, {}) if options.budget else {})}
+            method_config = _method_config(method, defaults, options)
             for variant in _variants(method, shots, seeds):
                 k, s = variant if variant is not None else (0, FIXED_SEED)
                 key = run_key(tree, model, dataset, method, *(variant if variant is not None else (None, None)))

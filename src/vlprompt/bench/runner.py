@@ -11,14 +11,15 @@ Two things the pipeline does not do are done here, on the result files of the ru
 - an evaluation of the run's own test split under another protocol's label (``eval-imagenet-domainshift.json``, the
   source column of the domain generalisation table) is ``results.json`` relabelled: the same metrics, not recomputed.
 
-Picklable (worker processes get a copy); imports the pipeline, hence torch, only when called.
+Picklable (worker processes get a copy, without any loaded backbone); imports the pipeline, hence torch, only when
+called.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,31 @@ class PipelineRunner:
     """Runs one :class:`~vlprompt.bench.execute.RunRequest` with the pipeline.
 
     ``progress``: progress bars (None: when stderr is a terminal; workers pass False). ``feature_cache``: as
-    :func:`~vlprompt.pipeline.run_experiment` takes it (None: the default cache).
+    :func:`~vlprompt.pipeline.run_experiment` takes it (None: the default cache). The backbone of the last run is
+    kept and reused while runs name the same model and device (a worker loads it once, not once per run).
     """
 
     progress: bool | None = None
     feature_cache: Any = None
+    _backbone: dict[tuple[str, str], Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def backbone(self, model: str, device: str) -> Any:
+        """The loaded CLIP ``model`` on ``device`` (``auto`` resolved), loaded once and kept for the next runs."""
+        from vlprompt.stages import load_backbone, resolve_device
+
+        resolved = resolve_device(device)
+        key = (model, str(resolved))
+        if key not in self._backbone:
+            self._backbone.clear()  # one backbone at a time
+            self._backbone[key] = load_backbone(model, resolved)
+        return self._backbone[key]
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker process starts with no loaded backbone
+        return {"progress": self.progress, "feature_cache": self.feature_cache, "_backbone": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     def __call__(self, request: RunRequest) -> None:
         from vlprompt.pipeline import EvalSpec, evaluate_run, run_experiment
@@ -81,13 +102,14 @@ class PipelineRunner:
         if request.device is not None:
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=request.device))
         computed = [e for e in request.evals if not is_own_split(run, e)]
+        clip = self.backbone(config.model, config.train.device) if (request.train or computed) else None
         if request.train:
             run_experiment(config, run.run_dir, resume=True, progress=self.progress, feature_cache=self.feature_cache,
-                           evals=[EvalSpec(e.dataset, e.subset, e.name) for e in computed])
+                           evals=[EvalSpec(e.dataset, e.subset, e.name) for e in computed], clip=clip)
         else:
             for evaluation in computed:
                 evaluate_run(run.run_dir, dataset=evaluation.dataset, subset=evaluation.subset, name=evaluation.name,
-                             device=request.device, feature_cache=self.feature_cache, progress=self.progress)
+                             clip=clip, feature_cache=self.feature_cache, progress=self.progress)
         for evaluation in request.evals:
             if is_own_split(run, evaluation):
                 copy_own_result(run, evaluation)

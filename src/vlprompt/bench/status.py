@@ -19,6 +19,7 @@ This module imports neither torch nor numpy.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from vlprompt.config import NON_IDENTITY_KEYS, RunConfig
 
 CONFIG_NAME = "config.json"
 LOCK_NAME = "run.lock"
+_RUN_BOOKKEEPING = frozenset({LOCK_NAME, "previous", ".replacing"})  # what runs.py may leave in an empty run folder
+_WRITE_LEFTOVER = re.compile(r"^\..+\.tmp$")  # the temporary file of an atomic write the process died in
 
 
 class RunState(str, Enum):
@@ -116,6 +119,21 @@ def _read_saved_config(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
+def write_leftovers(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes that a killed process left in ``folder`` (hidden ``.<name>.<random>.tmp``)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _WRITE_LEFTOVER.match(p.name) and p.is_file())
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What ``folder`` holds besides run bookkeeping and write leftovers (names, sorted); [] when it does not exist."""
+    if not folder.is_dir():
+        return []
+    leftovers = set(write_leftovers(folder))
+    return sorted(p.name for p in folder.iterdir() if p.name not in _RUN_BOOKKEEPING and p not in leftovers)
+
+
 def inspect_run(run: PlannedRun, out: Path, *, check_busy: bool = True) -> RunStatus:
     """The state of ``run`` (whose bookkeeping lives under output folder ``out``)."""
     folder = run.run_dir
@@ -130,8 +148,10 @@ def inspect_run(run: PlannedRun, out: Path, *, check_busy: bool = True) -> RunSt
             shown = "; ".join(differences[:4]) + (f" (and {len(differences) - 4} more)" if len(differences) > 4
                                                   else "")
             return RunStatus(RunState.CONFLICT, trained, missing, detail=f"holds a different run: {shown}")
-    elif folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir()):
-        return RunStatus(RunState.CONFLICT, trained, missing, detail="not a run folder (no config.json) and not empty")
+    elif foreign := foreign_entries(folder):
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        return RunStatus(RunState.CONFLICT, trained, missing,
+                         detail=f"not a run folder (no config.json) and not empty ({shown})")
     if check_busy:
         holder = lock_holder(folder / LOCK_NAME) or lock_holder(claim_path(out, run.key))
         if holder is not None:
