@@ -57,7 +57,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trained(env):
     out = env["base"] / "runs" / "coop"
-    assert main(["train", *TRAIN_ARGS, "--model", env["model"], "--out", str(out), "--also-eval", "oxford_flowers"]) == 0
+    args = ["train", *TRAIN_ARGS, "--model", env["model"], "--out", str(out), "--also-eval", "oxford_flowers"]
+    assert main(args) == 0
     return out
 
 

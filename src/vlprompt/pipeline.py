@@ -37,14 +37,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vlprompt.config import SUBSETS, RunConfig
-from vlprompt.errors import ConfigError, DatasetError, RunError, VlpromptError
+from vlprompt.errors import ConfigError, RunError, VlpromptError
 
 if TYPE_CHECKING:
     import torch
 
     from vlprompt.backbone.model import CLIP
     from vlprompt.data import DatasetSplits
+    from vlprompt.methods import MethodSpec
     from vlprompt.runs import RunDir
+    from vlprompt.stages import FeatureOptions, FitOutcome
     from vlprompt.train import EpochStats
 
 logger = logging.getLogger(__name__)
@@ -160,10 +162,13 @@ def _non_identity_keys() -> tuple[str, ...]:
     return NON_IDENTITY_KEYS
 
 
-def _named_targets(targets: list[tuple[EvalSpec, DatasetSplits]], config: RunConfig
-                   ) -> list[tuple[EvalSpec, DatasetSplits]]:
+Targets = list[tuple[EvalSpec, "DatasetSplits"]]
+"""Evaluations with their loaded datasets."""
+
+
+def _named_targets(targets: Targets, config: RunConfig) -> Targets:
     """The evaluations with their result names set; the run's own dataset and subset are dropped (results.json)."""
-    named: list[tuple[EvalSpec, DatasetSplits]] = []
+    named: Targets = []
     seen: dict[str, EvalSpec] = {}
     for spec, target in targets:
         if _same(spec.dataset, config) and spec.subset == config.subset:
@@ -179,41 +184,22 @@ def _named_targets(targets: list[tuple[EvalSpec, DatasetSplits]], config: RunCon
     return named
 
 
-def _execute(config: RunConfig, spec: Any, splits: DatasetSplits, targets: list[tuple[EvalSpec, DatasetSplits]],
-             run_dir: RunDir | None, *, clip: CLIP | None, feature_cache: Any, progress: bool | None,
+def _execute(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets: Targets, run_dir: RunDir | None,
+             *, clip: CLIP | None, feature_cache: Any, progress: bool | None,
              on_epoch_end: Callable[[EpochStats], None] | None) -> dict[str, Any]:
-    from vlprompt.data import subsample_classes
-    from vlprompt.methods.prompt_file import save_prompt
-    from vlprompt.runs import result_payload
+    """The run itself, in an open run folder (None on ranks > 0): data, backbone, method, fit, results, evals."""
     from vlprompt.stages import (
         FeatureOptions,
         adapt_method,
         build_method_for,
-        eval_features,
-        fit_method,
         load_backbone,
         open_feature_cache,
-        require_images,
         resolve_device,
         run_summary,
-        score,
-        train_features,
-        training_splits,
     )
 
     logger.info("run %s: %s", run_dir.path if run_dir is not None else "(rank > 0)", run_summary(config))
-    fewshot_path = run_dir.path / FEWSHOT_FILE if run_dir is not None else None
-    if spec.kind == "fixed":
-        data = subsample_classes(splits, config.subset)  # type: ignore[arg-type]
-    else:
-        data = _on_main(lambda: training_splits(splits, shots=config.shots, seed=config.seed, subset=config.subset,
-                                                fewshot_path=fewshot_path))
-        require_images(data, "train")
-    require_images(data, "test")
-    eval_data = [(eval_spec, subsample_classes(target, eval_spec.subset)) for eval_spec, target in targets]
-    for eval_spec, target in eval_data:
-        require_images(target, "test")
-
+    data, eval_data = _run_data(config, spec, splits, targets, run_dir)
     device = resolve_device(config.train.device) if clip is None else clip.device
     clip = clip if clip is not None else load_backbone(config.model, device)
     options = FeatureOptions(device=device, precision=config.train.precision, num_workers=config.train.num_workers,
@@ -223,6 +209,42 @@ def _execute(config: RunConfig, spec: Any, splits: DatasetSplits, targets: list[
     for eval_spec, target in eval_data:  # refuse impossible transfers (class-specific context ...) before training
         adapt_method(method, spec, config.method_config, target, same_dataset=_same(eval_spec.dataset, config),
                      seed=config.seed)
+    fit = _fit(method, spec, clip, data, config, options, run_dir, on_epoch_end)
+    payload = _main_results(method, clip, data, config, options, fit, run_dir)
+    for eval_spec, target in eval_data:
+        _extra_results(method, spec, clip, eval_spec, target, config, options, run_dir)
+    return payload
+
+
+def _run_data(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets: Targets,
+              run_dir: RunDir | None) -> tuple[DatasetSplits, Targets]:
+    """The run's data (few-shot sample saved as fewshot.json, then the class subset) and the evaluations' test sets."""
+    from vlprompt.data import subsample_classes
+    from vlprompt.stages import require_images, training_splits
+
+    if spec.kind == "fixed":
+        data = subsample_classes(splits, config.subset)  # type: ignore[arg-type]
+    else:
+        fewshot_path = run_dir.path / FEWSHOT_FILE if run_dir is not None else None
+        data = _on_main(lambda: training_splits(splits, shots=config.shots, seed=config.seed, subset=config.subset,
+                                                fewshot_path=fewshot_path))
+        require_images(data, "train")
+    require_images(data, "test")
+    eval_data = [(eval_spec, subsample_classes(target, eval_spec.subset)) for eval_spec, target in targets]
+    for _, target in eval_data:
+        require_images(target, "test")
+    return data, eval_data
+
+
+def _fit(method: Any, spec: MethodSpec, clip: CLIP, data: DatasetSplits, config: RunConfig,
+         options: FeatureOptions, run_dir: RunDir | None,
+         on_epoch_end: Callable[[EpochStats], None] | None) -> FitOutcome:
+    """Training features, then fit by the method's kind; the learned prompt is saved as soon as it exists.
+
+    SGD checkpoints every epoch and resumes from the last one; a closed-form fit is redone on resume (deterministic).
+    """
+    from vlprompt.methods.prompt_file import save_prompt
+    from vlprompt.stages import eval_features, fit_method, train_features
 
     train_set = val_set = None
     if spec.kind == "sgd":
@@ -230,10 +252,18 @@ def _execute(config: RunConfig, spec: Any, splits: DatasetSplits, targets: list[
     elif spec.kind == "closed_form":
         train_set = eval_features(clip, data, "train", options)
         val_set = eval_features(clip, data, "val", options) if data.val else None
-    fit = fit_method(method, spec, train_set, val_set, train=config.train, run_dir=run_dir, device=device,
-                     on_epoch_end=on_epoch_end, progress=progress)
+    fit = fit_method(method, spec, train_set, val_set, train=config.train, run_dir=run_dir, device=options.device,
+                     on_epoch_end=on_epoch_end, progress=options.progress)
     if run_dir is not None:
         save_prompt(method, run_dir.path / PROMPT_FILE)
+    return fit
+
+
+def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfig, options: FeatureOptions,
+                  fit: FitOutcome, run_dir: RunDir | None) -> dict[str, Any]:
+    """Test metrics on the run's own dataset and subset, written as results.json (the run is then finished)."""
+    from vlprompt.runs import result_payload
+    from vlprompt.stages import eval_features, score
 
     test = eval_features(clip, data, "test", options)
     metrics, eval_s = score(method, test, data.classnames, options)
@@ -243,26 +273,31 @@ def _execute(config: RunConfig, spec: Any, splits: DatasetSplits, targets: list[
     if run_dir is not None:
         run_dir.write_result("results", payload)
     logger.info("%s test accuracy %.2f%% (%d images)", data.name, metrics["accuracy"], metrics["num_samples"])
-
-    for eval_spec, target in eval_data:
-        try:
-            options.seconds = 0.0
-            adapted = adapt_method(method, spec, config.method_config, target,
-                                   same_dataset=_same(eval_spec.dataset, config), seed=config.seed)
-            features = eval_features(clip, target, "test", options)
-            eval_metrics, seconds = score(adapted, features, target.classnames, options)
-        except VlpromptError as exc:
-            where = run_dir.path if run_dir is not None else "the run folder"
-            raise RunError(f"evaluation on {eval_spec.dataset} ({eval_spec.subset} classes) failed: {exc}. The run "
-                           f"itself finished (results.json); evaluate again with `vlprompt eval {where} --dataset "
-                           f"{eval_spec.dataset} --subset {eval_spec.subset}`") from exc
-        extra = result_payload(config, eval_metrics, eval_dataset=target.name, subset=eval_spec.subset,
-                               timing={"feature_s": options.seconds, "eval_s": seconds})
-        if run_dir is not None:
-            run_dir.write_result(f"{EVAL_PREFIX}{eval_spec.name}", extra)
-        logger.info("%s (%s classes) test accuracy %.2f%%", target.name, eval_spec.subset,
-                    eval_metrics["accuracy"])
     return payload
+
+
+def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpec, target: DatasetSplits,
+                   config: RunConfig, options: FeatureOptions, run_dir: RunDir | None) -> None:
+    """One EvalSpec: the method moved to the target's classes, its test metrics written as eval-<name>.json."""
+    from vlprompt.runs import result_payload
+    from vlprompt.stages import adapt_method, eval_features, score
+
+    options.seconds = 0.0
+    try:
+        adapted = adapt_method(method, spec, config.method_config, target,
+                               same_dataset=_same(eval_spec.dataset, config), seed=config.seed)
+        features = eval_features(clip, target, "test", options)
+        metrics, seconds = score(adapted, features, target.classnames, options)
+    except VlpromptError as exc:
+        where = run_dir.path if run_dir is not None else "the run folder"
+        raise RunError(f"evaluation on {eval_spec.dataset} ({eval_spec.subset} classes) failed: {exc}. The run "
+                       f"itself finished (results.json); evaluate again with `vlprompt eval {where} --dataset "
+                       f"{eval_spec.dataset} --subset {eval_spec.subset}`") from exc
+    payload = result_payload(config, metrics, eval_dataset=target.name, subset=eval_spec.subset,
+                             timing={"feature_s": options.seconds, "eval_s": seconds})
+    if run_dir is not None:
+        run_dir.write_result(f"{EVAL_PREFIX}{eval_spec.name}", payload)
+    logger.info("%s (%s classes) test accuracy %.2f%%", target.name, eval_spec.subset, metrics["accuracy"])
 
 
 def _same(dataset: str, config: RunConfig) -> bool:

@@ -55,7 +55,8 @@ def feature_cache_arg(args: argparse.Namespace) -> Any:
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """``--json`` and ``--quiet``."""
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print no progress messages or bars on stderr (warnings and errors only)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print no progress messages or bars on stderr (warnings and errors only)")
 
 
 @contextlib.contextmanager
