@@ -292,6 +292,20 @@ def test_two_worker_processes_never_run_the_same_run(tmp_path):
     assert any(line.startswith("[worker ") and "FAILED" in line for line in lines)
 
 
+def test_a_stopped_worker_leaves_its_run_resumable_to_the_others(tmp_path):
+    runs = fewshot_plan(tmp_path)
+    runner = FakeRunner(tmp_path / "calls.log", interrupt_at=1)  # whichever worker starts first is stopped at once
+    result = execute_plan(runs, tmp_path, runner, jobs=2, devices=["cpu", "cpu"], threads=1, log=quiet, poll=0.02)
+    assert result.interrupted and result.exit_code == 130
+    done = calls(runner.log)
+    stopped = done[0]
+    assert [c["key"] for c in done if c["pid"] == stopped["pid"]] == [stopped["key"]]  # that worker ended there
+    assert sorted(c["key"] for c in done[1:]) == sorted(run.key for run in runs)  # the other one did every run ...
+    resumed = [o for o in result.outcomes if o.key == stopped["key"]]
+    assert [o.action for o in resumed] == ["resume"]  # ... continuing the stopped one once its claim was free
+    assert result.unfinished == []
+
+
 def test_the_worker_loop_waits_for_runs_held_by_others(tmp_path):
     runs = fewshot_plan(tmp_path, datasets=("dtd",), shots=(1,), seeds=(1, 2), methods=("coop",), baselines=False)
     held = try_claim(tmp_path, runs[0].key)

@@ -225,3 +225,19 @@ def test_budget_base2novel_writes_base_and_novel(tmp_path, tiny_model):
     novel = json.loads((folder / "eval-dtd-new.json").read_text())["metrics"]["accuracy"]
     harmonic = 2 * base * novel / (base + novel) if base + novel else 0.0
     assert f"| DTD | {base:.2f} | {novel:.2f} | {harmonic:.2f} |" in table
+
+
+@pytest.mark.slow
+def test_two_worker_processes_run_a_budget_protocol(tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    assert bench("fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model), "--datasets",
+                 "dtd", "--shots", "1", "--seeds", "1", "2", "3", "--methods", "coop", "--no-baselines", "--budget",
+                 "--jobs", "2", "--device", "cpu") == 0
+    printed = capsys.readouterr().out
+    assert "fewshot: 3 run(s) under" in printed and "with 2 workers" in printed
+    assert "3 run(s): 0 already finished, 3 done now, 0 failed, 0 not finished" in printed
+    started = [line for line in printed.splitlines() if line.startswith("[worker ") and "] run " in line]
+    assert len(started) == 3 and all(line.endswith("on cpu") for line in started)
+    for seed in (1, 2, 3):
+        result = json.loads((out / f"fewshot-budget/tiny/dtd/coop/shots1/seed{seed}/results.json").read_text())
+        assert (result["seed"], result["budget"], result["config"]["train"]["device"]) == (seed, True, "cpu")
