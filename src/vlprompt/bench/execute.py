@@ -267,8 +267,8 @@ def execute_plan(runs: Sequence[PlannedRun], out: Path, runner: Runner, *, jobs:
         else:
             from vlprompt.bench.workers import run_workers
 
-            run_workers(pending, out, runner, jobs=jobs, devices=devices, threads=threads, session=session, log=log,
-                        poll=poll, result=result)
+            run_workers(pending, out, runner, jobs=min(jobs, len(pending)), devices=devices, threads=threads,
+                        session=session, log=log, poll=poll, result=result)
     result.unfinished = [run.key for run in runs
                          if inspect_run(run, out, check_busy=False).state is not RunState.FINISHED]
     return result

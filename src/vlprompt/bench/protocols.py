@@ -12,9 +12,8 @@
 Cross-dataset and domain generalisation share their source runs (folder tree ``transfer``): a run trained by one is
 only evaluated by the other. The shared run is a cross-dataset run (its ``results.json``, the source's own test
 split, is the source column of CoCoOp's Table 2); each evaluation is labelled with the protocol that asked for it, and
-domain generalisation evaluates the source test split once more under its own label
-(``eval-<source>-domainshift.json``; the features are cached, so this costs one matrix product), so that the report's
-tables of both protocols have their source column.
+domain generalisation also records the source's own result under its label (``eval-<source>-domainshift.json``, the
+same metrics as ``results.json``), so that the report's tables of both protocols have their source column.
 
 Method settings follow the papers: CoOp's own defaults (M = 16, random init) in the few-shot protocol; in the
 base-to-novel and transfer protocols the CoCoOp paper fixes, for CoOp and CoCoOp alike, M = 4 initialised from
@@ -69,10 +68,12 @@ a 3-value sweep with short lbfgs fits (its "fewer epochs")."""
 # word embeddings of 'a photo of a' for both CoOp and CoCoOp" (base-to-novel, cross-dataset, domain generalisation)
 COCOOP_PAPER_COOP: Mapping[str, Any] = MappingProxyType({"n_ctx": 4, "ctx_init": "a photo of a"})
 
-# method kind of each built-in method, kept here as data so planning never imports the methods (or torch)
-_FIXED = frozenset({"zeroshot", "ensemble"})
-_CLOSED_FORM = frozenset({"linear_probe"})
-_CANNOT_CHANGE_CLASSES = frozenset({"linear_probe"})
+
+def _kind(method: str) -> str:
+    """The method's kind: "fixed" (nothing learned), "closed_form" (linear probe) or "sgd" (registry, no torch)."""
+    from vlprompt.methods import METHODS
+
+    return METHODS[method].kind
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def _config(protocol: str, options: ProtocolOptions, model: str, method: str, da
 
 def _variants(method: str, shots: tuple[int, ...], seeds: tuple[int, ...]) -> list[tuple[int, int] | None]:
     """(shots, seed) pairs of a method; ``[None]`` for methods with nothing to learn (one run, shots 0)."""
-    if method in _FIXED:
+    if _kind(method) == "fixed":
         return [None]
     return [(k, s) for k in shots for s in seeds]
 
@@ -290,7 +291,8 @@ def _transfer(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun,
 
 
 def _refuse_fixed_classifiers(methods: Sequence[str], why: str) -> None:
-    bad = [m for m in methods if m in _CANNOT_CHANGE_CLASSES]
+    """A closed-form classifier (linear probe) knows only its training classes: no novel classes, no other dataset."""
+    bad = [m for m in methods if _kind(m) == "closed_form"]
     if bad:
         raise ConfigError(f"{', '.join(bad)} learns a classifier over the training classes only and cannot be {why}; "
                           "leave it out of --methods")

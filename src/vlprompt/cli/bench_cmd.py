@@ -28,7 +28,7 @@ BUDGET_BANNER = "SMOKE TEST (--budget): 2 training epochs; results are not compa
 
 def add_parser(subparsers: Any) -> None:
     """Register ``vlprompt bench``."""
-    from vlprompt.bench.protocols import PROTOCOLS, ProtocolOptions  # noqa: F401 - light (no torch)
+    from vlprompt.bench.protocols import PROTOCOLS
     from vlprompt.config import TrainConfig, add_dataclass_arguments
 
     lines = [f"  {name:<13}{p.description} (methods: {', '.join(p.default_methods)}"
