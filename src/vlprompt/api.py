@@ -97,7 +97,7 @@ def build_method(name: str, clip: CLIP, classes: DatasetSplits | Sequence[str], 
 
 
 def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, train: TrainConfig | None = None,
-        feature_cache: Any = None, progress: bool | None = False,
+        feature_cache: Any = None, progress: bool | None = None,
         on_epoch_end: Callable[[EpochStats], None] | None = None, **train_options: Any) -> FitResult:
     """Fit ``method`` on ``shots`` training images per class of ``data`` (0 = all), sampled with ``seed``.
 
@@ -106,6 +106,7 @@ def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, tra
     fitted in closed form (C searched on the few-shot validation split); zero-shot methods have nothing to fit.
     Image features come from the frozen image tower through the feature cache (``feature_cache``: None = the
     default cache, False = none, or a folder). ``data`` must have the method's classes (same names, same order).
+    ``progress``: progress bars (None: when stderr is a terminal); ``on_epoch_end(stats)`` after each SGD epoch.
     """
     from vlprompt.stages import (
         FeatureOptions,
@@ -145,7 +146,7 @@ def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, tra
 
 
 def evaluate(method: Any, data: DatasetSplits, *, split: str = "test", precision: str = "fp32",
-             feature_cache: Any = None, progress: bool | None = False) -> dict[str, Any]:
+             feature_cache: Any = None, progress: bool | None = None) -> dict[str, Any]:
     """Metrics of ``method`` on ``split`` of ``data``: accuracy and macro F1 in percent, per-class accuracy,
     confusion matrix, number of images (see :func:`vlprompt.evaluate.evaluate`).
 

@@ -256,7 +256,7 @@ def _print_run(args: argparse.Namespace, payload: dict[str, Any]) -> None:
         return
     metrics = payload["metrics"]
     budget = " [budget smoke test]" if payload.get("budget") else ""
-    print(f"{payload['method']} on {payload['eval_dataset']} ({payload['subset']} classes, {payload['shots']} shots, "
+    print(f"{payload['method']} on {payload['eval_dataset']} ({payload['subset']} classes, {payload['shots']}-shot, "
           f"seed {payload['seed']}): test accuracy {percent(metrics['accuracy'])} "
           f"({metrics['num_samples']} images){budget}")
     for name, result in evals.items():
