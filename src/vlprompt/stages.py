@@ -200,16 +200,24 @@ def eval_features(clip: CLIP, splits: DatasetSplits, split: str, options: Featur
                                 num_workers=options.num_workers, cache=options.cache, progress=options.progress)
 
 
+# seed of the shared pool of augmented training views (not the run's seed: see train_features)
+AUGMENTATION_POOL_SEED = 0
+
+
 def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, options: FeatureOptions) -> FeatureSet:
-    """Training features of a gradient-trained method: ``[V, N, D]`` augmented views (``train.views``, seeded by
-    ``train.seed``), or evaluation-transform features ``[N, D]`` when ``views`` is 0."""
+    """Training features of a gradient-trained method: ``[V, N, D]`` augmented views (``train.views``), or
+    evaluation-transform features ``[N, D]`` when ``views`` is 0.
+
+    The views form one pool per image, drawn from :data:`AUGMENTATION_POOL_SEED` rather than the run's seed, so the
+    feature cache serves them to every run, method and seed; the run's seed decides which view each image shows in
+    each epoch (:func:`vlprompt.train.epoch_view_indices`)."""
     from vlprompt.features import augmented_views
 
     views = train.num_views
     if views == 0:
         return eval_features(clip, splits, "train", options)
     with options.timed():
-        return augmented_views(clip, splits.image_dir, splits.train, views=views, seed=train.seed,
+        return augmented_views(clip, splits.image_dir, splits.train, views=views, seed=AUGMENTATION_POOL_SEED,
                                device=options.device, precision=options.precision,  # type: ignore[arg-type]
                                batch_size=options.batch_size, num_workers=options.num_workers, cache=options.cache,
                                progress=options.progress)

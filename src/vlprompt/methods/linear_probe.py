@@ -141,11 +141,19 @@ class LinearProbe(FrozenClipMethod):
         self.linear.bias.copy_(bias)
 
 
+# below this many feature values, BLAS threads cost more than they save (a few-shot fit is ~40x slower threaded)
+_SINGLE_THREAD_BELOW = 2_000_000
+
+
 def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> Any:
+    import contextlib
+
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
-    with warnings.catch_warnings():
+    limit = threadpool_limits(limits=1) if x.size < _SINGLE_THREAD_BELOW else contextlib.nullcontext()
+    with warnings.catch_warnings(), limit:
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported as "converged" in fit()'s record
         return LogisticRegression(solver="lbfgs", max_iter=max_iter, C=c).fit(x, y)
 
