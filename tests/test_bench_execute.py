@@ -3,6 +3,7 @@ else, claims, and several workers (threads and processes) that never run the sam
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
@@ -172,11 +173,16 @@ def test_conflicting_and_busy_runs_are_reported_not_run(tmp_path):
     assert "RunConflict" in result.failed[0].error and "move that folder away" in result.failed[0].error
 
     (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()), encoding="utf-8")
-    (run.run_dir / "run.lock").write_text(f"{os.getpid()}\n", encoding="ascii")  # a live process holds it
-    assert inspect_run(run, tmp_path).state is RunState.BUSY
+    held = os.open(run.run_dir / "run.lock", os.O_RDWR | os.O_CREAT)  # another process works there (RunDir's lock)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(held, f"{os.getpid()}\n".encode())
+    status = inspect_run(run, tmp_path)
+    assert (status.state, status.action, status.detail) == (RunState.BUSY, "wait", f"in use by process {os.getpid()}")
     result = execute_plan(runs, tmp_path, runner, log=quiet)
-    assert calls(runner.log) == [] and "RunBusy" in result.failed[0].error
-    (run.run_dir / "run.lock").write_text("", encoding="ascii")  # released
+    assert calls(runner.log) == []
+    assert "RunBusy" in result.failed[0].error and f"pid {os.getpid()}" in result.failed[0].error
+    os.ftruncate(held, 0)
+    os.close(held)  # released
     assert execute_plan(runs, tmp_path, runner, log=quiet).exit_code == 0
     assert [c["key"] for c in calls(runner.log)] == [run.key]
 
@@ -187,6 +193,16 @@ def test_a_foreign_file_makes_a_conflict(tmp_path):
     (run.run_dir / "notes.txt").write_text("mine", encoding="utf-8")
     status = inspect_run(run, tmp_path)
     assert status.state is RunState.CONFLICT and "not a run folder" in status.detail
+
+
+def test_a_stale_pid_in_a_released_lock_is_not_busy(tmp_path):
+    (run,) = fewshot_plan(tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), methods=("coop",), baselines=False)
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()), encoding="utf-8")
+    (run.run_dir / "run.lock").write_text(f"{os.getpid()}\n", encoding="ascii")  # written, but nobody holds the lock
+    runner = FakeRunner(tmp_path / "calls.log")
+    assert execute_plan([run], tmp_path, runner, log=quiet).exit_code == 0  # the flock decides, not the text
+    assert [c["key"] for c in calls(runner.log)] == [run.key]
 
 
 def test_leftovers_of_a_killed_write_are_cleared_not_a_conflict(tmp_path):

@@ -102,6 +102,30 @@ def lock_holder(path: Path) -> int | None:
     return pid
 
 
+def held_by_other(path: Path) -> str | None:
+    """Whether another open file holds lock file ``path`` now, by trying its flock (authoritative, unlike
+    :func:`lock_holder`): None when free or absent, else the holder's pid as written in the file ("unknown" if none).
+
+    Only for a run this process has claimed: the probe holds the lock for an instant, so probing a run folder that
+    another process is opening could make that process find it "in use".
+    """
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class ErrorRecord:
     """The last failure of a run: the exception and where it happened; ``session`` names the bench invocation."""

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlprompt.bench.claims import ErrorRecord, clear_error, error_path, lock_holder, try_claim, write_error
+from vlprompt.bench.claims import ErrorRecord, clear_error, error_path, held_by_other, try_claim, write_error
 from vlprompt.bench.plan import PlannedEval, PlannedRun
 from vlprompt.bench.status import CONFIG_NAME, LOCK_NAME, RunState, RunStatus, inspect_run, write_leftovers
 
@@ -106,7 +106,7 @@ def _execute_one(run: PlannedRun, status: RunStatus, out: Path, runner: Runner, 
         record = _record_failure(out, run, session, None, message, "RunConflict")
         log(f"FAILED  {run.key}: {message}")
         return Outcome(run.key, action, False, 0.0, worker, record.summary(), str(error_path(out, run.key)))
-    holder = lock_holder(run.run_dir / LOCK_NAME)
+    holder = held_by_other(run.run_dir / LOCK_NAME)  # e.g. `vlprompt train` or an evaluation working there
     if holder is not None:
         message = f"{run.run_dir} is in use by another process (pid {holder}); run the protocol again once it ends"
         record = _record_failure(out, run, session, None, message, "RunBusy")
