@@ -177,7 +177,7 @@ def test_conflicting_and_busy_runs_are_reported_not_run(tmp_path):
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(held, f"{os.getpid()}\n".encode())
     status = inspect_run(run, tmp_path)
-    assert (status.state, status.action, status.detail) == (RunState.BUSY, "wait", f"in use by process {os.getpid()}")
+    assert (status.state, status.action, status.detail) == (RunState.BUSY, "busy", f"in use by process {os.getpid()}")
     result = execute_plan(runs, tmp_path, runner, log=quiet)
     assert calls(runner.log) == []
     assert "RunBusy" in result.failed[0].error and f"pid {os.getpid()}" in result.failed[0].error
@@ -245,6 +245,11 @@ def test_claims_are_exclusive_and_die_with_their_holder(tmp_path):
     assert first is not None and try_claim(tmp_path, "a/b") is None
     assert lock_holder(claim_path(tmp_path, "a/b")) == os.getpid()
     assert try_claim(tmp_path, "a/c") is not None  # other runs are free
+    (run,) = fewshot_plan(tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), methods=("coop",), baselines=False)
+    with try_claim(tmp_path, run.key):
+        status = inspect_run(run, tmp_path)
+        assert (status.state, status.detail) == (RunState.BUSY, f"being run by bench process {os.getpid()}")
+    assert inspect_run(run, tmp_path).state is RunState.MISSING
     first.release()
     assert lock_holder(claim_path(tmp_path, "a/b")) is None
     again = try_claim(tmp_path, "a/b")

@@ -10,7 +10,8 @@ partial        started (``config.json``), not finished: continues from its      
 failed         the last attempt wrote an error record (``.bench/errors``)          rerun
 missing        nothing there yet                                                run
 conflict       the folder holds a run with another configuration                refuse
-busy           another process holds the run folder's lock right now             wait
+busy           another process works in the run folder (a bench worker: waited  busy
+               for; anything else: reported, the run is left for next time)
 =============  ==============================================================  =========
 
 This module imports neither torch nor numpy.
@@ -56,7 +57,7 @@ ACTIONS: Mapping[RunState, str] = {
     RunState.FAILED: "rerun",
     RunState.MISSING: "run",
     RunState.CONFLICT: "refuse",
-    RunState.BUSY: "wait",
+    RunState.BUSY: "busy",
 }
 
 
@@ -73,7 +74,7 @@ class RunStatus:
 
     @property
     def action(self) -> str:
-        """What running the protocol does with the run: skip, evaluate, resume, rerun, run, refuse or wait."""
+        """What running the protocol does with the run: skip, evaluate, resume, rerun, run, refuse or busy."""
         return ACTIONS[self.state]
 
 
@@ -153,7 +154,10 @@ def inspect_run(run: PlannedRun, out: Path, *, check_busy: bool = True) -> RunSt
         return RunStatus(RunState.CONFLICT, trained, missing,
                          detail=f"not a run folder (no config.json) and not empty ({shown})")
     if check_busy:
-        holder = lock_holder(folder / LOCK_NAME) or lock_holder(claim_path(out, run.key))
+        worker = lock_holder(claim_path(out, run.key))
+        if worker is not None:
+            return RunStatus(RunState.BUSY, trained, missing, detail=f"being run by bench process {worker}")
+        holder = lock_holder(folder / LOCK_NAME)
         if holder is not None:
             return RunStatus(RunState.BUSY, trained, missing, detail=f"in use by process {holder}")
     error = read_error(out, run.key)
