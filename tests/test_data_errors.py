@@ -153,3 +153,18 @@ def test_check_finds_corrupt_truncated_empty_and_non_image_files(tmp_path):
     reasons = {bad.path: bad.reason for bad in report.unreadable}
     assert "truncated" in reasons["a/img001.jpg"]
     assert not report.ok and report.lines()[-1] == "PROBLEMS FOUND"
+
+
+def test_cap_test_split_keeps_a_fixed_ordered_subset():
+    from vlprompt.data import DatasetSplits, Item, cap_test_split
+
+    test = [Item(f"c{i % 3}/{i}.jpg", i % 3) for i in range(100)]
+    splits = DatasetSplits(name="toy", image_dir=Path("."), classnames=["a", "b", "c"], template="{}.",
+                           train=[], val=[], test=test)
+    capped = cap_test_split(splits, 10)
+    assert len(capped.test) == 10
+    assert capped.test == cap_test_split(splits, 10).test  # the same items every time
+    positions = [test.index(item) for item in capped.test]
+    assert positions == sorted(positions)  # original order kept
+    assert len(splits.test) == 100  # the input is not modified
+    assert cap_test_split(splits, None) is splits and cap_test_split(splits, 100) is splits

@@ -233,3 +233,15 @@ def test_reading_locks_are_shared_and_exclude_training(tmp_path):
             RunDir.create_or_open(folder, {"x": 1}, resume=True)
     with reading_lock(tmp_path):  # no run.lock: nothing to exclude
         pass
+
+
+@needs_fixtures
+def test_max_test_images_caps_every_evaluation(clip, tmp_path):
+    config = config_of("zeroshot", max_test_images=7, budget=True)
+    payload = run_experiment(config, tmp_path / "run", clip=clip, evals=[EvalSpec("oxford_flowers")])
+    assert payload["metrics"]["num_samples"] == 7
+    assert sum(map(sum, payload["metrics"]["confusion_matrix"])) == 7
+    extra = read(tmp_path / "run" / "eval-oxford_flowers.json")
+    assert extra["metrics"]["num_samples"] == 7 and extra["budget"] is True
+    full = run_experiment(config_of("zeroshot"), tmp_path / "full", clip=clip)
+    assert full["metrics"]["num_samples"] == 15  # the fixture's DTD test split: 5 classes x 3

@@ -252,3 +252,11 @@ def test_results_and_logs(tmp_path):
     assert json.loads((tmp_path / "a" / "eval-eurosat.json").read_text())["eval_dataset"] == "eurosat"
     log = (tmp_path / "a" / "log.txt").read_text()
     assert "hello from the run" in log and "not captured" not in log
+
+
+def test_leftover_temp_file_of_a_killed_write_does_not_block_the_folder(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".config.json.abc123.tmp").write_text("{half")  # a write killed before its rename
+    with RunDir.create_or_open(folder, {"a": 1}) as run:
+        assert (run.path / "config.json").exists()

@@ -172,6 +172,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: bool = False
     protocol: str | None = None
+    max_test_images: int | None = None
+    """evaluate on a fixed subset of at most this many test images per dataset (smoke tests); None = all"""
 
     def __post_init__(self) -> None:
         for name in ("method", "dataset", "model"):
@@ -189,6 +191,7 @@ class RunConfig:
             raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
         if not isinstance(self.budget, bool):
             raise ConfigError(f"budget must be true or false, got {self.budget!r}")
+        _check_int("max_test_images", self.max_test_images, minimum=1, optional=True, prefix="")
         if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol):
             raise ConfigError(f"protocol must be a non-empty string or null, got {self.protocol!r}")
         object.__setattr__(self, "method_config", dict(self.method_config))

@@ -219,7 +219,7 @@ def _execute(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets
 def _run_data(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets: Targets,
               run_dir: RunDir | None) -> tuple[DatasetSplits, Targets]:
     """The run's data (few-shot sample saved as fewshot.json, then the class subset) and the evaluations' test sets."""
-    from vlprompt.data import subsample_classes
+    from vlprompt.data import cap_test_split, subsample_classes
     from vlprompt.stages import require_images, training_splits
 
     if spec.kind == "fixed":
@@ -229,8 +229,10 @@ def _run_data(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, target
         data = _on_main(lambda: training_splits(splits, shots=config.shots, seed=config.seed, subset=config.subset,
                                                 fewshot_path=fewshot_path))
         require_images(data, "train")
+    data = cap_test_split(data, config.max_test_images)
     require_images(data, "test")
-    eval_data = [(eval_spec, subsample_classes(target, eval_spec.subset)) for eval_spec, target in targets]
+    eval_data = [(eval_spec, cap_test_split(subsample_classes(target, eval_spec.subset), config.max_test_images))
+                 for eval_spec, target in targets]
     for _, target in eval_data:
         require_images(target, "test")
     return data, eval_data
@@ -449,7 +451,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
     linear probe cannot: ConfigError); zero-shot methods use the target's own template. ``precision`` defaults to
     the run's. See the module docstring for locking.
     """
-    from vlprompt.data import load_dataset, subsample_classes
+    from vlprompt.data import cap_test_split, load_dataset, subsample_classes
     from vlprompt.io import atomic_write_json
     from vlprompt.methods import get_method
     from vlprompt.runs import result_payload
@@ -476,7 +478,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
             raise ConfigError(f"{wanted} ({subset} classes) is the run's own test set: its metrics are in "
                               f"{folder / 'results.json'}; give another --dataset or --subset")
         target = load_dataset(wanted, root if root is not None else (config.root or None))
-        target = subsample_classes(target, subset)  # type: ignore[arg-type]
+        target = cap_test_split(subsample_classes(target, subset), config.max_test_images)  # type: ignore[arg-type]
         require_images(target, "test")
         trained = open_trained_run(folder, model=model, clip=clip, device=device)
         spec = get_method(config.method)

@@ -356,7 +356,9 @@ def _refuse_foreign_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise RunError(f"run folder {folder} is a file; choose a folder path with --out")
     if folder.is_dir() and not (folder / CONFIG_FILE).exists() and not (folder / _REPLACING_DIR).is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _BOOKKEEPING)
+        # leftovers of an atomic write killed mid-way (".<name>.<random>.tmp") are ours, not foreign
+        foreign = sorted(p.name for p in folder.iterdir()
+                         if p.name not in _BOOKKEEPING and not (p.name.startswith(".") and p.name.endswith(".tmp")))
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise RunError(f"{folder} is not a run folder (no {CONFIG_FILE}) and is not empty ({shown}); choose a "

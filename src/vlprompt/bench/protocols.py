@@ -58,6 +58,8 @@ FIXED_SEED = 1
 
 BUDGET_EPOCHS = 2
 """Training epochs of a smoke-test (``--budget``) run unless ``--epochs`` is given."""
+BUDGET_TEST_IMAGES = 64
+"""Test images per evaluated dataset of a smoke-test run (a fixed subset, ``RunConfig.max_test_images``)."""
 BUDGET_METHOD_OPTIONS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "linear_probe": MappingProxyType({"c_grid": (1e-2, 1.0, 1e2), "search_steps": 0, "max_iter": 100}),
 })
@@ -187,7 +189,8 @@ def _config(protocol: str, options: ProtocolOptions, model: str, method: str, da
             seed: int, subset: str = "all", method_config: Mapping[str, Any] | None = None) -> RunConfig:
     return RunConfig(method=method, dataset=dataset, method_config=dict(method_config or {}), root=options.root,
                      shots=shots, seed=seed, model=model, subset=subset, train=_train_config(options),
-                     budget=options.budget, protocol=protocol)
+                     budget=options.budget, protocol=protocol,
+                     max_test_images=BUDGET_TEST_IMAGES if options.budget else None)
 
 
 def _variants(method: str, shots: tuple[int, ...], seeds: tuple[int, ...]) -> list[tuple[int, int] | None]:

@@ -4,7 +4,7 @@
     vlprompt bench base2novel --root DATA --out runs --dry-run          the plan, each run's state and the totals
     vlprompt bench crossdataset --root DATA --out runs --jobs 4         4 worker processes, one GPU each
     vlprompt bench domainshift --root DATA --out runs                   reuses the ImageNet runs of crossdataset
-    vlprompt bench fewshot --budget ...                                 smoke test: 2 epochs, marked everywhere
+    vlprompt bench fewshot --budget ...                                 smoke test: 2 epochs, 64 test images, marked everywhere
 
 Re-running the same command skips finished runs, resumes interrupted ones and reruns failed ones. Exit status: 0 when
 every run of the plan is finished, 1 when some failed (listed at the end), 130 after Ctrl-C, 2 for bad options.
@@ -23,7 +23,7 @@ from typing import Any
 from vlprompt.errors import ConfigError
 
 ROOT_ENV = "VLPROMPT_DATA_ROOT"
-BUDGET_BANNER = "SMOKE TEST (--budget): 2 training epochs; results are not comparable to the papers"
+BUDGET_BANNER = "SMOKE TEST (--budget): 2 training epochs, at most 64 test images per dataset; results are not comparable to the papers"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -76,7 +76,7 @@ def add_parser(subparsers: Any) -> None:
                      help="worker processes, one run each at a time, each on its own GPU when several exist "
                           "(default: 1, in this process)")
     how.add_argument("--budget", action="store_true",
-                     help="smoke test: 2 training epochs (unless --epochs); runs go to <protocol>-budget/ and "
+                     help="smoke test: 2 training epochs (unless --epochs), at most 64 test images per dataset; runs go to <protocol>-budget/ and "
                           "every output (results, report, summaries) is marked as such")
     train = parser.add_argument_group("training options (every run; defaults: the methods' reference recipes)")
     add_dataclass_arguments(train, TrainConfig, exclude=("seed",))

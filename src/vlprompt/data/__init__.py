@@ -25,7 +25,7 @@ from vlprompt.data.fewshot import (
 from vlprompt.data.info import DatasetInfo
 from vlprompt.data.load import load_dataset
 from vlprompt.data.registry import DATASETS, lookup
-from vlprompt.data.subsample import subsample_classes
+from vlprompt.data.subsample import cap_test_split, subsample_classes
 from vlprompt.data.types import BadImage, DatasetSplits, Item, SplitCounts
 
 # public name -> "module:attribute" for names that need torch
@@ -57,6 +57,7 @@ __all__ = [
     "sample_fewshot",
     "save_fewshot",
     "subsample_classes",
+    "cap_test_split",
     *_LAZY,
 ]
 

@@ -1,7 +1,9 @@
-"""Base / novel class split of the base-to-novel protocol (CoCoOp's ``subsample_classes``)."""
+"""Subsets of a dataset: the base / novel class split of the base-to-novel protocol (CoCoOp's
+``subsample_classes``) and a capped test split for smoke tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -39,3 +41,17 @@ def subsample_classes(splits: DatasetSplits, subset: Subset) -> DatasetSplits:
 
     return DatasetSplits(splits.name, splits.image_dir, [splits.classnames[old] for old in kept], splits.template,
                          keep(splits.train), keep(splits.val), keep(splits.test), split_source=splits.split_source)
+
+
+def cap_test_split(splits: DatasetSplits, limit: int | None, seed: int = 0) -> DatasetSplits:
+    """``splits`` with its test split cut to at most ``limit`` items (smoke tests), the same items every time.
+
+    The kept items are a seeded random sample (``random.Random(seed)``, no global state) kept in their original
+    order, so every class keeps roughly its share. ``limit=None`` or a test split already small enough: unchanged.
+    """
+    import random
+
+    if limit is None or len(splits.test) <= limit:
+        return splits
+    keep = sorted(random.Random(seed).sample(range(len(splits.test)), limit))
+    return dataclasses.replace(splits, test=[splits.test[i] for i in keep])
