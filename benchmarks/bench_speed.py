@@ -22,10 +22,11 @@ cost does not depend on them):
   Repetitions of the paths of one group are interleaved (round robin, order rotated every round) and the median is
   reported, so the ratios are measured under the same machine load. The first call of each path is a warm-up; when it
   takes longer than ``--slow-s`` it counts as a timed run and the path gets ``--reps-slow`` runs in all.
-  The plain path holds ~40 KB of activations per token and layer (K = 1000: ~37 GB), so above ``--plain-max-classes``
-  (or what fits in half the available memory) its time and memory are measured at two smaller class counts and
-  extrapolated linearly in K (exact in structure: every plain prompt is 77 tokens whatever its class name); such
-  rows are marked ``~``.
+  The plain path holds ~30-40 KB of activations per token and layer (K = 1000: ~27 GB), so above
+  ``--plain-max-classes`` (or what fits in half the available memory) it is measured at a smaller class count K'
+  (and K'/2 for memory) and extrapolated (exact in structure: every plain prompt is 77 tokens whatever its class
+  name): time = image tower + (time(K') - image tower) * K / K', the image tower timed on its own; peak memory = the
+  straight line through K'/2 and K' (allocation counts are exact). Such rows are marked ``~``.
 
 * **Floor**: FLOPs of the minimal computation of ours (see :func:`minimal_text_flops`) over the bf16 matrix-product
   rate measured in the same group (a square bf16 matmul timed between the steps); "x floor" = time / floor time.
@@ -302,6 +303,7 @@ class Measured:
     run: Callable[[], None] | None
     flops: float = 0.0                     # FLOPs the path executes (for the achieved rate); 0 = not counted
     memory: bool = True                    # measure peak memory on the first call
+    timed: bool = True                     # False: the first call only (memory), no timed runs
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     note: str = ""
@@ -325,7 +327,9 @@ def measure(paths: Sequence[Measured], reps: int, reps_slow: int, slow_s: float,
         else:
             path.run()
         first = time.perf_counter() - start
-        if first > slow_s:
+        if not path.timed:
+            wanted[path.key] = 0
+        elif first > slow_s:
             path.times.append(first)
             wanted[path.key] = max(1, reps_slow) - 1
             path.note = (path.note + "; " if path.note else "") + f"slow: {max(1, reps_slow)} run(s)"
@@ -413,7 +417,12 @@ def build_method(kind: str, clip: CLIP, names: list[str], fast: bool) -> FrozenC
 
 
 def extrapolate(points: list[tuple[int, float]], target: int) -> float:
-    """Affine fit y = a + b K through the measured (K, y) points, evaluated at ``target``."""
+    """Affine fit y = a + b K through the first and last measured (K, y) points, evaluated at ``target``.
+
+    Used for the plain path's peak memory (exact allocation counts, so the fit is not noisy). The plain path's time
+    is instead scaled from the larger class count: text cost is proportional to K (every prompt is 77 tokens),
+    the image tower is fixed and measured on its own.
+    """
     (k1, y1), (k2, y2) = points[0], points[-1]
     slope = (y2 - y1) / (k2 - k1)
     return y1 + slope * (target - k1)
@@ -454,6 +463,14 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
 
     paths: list[Measured] = []
     plain_runs: dict[int, list[Measured]] = {}
+    if len(plain_ks) > 1:  # the fixed part of the plain step, for scaling its time to K
+
+        def tower() -> None:
+            with torch.no_grad():
+                clip.encode_image(images)
+
+        paths.append(Measured("image_tower", f"image tower only (fp32, {batch} images)", tower,
+                              flops=image_tower_flops(clip.config, batch), memory=False))
     for k in plain_ks:
         sub_names = names[:k]
         plain = build_method(kind, clip, sub_names, fast=False)
@@ -468,6 +485,9 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
             runs.append(Measured(f"text_plain_fp32{suffix}", f"text only: plain 77 tokens fp32{suffix}",
                               make_step(clip, plain, images=None, features=features, labels=sub_labels,
                                         precision="fp32"), flops=text_flops))
+        if k != plain_ks[-1]:  # the smaller class count serves the memory fit only
+            for run in runs:
+                run.timed = False
         plain_runs[k] = runs
         paths.extend(runs)
     paths.append(Measured("text_fast_fp32", "text only: fast fp32",
@@ -483,17 +503,21 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
         f"plain measured at K={plain_ks}")
     measure(paths, args.reps, args.reps_slow, args.slow_s, log)
 
-    if len(plain_ks) > 1:  # extrapolate the plain rows to K, linear in K
-        for template in plain_runs[plain_ks[0]]:
+    if len(plain_ks) > 1:  # extrapolate the plain rows to K (see scale_plain)
+        tower_s = next(p for p in paths if p.key == "image_tower").median or 0.0
+        small, large = plain_ks
+        for template in plain_runs[large]:
             base = template.key.split("@")[0]
             series = [next(p for p in plain_runs[k] if p.key.split("@")[0] == base) for k in plain_ks]
-            median = extrapolate([(k, p.median or 0.0) for k, p in zip(plain_ks, series)], classes)
+            fixed_s = tower_s if base == "plain" else 0.0
+            median = fixed_s + ((template.median or 0.0) - fixed_s) * classes / large
             peak = extrapolate([(k, float(p.peak_bytes or 0)) for k, p in zip(plain_ks, series)], classes)
             flops = (image_tower_flops(clip.config, batch) if base == "plain" else 0.0) + plain_text_flops(
                 shape, prefixes * classes, batch, classes)
-            label = template.label.split("@")[0]
-            note = f"~ extrapolated linearly in K from K={plain_ks[0]},{plain_ks[1]}"
-            paths.append(Measured(base, label, None, flops=flops, times=[median], peak_bytes=int(peak), note=note))
+            note = (f"~ extrapolated: time of K={large} scaled by K (image tower fixed); memory: line through "
+                    f"K={small},{large}")
+            paths.append(Measured(base, template.label.split("@")[0], None, flops=flops, times=[median],
+                                  peak_bytes=int(peak), note=note))
     rate = {p.key: p.flops / p.median for p in paths if p.key.startswith("matmul") and p.median}
     return GroupResult(kind, classes, source, batch, prefix_len, padded,
                        sum(e - prefix_len + 1 for e in eot) / len(eot), floor_flops,
