@@ -179,6 +179,12 @@ def transformer_flops(shape: TextShape, tokens: float, keys: float, *, backward:
     return shape.layers * per_layer
 
 
+def blocks_forward_backward(shape: TextShape, tokens: float, keys: float) -> float:
+    """Forward plus backward-to-input FLOPs of the text blocks (see :func:`transformer_flops`)."""
+    forward = transformer_flops(shape, tokens, keys, backward=False)
+    return forward + transformer_flops(shape, tokens, keys, backward=True)
+
+
 def head_flops(shape: TextShape, prompts: float, images: int, classes: int) -> float:
     """Forward + backward of the end: ``ln_final`` + text projection at the EOT of every prompt (2 w D each way)
     and the cosine logits (2 D per (image, class) pair each way; image features are constants)."""
@@ -202,8 +208,8 @@ def minimal_text_flops(shape: TextShape, prefix_len: int, eot_index: Sequence[in
     suffix = [int(e) - prefix_len + 1 for e in eot_index]
     tokens = prefixes * (prefix_len + sum(suffix))
     keys = prefixes * (prefix_len * (prefix_len + 1) / 2 + sum(s * prefix_len + s * (s + 1) / 2 for s in suffix))
-    return (transformer_flops(shape, tokens, keys, backward=False) + transformer_flops(shape, tokens, keys, backward=True)
-            + head_flops(shape, prefixes * len(suffix), images, len(suffix)))
+    return blocks_forward_backward(shape, tokens, keys) + head_flops(shape, prefixes * len(suffix), images,
+                                                                      len(suffix))
 
 
 def fast_text_flops(shape: TextShape, prefix_len: int, padded_len: int, classes: int, prefixes: int,
@@ -212,8 +218,7 @@ def fast_text_flops(shape: TextShape, prefix_len: int, padded_len: int, classes:
     S = max_k(eot_k) + 1 - P and its queries score all P + S keys (the causal mask is applied, not skipped)."""
     tokens = prefixes * (prefix_len + classes * padded_len)
     keys = prefixes * (prefix_len * (prefix_len + 1) / 2 + classes * padded_len * (prefix_len + padded_len))
-    return (transformer_flops(shape, tokens, keys, backward=False) + transformer_flops(shape, tokens, keys, backward=True)
-            + head_flops(shape, prefixes * classes, images, classes))
+    return blocks_forward_backward(shape, tokens, keys) + head_flops(shape, prefixes * classes, images, classes)
 
 
 def plain_text_flops(shape: TextShape, prompts: int, images: int, classes: int) -> float:
@@ -221,8 +226,7 @@ def plain_text_flops(shape: TextShape, prompts: int, images: int, classes: int) 
     length = shape.context_length
     tokens = prompts * length
     keys = prompts * length * (length + 1) / 2
-    return (transformer_flops(shape, tokens, keys, backward=False) + transformer_flops(shape, tokens, keys, backward=True)
-            + head_flops(shape, prompts, images, classes))
+    return blocks_forward_backward(shape, tokens, keys) + head_flops(shape, prompts, images, classes)
 
 
 def image_tower_flops(config: CLIPConfig, images: int) -> float:
