@@ -849,7 +849,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plain-max-classes", type=int, default=128,
                         help="above this K the plain path is measured at K/2 and K of this cap and extrapolated "
                              "linearly (it needs ~40 KB per token and layer); default 128")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="precision of 'ours'")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="precision of 'ours'; auto: bf16 where it is faster (CUDA, CPUs with AMX), else fp32")
     parser.add_argument("--matmul-size", type=int, help="square matmul of the rate probe (quick 2048, full 4096)")
     parser.add_argument("--eval-classes", type=int, default=10, help="classes of the evaluation section")
     parser.add_argument("--eval-images", type=int, default=10_000, help="test-set size of the evaluation section")
@@ -874,6 +875,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.precision == "auto":
+        from vlprompt.precision import preferred_precision
+
+        args.precision = preferred_precision("cpu")
     args.classes = [int(k) for k in str(args.classes).split(",") if k.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
