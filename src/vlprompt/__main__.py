@@ -1,0 +1,7 @@
+"""`python -m vlprompt ...` runs the command line (also what `torchrun -m vlprompt train ...` uses)."""
+
+import sys
+
+from vlprompt.cli.main import main
+
+sys.exit(main())
