@@ -69,10 +69,11 @@ class TrainConfig:
                                         "(learned parameters stay fp32; fp16 uses loss scaling)")
     device: str = _opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     seed: int = _opt(1, "the one seed of a run: few-shot sampling, initialisation, augmentation, data order")
-    views: int | Literal["epochs"] = _opt(1, "augmented views of each training image, a pool shared by all runs and cached (epoch e shows "
-                                             "image i its view (e + offset_i) % V, offsets drawn from the seed); "
-                                             "'epochs' = a fresh augmentation every epoch as in the reference; "
-                                             "0 = no augmentation")
+    views: int | Literal["epochs"] = _opt("epochs", "augmented views of each training image, a pool shared by all "
+                                                    "runs and cached (epoch e shows image i its view "
+                                                    "(e + offset_i) % V, offsets drawn from the seed); 'epochs' (the "
+                                                    "default) = a fresh augmentation every epoch as in the reference; "
+                                                    "fewer views extract faster; 0 = no augmentation")
     num_workers: int = _opt(0, "image loading worker processes for feature extraction")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars into the run folder")
 
