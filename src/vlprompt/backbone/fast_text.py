@@ -7,8 +7,11 @@ CLIP's text tower is causal and read at the end-of-text (EOT) token, which gives
 2. **Shared prefix** (:func:`encode_shared_prefix`): when K prompts start with the same P token embeddings (the start
    token and, for CoOp's unified context, the context vectors before the class name), the hidden states of those
    positions are the same for every prompt at every layer. They are computed once (per image for CoCoOp, where the
-   prefix depends on the image); each prompt's remaining "suffix" positions attend to the shared prefix keys and
-   values (broadcast over the K prompts, never copied) and causally to their own suffix.
+   prefix depends on the image), keeping each layer's keys and values; each prompt's remaining "suffix" positions
+   attend to those (broadcast over the K prompts, never copied) and causally to their own suffix. Class names differ
+   in length (Stanford Cars: 18 suffix positions for the longest, 6.2 on average), so the suffixes run in a few
+   buckets of similar length (:func:`plan_buckets`), each cut after its own longest EOT, instead of all padded to
+   the longest.
 
 Both give the plain 77-token result (:func:`encode_full`, i.e. ``clip.encode_text_embeddings``) up to floating-point
 rounding (summation order differs; fp32 differences are ~1e-6 of the feature scale). They work under autocast
@@ -17,11 +20,19 @@ rounding (summation order differs; fp32 differences are ~1e-6 of the feature sca
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlprompt.backbone.model import CLIP, ResidualAttentionBlock, SelfAttention
+from vlprompt.backbone.model import CLIP, SelfAttention
+
+MIN_BUCKET_GAIN = 0.1
+"""An extra length bucket is used only if it saves at least this fraction of the padded suffix positions."""
 
 
 def trimmed_length(eot_index: Tensor) -> int:
@@ -41,13 +52,84 @@ def encode_trimmed(clip: CLIP, x: Tensor, eot_index: Tensor) -> Tensor:
     return clip.encode_text_embeddings(x[:, : trimmed_length(eot_index)], eot_index)
 
 
-def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class BucketPlan:
+    """A split of prompts, sorted by needed suffix length, into contiguous length buckets.
+
+    ``limits``: each bucket's (padded) suffix length, increasing; a prompt needing ``n`` positions runs in the first
+    bucket whose limit is >= n. ``padded``: total suffix positions run, sum over buckets of limit x prompts in it.
+    """
+
+    limits: tuple[int, ...]
+    padded: int
+
+
+def plan_buckets(needed: Sequence[int], max_buckets: int = 4, min_gain: float = MIN_BUCKET_GAIN) -> BucketPlan:
+    """Split prompts needing ``needed[k]`` suffix positions into at most ``max_buckets`` length buckets.
+
+    Over the sorted distinct lengths ``l_1 < ... < l_m`` with counts ``c_i``, a bucket is a contiguous run
+    ``i..j`` and costs ``l_j * (c_i + ... + c_j)`` padded positions; a dynamic programme gives the minimal total
+    ``cost(b)`` for every bucket count ``b <= max_buckets`` (exact, O(max_buckets * m^2) with m <= 77). Extra
+    buckets cost passes (small ops, launches), so the fewest buckets ``b`` are used such that no larger count saves
+    ``min_gain`` (a fraction) of ``cost(b)``: ``cost(b) * (1 - min_gain) < cost(max)``, or ``b = 1`` if even the
+    best split saves less than ``min_gain`` of the single bucket.
+    """
+    if max_buckets < 1:
+        raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
+    if not 0.0 <= min_gain < 1.0:
+        raise ValueError(f"min_gain must be in [0, 1), got {min_gain}")
+    if len(needed) == 0:
+        raise ValueError("no prompts to encode (needed is empty)")
+    if min(needed) < 1:
+        raise ValueError(f"every prompt needs at least one suffix position, got {min(needed)}")
+    counts = Counter(int(n) for n in needed)
+    return _plan_sorted(tuple(sorted(counts.items())), max_buckets, float(min_gain))
+
+
+@lru_cache(maxsize=64)
+def _plan_sorted(length_counts: tuple[tuple[int, int], ...], max_buckets: int, min_gain: float) -> BucketPlan:
+    """:func:`plan_buckets` on the sorted distinct ``(length, count)`` pairs (cached: a layout plans once)."""
+    lengths = [length for length, _ in length_counts]
+    cumulative = [0]
+    for _, count in length_counts:
+        cumulative.append(cumulative[-1] + count)
+    distinct = len(lengths)
+    buckets = min(max_buckets, distinct)
+    # best[b][j]: minimal cost of the first j distinct lengths in b buckets; cut[b][j]: start of the last bucket
+    infinity = float("inf")
+    best = [[infinity] * (distinct + 1) for _ in range(buckets + 1)]
+    cut = [[0] * (distinct + 1) for _ in range(buckets + 1)]
+    best[0][0] = 0
+    for b in range(1, buckets + 1):
+        for j in range(b, distinct + 1):
+            for i in range(b - 1, j):  # last bucket = distinct lengths i..j-1
+                cost = best[b - 1][i] + lengths[j - 1] * (cumulative[j] - cumulative[i])
+                if cost < best[b][j]:
+                    best[b][j], cut[b][j] = cost, i
+    costs = [best[b][distinct] for b in range(1, buckets + 1)]
+    chosen = next(b for b in range(1, buckets + 1) if costs[b - 1] * (1.0 - min_gain) < costs[-1]
+                  or costs[b - 1] == costs[-1])
+    limits, j = [], distinct
+    for b in range(chosen, 0, -1):
+        limits.append(lengths[j - 1])
+        j = cut[b][j]
+    return BucketPlan(limits=tuple(reversed(limits)), padded=int(costs[chosen - 1]))
+
+
+def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: Tensor, *,
+                         max_buckets: int = 4) -> Tensor:
     """Text features ``[B, K, D]`` of the B x K prompts ``prefix[b] + suffix[b, k]``, with each prefix computed once.
 
     ``prefix``: ``[B, P, width]`` token embeddings (no positional embedding) shared by the K prompts of row b
     (B = 1 for CoOp, B images for CoCoOp). ``suffix``: ``[B, K, S, width]`` or ``[1, K, S, width]`` (the same
     suffixes for every row) with S >= the needed length. ``eot_index``: ``[K]`` EOT position of each prompt in the
-    whole sequence (prefix included), all >= P. Positions after the last EOT are dropped (exact).
+    whole sequence (prefix included), all >= P.
+
+    The prefix runs through all layers once, keeping each layer's keys and values. The prompts are then grouped into
+    at most ``max_buckets`` buckets of similar needed suffix length ``eot - P + 1`` (:func:`plan_buckets`); each
+    bucket runs only up to its own longest EOT (exact: later positions are never read), attending to the stored
+    prefix keys and values, and the features are put back in prompt order. Gradients reach the prefix from every
+    bucket through autograd. ``max_buckets=1`` is the single padded pass.
     """
     if prefix.ndim != 3 or suffix.ndim != 4:
         raise ValueError(f"prefix must be [B, P, width] and suffix [B, K, S, width], got {tuple(prefix.shape)} and "
@@ -63,31 +145,58 @@ def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: 
     if suffix.shape[2] < suffix_len:
         raise ValueError(f"suffix holds {suffix.shape[2]} positions, the EOT positions need {suffix_len}")
 
+    needed = eot_index.to(prefix.device) - prefix_len + 1  # [K] suffix positions each prompt needs
+    plan = plan_buckets(needed.tolist(), max_buckets)
     dtype = clip.dtype
     positions = clip.positional_embedding.to(dtype)
-    hidden_prefix = prefix.to(dtype) + positions[:prefix_len]
-    hidden_suffix = suffix[:, :, :suffix_len].to(dtype) + positions[prefix_len : prefix_len + suffix_len]
-    hidden_suffix = hidden_suffix.expand(batch, -1, -1, -1).reshape(batch * num_prompts, suffix_len, width)
-    causal = torch.ones(suffix_len, suffix_len, dtype=torch.bool, device=prefix.device).tril()
-    for block in clip.transformer.resblocks:
-        hidden_prefix, hidden_suffix = _block(block, hidden_prefix, hidden_suffix, num_prompts, causal)
-    read_at = (eot_index.to(prefix.device) - prefix_len).repeat(batch)
-    features = clip.text_features_from_hidden(hidden_suffix, read_at)
+    prefix_kv = _prefix_keys_values(clip, prefix.to(dtype) + positions[:prefix_len])
+    if len(plan.limits) == 1:
+        return _encode_bucket(clip, prefix_kv, suffix, needed - 1, plan.limits[0], prefix_len)
+    bucket_of = torch.bucketize(needed, torch.tensor(plan.limits, device=needed.device))  # first limit >= needed
+    members = [torch.nonzero(bucket_of == b).flatten() for b in range(len(plan.limits))]
+    features = [_encode_bucket(clip, prefix_kv, suffix.index_select(1, index), needed[index] - 1, limit, prefix_len)
+                for index, limit in zip(members, plan.limits, strict=True)]
+    # bucket-major order back to prompt order: position of prompt k in the concatenation is inverse[k]
+    inverse = torch.argsort(torch.cat(members))
+    return torch.cat(features, dim=1).index_select(1, inverse)
+
+
+def _prefix_keys_values(clip: CLIP, hidden: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per-layer keys and values ``[B, heads, P, d]`` of the shared prefix hidden states ``hidden`` ``[B, P, w]``.
+
+    The prefix attends only to itself (causal), so it runs through the layers on its own; the last layer's output
+    is never read (only its keys and values), so that layer's attention output and MLP are skipped.
+    """
+    keys_values = []
+    blocks = list(clip.transformer.resblocks)
+    for layer, block in enumerate(blocks):
+        attn = block.attn
+        q, k, v = attn.qkv(block.ln_1(hidden))
+        keys_values.append((k, v))
+        if layer + 1 < len(blocks):
+            hidden = hidden + attn.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+    return keys_values
+
+
+def _encode_bucket(clip: CLIP, prefix_kv: list[tuple[Tensor, Tensor]], suffix: Tensor, read_at: Tensor,
+                   length: int, prefix_len: int) -> Tensor:
+    """Features ``[B, K_b, D]`` of one bucket: suffixes ``[B|1, K_b, S, w]`` cut to ``length`` positions, read at
+    suffix positions ``read_at`` ``[K_b]``, attending to the stored per-layer prefix keys and values."""
+    batch = prefix_kv[0][0].shape[0]
+    num_prompts, width = suffix.shape[1], suffix.shape[-1]
+    dtype = clip.dtype
+    positions = clip.positional_embedding.to(dtype)[prefix_len : prefix_len + length]
+    hidden = (suffix[:, :, :length].to(dtype) + positions).expand(batch, -1, -1, -1)
+    hidden = hidden.reshape(batch * num_prompts, length, width)
+    causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+    for block, (k_prefix, v_prefix) in zip(clip.transformer.resblocks, prefix_kv, strict=True):
+        attn = block.attn
+        hidden = hidden + attn.merge(_suffix_attention(attn, block.ln_1(hidden), k_prefix, v_prefix, num_prompts,
+                                                       causal))
+        hidden = hidden + block.mlp(block.ln_2(hidden))
+    features = clip.text_features_from_hidden(hidden, read_at.repeat(batch))
     return features.view(batch, num_prompts, -1)
-
-
-def _block(block: ResidualAttentionBlock, prefix: Tensor, suffix: Tensor, num_prompts: int,
-           causal: Tensor) -> tuple[Tensor, Tensor]:
-    """One pre-LN residual block over the shared prefix [B, P, w] and the suffixes [B*K, S, w]."""
-    attn = block.attn
-    q_prefix, k_prefix, v_prefix = attn.qkv(block.ln_1(prefix))
-    prefix_out = F.scaled_dot_product_attention(q_prefix, k_prefix, v_prefix, is_causal=True)
-    suffix_out = _suffix_attention(attn, block.ln_1(suffix), k_prefix, v_prefix, num_prompts, causal)
-    prefix = prefix + attn.merge(prefix_out)
-    suffix = suffix + attn.merge(suffix_out)
-    prefix = prefix + block.mlp(block.ln_2(prefix))
-    suffix = suffix + block.mlp(block.ln_2(suffix))
-    return prefix, suffix
 
 
 def _suffix_attention(attn: SelfAttention, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, num_prompts: int,
