@@ -208,7 +208,18 @@ def _unbucketed_reference(clip, prefix, suffix, eot):
     ],
 )
 def test_plan_buckets_on_hand_made_lengths(needed, max_buckets, limits, padded):
-    assert plan_buckets(needed, max_buckets) == BucketPlan(limits=limits, padded=padded)
+    """With a 10% minimum gain (the cases' comments give the arithmetic)."""
+    assert plan_buckets(needed, max_buckets, min_gain=0.1) == BucketPlan(limits=limits, padded=padded)
+
+
+def test_plan_buckets_default_gain_threshold():
+    # (3,3,3 | 7,11,11) = 42 -> (3 | 7 | 11) = 38 saves 9.5% >= 2%: three buckets by default
+    assert MIN_BUCKET_GAIN == 0.02
+    assert plan_buckets([11, 3, 3, 7, 3, 11]) == BucketPlan(limits=(3, 7, 11), padded=38)
+    # 100 x 10 + 1 x 11 = 1,111 in one bucket vs 1,000 + 11 = 1,011 in two: 9% saved, split
+    assert plan_buckets([10] * 100 + [11]) == BucketPlan(limits=(10, 11), padded=1011)
+    # 1 x 10 + 1,000 x 11: 1,001 x 11 = 11,011 in one bucket vs 10 + 11,000 = 11,010 in two: 0.01%, negligible
+    assert plan_buckets([10] + [11] * 1000) == BucketPlan(limits=(11,), padded=11011)
 
 
 def test_plan_buckets_without_a_minimum_gain_is_the_exact_optimum():
@@ -241,7 +252,7 @@ def test_plan_buckets_matches_brute_force_on_random_lengths():
             # with the default gain threshold: never worse than one bucket, never > 10% above a larger count's best
             chosen = plan_buckets(lengths, buckets)
             assert chosen.padded <= len(lengths) * max(lengths)
-            assert chosen.padded * (1 - MIN_BUCKET_GAIN) <= plan.padded + 1e-9
+            assert chosen.padded * (1 - MIN_BUCKET_GAIN) <= plan.padded
 
 
 def test_plan_buckets_rejects_bad_arguments():

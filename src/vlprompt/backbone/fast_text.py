@@ -31,8 +31,13 @@ from torch import Tensor
 
 from vlprompt.backbone.model import CLIP, SelfAttention
 
-MIN_BUCKET_GAIN = 0.1
-"""An extra length bucket is used only if it saves at least this fraction of the padded suffix positions."""
+MIN_BUCKET_GAIN = 0.02
+"""More length buckets are used only if they save at least this fraction of the padded suffix positions.
+
+A bucket costs one more pass of small ops through the layers; a padded position costs a full token through every
+layer. Measured (ViT-B/16 text tower, CoOp M=16, K=102 Stanford Cars names, CPU, 1 thread): 4 buckets (1,092
+positions) ran 4.5% faster than 2 (1,175), i.e. the per-bucket overhead is worth a handful of positions, so only
+gains of a few percent are treated as negligible."""
 
 
 def trimmed_length(eot_index: Tensor) -> int:
