@@ -275,7 +275,8 @@ def _mixed_length_prompts(clip, batch: int, prefix_len: int, seed: int = 0):
 def test_bucketed_shared_prefix_equals_full_forward_and_gradients(clip, batch):
     prefix, suffix, eot = _mixed_length_prompts(clip, batch, 5)
     classes = len(eot)
-    assert len(plan_buckets((eot - 4).tolist()).limits) == 3  # (1,1,2,2,2,3 | 9 | 15,15,16,16)
+    # 11 x 16 = 176 positions -> (1,1,2,2,2 | 3 | 9 | 15,15,16,16) = 10 + 3 + 9 + 64 = 86
+    assert plan_buckets((eot - 4).tolist()) == BucketPlan(limits=(2, 3, 9, 16), padded=86)
     prefix.requires_grad_(True)
     suffix.requires_grad_(True)
     shared_suffix = suffix[:1]  # CoCoOp: one suffix set broadcast over the B prefixes
