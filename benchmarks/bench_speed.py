@@ -38,7 +38,7 @@ cost does not depend on them):
 
 * **Evaluation** of CoOp on a 10,000-image test set of random features: text-encoder calls and time per path at two
   batch sizes (plain: re-encode the class prompts for every batch as the reference; ours: ``method.classifier()``
-  once). Text-encoder calls are counted with a forward hook on ``clip.ln_final`` (every text encoding passes it once).
+  once). Text-encoder calls are counted with a forward hook on ``clip.ln_final`` (every plain encoding passes it once; a shared-prefix encoding once per length bucket, at most 4).
 
 * **A full 16-shot CoOp run** on 10 classes (160 synthetic JPEG images, 200 epochs, batch 32): ours end to end
   (feature extraction of the images with ``--views`` augmented views by :func:`vlprompt.features.augmented_views`,
@@ -212,13 +212,20 @@ def minimal_text_flops(shape: TextShape, prefix_len: int, eot_index: Sequence[in
                                                                       len(suffix))
 
 
-def fast_text_flops(shape: TextShape, prefix_len: int, padded_len: int, classes: int, prefixes: int,
+def fast_text_flops(shape: TextShape, prefix_len: int, eot_index: Sequence[int], prefixes: int,
                     images: int) -> float:
-    """FLOPs the fast path executes: as :func:`minimal_text_flops`, but every class runs the padded suffix length
-    S = max_k(eot_k) + 1 - P and its queries score all P + S keys (the causal mask is applied, not skipped)."""
-    tokens = prefixes * (prefix_len + classes * padded_len)
-    keys = prefixes * (prefix_len * (prefix_len + 1) / 2 + classes * padded_len * (prefix_len + padded_len))
-    return blocks_forward_backward(shape, tokens, keys) + head_flops(shape, prefixes * classes, images, classes)
+    """FLOPs the fast path executes: as :func:`minimal_text_flops`, but the classes run in the length buckets of
+    :func:`vlprompt.backbone.fast_text.plan_buckets`, each class padded to its bucket's suffix length S_b, and its
+    queries score all P + S_b keys (the causal mask is applied, not skipped)."""
+    from vlprompt.backbone.fast_text import plan_buckets
+
+    needed = [int(e) - prefix_len + 1 for e in eot_index]
+    limits = plan_buckets(needed).limits
+    padded = [next(limit for limit in limits if limit >= n) for n in needed]
+    tokens = prefixes * (prefix_len + sum(padded))
+    keys = prefixes * (prefix_len * (prefix_len + 1) / 2 + sum(s * (prefix_len + s) for s in padded))
+    return blocks_forward_backward(shape, tokens, keys) + head_flops(shape, prefixes * len(needed), images,
+                                                                      len(needed))
 
 
 def plain_text_flops(shape: TextShape, prompts: int, images: int, classes: int) -> float:
@@ -450,7 +457,7 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
     padded = layout.trimmed_length - prefix_len
     prefixes = 1 if kind == "coop" else batch
     floor_flops = minimal_text_flops(shape, prefix_len, eot, prefixes, batch)
-    fast_flops = fast_text_flops(shape, prefix_len, padded, classes, prefixes, batch)
+    fast_flops = fast_text_flops(shape, prefix_len, eot, prefixes, batch)
     budget = available_memory() // 2
     fast_tokens = prefixes * (prefix_len + classes * padded)
     if activation_bytes(shape, fast_tokens) > budget:
@@ -534,7 +541,7 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
 
 @contextlib.contextmanager
 def count_text_encodings(clip: CLIP) -> Iterator[list[int]]:
-    """Count text encodings: every one (plain, trimmed or shared-prefix) passes ``clip.ln_final`` once."""
+    """Count text encodings: every plain or trimmed one passes ``clip.ln_final`` once, a shared-prefix one once per length bucket."""
     counter = [0]
     handle = clip.ln_final.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
     try:
@@ -756,7 +763,7 @@ def print_group(group: GroupResult, out: Callable[[str], None]) -> None:
     ours = group.path("ours")
     if ours and ours.flops:
         out(f"  the fast path executes {ours.flops / 1e9:.1f} GFLOP = {ours.flops / group.floor_flops:.2f}x the "
-            f"minimal {group.floor_flops / 1e9:.1f} GFLOP (suffixes padded to the longest class name)")
+            f"minimal {group.floor_flops / 1e9:.1f} GFLOP (suffixes padded within their length buckets)")
     out(f"  {'path':<48} {'median':>9} {'runs':>4} {'speed-up':>9} {'x floor':>8} {'GFLOP':>8} "
         f"{'GFLOP/s':>8} {'peak MiB':>9}  note")
     order = ["plain", "text_plain_fp32", "text_fast_fp32", "ours"]
