@@ -7,11 +7,13 @@ CLIP's text tower is causal and read at the end-of-text (EOT) token, which gives
 2. **Shared prefix** (:func:`encode_shared_prefix`): when K prompts start with the same P token embeddings (the start
    token and, for CoOp's unified context, the context vectors before the class name), the hidden states of those
    positions are the same for every prompt at every layer. They are computed once (per image for CoCoOp, where the
-   prefix depends on the image), keeping each layer's keys and values; each prompt's remaining "suffix" positions
-   attend to those (broadcast over the K prompts, never copied) and causally to their own suffix. Class names differ
-   in length (Stanford Cars: 18 suffix positions for the longest, 6.2 on average), so the suffixes run in a few
-   buckets of similar length (:func:`plan_buckets`), each cut after its own longest EOT, instead of all padded to
-   the longest.
+   prefix depends on the image); each prompt's remaining "suffix" positions attend to the prefix keys and values
+   (broadcast over the K prompts, never copied) and causally to their own suffix. Class names differ in length
+   (Stanford Cars: 18 suffix positions for the longest, 6.2 on average), so the suffixes run in a few buckets of
+   similar length (:func:`plan_buckets`), each cut after its own longest EOT, instead of all padded to the longest.
+   Layer by layer, the prefix rows and every bucket's rows form one row matrix that goes through each linear layer
+   in one matmul (only attention is split), so each weight is read once per layer forward and once backward: with
+   few prompts (CoCoOp, K=10) the rows are few and the step is bound by reading the weights, not by FLOPs.
 
 Both give the plain 77-token result (:func:`encode_full`, i.e. ``clip.encode_text_embeddings``) up to floating-point
 rounding (summation order differs; fp32 differences are ~1e-6 of the feature scale). They work under autocast
@@ -34,8 +36,8 @@ from vlprompt.backbone.model import CLIP, SelfAttention
 MIN_BUCKET_GAIN = 0.02
 """More length buckets are used only if they save at least this fraction of the padded suffix positions.
 
-A bucket costs one more pass of small ops through the layers; a padded position costs a full token through every
-layer. Measured (ViT-B/16 text tower, CoOp M=16, K=102 Stanford Cars names, CPU, 1 thread): 4 buckets (1,092
+A bucket costs a few more small attention ops per layer (its rows share the linear layers' matmuls with the other
+buckets); a padded position costs a full token through every layer. Measured (ViT-B/16 text tower, CoOp M=16, K=102 Stanford Cars names, CPU, 1 thread): 4 buckets (1,092
 positions) ran 4.5% faster than 2 (1,175), i.e. the per-bucket overhead is worth a handful of positions, so only
 gains of a few percent are treated as negligible."""
 
@@ -130,11 +132,12 @@ def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: 
     suffixes for every row) with S >= the needed length. ``eot_index``: ``[K]`` EOT position of each prompt in the
     whole sequence (prefix included), all >= P.
 
-    The prefix runs through all layers once, keeping each layer's keys and values. The prompts are then grouped into
-    at most ``max_buckets`` buckets of similar needed suffix length ``eot - P + 1`` (:func:`plan_buckets`); each
-    bucket runs only up to its own longest EOT (exact: later positions are never read), attending to the stored
-    prefix keys and values, and the features are put back in prompt order. Gradients reach the prefix from every
-    bucket through autograd. ``max_buckets=1`` is the single padded pass.
+    The prompts are grouped into at most ``max_buckets`` buckets of similar needed suffix length ``eot - P + 1``
+    (:func:`plan_buckets`); each bucket runs only up to its own longest EOT (exact: later positions are never read).
+    The prefix rows and all buckets' rows run through the layers together (:func:`_run_layers`: one matmul per
+    weight per layer), each suffix attending to its row's prefix keys and values, and the features are read in
+    prompt order. Gradients reach the prefix from every bucket through autograd. ``max_buckets=1`` is the single
+    padded pass.
     """
     if prefix.ndim != 3 or suffix.ndim != 4:
         raise ValueError(f"prefix must be [B, P, width] and suffix [B, K, S, width], got {tuple(prefix.shape)} and "
@@ -154,54 +157,72 @@ def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: 
     plan = plan_buckets(needed.tolist(), max_buckets)
     dtype = clip.dtype
     positions = clip.positional_embedding.to(dtype)
-    prefix_kv = _prefix_keys_values(clip, prefix.to(dtype) + positions[:prefix_len])
     if len(plan.limits) == 1:
-        return _encode_bucket(clip, prefix_kv, suffix, needed - 1, plan.limits[0], prefix_len)
-    bucket_of = torch.bucketize(needed, torch.tensor(plan.limits, device=needed.device))  # first limit >= needed
-    members = [torch.nonzero(bucket_of == b).flatten() for b in range(len(plan.limits))]
-    features = [_encode_bucket(clip, prefix_kv, suffix.index_select(1, index), needed[index] - 1, limit, prefix_len)
-                for index, limit in zip(members, plan.limits, strict=True)]
-    # bucket-major order back to prompt order: position of prompt k in the concatenation is inverse[k]
-    inverse = torch.argsort(torch.cat(members))
-    return torch.cat(features, dim=1).index_select(1, inverse)
+        members = [torch.arange(num_prompts, device=needed.device)]
+    else:
+        bucket_of = torch.bucketize(needed, torch.tensor(plan.limits, device=needed.device))  # first limit >= needed
+        members = [torch.nonzero(bucket_of == b).flatten() for b in range(len(plan.limits))]
+
+    # one row matrix: [prefix rows (B*P); bucket 0 rows (B*n_0*S_0); bucket 1 rows; ...], row-major within each part
+    rows = [(prefix.to(dtype) + positions[:prefix_len]).reshape(batch * prefix_len, width)]
+    buckets = []  # (number of prompts, length, causal mask) per bucket
+    read_rows = torch.empty(batch, num_prompts, dtype=torch.long, device=needed.device)  # row of each feature
+    offset = 0  # within the suffix rows
+    image = torch.arange(batch, device=needed.device)[:, None]
+    for index, length in zip(members, plan.limits, strict=True):
+        count = index.numel()
+        part = suffix if len(members) == 1 else suffix.index_select(1, index)
+        part = (part[:, :, :length].to(dtype) + positions[prefix_len : prefix_len + length]).expand(batch, -1, -1, -1)
+        rows.append(part.reshape(batch * count * length, width))
+        slot = torch.arange(count, device=needed.device)[None, :]
+        read_rows[:, index] = offset + (image * count + slot) * length + (needed[index] - 1)[None, :]
+        causal = torch.ones(length, length, dtype=torch.bool, device=needed.device).tril()
+        buckets.append((count, length, causal))
+        offset += batch * count * length
+    hidden = torch.cat(rows)
+    hidden = _run_layers(clip, hidden, batch, prefix_len, buckets)  # suffix rows only
+    features = clip.ln_final(hidden.index_select(0, read_rows.flatten()))
+    return (features @ clip.text_projection.to(features.dtype)).view(batch, num_prompts, -1)
 
 
-def _prefix_keys_values(clip: CLIP, hidden: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Per-layer keys and values ``[B, heads, P, d]`` of the shared prefix hidden states ``hidden`` ``[B, P, w]``.
+def _run_layers(clip: CLIP, hidden: Tensor, batch: int, prefix_len: int,
+                buckets: list[tuple[int, int, Tensor]]) -> Tensor:
+    """All layers over the row matrix ``hidden`` ``[B*P + sum_b B*n_b*S_b, w]``; returns the final suffix rows.
 
-    The prefix attends only to itself (causal), so it runs through the layers on its own; the last layer's output
-    is never read (only its keys and values), so that layer's attention output and MLP are skipped.
+    Every linear layer (and layer norm) runs once per layer over all rows, prefix and every bucket together, so each
+    weight is read once per layer forward and once backward whatever the number of buckets; only attention is split:
+    the prefix attends causally to itself, each bucket's suffixes to their row's prefix keys/values and causally to
+    their own positions (:func:`_attend_suffix`). The last layer's prefix rows are never read afterwards (only their
+    keys and values), so that layer's output projection and MLP run on the suffix rows only.
     """
-    keys_values = []
     blocks = list(clip.transformer.resblocks)
+    prefix_rows = batch * prefix_len
     for layer, block in enumerate(blocks):
         attn = block.attn
-        q, k, v = attn.qkv(block.ln_1(hidden))
-        keys_values.append((k, v))
-        if layer + 1 < len(blocks):
-            hidden = hidden + attn.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-            hidden = hidden + block.mlp(block.ln_2(hidden))
-    return keys_values
-
-
-def _encode_bucket(clip: CLIP, prefix_kv: list[tuple[Tensor, Tensor]], suffix: Tensor, read_at: Tensor,
-                   length: int, prefix_len: int) -> Tensor:
-    """Features ``[B, K_b, D]`` of one bucket: suffixes ``[B|1, K_b, S, w]`` cut to ``length`` positions, read at
-    suffix positions ``read_at`` ``[K_b]``, attending to the stored per-layer prefix keys and values."""
-    batch = prefix_kv[0][0].shape[0]
-    num_prompts, width = suffix.shape[1], suffix.shape[-1]
-    dtype = clip.dtype
-    positions = clip.positional_embedding.to(dtype)[prefix_len : prefix_len + length]
-    hidden = (suffix[:, :, :length].to(dtype) + positions).expand(batch, -1, -1, -1)
-    hidden = hidden.reshape(batch * num_prompts, length, width)
-    causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
-    for block, (k_prefix, v_prefix) in zip(clip.transformer.resblocks, prefix_kv, strict=True):
-        attn = block.attn
-        hidden = hidden + attn.merge(_suffix_attention(attn, block.ln_1(hidden), k_prefix, v_prefix, num_prompts,
-                                                       causal))
+        heads = attn.heads
+        width = hidden.shape[-1]
+        head_dim = width // heads
+        qkv = F.linear(block.ln_1(hidden), attn.in_proj_weight, attn.in_proj_bias)  # [R, 3w]
+        # [B, P, 3, H, d] -> 3 x [B, H, P, d]
+        q, k_prefix, v_prefix = qkv[:prefix_rows].view(batch, prefix_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        last = layer + 1 == len(blocks)
+        outputs = []
+        if not last:
+            out = F.scaled_dot_product_attention(q, k_prefix, v_prefix, is_causal=True)  # [B, H, P, d]
+            outputs.append(out.transpose(1, 2).reshape(prefix_rows, width))
+        start = prefix_rows
+        for count, length, causal in buckets:
+            stop = start + batch * count * length
+            q, k, v = qkv[start:stop].view(batch * count, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            out = _attend_suffix(q, k, v, k_prefix, v_prefix, count, causal)  # [B*n_b, H, S_b, d]
+            outputs.append(out.transpose(1, 2).reshape(stop - start, width))
+            start = stop
+        attended = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        if last:
+            hidden = hidden[prefix_rows:]
+        hidden = hidden + attn.out_proj(attended)
         hidden = hidden + block.mlp(block.ln_2(hidden))
-    features = clip.text_features_from_hidden(hidden, read_at.repeat(batch))
-    return features.view(batch, num_prompts, -1)
+    return hidden
 
 
 def _suffix_attention(attn: SelfAttention, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, num_prompts: int,
@@ -212,12 +233,18 @@ def _suffix_attention(attn: SelfAttention, x: Tensor, k_prefix: Tensor, v_prefix
     prefix keys and values are never repeated K times. The softmax over both parts runs in fp32.
     """
     q, k, v = attn.qkv(x)  # [B*K, H, S, d]
+    return _attend_suffix(q, k, v, k_prefix, v_prefix, num_prompts, causal)
+
+
+def _attend_suffix(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, num_prompts: int,
+                   causal: Tensor) -> Tensor:
+    """:func:`_suffix_attention` given the suffix queries, keys and values ``[B*K, heads, S, d]``."""
     rows, heads, length, head_dim = q.shape
     batch = rows // num_prompts
     prefix_len = k_prefix.shape[2]
     q = q * head_dim**-0.5
     # [B, H, K*S, d] @ [B, H, d, P] -> [B, H, K*S, P] -> [B*K, H, S, P]
-    q_rows = q.view(batch, num_prompts, heads, length, head_dim).transpose(1, 2)
+    q_rows = q.reshape(batch, num_prompts, heads, length, head_dim).transpose(1, 2)
     q_rows = q_rows.reshape(batch, heads, num_prompts * length, head_dim)
     to_prefix = (q_rows @ k_prefix.transpose(-2, -1)).view(batch, heads, num_prompts, length, prefix_len)
     to_prefix = to_prefix.transpose(1, 2).reshape(rows, heads, length, prefix_len)
