@@ -245,3 +245,35 @@ def test_max_test_images_caps_every_evaluation(clip, tmp_path):
     assert extra["metrics"]["num_samples"] == 7 and extra["budget"] is True
     full = run_experiment(config_of("zeroshot"), tmp_path / "full", clip=clip)
     assert full["metrics"]["num_samples"] == 15  # the fixture's DTD test split: 5 classes x 3
+
+
+def _photo_folder(root: Path, broken: str) -> Path:
+    """A custom dataset (a folder per class, train/ and test/) made of fixture photos, one file replaced by junk."""
+    import shutil
+
+    sources = sorted((FIXTURES / "dtd" / "images").glob("*/*.jpg"))
+    for split, count in (("train", 3), ("test", 2)):
+        for cls in ("banded", "bumpy"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            picks = [p for p in sources if p.parent.name == cls][:count] if split == "train" else \
+                [p for p in sources if p.parent.name == cls][-count:]
+            for src in picks:
+                shutil.copy(src, folder / src.name)
+    (root / broken).write_bytes(b"this is not a JPEG")
+    return root
+
+
+@needs_fixtures
+def test_unreadable_images_stop_the_run_or_are_skipped_and_counted(clip, tmp_path):
+    data = _photo_folder(tmp_path / "photos", "test/bumpy/broken.jpg")
+    config = RunConfig(method="zeroshot", dataset=f"folder:{data}", model="tiny-test",
+                       train=TrainConfig(device="cpu"))
+    with pytest.raises(DatasetError, match="broken.jpg"):
+        run_experiment(config, tmp_path / "strict", clip=clip)
+    assert not (tmp_path / "strict" / "results.json").exists()
+    skipping = RunConfig(**{**config.__dict__, "skip_bad_images": True})
+    payload = run_experiment(skipping, tmp_path / "lenient", clip=clip)
+    assert payload["skipped_images"] == {"count": 1, "paths": ["test/bumpy/broken.jpg"]}
+    assert payload["metrics"]["num_samples"] == 4  # 2 classes x 2 readable test photos
+    assert read(tmp_path / "lenient" / "results.json")["skipped_images"]["count"] == 1

@@ -175,6 +175,8 @@ class RunConfig:
     protocol: str | None = None
     max_test_images: int | None = None
     """evaluate on a fixed subset of at most this many test images per dataset (smoke tests); None = all"""
+    skip_bad_images: bool = False
+    """leave out unreadable images (listed and counted in the results) instead of stopping the run"""
 
     def __post_init__(self) -> None:
         for name in ("method", "dataset", "model"):
@@ -193,6 +195,8 @@ class RunConfig:
         if not isinstance(self.budget, bool):
             raise ConfigError(f"budget must be true or false, got {self.budget!r}")
         _check_int("max_test_images", self.max_test_images, minimum=1, optional=True, prefix="")
+        if not isinstance(self.skip_bad_images, bool):
+            raise ConfigError(f"skip_bad_images must be true or false, got {self.skip_bad_images!r}")
         if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol):
             raise ConfigError(f"protocol must be a non-empty string or null, got {self.protocol!r}")
         object.__setattr__(self, "method_config", dict(self.method_config))

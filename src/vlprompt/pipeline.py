@@ -203,7 +203,8 @@ def _execute(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets
     device = resolve_device(config.train.device) if clip is None else clip.device
     clip = clip if clip is not None else load_backbone(config.model, device)
     options = FeatureOptions(device=device, precision=config.train.precision, num_workers=config.train.num_workers,
-                             cache=open_feature_cache(feature_cache), progress=progress)
+                             cache=open_feature_cache(feature_cache), progress=progress,
+                             on_error="skip" if config.skip_bad_images else "raise")
     method = build_method_for(spec, clip, data.classnames, config.method_config, dataset=data.name,
                               template=data.template, seed=config.seed)
     for eval_spec, target in eval_data:  # refuse impossible transfers (class-specific context ...) before training
@@ -272,6 +273,7 @@ def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfi
     timing = {"feature_s": options.seconds, "train_s": fit.seconds, "eval_s": eval_s}
     payload = result_payload(config, metrics, eval_dataset=data.name, subset=config.subset, timing=timing)
     payload["fit"] = {"kind": fit.kind, **fit.summary}
+    _record_skipped(payload, options.skipped)
     if run_dir is not None:
         run_dir.write_result("results", payload)
     logger.info("%s test accuracy %.2f%% (%d images)", data.name, metrics["accuracy"], metrics["num_samples"])
@@ -285,6 +287,7 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
     from vlprompt.stages import adapt_method, eval_features, score
 
     options.seconds = 0.0
+    options.skipped = []
     try:
         adapted = adapt_method(method, spec, config.method_config, target,
                                same_dataset=_same(eval_spec.dataset, config), seed=config.seed)
@@ -297,9 +300,20 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
                        f"{eval_spec.dataset} --subset {eval_spec.subset}`") from exc
     payload = result_payload(config, metrics, eval_dataset=target.name, subset=eval_spec.subset,
                              timing={"feature_s": options.seconds, "eval_s": seconds})
+    _record_skipped(payload, options.skipped)
     if run_dir is not None:
         run_dir.write_result(f"{EVAL_PREFIX}{eval_spec.name}", payload)
     logger.info("%s (%s classes) test accuracy %.2f%%", target.name, eval_spec.subset, metrics["accuracy"])
+
+
+SKIPPED_LISTED = 50  # unreadable images named in a result file (all are counted)
+
+
+def _record_skipped(payload: dict[str, Any], skipped: list[str]) -> None:
+    """Record the unreadable images left out (``--skip-bad-images``) in a result payload: count and first paths."""
+    if skipped:
+        payload["skipped_images"] = {"count": len(skipped), "paths": skipped[:SKIPPED_LISTED]}
+        logger.warning("%d unreadable image(s) were left out of this run (listed in its results)", len(skipped))
 
 
 def _same(dataset: str, config: RunConfig) -> bool:
@@ -486,11 +500,12 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
                               seed=config.seed)
         options = FeatureOptions(device=trained.device, precision=precision or config.train.precision,
                                  num_workers=config.train.num_workers, cache=open_feature_cache(feature_cache),
-                                 progress=progress)
+                                 progress=progress, on_error="skip" if config.skip_bad_images else "raise")
         features = eval_features(trained.clip, target, "test", options)
         metrics, eval_s = score(method, features, target.classnames, options)
         payload = result_payload(config, metrics, eval_dataset=target.name, subset=subset,
                                  timing={"feature_s": options.seconds, "eval_s": eval_s})
+        _record_skipped(payload, options.skipped)
         out = folder / f"{EVAL_PREFIX}{name or default_eval_name(target.name, subset)}.json"
         atomic_write_json(out, payload)
     logger.info("%s: %s (%s classes) accuracy %.2f%% -> %s", folder, target.name, subset, metrics["accuracy"], out)

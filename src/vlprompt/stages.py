@@ -179,7 +179,14 @@ class FeatureOptions:
     num_workers: int = 0
     cache: FeatureCache | None = None
     progress: bool | None = None
+    on_error: str = "raise"  # unreadable images: "raise" (stop, listing them) or "skip" (leave out, count)
     seconds: float = field(default=0.0)  # time spent extracting, accumulated by the functions below
+    skipped: list[str] = field(default_factory=list)  # images left out so far (on_error="skip"), in order met
+
+    def note_skipped(self, features: FeatureSet) -> FeatureSet:
+        """Remember the images ``features`` left out (each path once) and return ``features``."""
+        self.skipped.extend(path for path in features.skipped if path not in self.skipped)
+        return features
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
@@ -195,9 +202,11 @@ def eval_features(clip: CLIP, splits: DatasetSplits, split: str, options: Featur
     from vlprompt.features import extract_features
 
     with options.timed():
-        return extract_features(clip, splits.image_dir, splits.split(split), device=options.device,
-                                precision=options.precision, batch_size=options.batch_size,  # type: ignore[arg-type]
-                                num_workers=options.num_workers, cache=options.cache, progress=options.progress)
+        return options.note_skipped(extract_features(
+            clip, splits.image_dir, splits.split(split), device=options.device,
+            precision=options.precision, batch_size=options.batch_size,  # type: ignore[arg-type]
+            num_workers=options.num_workers, cache=options.cache, progress=options.progress,
+            on_error=options.on_error))  # type: ignore[arg-type]
 
 
 # seed of the shared pool of augmented training views (not the run's seed: see train_features)
@@ -217,10 +226,11 @@ def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, option
     if views == 0:
         return eval_features(clip, splits, "train", options)
     with options.timed():
-        return augmented_views(clip, splits.image_dir, splits.train, views=views, seed=AUGMENTATION_POOL_SEED,
-                               device=options.device, precision=options.precision,  # type: ignore[arg-type]
-                               batch_size=options.batch_size, num_workers=options.num_workers, cache=options.cache,
-                               progress=options.progress)
+        return options.note_skipped(augmented_views(
+            clip, splits.image_dir, splits.train, views=views, seed=AUGMENTATION_POOL_SEED,
+            device=options.device, precision=options.precision,  # type: ignore[arg-type]
+            batch_size=options.batch_size, num_workers=options.num_workers, cache=options.cache,
+            progress=options.progress, on_error=options.on_error))  # type: ignore[arg-type]
 
 
 def require_images(splits: DatasetSplits, split: str) -> None:

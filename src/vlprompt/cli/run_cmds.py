@@ -170,6 +170,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, shots: bool) -> None:
                        help="with --subset base: also evaluate on the novel classes (eval-<dataset>-new.json)")
     group.add_argument("--budget", action="store_true",
                        help="mark the results as a smoke test (reduced budget), never mixed with full results")
+    group.add_argument("--skip-bad-images", action="store_true",
+                       help="leave out unreadable images (counted and listed in the results) instead of stopping "
+                            "with the list of them")
     group.add_argument("--protocol", default=None,
                        help="benchmark protocol recorded with the results (fewshot, base2novel, crossdataset, "
                             "domainshift)")
@@ -234,7 +237,7 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, Any], train: 
     root = data_root(args)
     config = RunConfig(method=method, dataset=args.dataset, method_config=options, root=str(root) if root else "",
                        shots=shots, seed=args.seed, model=args.model, subset=args.subset, train=train,
-                       budget=args.budget, protocol=args.protocol)
+                       budget=args.budget, protocol=args.protocol, skip_bad_images=args.skip_bad_images)
     evals = [EvalSpec(dataset) for dataset in args.also_eval]
     if args.eval_new:
         evals.append(EvalSpec(args.dataset, "new"))
