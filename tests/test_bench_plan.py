@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 
 import pytest
@@ -271,3 +272,12 @@ def _parse(argv):
     from vlprompt.cli.main import build_parser
 
     return build_parser().parse_args(argv)
+
+
+def test_skip_bad_images_reaches_every_run_config():
+    from vlprompt.bench.protocols import ProtocolOptions, build_plan
+
+    runs = build_plan("fewshot", ProtocolOptions(out=Path("o"), datasets=("dtd",), shots=(1,), seeds=(1,), skip_bad_images=True))
+    assert runs and all(run.config.skip_bad_images for run in runs)
+    assert not any(run.config.skip_bad_images
+                   for run in build_plan("fewshot", ProtocolOptions(out=Path("o"), datasets=("dtd",), shots=(1,), seeds=(1,))))

@@ -99,6 +99,7 @@ class ProtocolOptions:
     budget: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    skip_bad_images: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ def _config(protocol: str, options: ProtocolOptions, model: str, method: str, da
     return RunConfig(method=method, dataset=dataset, method_config=dict(method_config or {}), root=options.root,
                      shots=shots, seed=seed, model=model, subset=subset, train=_train_config(options),
                      budget=options.budget, protocol=protocol,
-                     max_test_images=BUDGET_TEST_IMAGES if options.budget else None)
+                     max_test_images=BUDGET_TEST_IMAGES if options.budget else None,
+                     skip_bad_images=options.skip_bad_images)
 
 
 def _variants(method: str, shots: tuple[int, ...], seeds: tuple[int, ...]) -> list[tuple[int, int] | None]:

@@ -75,6 +75,9 @@ def add_parser(subparsers: Any) -> None:
     how.add_argument("--jobs", type=int, default=1,
                      help="worker processes, one run each at a time, each on its own GPU when several exist "
                           "(default: 1, in this process)")
+    how.add_argument("--skip-bad-images", action="store_true",
+                     help="leave out unreadable images in every run (counted and listed in its results) instead of "
+                          "failing that run")
     how.add_argument("--budget", action="store_true",
                      help="smoke test: 2 training epochs (unless --epochs), at most 64 test images per dataset; runs go to <protocol>-budget/ and "
                           "every output (results, report, summaries) is marked as such")
@@ -142,6 +145,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         budget=args.budget,
         train=dataclass_from_args(TrainConfig, args),
         method_options=parse_method_options(args.method_option),
+        skip_bad_images=args.skip_bad_images,
     )
 
 
