@@ -277,3 +277,15 @@ def test_unreadable_images_stop_the_run_or_are_skipped_and_counted(clip, tmp_pat
     assert payload["skipped_images"] == {"count": 1, "paths": ["test/bumpy/broken.jpg"]}
     assert payload["metrics"]["num_samples"] == 4  # 2 classes x 2 readable test photos
     assert read(tmp_path / "lenient" / "results.json")["skipped_images"]["count"] == 1
+
+
+@needs_fixtures
+def test_an_evaluation_can_be_labelled_with_another_protocol(clip, tmp_path):
+    config = config_of("zeroshot", protocol="crossdataset")
+    run_experiment(config, tmp_path / "run", clip=clip,
+                   evals=[EvalSpec("oxford_flowers", protocol="domainshift"), EvalSpec("oxford_flowers", name="plain")])
+    assert read(tmp_path / "run" / "results.json")["protocol"] == "crossdataset"
+    assert read(tmp_path / "run" / "eval-oxford_flowers.json")["protocol"] == "domainshift"
+    assert read(tmp_path / "run" / "eval-plain.json")["protocol"] == "crossdataset"
+    payload = evaluate_run(tmp_path / "run", dataset="oxford_flowers", name="again", protocol="domainshift", clip=clip)
+    assert payload["protocol"] == "domainshift" == read(tmp_path / "run" / "eval-again.json")["protocol"]

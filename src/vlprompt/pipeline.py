@@ -68,12 +68,14 @@ class EvalSpec:
 
     ``dataset`` is a registry key or custom spec (as ``RunConfig.dataset``), read under the run's data root.
     ``name`` names the result file ``eval-<name>.json``; default: the dataset's key, plus ``-base`` / ``-new`` for a
-    class subset (``eval-oxford_flowers.json``, ``eval-dtd-new.json``).
+    class subset (``eval-oxford_flowers.json``, ``eval-dtd-new.json``). ``protocol`` labels that result file with
+    another protocol than the run's (domain generalisation evaluated on runs trained for cross-dataset transfer).
     """
 
     dataset: str
     subset: str = "all"
     name: str | None = None
+    protocol: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset.strip():
@@ -300,6 +302,8 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
                        f"{eval_spec.dataset} --subset {eval_spec.subset}`") from exc
     payload = result_payload(config, metrics, eval_dataset=target.name, subset=eval_spec.subset,
                              timing={"feature_s": options.seconds, "eval_s": seconds})
+    if eval_spec.protocol is not None:
+        payload["protocol"] = eval_spec.protocol
     _record_skipped(payload, options.skipped)
     if run_dir is not None:
         run_dir.write_result(f"{EVAL_PREFIX}{eval_spec.name}", payload)
@@ -456,7 +460,8 @@ def reading_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
 def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None, subset: str = "all",
                  root: str | os.PathLike[str] | None = None, name: str | None = None, model: str | None = None,
                  clip: CLIP | None = None, device: str | torch.device | None = None, precision: str | None = None,
-                 feature_cache: Any = None, progress: bool | None = None) -> dict[str, Any]:
+                 feature_cache: Any = None, progress: bool | None = None,
+                 protocol: str | None = None) -> dict[str, Any]:
     """Evaluate a trained run on the test split of ``dataset`` (default: its own) restricted to ``subset`` and write
     ``eval-<name>.json`` in the run folder; returns the payload.
 
@@ -505,6 +510,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
         metrics, eval_s = score(method, features, target.classnames, options)
         payload = result_payload(config, metrics, eval_dataset=target.name, subset=subset,
                                  timing={"feature_s": options.seconds, "eval_s": eval_s})
+        if protocol is not None:  # labelled for another protocol than the run's (see EvalSpec.protocol)
+            payload["protocol"] = protocol
         _record_skipped(payload, options.skipped)
         out = folder / f"{EVAL_PREFIX}{name or default_eval_name(target.name, subset)}.json"
         atomic_write_json(out, payload)

@@ -4,12 +4,11 @@
   one continues from its last checkpoint, a failed one is tried again) and the run's evaluations;
 - otherwise the run is trained and only evaluations are missing: :func:`~vlprompt.pipeline.evaluate_run` for each.
 
-Two things the pipeline does not do are done here, on the result files of the run itself:
-
-- an evaluation asked for by another protocol than the run's own (domain generalisation on the shared ImageNet runs)
-  is labelled with that protocol (the ``protocol`` field the report groups by);
-- an evaluation of the run's own test split under another protocol's label (``eval-imagenet-domainshift.json``, the
-  source column of the domain generalisation table) is ``results.json`` relabelled: the same metrics, not recomputed.
+An evaluation asked for by another protocol than the run's own (domain generalisation on the shared ImageNet runs)
+is labelled with that protocol by the pipeline (``EvalSpec.protocol``: the ``protocol`` field the report groups by).
+One thing the pipeline does not do is done here: an evaluation of the run's own test split under another protocol's
+label (``eval-imagenet-domainshift.json``, the source column of the domain generalisation table) is ``results.json``
+relabelled: the same metrics, not recomputed.
 
 Picklable (worker processes get a copy, without any loaded backbone); imports the pipeline, hence torch, only when
 called.
@@ -39,16 +38,6 @@ def _same_dataset(a: str, b: str) -> bool:
 def is_own_split(run: PlannedRun, evaluation: PlannedEval) -> bool:
     """True when ``evaluation`` is the run's own test split (dataset and class subset): ``results.json``'s."""
     return evaluation.subset == run.config.subset and _same_dataset(evaluation.dataset, run.config.dataset)
-
-
-def label_result(path: Path, protocol: str | None) -> None:
-    """Set the ``protocol`` of result file ``path`` (rewritten atomically; nothing to do when it already is)."""
-    if protocol is None:
-        return
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("protocol") != protocol:
-        data["protocol"] = protocol
-        atomic_write_json(path, data)
 
 
 def copy_own_result(run: PlannedRun, evaluation: PlannedEval) -> Path:
@@ -105,13 +94,18 @@ class PipelineRunner:
         clip = self.backbone(config.model, config.train.device) if (request.train or computed) else None
         if request.train:
             run_experiment(config, run.run_dir, resume=True, progress=self.progress, feature_cache=self.feature_cache,
-                           evals=[EvalSpec(e.dataset, e.subset, e.name) for e in computed], clip=clip)
+                           evals=[EvalSpec(e.dataset, e.subset, e.name, _label(e, config.protocol)) for e in computed],
+                           clip=clip)
         else:
             for evaluation in computed:
                 evaluate_run(run.run_dir, dataset=evaluation.dataset, subset=evaluation.subset, name=evaluation.name,
-                             clip=clip, feature_cache=self.feature_cache, progress=self.progress)
+                             clip=clip, feature_cache=self.feature_cache, progress=self.progress,
+                             protocol=_label(evaluation, config.protocol))
         for evaluation in request.evals:
             if is_own_split(run, evaluation):
                 copy_own_result(run, evaluation)
-            elif evaluation.protocol not in (None, config.protocol):
-                label_result(run.run_dir / evaluation.filename, evaluation.protocol)
+
+
+def _label(evaluation: PlannedEval, run_protocol: str | None) -> str | None:
+    """The protocol an evaluation's result file is labelled with when it is not the run's own (else None)."""
+    return evaluation.protocol if evaluation.protocol not in (None, run_protocol) else None
