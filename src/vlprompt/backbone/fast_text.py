@@ -198,26 +198,27 @@ def _run_layers(clip: CLIP, hidden: Tensor, batch: int, prefix_len: int,
     """
     blocks = list(clip.transformer.resblocks)
     prefix_rows = batch * prefix_len
+    sizes = [prefix_rows] + [batch * count * length for count, length, _ in buckets]
     for layer, block in enumerate(blocks):
         attn = block.attn
         heads = attn.heads
         width = hidden.shape[-1]
         head_dim = width // heads
         qkv = F.linear(block.ln_1(hidden), attn.in_proj_weight, attn.in_proj_bias)  # [R, 3w]
+        # one split (its backward concatenates the parts' gradients once; separate slices would each zero-fill a
+        # gradient of the whole matrix)
+        parts = qkv.split(sizes)
         # [B, P, 3, H, d] -> 3 x [B, H, P, d]
-        q, k_prefix, v_prefix = qkv[:prefix_rows].view(batch, prefix_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k_prefix, v_prefix = parts[0].view(batch, prefix_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         last = layer + 1 == len(blocks)
         outputs = []
         if not last:
             out = F.scaled_dot_product_attention(q, k_prefix, v_prefix, is_causal=True)  # [B, H, P, d]
             outputs.append(out.transpose(1, 2).reshape(prefix_rows, width))
-        start = prefix_rows
-        for count, length, causal in buckets:
-            stop = start + batch * count * length
-            q, k, v = qkv[start:stop].view(batch * count, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        for part, (count, length, causal) in zip(parts[1:], buckets, strict=True):
+            q, k, v = part.view(batch * count, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
             out = _attend_suffix(q, k, v, k_prefix, v_prefix, count, causal)  # [B*n_b, H, S_b, d]
-            outputs.append(out.transpose(1, 2).reshape(stop - start, width))
-            start = stop
+            outputs.append(out.transpose(1, 2).reshape(part.shape[0], width))
         attended = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         if last:
             hidden = hidden[prefix_rows:]
