@@ -24,8 +24,8 @@ from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of, rng_untouched
 from vlprompt.methods.configs import CoCoOpConfig
-from vlprompt.methods.coop import INIT_STD, encode_context
-from vlprompt.methods.prompt_layout import build_layout, context_phrase, phrase_embeddings
+from vlprompt.methods.coop import encode_context
+from vlprompt.methods.prompt_layout import build_layout, context_phrase, initial_context
 
 __all__ = ["CoCoOp", "CoCoOpConfig", "build_cocoop"]
 
@@ -54,11 +54,7 @@ class CoCoOp(FrozenClipMethod):
         if hidden < 1:
             raise ConfigError(f"meta_net_reduction {config.meta_net_reduction} leaves no hidden units for image "
                               f"features of width {feature_dim}; use a value <= {feature_dim}")
-        if config.ctx_init.strip():
-            ctx = phrase_embeddings(clip, phrase, n_ctx, self._tokenizer)
-        else:
-            ctx = torch.empty(n_ctx, width, device=clip.device).normal_(0.0, INIT_STD)
-        self.ctx = nn.Parameter(ctx)
+        self.ctx = nn.Parameter(initial_context(clip, phrase, n_ctx, config.ctx_init, (n_ctx, width), self._tokenizer))
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(feature_dim, hidden)),
             ("relu", nn.ReLU(inplace=True)),

@@ -25,11 +25,9 @@ from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, cosine_logits, logit_scale_of
 from vlprompt.methods.configs import CoOpConfig
-from vlprompt.methods.prompt_layout import PromptLayout, build_layout, context_phrase, phrase_embeddings
+from vlprompt.methods.prompt_layout import PromptLayout, build_layout, context_phrase, initial_context
 
 __all__ = ["CoOp", "CoOpConfig", "build_coop", "encode_context"]
-
-INIT_STD = 0.02
 
 
 def encode_context(clip: CLIP, layout: PromptLayout, ctx: Tensor, *, fast: bool) -> Tensor:
@@ -66,10 +64,7 @@ class CoOp(FrozenClipMethod):
         width = clip.config.transformer_width
         shape = (self.num_classes, n_ctx, width) if config.csc else (n_ctx, width)
         if ctx is None:
-            if config.ctx_init.strip():
-                ctx = phrase_embeddings(clip, phrase, n_ctx, self._tokenizer).expand(shape).clone()
-            else:
-                ctx = torch.empty(shape, device=clip.device).normal_(0.0, INIT_STD)
+            ctx = initial_context(clip, phrase, n_ctx, config.ctx_init, shape, self._tokenizer)
         elif tuple(ctx.shape) != shape:
             raise ConfigError(f"a context of shape {tuple(ctx.shape)} does not fit this CoOp (expected {shape})")
         self.ctx = nn.Parameter(ctx.detach().to(device=clip.device, dtype=torch.float32).clone())

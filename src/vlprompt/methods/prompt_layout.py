@@ -181,3 +181,17 @@ def phrase_embeddings(clip: CLIP, phrase: str, n_ctx: int, tokenizer: ClipTokeni
     """Word embeddings [M, width] (fp32) of the phrase's M tokens: CoOp's initialisation from words."""
     ids = tokenizer(phrase, context_length=clip.context_length).to(clip.device)
     return clip.token_embedding(ids)[0, 1 : 1 + n_ctx].float().clone()
+
+
+INIT_STD = 0.02
+"""Standard deviation of CoOp's random context initialisation, N(0, 0.02^2)."""
+
+
+def initial_context(clip: CLIP, phrase: str, n_ctx: int, ctx_init: str, shape: tuple[int, ...],
+                    tokenizer: ClipTokenizer) -> Tensor:
+    """CoOp's initial context (fp32, on the CLIP's device) of ``shape`` ``(..., M, width)``: the word embeddings of
+    ``ctx_init``'s phrase repeated over the leading dimensions (CSC: one copy per class), or N(0, 0.02^2) when no
+    ``ctx_init`` is given (drawn from torch's current RNG)."""
+    if ctx_init.strip():
+        return phrase_embeddings(clip, phrase, n_ctx, tokenizer).expand(shape).clone()
+    return torch.empty(shape, device=clip.device).normal_(0.0, INIT_STD)
