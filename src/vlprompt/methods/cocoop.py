@@ -25,7 +25,7 @@ from vlprompt.errors import ConfigError
 from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of, rng_untouched
 from vlprompt.methods.configs import CoCoOpConfig
 from vlprompt.methods.coop import encode_context
-from vlprompt.methods.prompt_layout import build_layout, context_phrase, initial_context
+from vlprompt.methods.prompt_layout import initial_context, prepare_prompts
 
 __all__ = ["CoCoOp", "CoCoOpConfig", "build_cocoop"]
 
@@ -45,9 +45,9 @@ class CoCoOp(FrozenClipMethod):
             raise ConfigError(f"CoCoOp needs a CoCoOpConfig, got {type(config).__name__}")
         super().__init__(clip, classnames, config)
         self._tokenizer = tokenizer or get_tokenizer()
-        phrase, n_ctx = context_phrase(config.ctx_init, config.n_ctx, self._tokenizer)
+        phrase, n_ctx, self.layout = prepare_prompts(clip, self.classnames, config.ctx_init, config.n_ctx,
+                                                     config.class_token_position, self._tokenizer)
         self.n_ctx = n_ctx
-        self.layout = build_layout(clip, self.classnames, phrase, n_ctx, config.class_token_position, self._tokenizer)
         width = clip.config.transformer_width
         feature_dim = clip.config.embed_dim
         hidden = feature_dim // config.meta_net_reduction

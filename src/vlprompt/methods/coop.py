@@ -25,7 +25,7 @@ from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, cosine_logits, logit_scale_of
 from vlprompt.methods.configs import CoOpConfig
-from vlprompt.methods.prompt_layout import PromptLayout, build_layout, context_phrase, initial_context
+from vlprompt.methods.prompt_layout import PromptLayout, initial_context, prepare_prompts
 
 __all__ = ["CoOp", "CoOpConfig", "build_coop", "encode_context"]
 
@@ -58,9 +58,9 @@ class CoOp(FrozenClipMethod):
             raise ConfigError(f"CoOp needs a CoOpConfig, got {type(config).__name__}")
         super().__init__(clip, classnames, config)
         self._tokenizer = tokenizer or get_tokenizer()
-        phrase, n_ctx = context_phrase(config.ctx_init, config.n_ctx, self._tokenizer)
+        phrase, n_ctx, self.layout = prepare_prompts(clip, self.classnames, config.ctx_init, config.n_ctx,
+                                                     config.class_token_position, self._tokenizer)
         self.n_ctx = n_ctx
-        self.layout = build_layout(clip, self.classnames, phrase, n_ctx, config.class_token_position, self._tokenizer)
         width = clip.config.transformer_width
         shape = (self.num_classes, n_ctx, width) if config.csc else (n_ctx, width)
         if ctx is None:

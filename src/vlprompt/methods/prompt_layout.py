@@ -195,3 +195,11 @@ def initial_context(clip: CLIP, phrase: str, n_ctx: int, ctx_init: str, shape: t
     if ctx_init.strip():
         return phrase_embeddings(clip, phrase, n_ctx, tokenizer).expand(shape).clone()
     return torch.empty(shape, device=clip.device).normal_(0.0, INIT_STD)
+
+
+def prepare_prompts(clip: CLIP, classnames: Sequence[str], ctx_init: str, n_ctx: int, position: str,
+                    tokenizer: ClipTokenizer) -> tuple[str, int, PromptLayout]:
+    """What CoOp and CoCoOp build first: the context phrase, M (its token count, or ``n_ctx`` for a random context)
+    and the frozen prompt layout of every class."""
+    phrase, count = context_phrase(ctx_init, n_ctx, tokenizer)
+    return phrase, count, build_layout(clip, classnames, phrase, count, position, tokenizer)
