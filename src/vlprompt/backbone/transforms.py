@@ -334,11 +334,8 @@ def _empty_output(images: torch.Tensor | Sequence[torch.Tensor], size: int) -> t
 
 
 @dataclass(frozen=True)
-class EvalTransform:
-    """CLIP's test transform on PIL images: resize shorter side (PIL bicubic), centre crop, tensor, normalise.
-
-    ``__call__(img) -> float32 [3, size, size]``. Non-RGB images go through :func:`to_rgb` first.
-    """
+class _EvalParams:
+    """Parameters of CLIP's test transform (resize shorter side, centre crop, normalise), shared by both versions."""
 
     size: int = DEFAULT_SIZE
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -349,12 +346,23 @@ class EvalTransform:
         _freeze_floats(self, "mean", "std")
         _check_stats(self.mean, self.std)
 
-    def describe(self) -> str:
-        """A stable string naming the transform and its parameters (usable as a cache key)."""
+    def _describe(self, kind: str) -> str:
         return (
-            f"clip-eval/pil-bicubic/v1(size={self.size},resize=shorter,crop=center,"
+            f"clip-eval/{kind}/v1(size={self.size},resize=shorter,crop=center,"
             f"mean={_fmt(self.mean)},std={_fmt(self.std)})"
         )
+
+
+@dataclass(frozen=True)
+class EvalTransform(_EvalParams):
+    """CLIP's test transform on PIL images: resize shorter side (PIL bicubic), centre crop, tensor, normalise.
+
+    ``__call__(img) -> float32 [3, size, size]``. Non-RGB images go through :func:`to_rgb` first.
+    """
+
+    def describe(self) -> str:
+        """A stable string naming the transform and its parameters (usable as a cache key)."""
+        return self._describe("pil-bicubic")
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
@@ -366,7 +374,7 @@ class EvalTransform:
 
 
 @dataclass(frozen=True)
-class TensorEvalTransform:
+class TensorEvalTransform(_EvalParams):
     """CLIP's test transform on tensors: resize shorter side (torch bicubic, antialiased), centre crop, normalise.
 
     Input: uint8 [0, 255] or float [0, 1], one image ``[3, H, W]``, a batch ``[N, 3, H, W]``, or a sequence of
@@ -374,21 +382,9 @@ class TensorEvalTransform:
     on the input's device.
     """
 
-    size: int = DEFAULT_SIZE
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-
-    def __post_init__(self) -> None:
-        _check_size(self.size)
-        _freeze_floats(self, "mean", "std")
-        _check_stats(self.mean, self.std)
-
     def describe(self) -> str:
         """A stable string naming the transform and its parameters (usable as a cache key)."""
-        return (
-            f"clip-eval/torch-bicubic-aa/v1(size={self.size},resize=shorter,crop=center,"
-            f"mean={_fmt(self.mean)},std={_fmt(self.std)})"
-        )
+        return self._describe("torch-bicubic-aa")
 
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         import torch
