@@ -173,3 +173,31 @@ def test_pickles_without_its_connection(cache):
     clone = pickle.loads(pickle.dumps(cache))
     assert clone.get_many(["k"])["k"].tolist() == [1.0, 1.0]
     clone.close()
+
+
+def _open_and_write(root: str, barrier, index: int) -> None:
+    from vlprompt.feature_cache import FeatureCache
+
+    barrier.wait()
+    with FeatureCache(root) as cache:
+        cache.put_many([(f"k{index}", np.full(4, index, dtype=np.float32))])
+
+
+def test_processes_opening_a_new_cache_together_all_succeed(tmp_path):
+    """Ranks of a distributed job open the same fresh cache at the same moment (SQLite's journal-mode switch would
+    answer 'database is locked' to all but one without the set-up lock)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(5):
+        root = tmp_path / f"cache{attempt}"
+        workers = 6
+        barrier = context.Barrier(workers)
+        processes = [context.Process(target=_open_and_write, args=(str(root), barrier, i)) for i in range(workers)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=120)
+        assert [process.exitcode for process in processes] == [0] * workers
+        with FeatureCache(root) as cache:
+            assert sorted(cache.get_many([f"k{i}" for i in range(workers)], dim=4)) == [f"k{i}" for i in range(workers)]

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
 
 from vlprompt.errors import VlpromptError
 
@@ -149,19 +151,28 @@ class FeatureCache:
             return self._conn
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                conn.close()
-                raise FeatureCacheError(
-                    f"the feature cache {self.path} has format version {version}, this vlprompt reads version "
-                    f"{SCHEMA_VERSION}: delete {self.root} or point VLPROMPT_CACHE at another folder"
-                )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            if version == 0:
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # Opening sets the journal mode and creates the schema; SQLite answers "database is locked" at once
+            # (without waiting out the busy timeout) when two processes do that together, as the ranks of a
+            # distributed job do, so the set-up is serialised by a lock file beside the database.
+            with FileLock(f"{self.path}.lock", timeout=self.timeout):
+                conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, SCHEMA_VERSION):
+                    conn.close()
+                    raise FeatureCacheError(
+                        f"the feature cache {self.path} has format version {version}, this vlprompt reads version "
+                        f"{SCHEMA_VERSION}: delete {self.root} or point VLPROMPT_CACHE at another folder"
+                    )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+                if version == 0:
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except FileLockTimeout:
+            raise FeatureCacheError(
+                f"the feature cache {self.path} stayed locked for {self.timeout:.0f} s by another process; retry, or "
+                "point VLPROMPT_CACHE at another folder"
+            ) from None
         except (sqlite3.Error, OSError) as exc:
             raise FeatureCacheError(
                 f"cannot use the feature cache {self.path}: {exc}. Check that the folder is writable and on a local "
