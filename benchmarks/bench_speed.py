@@ -17,7 +17,7 @@ cost does not depend on them):
   - ``text plain fp32`` / ``text fast fp32`` (CoOp: both; CoCoOp: the fast one): the same step on cached image
     features, so the sources of the speed-up are visible one at a time (image tower, fast text, bf16);
   - ``ours``: cached image features (no image tower), ``fast_text=True`` (shortest length, shared prefix), bf16
-    autocast on the CPU, cross-entropy, backward, SGD step (what :func:`vlprompt.train.train` does per step).
+    autocast on the CPU, cross-entropy, backward, SGD step (what :func:`vlprompt.training.loop.train` does per step).
 
   Repetitions of the paths of one group are interleaved (round robin, order rotated every round) and the median is
   reported, so the ratios are measured under the same machine load. The first call of each path is a warm-up; when it
@@ -41,8 +41,8 @@ cost does not depend on them):
   once). Text-encoder calls are counted with a forward hook on ``clip.ln_final`` (every plain encoding passes it once; a shared-prefix encoding once per length bucket, at most 4).
 
 * **A full 16-shot CoOp run** on 10 classes (160 synthetic JPEG images, 200 epochs, batch 32): ours end to end
-  (feature extraction of the images with ``--views`` augmented views by :func:`vlprompt.features.augmented_views`,
-  then :func:`vlprompt.train.train`), and the plain reference loop (decode + augment + image tower + 77-token text
+  (feature extraction of the images with ``--views`` augmented views by :func:`vlprompt.features.extract.augmented_views`,
+  then :func:`vlprompt.training.loop.train`), and the plain reference loop (decode + augment + image tower + 77-token text
   every step) timed for a few epochs and extrapolated (labelled).
 
 Threads: torch's intra-op thread count (``torch.get_num_threads()``, set with ``--threads``) is printed.
@@ -72,11 +72,11 @@ from torch import Tensor
 
 from vlprompt.backbone.model import CLIP, CLIPConfig
 from vlprompt.backbone.tiny import tiny_config
-from vlprompt.config import TrainConfig
+from vlprompt.training.config import TrainConfig
 from vlprompt.data.classnames import clean_classname
 from vlprompt.data.splitfile import parse_split, read_shipped_json
 from vlprompt.data.types import Item
-from vlprompt.evaluate import autocast_for, evaluate
+from vlprompt.evaluation.metrics import autocast_for, evaluate
 from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of
 from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vlprompt.methods.coop import CoOp, CoOpConfig
@@ -365,7 +365,7 @@ def make_step(clip: CLIP, method: FrozenClipMethod, *, images: Tensor | None, fe
     """One SGD step of ``method`` (the reference recipe's SGD; learned parameters fp32).
 
     ``images`` given: the frozen image tower runs on them first (fp32, no grad) as in the reference; else the cached
-    ``features`` are used. The method's forward runs under ``precision`` autocast, as :func:`vlprompt.train.train`.
+    ``features`` are used. The method's forward runs under ``precision`` autocast, as :func:`vlprompt.training.loop.train`.
     """
     recipe = TrainConfig()
     optimizer = torch.optim.SGD(method.parameters(), lr=recipe.lr, momentum=recipe.momentum,
@@ -630,8 +630,8 @@ def write_images(folder: Path, classes: int, shots: int, seed: int = 0) -> list[
 def bench_full_run(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Wall time of a full few-shot CoOp run, ours (measured end to end) and plain (a few epochs, extrapolated)."""
     from vlprompt.backbone.transforms import TrainTransform, load_image
-    from vlprompt.features import augmented_views
-    from vlprompt.train import epoch_batches, train
+    from vlprompt.features.extract import augmented_views
+    from vlprompt.training.loop import epoch_batches, train
 
     names, source = class_names(args.fullrun_classes)
     epochs, batch_size = args.fullrun_epochs, 32
@@ -885,7 +885,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.precision == "auto":
-        from vlprompt.precision import preferred_precision
+        from vlprompt.common.precision import preferred_precision
 
         args.precision = preferred_precision("cpu")
     args.classes = [int(k) for k in str(args.classes).split(",") if k.strip()]

@@ -24,7 +24,7 @@ import torch
 
 from vlprompt.backbone.convert import openai_to_hf
 from vlprompt.backbone.model import CLIP, CLIPConfig
-from vlprompt.io import atomic_write
+from vlprompt.common.io import atomic_write
 
 SOT, EOT = 49406, 49407  # CLIP's start- and end-of-text token ids (EOT is the largest id of the vocabulary)
 

@@ -42,7 +42,7 @@ def test_readme_workflow(clip, photos, tmp_path):
     coop = vp.build_method("coop", clip, data, n_ctx=4)
     before = coop.ctx.detach().clone()
     result = vp.fit(coop, data, shots=2, seed=1, epochs=3, lr=0.05, device="cpu")
-    assert result.kind == "sgd" and result.num_train == 10 and [s.epoch for s in result.history] == [1, 2, 3]
+    assert result.kind == "features" and result.num_train == 10 and [s.epoch for s in result.history] == [1, 2, 3]
     assert result.history[-1].loss < result.history[0].loss and not torch.equal(coop.ctx.detach(), before)
     metrics = vp.evaluate(coop, data)
     assert metrics["num_samples"] == len(data.test) and 0.0 <= metrics["accuracy"] <= 100.0
@@ -81,7 +81,7 @@ def test_linear_probe_and_zero_shot_through_fit(clip):
     assert result.history == [] and "val_accuracy" in result.info
     zeroshot = vp.build_method("zeroshot", clip, data)
     assert zeroshot.templates == ("{} texture.",)  # the dataset's hand-crafted template
-    assert vp.fit(zeroshot, data).kind == "fixed"
+    assert vp.fit(zeroshot, data).kind == "none"
     named = vp.build_method("zeroshot", clip, ["cat", "dog"])
     assert named.templates == ("a photo of a {}.",)
 

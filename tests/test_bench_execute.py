@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from vlprompt.bench.claims import claim_path, error_path, lock_holder, read_error, try_claim
-from vlprompt.bench.execute import RunRequest, execute_plan, work
-from vlprompt.bench.protocols import ProtocolOptions, build_plan
-from vlprompt.bench.status import RunState, inspect_run
-from vlprompt.bench.workers import threads_per_worker, worker_devices
+from vlprompt.harness.bench.claims import claim_path, error_path, lock_holder, read_error, try_claim
+from vlprompt.harness.bench.execute import RunRequest, execute_plan, work
+from vlprompt.harness.bench.protocols import ProtocolOptions, build_plan
+from vlprompt.harness.bench.status import RunState, inspect_run
+from vlprompt.harness.bench.workers import threads_per_worker, worker_devices
 from vlprompt.errors import ConfigError
 
 

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vlprompt.pipeline")
+pytest.importorskip("vlprompt.harness.pipeline")
 
 from clip_formats import save_openai_state_dict  # noqa: E402
 
 from vlprompt.backbone.tiny import build_tiny_clip  # noqa: E402
-from vlprompt.bench.aggregate import slugify  # noqa: E402
-from vlprompt.bench.execute import RunRequest, execute_plan  # noqa: E402
-from vlprompt.bench.protocols import ProtocolOptions, build_plan  # noqa: E402
-from vlprompt.bench.runner import PipelineRunner  # noqa: E402
-from vlprompt.bench.status import RunState, inspect_run  # noqa: E402
-from vlprompt.cli.main import main  # noqa: E402
-from vlprompt.config import TrainConfig  # noqa: E402
+from vlprompt.harness.report.aggregate import slugify  # noqa: E402
+from vlprompt.harness.bench.execute import RunRequest, execute_plan  # noqa: E402
+from vlprompt.harness.bench.protocols import ProtocolOptions, build_plan  # noqa: E402
+from vlprompt.harness.bench.runner import PipelineRunner  # noqa: E402
+from vlprompt.harness.bench.status import RunState, inspect_run  # noqa: E402
+from vlprompt.harness.cli.main import main  # noqa: E402
+from vlprompt.training.config import TrainConfig  # noqa: E402
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
@@ -107,7 +107,7 @@ def test_killed_protocol_completes_only_what_was_missing(tmp_path, tiny_model):
     out = tmp_path / "out"
     args = ["fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model), "--datasets", "dtd",
             "--shots", "1", "--seeds", "1", "2", "--budget", "--epochs", "3"]
-    command = [sys.executable, "-c", "import sys; from vlprompt.cli.main import main; sys.exit(main(sys.argv[1:]))",
+    command = [sys.executable, "-c", "import sys; from vlprompt.harness.cli.main import main; sys.exit(main(sys.argv[1:]))",
                "bench", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=os.environ | {"PYTHONUNBUFFERED": "1"})

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from vlprompt.bench.plan import model_tag, run_key
-from vlprompt.bench.protocols import (
+from vlprompt.harness.bench.plan import model_tag, run_key
+from vlprompt.harness.bench.protocols import (
     BENCHMARKS,
     COCOOP_PAPER_COOP,
     IMAGENET_VARIANTS,
     ProtocolOptions,
     build_plan,
 )
-from vlprompt.cli import bench_cmd
-from vlprompt.cli.main import main
-from vlprompt.config import TrainConfig
+from vlprompt.harness.cli import bench_cmd
+from vlprompt.harness.cli.main import main
+from vlprompt.training.config import TrainConfig
 from vlprompt.errors import ConfigError
 
 
@@ -239,7 +239,7 @@ def test_dry_run_of_transfer_protocols_and_budget_banner(tmp_path, capsys):
 def test_dry_run_does_not_import_torch(tmp_path):
     import subprocess
 
-    code = ("import sys; from vlprompt.cli.main import main; "
+    code = ("import sys; from vlprompt.harness.cli.main import main; "
             f"rc = main(['bench', 'fewshot', '--out', {str(tmp_path)!r}, '--dry-run']); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -269,13 +269,13 @@ def test_root_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def _parse(argv):
-    from vlprompt.cli.main import build_parser
+    from vlprompt.harness.cli.main import build_parser
 
     return build_parser().parse_args(argv)
 
 
 def test_skip_bad_images_reaches_every_run_config():
-    from vlprompt.bench.protocols import ProtocolOptions, build_plan
+    from vlprompt.harness.bench.protocols import ProtocolOptions, build_plan
 
     runs = build_plan("fewshot", ProtocolOptions(out=Path("o"), datasets=("dtd",), shots=(1,), seeds=(1,), skip_bad_images=True))
     assert runs and all(run.config.skip_bad_images for run in runs)

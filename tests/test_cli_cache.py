@@ -1,7 +1,7 @@
 import numpy as np
 
-from vlprompt.cli.main import main
-from vlprompt.feature_cache import FeatureCache
+from vlprompt.harness.cli.main import main
+from vlprompt.features.cache import FeatureCache
 
 
 def test_cache_stats_and_clear(tmp_path, capsys):

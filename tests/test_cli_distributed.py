@@ -18,8 +18,8 @@ import torch
 from clip_formats import save_openai_state_dict
 
 from vlprompt.backbone.tiny import build_tiny_clip
-from vlprompt.cli.main import main
-from vlprompt.runs import load_params
+from vlprompt.harness.cli.main import main
+from vlprompt.harness.rundir import load_params
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
@@ -40,7 +40,7 @@ def test_torchrun_training_matches_one_process(tmp_path, monkeypatch):
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlprompt.cli.main", *args,
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlprompt.harness.cli.main", *args,
                "--out", str(tmp_path / "ddp")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vlprompt.cli.method_options import add_method_arguments, collect_options, method_options_from_args
+from vlprompt.harness.cli.method_options import add_method_arguments, collect_options, method_options_from_args
 from vlprompt.errors import ConfigError
-from vlprompt.methods import METHODS, MethodSpec
+from vlprompt.methods import METHODS, MethodSpec, Training
 from vlprompt.methods.configs import CoCoOpConfig, CoOpConfig, LinearProbeConfig
 
 
@@ -86,7 +86,7 @@ def test_clashes_and_unsupported_types_are_programming_errors():
         mapping: dict = field(default_factory=dict)
 
     def spec(name: str, config_cls: type) -> MethodSpec:
-        return MethodSpec(name=name, config_cls=config_cls, kind="fixed", build=lambda *a: None,
+        return MethodSpec(name=name, config_cls=config_cls, training=Training.NONE, build=lambda *a: None,
                           train_defaults=lambda *a: {}, description="")
 
     with pytest.raises(ValueError, match="clashes"):

@@ -20,12 +20,12 @@ from clip_formats import save_openai_state_dict
 
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.tiny import build_tiny_clip
-from vlprompt.cli.main import main
-from vlprompt.config import RunConfig, TrainConfig
+from vlprompt.harness.cli.main import main
+from vlprompt.training.config import RunConfig, TrainConfig
 from vlprompt.data import load_dataset
 from vlprompt.methods.prompt_file import read_prompt_header
-from vlprompt.pipeline import run_experiment
-from vlprompt.runs import load_params
+from vlprompt.harness.pipeline import run_experiment
+from vlprompt.harness.rundir import load_params
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
@@ -98,7 +98,7 @@ def test_train_writes_the_documented_files(trained, env):
     assert metrics["accuracy"] == 100.0 * int(matrix.trace()) / 15
     assert list(metrics["per_class_accuracy"]) == DTD_CLASSES
     assert set(results["timing"]) == {"feature_s", "train_s", "eval_s"} and results["timing"]["train_s"] > 0
-    assert results["fit"]["kind"] == "sgd" and results["fit"]["epochs"] == 4 and results["fit"]["num_train"] == 10
+    assert results["fit"]["kind"] == "features" and results["fit"]["epochs"] == 4 and results["fit"]["num_train"] == 10
     assert results["config"] == config and results["versions"]["torch"] == torch.__version__
 
     cross = read(trained / "eval-oxford_flowers.json")

@@ -6,7 +6,7 @@ import json
 
 from test_data_support import FIXTURES, class_folders, needs_fixtures
 
-from vlprompt.cli.main import main
+from vlprompt.harness.cli.main import main
 
 
 def test_list_shows_every_dataset_with_folder_and_counts(capsys):

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train_standins import LinearHead, clustered_features, single_thread
 
-from vlprompt import dist
-from vlprompt.config import TrainConfig
+from vlprompt.common import dist
+from vlprompt.training.config import TrainConfig
 from vlprompt.errors import ConfigError, RunError
-from vlprompt.runs import RunDir
-from vlprompt.train import train
+from vlprompt.harness.rundir import RunDir
+from vlprompt.training.loop import train
 
 __all__ = ["single_thread"]  # the autouse fixture applies to this module
 

@@ -8,7 +8,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 from test_train_standins import LinearHead, clustered_features, single_thread, tiny_prompt
 
 from vlprompt.errors import ConfigError, DatasetError
-from vlprompt.evaluate import evaluate, metrics_from_predictions, predict, predict_topk
+from vlprompt.evaluation.metrics import evaluate, metrics_from_predictions, predict, predict_topk
 
 __all__ = ["single_thread"]  # the autouse fixture applies to this module
 
@@ -119,7 +119,7 @@ def test_bad_input_is_reported():
 
 
 def test_preferred_precision_follows_the_hardware(monkeypatch):
-    from vlprompt import precision
+    from vlprompt.common import precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
     assert precision.preferred_precision("cpu") == "bf16"
@@ -130,7 +130,7 @@ def test_preferred_precision_follows_the_hardware(monkeypatch):
 def test_cpu_has_fast_bf16_reads_the_amx_flag():
     from pathlib import Path
 
-    from vlprompt.precision import cpu_has_fast_bf16
+    from vlprompt.common.precision import cpu_has_fast_bf16
 
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():

@@ -17,8 +17,8 @@ from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.transforms import EvalTransform, TrainTransform, load_image, view_generator
 from vlprompt.data.types import Item
 from vlprompt.errors import ConfigError, DatasetError
-from vlprompt.feature_cache import FeatureCache
-from vlprompt.features import FeatureSet, augmented_views, extract_features
+from vlprompt.features.cache import FeatureCache
+from vlprompt.features.extract import FeatureSet, augmented_views, extract_features
 
 DTD = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data" / "dtd"
 
@@ -110,7 +110,7 @@ def test_second_call_is_served_from_the_cache(dtd, vit, tmp_path, monkeypatch):
 
     monkeypatch.setattr(vit, "encode_image", forbidden)
     monkeypatch.setattr(transforms, "load_image", forbidden)
-    monkeypatch.setattr("vlprompt.feature_cache.file_digest", forbidden)  # fixture files are old: stat suffices
+    monkeypatch.setattr("vlprompt.features.cache.file_digest", forbidden)  # fixture files are old: stat suffices
     second = extract_features(vit, root, items, cache=cache, batch_size=2)
     assert torch.equal(second.features, first.features) and second.labels.tolist() == first.labels.tolist()
     assert cache.hits == len(items)

@@ -10,9 +10,9 @@ import sqlite3
 import numpy as np
 import pytest
 
-from vlprompt import feature_cache
+from vlprompt.features import cache as feature_cache
 from vlprompt.errors import VlpromptError
-from vlprompt.feature_cache import FeatureCache, FeatureCacheError, FeatureKeyer, default_cache_root
+from vlprompt.features.cache import FeatureCache, FeatureCacheError, FeatureKeyer, default_cache_root
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_pickles_without_its_connection(cache):
 
 
 def _open_and_write(root: str, barrier, index: int) -> None:
-    from vlprompt.feature_cache import FeatureCache
+    from vlprompt.features.cache import FeatureCache
 
     barrier.wait()
     with FeatureCache(root) as cache:

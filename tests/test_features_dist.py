@@ -17,8 +17,8 @@ from PIL import Image
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.data.types import Item
 from vlprompt.errors import DatasetError
-from vlprompt.feature_cache import FeatureCache
-from vlprompt.features import augmented_views, extract_features
+from vlprompt.features.cache import FeatureCache
+from vlprompt.features.extract import augmented_views, extract_features
 
 WORLD = 2
 

@@ -8,7 +8,7 @@ import torch
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.tokenizer import get_tokenizer
 from vlprompt.errors import ConfigError
-from vlprompt.interpret import context_vectors, format_neighbours, nearest_words
+from vlprompt.prediction.interpret import context_vectors, format_neighbours, nearest_words
 from vlprompt.methods.coop import CoOp, CoOpConfig
 from vlprompt.methods.zeroshot import ZeroShot
 

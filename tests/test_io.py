@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from vlprompt.io import atomic_write, atomic_write_json, atomic_write_text
+from vlprompt.common.io import atomic_write, atomic_write_json, atomic_write_text
 
 
 def test_atomic_write_json_round_trip(tmp_path):

@@ -22,8 +22,10 @@ from vlprompt.methods.configs import (
 
 
 def test_registry_lists_the_five_methods_with_their_kinds():
-    assert {name: spec.kind for name, spec in METHODS.items()} == {
-        "zeroshot": "fixed", "ensemble": "fixed", "linear_probe": "closed_form", "coop": "sgd", "cocoop": "sgd"}
+    assert {name: spec.training.value for name, spec in METHODS.items()} == {
+        "zeroshot": "none", "ensemble": "none", "linear_probe": "closed_form", "coop": "features",
+        "cocoop": "features"}
+    assert [name for name, spec in METHODS.items() if not spec.transfers] == ["linear_probe"]
     assert all(spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TypeError):
         METHODS["mine"] = METHODS["coop"]  # type: ignore[index]

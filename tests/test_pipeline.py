@@ -1,4 +1,4 @@
-"""`vlprompt.pipeline`: configuration resolution, run_experiment's flow and files, evaluate_run, locking, failures after
+"""`vlprompt.harness.pipeline`: configuration resolution, run_experiment's flow and files, evaluate_run, locking, failures after
 training (resume evaluates only), budget marks, on the fixture photographs with a tiny random CLIP object."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 
 import vlprompt.stages
 from vlprompt.backbone.tiny import build_tiny_clip
-from vlprompt.config import RunConfig, TrainConfig
+from vlprompt.training.config import RunConfig, TrainConfig
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, RunError
-from vlprompt.pipeline import (
+from vlprompt.harness.pipeline import (
     EvalSpec,
     default_eval_name,
     evaluate_run,
@@ -24,7 +24,7 @@ from vlprompt.pipeline import (
     resolve_run_config,
     run_experiment,
 )
-from vlprompt.runs import RunDir, load_params
+from vlprompt.harness.rundir import RunDir, load_params
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")

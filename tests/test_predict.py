@@ -1,4 +1,4 @@
-"""`vlprompt.predict`: inputs (paths, folders, PIL images, tensors), probabilities against a hand computation,
+"""`vlprompt.prediction.predictor`: inputs (paths, folders, PIL images, tensors), probabilities against a hand computation,
 unreadable files, class lists."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.transforms import EvalTransform, load_image
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.methods.zeroshot import encode_prompts
-from vlprompt.predict import Predictor, expand_inputs, parse_classnames, read_classes_file
+from vlprompt.prediction.predictor import Predictor, expand_inputs, parse_classnames, read_classes_file
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")

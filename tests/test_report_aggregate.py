@@ -8,7 +8,7 @@ import math
 import pytest
 from test_report_support import write_result, write_seeds
 
-from vlprompt.bench.aggregate import (
+from vlprompt.harness.report.aggregate import (
     Stats,
     canonical_dataset,
     collect_results,

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 import pytest
 from test_report_support import write_result, write_seeds
 
-from vlprompt.bench.aggregate import BUDGET_BANNER
-from vlprompt.cli import report_cmd
+from vlprompt.harness.report.aggregate import BUDGET_BANNER
+from vlprompt.harness.cli import report_cmd
 from vlprompt.errors import ConfigError, RunError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
-from vlprompt.bench.aggregate import BUDGET_BANNER, SkippedFile
-from vlprompt.bench.html import HtmlFigure, HtmlSection, render_html, table_html
-from vlprompt.bench.tables import Cell, Row, Table
+from vlprompt.harness.report.aggregate import BUDGET_BANNER, SkippedFile
+from vlprompt.harness.report.html import HtmlFigure, HtmlSection, render_html, table_html
+from vlprompt.harness.report.tables import Cell, Row, Table
 
 NOW = datetime(2025, 6, 7, 8, 9, 10, tzinfo=timezone.utc)
 

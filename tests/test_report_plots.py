@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from test_report_support import write_result, write_seeds
 
-from vlprompt.bench.aggregate import BUDGET_BANNER, collect_results, group_records, partition_groups
-from vlprompt.bench.plots import base2novel_figure, fewshot_figure, figure_bytes, partition_figures
+from vlprompt.harness.report.aggregate import BUDGET_BANNER, collect_results, group_records, partition_groups
+from vlprompt.harness.report.plots import base2novel_figure, fewshot_figure, figure_bytes, partition_figures
 
 
 def partition_of(root):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlprompt.bench.aggregate import parse_result
+from vlprompt.harness.report.aggregate import parse_result
 
 
 def result_payload(**fields: Any) -> dict[str, Any]:

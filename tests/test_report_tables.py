@@ -8,9 +8,9 @@ import io
 import pytest
 from test_report_support import write_result, write_seeds
 
-from vlprompt.bench import published as pub
-from vlprompt.bench.aggregate import BENCHMARK_DATASETS, collect_results, group_records, partition_groups
-from vlprompt.bench.tables import CELL_LEGEND, build_tables, groups_csv, to_csv, to_markdown
+from vlprompt.harness.report import published as pub
+from vlprompt.harness.report.aggregate import BENCHMARK_DATASETS, collect_results, group_records, partition_groups
+from vlprompt.harness.report.tables import CELL_LEGEND, build_tables, groups_csv, to_csv, to_markdown
 
 
 def tables_of(root, show_published=True):

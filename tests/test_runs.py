@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from vlprompt.config import RunConfig
+from vlprompt.training.config import RunConfig
 from vlprompt.errors import CheckpointError, ConfigError, RunError
-from vlprompt.runs import RunDir, load_params, result_payload, run_status
+from vlprompt.harness.rundir import RunDir, load_params, result_payload, run_status
 
 CONFIG = {"method": "coop", "train": {"lr": 0.002, "device": "cpu"}, "shots": 16}
 
@@ -52,7 +52,7 @@ def test_folder_in_use_is_refused_naming_the_pid(tmp_path):
 def test_lock_held_by_another_process(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from vlprompt.runs import RunDir
+        from vlprompt.harness.rundir import RunDir
         run = RunDir.create_or_open({str(tmp_path / "a")!r}, {{"x": 1}})
         print("locked", flush=True)
         sys.stdin.readline()
@@ -190,7 +190,7 @@ def test_checkpoint_round_trip_and_damage(tmp_path):
 
 
 def test_crash_while_saving_a_checkpoint_leaves_a_complete_one(tmp_path, monkeypatch):
-    import vlprompt.runs as runs
+    import vlprompt.harness.rundir as runs
 
     first = ({"w": torch.ones(3)}, {"0.m": torch.full((3,), 0.5)}, {"epoch": 1})
     second = ({"w": torch.full((3,), 2.0)}, {"0.m": torch.full((3,), 0.25)}, {"epoch": 2})

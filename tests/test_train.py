@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from test_train_standins import Features, LinearHead, clustered_features, single_thread, tiny_prompt
 from torch import nn
 
-from vlprompt.config import TrainConfig
+from vlprompt.training.config import TrainConfig
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, VlpromptError
-from vlprompt.runs import RunDir, load_params
-from vlprompt.train import (TrainingDiverged, derive_seed, epoch_batches, epoch_view_indices, lr_at_epoch, lr_schedule,
+from vlprompt.harness.rundir import RunDir, load_params
+from vlprompt.training.loop import (TrainingDiverged, derive_seed, epoch_batches, epoch_view_indices, lr_at_epoch, lr_schedule,
                             train)
 
 CONFIG = TrainConfig(epochs=4, batch_size=8)

@@ -11,7 +11,7 @@ from typing import Literal
 
 import pytest
 
-from vlprompt.config import (
+from vlprompt.training.config import (
     RunConfig,
     TrainConfig,
     add_dataclass_arguments,

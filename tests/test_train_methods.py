@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from test_train_standins import clustered_features, single_thread
 
 from vlprompt.backbone.tiny import build_tiny_clip
-from vlprompt.config import TrainConfig
-from vlprompt.evaluate import evaluate
+from vlprompt.training.config import TrainConfig
+from vlprompt.evaluation.metrics import evaluate
 from vlprompt.methods import METHODS
-from vlprompt.runs import RunDir, load_params
-from vlprompt.train import train
+from vlprompt.harness.rundir import RunDir, load_params
+from vlprompt.training.loop import train
 
 __all__ = ["single_thread"]  # the autouse fixture applies to this module
 

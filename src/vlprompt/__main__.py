@@ -2,6 +2,6 @@
 
 import sys
 
-from vlprompt.cli.main import main
+from vlprompt.harness.cli.main import main
 
 sys.exit(main())

@@ -27,14 +27,14 @@ from typing import Any
 
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.model import CLIP
-from vlprompt.config import RunConfig, TrainConfig, resolve_train_config
+from vlprompt.training.config import RunConfig, TrainConfig, resolve_train_config
 from vlprompt.data import DatasetSplits, load_dataset
 from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS, get_method
 from vlprompt.methods.prompt_file import load_prompt, save_prompt
-from vlprompt.pipeline import EvalSpec, evaluate_run, run_experiment
-from vlprompt.predict import Prediction, Predictor
-from vlprompt.train import EpochStats
+from vlprompt.harness.pipeline import EvalSpec, evaluate_run, run_experiment
+from vlprompt.prediction.predictor import Prediction, Predictor
+from vlprompt.training.loop import EpochStats
 
 __all__ = [
     "METHODS",
@@ -62,8 +62,8 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 class FitResult:
     """What :func:`fit` did.
 
-    ``kind``: "sgd", "closed_form" or "fixed" (nothing fitted). ``num_train``: training images used. ``history``:
-    one :class:`~vlprompt.train.EpochStats` per SGD epoch (loss, accuracy, lr). ``info``: the closed-form fit's
+    ``kind``: the method's ``Training`` value ("features", "closed_form", "none" = nothing fitted, ...). ``num_train``: training images used. ``history``:
+    one :class:`~vlprompt.training.loop.EpochStats` per SGD epoch (loss, accuracy, lr). ``info``: the closed-form fit's
     record (the linear probe's chosen C, validation accuracy, search). Times in seconds.
     """
 
@@ -110,11 +110,10 @@ def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, tra
     """
     from vlprompt.stages import (
         FeatureOptions,
-        eval_features,
         fit_method,
         open_feature_cache,
         require_images,
-        train_features,
+        training_sets,
         training_splits,
     )
 
@@ -128,27 +127,23 @@ def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, tra
         raise ConfigError(f"unknown training option: {exc}; use the fields of TrainConfig") from None
     config = resolve_train_config(dataclasses.replace(config, seed=seed), method=spec.name, shots=shots,
                                   dataset=data.name)
-    if spec.kind == "fixed":
-        return FitResult("fixed")
+    if not spec.training.uses_training_images:
+        return FitResult(spec.training.value)
     sample = training_splits(data, shots=shots, seed=seed, subset="all")
     require_images(sample, "train")
     options = FeatureOptions(device=method.clip.device, precision=config.precision, num_workers=config.num_workers,
                              cache=open_feature_cache(feature_cache), progress=progress)
-    if spec.kind == "sgd":
-        train_set, val_set = train_features(method.clip, sample, config, options), None
-    else:
-        train_set = eval_features(method.clip, sample, "train", options)
-        val_set = eval_features(method.clip, sample, "val", options) if sample.val else None
+    train_set, val_set = training_sets(spec, method.clip, sample, config, options)
     outcome = fit_method(method, spec, train_set, val_set, train=config, device=None, on_epoch_end=on_epoch_end,
                          progress=progress)
-    info = {k: v for k, v in outcome.summary.items() if k != "num_train"} if spec.kind == "closed_form" else {}
+    info = {k: v for k, v in outcome.summary.items() if k != "num_train"} if not spec.training.uses_sgd else {}
     return FitResult(outcome.kind, len(train_set), outcome.seconds, options.seconds, outcome.history, info)
 
 
 def evaluate(method: Any, data: DatasetSplits, *, split: str = "test", precision: str = "fp32",
              feature_cache: Any = None, progress: bool | None = None) -> dict[str, Any]:
     """Metrics of ``method`` on ``split`` of ``data``: accuracy and macro F1 in percent, per-class accuracy,
-    confusion matrix, number of images (see :func:`vlprompt.evaluate.evaluate`).
+    confusion matrix, number of images (see :func:`vlprompt.evaluation.metrics.evaluate`).
 
     ``data`` must have the method's classes; for another dataset (cross-dataset transfer) evaluate
     ``method.with_classnames(other.classnames)``, and for the novel classes of base-to-novel pass

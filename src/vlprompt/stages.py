@@ -1,6 +1,6 @@
 """The steps of an experiment as plain functions: data -> features -> method -> fit -> metrics.
 
-:mod:`vlprompt.pipeline` (run folders, result files) and :mod:`vlprompt.api` (the Python API) both run these steps;
+:mod:`vlprompt.harness.pipeline` (run folders, result files) and :mod:`vlprompt.api` (the Python API) both run these steps;
 nothing here touches a run folder except through the ``run_dir`` handed to :func:`fit_method` for checkpoints.
 
 - :func:`method_config` / :func:`build_method_for`: a method's typed config from plain options, and the method built
@@ -9,7 +9,7 @@ nothing here touches a run folder except through the ``run_dir`` handed to :func
   base / new class subset.
 - :class:`FeatureOptions`, :func:`eval_features`, :func:`train_features`: frozen image-tower features through the
   feature cache (evaluation transform; augmented views for gradient-trained methods).
-- :func:`fit_method`: SGD (:func:`vlprompt.train.train`), closed form (``method.fit``) or nothing, by the method's kind.
+- :func:`fit_method`: SGD (:func:`vlprompt.training.loop.train`), closed form (``method.fit``) or nothing, by the method's kind.
 - :func:`adapt_method`: the method for another class list (cross-dataset, base-to-novel "new").
 - :func:`score`: test metrics with the classifier's text features computed once.
 """
@@ -30,13 +30,13 @@ if TYPE_CHECKING:
     import torch
 
     from vlprompt.backbone.model import CLIP
-    from vlprompt.config import RunConfig, TrainConfig
+    from vlprompt.training.config import RunConfig, TrainConfig
     from vlprompt.data import DatasetSplits
-    from vlprompt.feature_cache import FeatureCache
-    from vlprompt.features import FeatureSet
+    from vlprompt.features.cache import FeatureCache
+    from vlprompt.features.extract import FeatureSet
     from vlprompt.methods import MethodSpec
-    from vlprompt.runs import RunDir
-    from vlprompt.train import EpochStats
+    from vlprompt.harness.rundir import RunDir
+    from vlprompt.training.loop import EpochStats
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ FEATURE_BATCH_SIZE = 64
 def open_feature_cache(cache: Any = None) -> FeatureCache | None:
     """The feature cache to use: None or True -> the default location (``$VLPROMPT_CACHE/features`` or the user
     cache folder), False -> no cache, a path -> a cache there, a :class:`FeatureCache` -> itself."""
-    from vlprompt.feature_cache import FeatureCache
+    from vlprompt.features.cache import FeatureCache
 
     if cache is False:
         return None
@@ -68,7 +68,7 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     """``auto`` (CUDA when available, the process's own GPU under torchrun), ``cpu``, ``cuda`` or ``cuda:N``."""
     import torch
 
-    from vlprompt import dist
+    from vlprompt.common import dist
 
     if isinstance(spec, torch.device):
         return spec
@@ -118,7 +118,7 @@ def seeded_rng(seed: int, stream: str, device: torch.device) -> Iterator[None]:
     """Seed torch's RNG for a block from (``seed``, ``stream``), restoring the caller's RNG state afterwards."""
     import torch
 
-    from vlprompt.train import derive_seed
+    from vlprompt.training.loop import derive_seed
 
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -138,7 +138,7 @@ def adapt_method(method: Any, spec: MethodSpec, options: Mapping[str, Any], targ
     """
     if same_dataset and list(method.classnames) == list(target.classnames):
         return method
-    if spec.kind == "fixed":
+    if not spec.training.uses_training_images:
         return build_method_for(spec, method.clip, target.classnames, options, dataset=target.name,
                                 template=target.template, seed=seed)
     return method.with_classnames(list(target.classnames))
@@ -199,7 +199,7 @@ class FeatureOptions:
 
 def eval_features(clip: CLIP, splits: DatasetSplits, split: str, options: FeatureOptions) -> FeatureSet:
     """Evaluation-transform features ``[N, D]`` of one split ("train", "val" or "test")."""
-    from vlprompt.features import extract_features
+    from vlprompt.features.extract import extract_features
 
     with options.timed():
         return options.note_skipped(extract_features(
@@ -219,8 +219,8 @@ def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, option
 
     The views form one pool per image, drawn from :data:`AUGMENTATION_POOL_SEED` rather than the run's seed, so the
     feature cache serves them to every run, method and seed; the run's seed decides which view each image shows in
-    each epoch (:func:`vlprompt.train.epoch_view_indices`)."""
-    from vlprompt.features import augmented_views
+    each epoch (:func:`vlprompt.training.loop.epoch_view_indices`)."""
+    from vlprompt.features.extract import augmented_views
 
     views = train.num_views
     if views == 0:
@@ -247,7 +247,7 @@ def require_images(splits: DatasetSplits, split: str) -> None:
 
 @dataclass
 class FitOutcome:
-    """What fitting did: the method's kind, seconds spent, and a JSON-ready summary for the result file."""
+    """What fitting did: the method's training kind (``Training`` value), seconds spent, and a JSON-ready summary for the result file."""
 
     kind: str
     seconds: float = 0.0
@@ -255,23 +255,44 @@ class FitOutcome:
     history: list[EpochStats] = field(default_factory=list)
 
 
+def training_sets(spec: MethodSpec, clip: CLIP, data: DatasetSplits, train: TrainConfig,
+                  options: FeatureOptions) -> tuple[FeatureSet | None, FeatureSet | None]:
+    """``(train_set, val_set)`` a method learns from, as its registry entry declares: augmented views for the SGD loop
+    on cached features (``train.views``), eval-transform train and validation features for a closed-form fit, nothing
+    for methods without training images."""
+    from vlprompt.methods import Training
+
+    if spec.training is Training.FEATURES:
+        return train_features(clip, data, train, options), None
+    if spec.training is Training.CLOSED_FORM:
+        val = eval_features(clip, data, "val", options) if data.val else None
+        return eval_features(clip, data, "train", options), val
+    if spec.training is Training.IMAGES:
+        raise ConfigError(f"method {spec.name} trains with images through the towers, which this version cannot do")
+    return None, None
+
+
 def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_set: FeatureSet | None, *,
                train: TrainConfig | None = None, run_dir: RunDir | None = None, device: torch.device | None = None,
                on_epoch_end: Callable[[EpochStats], None] | None = None, progress: bool | None = None) -> FitOutcome:
-    """Fit ``method`` by its kind: "sgd" -> :func:`vlprompt.train.train` (``train`` resolved; checkpoints into
-    ``run_dir`` and resumes from one), "closed_form" -> ``method.fit(train_set, val_set)``, "fixed" -> nothing."""
-    if spec.kind == "fixed":
-        return FitOutcome("fixed")
+    """Fit ``method`` as its registry entry declares (``spec.training``): the SGD loop
+    (:func:`vlprompt.training.loop.train`, ``train`` resolved; checkpoints into ``run_dir`` and resumes from one),
+    ``method.fit(train_set, val_set)`` for a closed-form fit, nothing otherwise."""
+    from vlprompt.methods import Training
+
+    kind = spec.training.value
+    if not spec.training.uses_training_images:
+        return FitOutcome(kind)
     if train_set is None:
         raise ConfigError(f"method {spec.name} learns from training images: give training features")
     started = time.perf_counter()
-    if spec.kind == "closed_form":
+    if spec.training is Training.CLOSED_FORM:
         info = method.fit(train_set, val_set)
         seconds = time.perf_counter() - started
-        return FitOutcome("closed_form", seconds, {"num_train": len(train_set), **_jsonable(info)})
+        return FitOutcome(kind, seconds, {"num_train": len(train_set), **_jsonable(info)})
     if train is None or not train.is_resolved:
         raise ConfigError("SGD training needs a resolved TrainConfig (epochs and batch size set)")
-    from vlprompt.train import train as run_training
+    from vlprompt.training.loop import train as run_training
 
     result = run_training(method, train_set, train, run_dir=run_dir, device=device, on_epoch_end=on_epoch_end,
                           progress=progress)
@@ -280,7 +301,7 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_
                "resumed_after_epoch": result.start_epoch,
                "final_loss": last.loss if last else None, "final_train_accuracy": last.accuracy if last else None,
                "loss_history": [stats.loss for stats in result.history]}
-    return FitOutcome("sgd", result.train_s, summary, list(result.history))
+    return FitOutcome(kind, result.train_s, summary, list(result.history))
 
 
 def _jsonable(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -295,8 +316,8 @@ def _jsonable(info: Mapping[str, Any]) -> dict[str, Any]:
 def score(method: Any, features: FeatureSet, classnames: list[str], options: FeatureOptions) -> tuple[dict[str, Any],
                                                                                                      float]:
     """``(metrics, seconds)`` of ``method`` on ``features``: its classifier (text features computed once) applied
-    in batches; metrics as :func:`vlprompt.evaluate.evaluate` (accuracy in percent)."""
-    from vlprompt.evaluate import evaluate
+    in batches; metrics as :func:`vlprompt.evaluation.metrics.evaluate` (accuracy in percent)."""
+    from vlprompt.evaluation.metrics import evaluate
 
     started = time.perf_counter()
     classifier = method.classifier()

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any, BinaryIO
 
 from vlprompt.errors import CheckpointError
-from vlprompt.io import atomic_write
+from vlprompt.common.io import atomic_write
 
 _BASE_URL = "https://openaipublic.azureedge.net/clip/models"
 _CHUNK = 1 << 20

@@ -26,7 +26,7 @@ from typing import Any
 from vlprompt.data.listing import format_offenders
 from vlprompt.data.types import DatasetSplits, Item
 from vlprompt.errors import ConfigError, DatasetError
-from vlprompt.io import atomic_write_text
+from vlprompt.common.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

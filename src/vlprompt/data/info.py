@@ -14,7 +14,7 @@ from vlprompt.errors import DatasetError
 
 def default_cache_dir() -> Path:
     """Where split files created for read-only datasets go: ``$VLPROMPT_CACHE/splits`` or the user cache folder."""
-    from vlprompt.paths import cache_dir
+    from vlprompt.common.paths import cache_dir
 
     return cache_dir("splits")
 

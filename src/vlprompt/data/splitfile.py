@@ -18,7 +18,7 @@ from typing import Any
 from vlprompt.data.listing import format_offenders
 from vlprompt.data.types import SPLIT_NAMES, Item
 from vlprompt.errors import DatasetError
-from vlprompt.io import atomic_write_json
+from vlprompt.common.io import atomic_write_json
 
 # (relative path, label, class name) as stored in a split file
 Entry = tuple[str, int, str]

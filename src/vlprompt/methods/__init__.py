@@ -9,11 +9,12 @@ This package module imports nothing heavy: the configs live in :mod:`vlprompt.me
 
 from __future__ import annotations
 
+import enum
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from vlprompt.errors import ConfigError
 from vlprompt.methods.configs import (
@@ -32,7 +33,32 @@ if TYPE_CHECKING:
 
     from vlprompt.backbone.model import CLIP
 
-MethodKind = Literal["fixed", "closed_form", "sgd"]
+
+
+class Training(enum.StrEnum):
+    """What a method needs to learn, declared once in its registry entry and read by the pipeline, the API and the
+    protocols (which features to compute, which fit to run, whether it needs training images)."""
+
+    NONE = "none"
+    """nothing to fit: the method is complete when built (zero-shot CLIP, prompt ensembling)"""
+    CLOSED_FORM = "closed_form"
+    """``method.fit(train, val)`` once on frozen eval-transform features (linear probe)"""
+    FEATURES = "features"
+    """the SGD loop (:func:`vlprompt.training.loop.train`) on cached frozen image features (CoOp, CoCoOp)"""
+    IMAGES = "images"
+    """the SGD loop with images decoded and augmented on the fly through the (prompted) towers"""
+    TEST_TIME = "test_time"
+    """adaptation per test image at evaluation; no training images"""
+
+    @property
+    def uses_training_images(self) -> bool:
+        """True when the method learns from a training split (few-shot sample, validation split)."""
+        return self in (Training.CLOSED_FORM, Training.FEATURES, Training.IMAGES)
+
+    @property
+    def uses_sgd(self) -> bool:
+        """True when the trainer optimises ``method.parameters()``."""
+        return self in (Training.FEATURES, Training.IMAGES)
 
 
 @dataclass(frozen=True)
@@ -51,42 +77,45 @@ class LazyBuild:
 class MethodSpec:
     """A registered method.
 
-    ``kind``: "fixed" (nothing to learn), "closed_form" (``method.fit(train, val)``), "sgd" (the trainer optimises
-    ``method.parameters()``). ``train_defaults(shots, dataset)`` gives the reference's training recipe for the
+    ``training``: what the method needs to learn (:class:`Training`). ``train_defaults(shots, dataset)`` gives the reference's training recipe for the
     trainer (batch size, epochs, optimiser settings; empty for methods that are not trained by SGD).
     """
 
     name: str
     config_cls: type
-    kind: MethodKind
+    training: Training
     build: Callable[[CLIP, list[str], Any], nn.Module]
     train_defaults: Callable[[int | None, str | None], dict[str, Any]]
     description: str
+    transfers: bool = True
+    """its learned state can classify another class list (base-to-novel "new" classes, another dataset) through
+    ``method.with_classnames``; False for a classifier over the training classes only (linear probe)"""
 
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({
     "zeroshot": MethodSpec(
-        name="zeroshot", config_cls=ZeroShotConfig, kind="fixed",
+        name="zeroshot", config_cls=ZeroShotConfig, training=Training.NONE,
         build=LazyBuild("vlprompt.methods.zeroshot:build_zeroshot"), train_defaults=no_train_defaults,
         description="zero-shot CLIP with the dataset's hand-crafted template",
     ),
     "ensemble": MethodSpec(
-        name="ensemble", config_cls=EnsembleConfig, kind="fixed",
+        name="ensemble", config_cls=EnsembleConfig, training=Training.NONE,
         build=LazyBuild("vlprompt.methods.zeroshot:build_ensemble"), train_defaults=no_train_defaults,
         description="zero-shot CLIP with prompt ensembling (mean of normalised text features over templates)",
     ),
     "linear_probe": MethodSpec(
-        name="linear_probe", config_cls=LinearProbeConfig, kind="closed_form",
+        name="linear_probe", config_cls=LinearProbeConfig, training=Training.CLOSED_FORM,
         build=LazyBuild("vlprompt.methods.linear_probe:build_linear_probe"), train_defaults=no_train_defaults,
         description="logistic regression on frozen image features, C searched on the validation split",
+        transfers=False,
     ),
     "coop": MethodSpec(
-        name="coop", config_cls=CoOpConfig, kind="sgd",
+        name="coop", config_cls=CoOpConfig, training=Training.FEATURES,
         build=LazyBuild("vlprompt.methods.coop:build_coop"), train_defaults=coop_train_defaults,
         description="CoOp: learned context vectors (unified or class-specific) in the text prompt",
     ),
     "cocoop": MethodSpec(
-        name="cocoop", config_cls=CoCoOpConfig, kind="sgd",
+        name="cocoop", config_cls=CoCoOpConfig, training=Training.FEATURES,
         build=LazyBuild("vlprompt.methods.cocoop:build_cocoop"), train_defaults=cocoop_train_defaults,
         description="CoCoOp: CoOp's context plus a per-image token from a small meta-net",
     ),
@@ -120,8 +149,8 @@ __all__ = [
     "EnsembleConfig",
     "LazyBuild",
     "LinearProbeConfig",
-    "MethodKind",
     "MethodSpec",
+    "Training",
     "ZeroShotConfig",
     "config_for_dataset",
     "get_method",

@@ -34,7 +34,7 @@ __all__ = ["LinearProbe", "LinearProbeConfig", "build_linear_probe", "search_c"]
 
 
 class Features(Protocol):
-    """What :meth:`LinearProbe.fit` reads from a ``vlprompt.features.FeatureSet``."""
+    """What :meth:`LinearProbe.fit` reads from a ``vlprompt.features.extract.FeatureSet``."""
 
     features: Tensor
     labels: Tensor

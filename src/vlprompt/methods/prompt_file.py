@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import CheckpointError, ConfigError
-from vlprompt.io import atomic_write_bytes
+from vlprompt.common.io import atomic_write_bytes
 from vlprompt.methods import METHODS
 from vlprompt.methods.base import FrozenClipMethod, rng_untouched
 from vlprompt.methods.configs import config_from_dict, config_to_dict

@@ -1,0 +1,1 @@
+"""Evaluation: metrics of a classifier on image features (``metrics``)."""

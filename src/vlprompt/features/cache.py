@@ -1,0 +1,335 @@
+"""On-disk cache of frozen image-tower features, shared by runs, methods, seeds and processes.
+
+Storage is one SQLite database (stdlib :mod:`sqlite3`, WAL journal) under the cache root:
+
+* ``features(key TEXT PRIMARY KEY, dim INTEGER, crc INTEGER, data BLOB)``: one row per (image, view); ``data`` holds
+  ``dim`` little-endian float32 values and ``crc`` their CRC-32. A row whose byte length, dimension or checksum does not
+  match is *corrupt*: :meth:`FeatureCache.get_many` treats it as missing (it is recomputed and overwritten), so an
+  invalid entry is never served.
+* ``file_hashes(path TEXT PRIMARY KEY, size, mtime_ns, ctime_ns, ino, digest, hashed_at_ns)``: SHA-256 of image files,
+  reused while the file's stat is unchanged so unchanged files are not read again to be hashed.
+
+A feature's key (:class:`FeatureKeyer`) is the SHA-256 of the backbone's fingerprint (architecture and every weight),
+the precision, the device kind, the transform's description, the view (``"eval"``, or seed + view index + image path
+for augmented views) and the SHA-256 of the image file's bytes. A changed image, model, transform or view therefore
+gives a new key; nothing is ever invalidated in place.
+
+Concurrency: several processes (ranks of one job, or separate runs) may read and write the same cache at once; SQLite
+serialises writers, and each connection waits up to ``timeout`` seconds for a lock. WAL needs a local file system
+(not NFS). A :class:`FeatureCache` object opens one connection per process, lazily, and may be pickled to workers.
+
+This module does not import torch: vectors go in and come out as float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
+
+from vlprompt.errors import VlpromptError
+
+SCHEMA_VERSION = 1
+DB_NAME = "features.sqlite"
+KEY_FORMAT = "vlprompt-features/1"
+# A stored file hash is trusted only if the file's last change was this long before it was hashed: file systems with
+# coarse timestamps could otherwise hide a same-size rewrite within the same tick ("racily clean" files, as in git).
+RACY_MARGIN_NS = 2_000_000_000
+_SQL_CHUNK = 500  # keys per "IN (...)" query, well under SQLite's variable limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS features (key TEXT PRIMARY KEY, dim INTEGER NOT NULL, crc INTEGER NOT NULL,
+                                     data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS file_hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                                        ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, digest TEXT NOT NULL,
+                                        hashed_at_ns INTEGER NOT NULL);
+"""
+
+
+class FeatureCacheError(VlpromptError):
+    """The feature cache database cannot be opened, is not a vlprompt feature cache, or has another format version."""
+
+
+def default_cache_root() -> Path:
+    """``$VLPROMPT_CACHE/features`` if that variable is set, else ``<user cache dir>/vlprompt/features``."""
+    from vlprompt.common.paths import cache_dir
+
+    return cache_dir("features")
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+@dataclass(frozen=True)
+class FeatureKeyer:
+    """Builds cache keys: the constant part (model, precision, device kind, transform) is hashed once.
+
+    ``model`` is the backbone's :meth:`~vlprompt.backbone.model.CLIP.fingerprint`, ``transform`` the transform's
+    ``describe()``; ``device_kind`` is ``"cpu"`` or ``"cuda"`` (kernels differ in their last bits).
+    """
+
+    model: str
+    precision: str
+    device_kind: str
+    transform: str
+
+    def _base(self) -> Any:
+        head = json.dumps([KEY_FORMAT, self.model, self.precision, self.device_kind, self.transform])
+        return hashlib.sha256(head.encode())
+
+    def eval_key(self, digest: str) -> str:
+        """Key of the evaluation (deterministic) feature of the image whose content hash is ``digest``."""
+        h = self._base()
+        h.update(json.dumps(["eval", digest]).encode())
+        return h.hexdigest()
+
+    def view_key(self, digest: str, *, seed: int, view: int, path: str) -> str:
+        """Key of augmented view ``view`` (drawn with ``seed`` and the item ``path``) of the image ``digest``."""
+        h = self._base()
+        h.update(json.dumps(["view", int(seed), int(view), path, digest]).encode())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Size of the cache and what this :class:`FeatureCache` object served since it was created."""
+
+    path: Path
+    rows: int            # stored feature rows
+    payload_bytes: int   # bytes of feature data
+    file_bytes: int      # database file size on disk (with its WAL)
+    hashed_files: int    # files whose content hash is remembered
+    hits: int            # rows served by this object
+    misses: int          # keys asked for and not found (or corrupt)
+    corrupt: int         # rows found but rejected (wrong length, dimension or checksum)
+
+
+class FeatureCache:
+    """SQLite-backed feature cache; see the module docstring for the format and guarantees."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 120.0) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_cache_root()
+        self.timeout = timeout
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self.root / DB_NAME
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.root)!r})"
+
+    # -- connection ---------------------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_conn"] = None
+        state["_pid"] = -1
+        return state
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Opening sets the journal mode and creates the schema; SQLite answers "database is locked" at once
+            # (without waiting out the busy timeout) when two processes do that together, as the ranks of a
+            # distributed job do, so the set-up is serialised by a lock file beside the database.
+            with FileLock(f"{self.path}.lock", timeout=self.timeout):
+                conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, SCHEMA_VERSION):
+                    conn.close()
+                    raise FeatureCacheError(
+                        f"the feature cache {self.path} has format version {version}, this vlprompt reads version "
+                        f"{SCHEMA_VERSION}: delete {self.root} or point VLPROMPT_CACHE at another folder"
+                    )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+                if version == 0:
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except FileLockTimeout:
+            raise FeatureCacheError(
+                f"the feature cache {self.path} stayed locked for {self.timeout:.0f} s by another process; retry, or "
+                "point VLPROMPT_CACHE at another folder"
+            ) from None
+        except (sqlite3.Error, OSError) as exc:
+            raise FeatureCacheError(
+                f"cannot use the feature cache {self.path}: {exc}. Check that the folder is writable and on a local "
+                f"file system; if the file is damaged, delete {self.root} (it only holds recomputable features)"
+            ) from None
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        """Close this process's connection (it reopens on next use)."""
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, sql: str, rows: Sequence[tuple]) -> None:
+        if not rows:
+            return
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(sql, rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise FeatureCacheError(f"cannot write to the feature cache {self.path}: {exc}") from None
+
+    def _select(self, sql: str, keys: Sequence[str]) -> list[tuple]:
+        conn = self._connection()
+        rows: list[tuple] = []
+        try:
+            for start in range(0, len(keys), _SQL_CHUNK):
+                chunk = keys[start:start + _SQL_CHUNK]
+                rows += conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+        except sqlite3.Error as exc:
+            raise FeatureCacheError(f"cannot read the feature cache {self.path}: {exc}") from None
+        return rows
+
+    # -- features -----------------------------------------------------------------------------------------------------
+    def get_many(self, keys: Sequence[str], dim: int | None = None) -> dict[str, np.ndarray]:
+        """The stored rows among ``keys`` as float32 vectors; missing and corrupt rows are left out.
+
+        With ``dim`` given, a row of another dimension is corrupt too.
+        """
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, np.ndarray] = {}
+        for key, row_dim, crc, data in self._select("SELECT key, dim, crc, data FROM features WHERE key IN ({})",
+                                                    unique):
+            data = bytes(data)
+            if ((dim is not None and row_dim != dim) or len(data) != 4 * row_dim or row_dim <= 0
+                    or zlib.crc32(data) != crc):
+                self.corrupt += 1
+                continue
+            found[key] = np.frombuffer(data, dtype="<f4")
+        self.hits += len(found)
+        self.misses += len(unique) - len(found)
+        return found
+
+    def put_many(self, items: Iterable[tuple[str, Any]]) -> int:
+        """Store ``(key, vector)`` pairs (anything :func:`numpy.asarray` turns into 1-D float32) in one transaction.
+
+        Existing rows with the same keys are replaced. Returns the number of rows written.
+        """
+        rows = []
+        for key, vector in items:
+            array = np.ascontiguousarray(np.asarray(vector, dtype="<f4"))
+            if array.ndim != 1 or array.size == 0:
+                raise ValueError(f"a cached feature must be a non-empty 1-D vector, got shape {array.shape}")
+            data = array.tobytes()
+            rows.append((key, array.size, zlib.crc32(data), data))
+        self._write("INSERT OR REPLACE INTO features (key, dim, crc, data) VALUES (?, ?, ?, ?)", rows)
+        return len(rows)
+
+    # -- content hashes -----------------------------------------------------------------------------------------------
+    def file_digests(self, paths: Sequence[str | os.PathLike[str]], *, max_workers: int = 4
+                     ) -> tuple[list[str | None], dict[int, str]]:
+        """SHA-256 of each file's bytes, reusing remembered hashes of files whose stat is unchanged.
+
+        Returns ``(digests, errors)``: ``digests[i]`` is None where file ``i`` cannot be read, and ``errors[i]`` says
+        why. New hashes are computed on a thread pool (hashlib releases the GIL) and remembered.
+        """
+        names = [os.path.abspath(p) for p in paths]
+        digests: list[str | None] = [None] * len(names)
+        errors: dict[int, str] = {}
+        stats: dict[int, os.stat_result] = {}
+        for i, name in enumerate(names):
+            try:
+                stats[i] = os.stat(name)
+            except OSError as exc:
+                errors[i] = exc.strerror or str(exc)
+        known = {row[0]: row[1:] for row in self._select(
+            "SELECT path, size, mtime_ns, ctime_ns, ino, digest, hashed_at_ns FROM file_hashes WHERE path IN ({})",
+            list(dict.fromkeys(names[i] for i in stats)))}
+        todo = []
+        for i, st in stats.items():
+            row = known.get(names[i])
+            if row is not None and row[:4] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) \
+                    and row[5] - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_MARGIN_NS:
+                digests[i] = row[4]
+            else:
+                todo.append(i)
+        if not todo:
+            return digests, errors
+
+        def hash_one(i: int) -> tuple[int, str | None, str | None, int]:
+            started = time.time_ns()
+            try:
+                return i, file_digest(names[i]), None, started
+            except OSError as exc:
+                return i, None, exc.strerror or str(exc), started
+
+        workers = max(1, min(max_workers, len(todo)))
+        if workers == 1:
+            results = [hash_one(i) for i in todo]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(hash_one, todo))
+        remember = []
+        for i, digest, error, started in results:
+            if digest is None:
+                errors[i] = error or "unreadable"
+                continue
+            digests[i] = digest
+            st = stats[i]
+            remember.append((names[i], st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest, started))
+        self._write("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?, ?, ?, ?)", remember)
+        return digests, errors
+
+    # -- maintenance --------------------------------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        """Row counts and sizes of the cache, plus this object's hit / miss / corrupt counters."""
+        conn = self._connection()
+        try:
+            rows, payload = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM features").fetchone()
+            hashed = conn.execute("SELECT COUNT(*) FROM file_hashes").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise FeatureCacheError(f"cannot read the feature cache {self.path}: {exc}") from None
+        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return CacheStats(self.path, rows, payload, size, hashed, self.hits, self.misses, self.corrupt)
+
+    def clear(self) -> int:
+        """Delete every stored feature and file hash, then compact the file. Returns the number of features deleted."""
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            deleted = conn.execute("DELETE FROM features").rowcount
+            conn.execute("DELETE FROM file_hashes")
+            conn.execute("COMMIT")
+            conn.execute("VACUUM")
+        except sqlite3.Error as exc:
+            raise FeatureCacheError(f"cannot clear the feature cache {self.path}: {exc}") from None
+        return int(deleted)

@@ -1,0 +1,329 @@
+"""The papers' protocols as plans: deterministic tuples of independent :class:`~vlprompt.harness.bench.plan.PlannedRun`.
+
+- ``fewshot`` (CoOp Figure 3 / Table 1): every method x dataset x shots (1, 2, 4, 8, 16) x seed (1, 2, 3), with the
+  zero-shot CLIP and linear-probe baselines alongside (zero-shot once per dataset, linear probe per shots x seed).
+- ``base2novel`` (CoCoOp Table 1): train on the base classes with 16 shots, evaluate on base (``results.json``) and on
+  novel classes (``eval-<dataset>-new.json``); zero-shot CLIP on base and novel as the reference row.
+- ``crossdataset`` (CoCoOp Table 2): train on a source dataset (ImageNet, all classes, 16 shots), evaluate on the
+  10 other datasets.
+- ``domainshift`` (CoOp Table 1 right / CoCoOp Table 3): the same ImageNet-trained runs evaluated on ImageNet-V2,
+  -Sketch, -A and -R (A and R on their 200-class subsets, as their readers give them).
+
+Cross-dataset and domain generalisation share their source runs (folder tree ``transfer``): a run trained by one is
+only evaluated by the other. The shared run is a cross-dataset run (its ``results.json``, the source's own test
+split, is the source column of CoCoOp's Table 2); each evaluation is labelled with the protocol that asked for it, and
+domain generalisation also records the source's own result under its label (``eval-<source>-domainshift.json``, the
+same metrics as ``results.json``), so that the report's tables of both protocols have their source column.
+
+Method settings follow the papers: CoOp's own defaults (M = 16, random init) in the few-shot protocol; in the
+base-to-novel and transfer protocols the CoCoOp paper fixes, for CoOp and CoCoOp alike, M = 4 initialised from
+"a photo of a" (CoCoOp's config already is that). Everything is overridable (methods, datasets, shots, seeds, source,
+targets, per-method options).
+
+This module imports neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from vlprompt.harness.bench.plan import PlannedEval, PlannedRun, eval_name, make_run, run_key, tree_name
+from vlprompt.training.config import RunConfig, TrainConfig
+from vlprompt.errors import ConfigError
+from vlprompt.methods import METHODS, Training
+
+BENCHMARKS: tuple[str, ...] = (
+    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+    "sun397", "dtd", "eurosat", "ucf101",
+)
+"""The 11 datasets of the papers, in their tables' order."""
+
+IMAGENET_VARIANTS: tuple[str, ...] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+"""Domain generalisation targets (ImageNet-A and -R are read as their 200-class subsets)."""
+
+DEFAULT_SHOTS: tuple[int, ...] = (1, 2, 4, 8, 16)
+DEFAULT_SEEDS: tuple[int, ...] = (1, 2, 3)
+TRANSFER_SHOTS = 16
+BASE2NOVEL_SHOTS = 16
+TRANSFER_TREE = "transfer"
+SOURCE_PROTOCOL = "crossdataset"
+"""The protocol label of the shared source runs (their own results.json)."""
+
+FIXED_SEED = 1
+"""The seed recorded for zero-shot and ensemble runs (they have nothing random; one run per dataset)."""
+
+BUDGET_EPOCHS = 2
+"""Training epochs of a smoke-test (``--budget``) run unless ``--epochs`` is given."""
+BUDGET_TEST_IMAGES = 64
+"""Test images per evaluated dataset of a smoke-test run (a fixed subset, ``RunConfig.max_test_images``)."""
+BUDGET_METHOD_OPTIONS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "linear_probe": MappingProxyType({"c_grid": (1e-2, 1.0, 1e2), "search_steps": 0, "max_iter": 100}),
+})
+"""Method options of a smoke-test run (the user's ``--method-option`` still wins): the linear probe's C search is
+a 3-value sweep with short lbfgs fits (its "fewer epochs")."""
+
+# CoCoOp paper, section 4: "we fix the context length to 4 and initialize the context vectors using the pre-trained
+# word embeddings of 'a photo of a' for both CoOp and CoCoOp" (base-to-novel, cross-dataset, domain generalisation)
+COCOOP_PAPER_COOP: Mapping[str, Any] = MappingProxyType({"n_ctx": 4, "ctx_init": "a photo of a"})
+
+
+def _training(method: str) -> Training:
+    """What ``method`` needs to learn, from its registry entry (no torch)."""
+    return METHODS[method].training
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """What the user chose; ``None`` means the protocol's default.
+
+    ``method_options`` maps a method name to option overrides (its config fields), applied last.
+    ``baselines`` adds the protocol's baselines (zero-shot CLIP; few-shot also the linear probe) to ``methods``.
+    """
+
+    out: Path
+    root: str = ""
+    model: str | None = None
+    methods: tuple[str, ...] | None = None
+    datasets: tuple[str, ...] | None = None
+    shots: tuple[int, ...] | None = None
+    seeds: tuple[int, ...] | None = None
+    source: str | None = None
+    targets: tuple[str, ...] | None = None
+    baselines: bool = True
+    budget: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    skip_bad_images: bool = False
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A protocol: its defaults (shown by ``--help`` and ``--dry-run``) and its plan builder."""
+
+    name: str
+    description: str
+    default_model: str
+    default_methods: tuple[str, ...]
+    baselines: tuple[str, ...]
+    build: Callable[[Protocol, ProtocolOptions], tuple[PlannedRun, ...]]
+
+
+# ------------------------------------------------------------------------------------------------------- validation
+
+
+def _dataset_key(name: str, *, what: str, trainable: bool) -> str:
+    """The registry key of a built-in dataset (any spelling); ConfigError naming the known ones otherwise."""
+    from vlprompt.data.registry import DATASETS, lookup
+
+    info = lookup(name)
+    if info is None:
+        raise ConfigError(f"unknown {what} {name!r}; known datasets: {', '.join(DATASETS)}")
+    if trainable and info.test_only:
+        raise ConfigError(f"{info.title} is a test-only dataset (no training images): it cannot be a {what}; use it "
+                          "as a domain generalisation target instead")
+    return info.key
+
+
+def _unique(values: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def _method_names(protocol: Protocol, options: ProtocolOptions) -> tuple[str, ...]:
+
+    chosen = options.methods if options.methods is not None else protocol.default_methods
+    if not chosen:
+        raise ConfigError("--methods is empty: name at least one method")
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(map(repr, unknown))}; known methods: {', '.join(METHODS)}")
+    extra = protocol.baselines if options.baselines else ()
+    names = _unique([*extra, *chosen])
+    for method in options.method_options:
+        if method not in names:
+            raise ConfigError(f"options given for method {method!r}, which this {protocol.name} plan does not run "
+                              f"(methods: {', '.join(names)})")
+    return names
+
+
+def _counts(values: tuple[int, ...] | None, default: tuple[int, ...], what: str, minimum: int) -> tuple[int, ...]:
+    chosen = default if values is None else values
+    if not chosen:
+        raise ConfigError(f"--{what} is empty: give at least one value")
+    bad = [v for v in chosen if isinstance(v, bool) or not isinstance(v, int) or v < minimum]
+    if bad:
+        raise ConfigError(f"--{what} must be integers >= {minimum}, got {', '.join(map(str, bad))}")
+    return _unique(sorted(chosen))
+
+
+def _method_config(method: str, base: Mapping[str, Any], options: ProtocolOptions) -> dict[str, Any]:
+    """The method's option overrides (protocol defaults, then the user's), checked against its config class."""
+    from vlprompt.methods.configs import config_from_dict, config_to_dict
+
+    merged = {**base, **options.method_options.get(method, {})}
+    if not merged:
+        return {}
+    config = config_from_dict(METHODS[method].config_cls, merged)  # raises ConfigError naming bad fields
+    full = config_to_dict(config)
+    return {key: full[key] for key in merged}
+
+
+# ------------------------------------------------------------------------------------------------------ run configs
+
+
+def _train_config(options: ProtocolOptions) -> TrainConfig:
+    train = options.train
+    if options.budget and train.epochs is None:
+        train = dataclasses.replace(train, epochs=BUDGET_EPOCHS, warmup_epochs=min(train.warmup_epochs,
+                                                                                   BUDGET_EPOCHS - 1))
+    return train
+
+
+def _config(protocol: str, options: ProtocolOptions, model: str, method: str, dataset: str, *, shots: int,
+            seed: int, subset: str = "all", method_config: Mapping[str, Any] | None = None) -> RunConfig:
+    return RunConfig(method=method, dataset=dataset, method_config=dict(method_config or {}), root=options.root,
+                     shots=shots, seed=seed, model=model, subset=subset, train=_train_config(options),
+                     budget=options.budget, protocol=protocol,
+                     max_test_images=BUDGET_TEST_IMAGES if options.budget else None,
+                     skip_bad_images=options.skip_bad_images)
+
+
+def _variants(method: str, shots: tuple[int, ...], seeds: tuple[int, ...]) -> list[tuple[int, int] | None]:
+    """(shots, seed) pairs of a method; ``[None]`` for methods with nothing to learn (one run, shots 0)."""
+    if not _training(method).uses_training_images:
+        return [None]
+    return [(k, s) for k in shots for s in seeds]
+
+
+def _runs_for(protocol: Protocol, options: ProtocolOptions, *, tree: str, datasets: Sequence[str],
+              methods: Sequence[str], shots: tuple[int, ...], seeds: tuple[int, ...], subset: str,
+              method_defaults: Mapping[str, Mapping[str, Any]],
+              evals: Callable[[str, str], tuple[PlannedEval, ...]], config_protocol: str) -> list[PlannedRun]:
+    model = options.model or protocol.default_model
+    runs = []
+    for dataset in datasets:
+        for method in methods:
+            defaults = {**method_defaults.get(method, {}),
+                        **(BUDGET_METHOD_OPTIONS.get(method, {}) if options.budget else {})}
+            method_config = _method_config(method, defaults, options)
+            for variant in _variants(method, shots, seeds):
+                k, s = variant if variant is not None else (0, FIXED_SEED)
+                key = run_key(tree, model, dataset, method, *(variant if variant is not None else (None, None)))
+                config = _config(config_protocol, options, model, method, dataset, shots=k, seed=s, subset=subset,
+                                 method_config=method_config)
+                runs.append(make_run(options.out, key, config, evals(dataset, method)))
+    return runs
+
+
+# -------------------------------------------------------------------------------------------------------- protocols
+
+
+def _fewshot(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun, ...]:
+    if options.source is not None or options.targets is not None:
+        raise ConfigError("--source and --targets belong to crossdataset and domainshift; few-shot runs train and "
+                          "test on each of --datasets")
+    datasets = _unique([_dataset_key(d, what="training dataset", trainable=True)
+                        for d in (options.datasets or BENCHMARKS)])
+    return tuple(_runs_for(
+        protocol, options, tree=tree_name(protocol.name, options.budget), datasets=datasets,
+        methods=_method_names(protocol, options), shots=_counts(options.shots, DEFAULT_SHOTS, "shots", 1),
+        seeds=_counts(options.seeds, DEFAULT_SEEDS, "seeds", 0), subset="all", method_defaults={},
+        evals=lambda dataset, method: (), config_protocol=protocol.name,
+    ))
+
+
+def _base2novel(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun, ...]:
+    if options.source is not None or options.targets is not None:
+        raise ConfigError("--source and --targets belong to crossdataset and domainshift; base-to-novel runs train "
+                          "on the base classes of each of --datasets")
+    methods = _method_names(protocol, options)
+    _refuse_fixed_classifiers(methods, "evaluated on the novel classes")
+    datasets = _unique([_dataset_key(d, what="training dataset", trainable=True)
+                        for d in (options.datasets or BENCHMARKS)])
+    return tuple(_runs_for(
+        protocol, options, tree=tree_name(protocol.name, options.budget), datasets=datasets, methods=methods,
+        shots=_counts(options.shots, (BASE2NOVEL_SHOTS,), "shots", 1),
+        seeds=_counts(options.seeds, DEFAULT_SEEDS, "seeds", 0), subset="base",
+        method_defaults={"coop": COCOOP_PAPER_COOP},
+        evals=lambda dataset, method: (PlannedEval(dataset, "new", eval_name(dataset, "new")),),
+        config_protocol=protocol.name,
+    ))
+
+
+def transfer_targets(protocol: str, source: str, targets: Sequence[str] | None) -> tuple[str, ...]:
+    """The evaluation datasets of a transfer protocol: the user's, or the papers' (other benchmarks / variants)."""
+    if targets is None:
+        chosen: Sequence[str] = (IMAGENET_VARIANTS if protocol == "domainshift"
+                                 else [d for d in BENCHMARKS if d != source])
+    else:
+        chosen = targets
+    keys = _unique([_dataset_key(t, what="target dataset", trainable=False) for t in chosen])
+    if not keys:
+        raise ConfigError("--targets is empty: name at least one evaluation dataset")
+    if source in keys:
+        raise ConfigError(f"the source dataset {source} is evaluated anyway; leave it out of --targets")
+    return keys
+
+
+def _transfer(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun, ...]:
+    if options.datasets is not None:
+        raise ConfigError(f"{protocol.name} trains on --source (default imagenet) and evaluates on --targets; "
+                          "--datasets belongs to fewshot and base2novel")
+    methods = _method_names(protocol, options)
+    _refuse_fixed_classifiers(methods, "evaluated on another dataset's classes")
+    source = _dataset_key(options.source or "imagenet", what="source dataset", trainable=True)
+    targets = transfer_targets(protocol.name, source, options.targets)
+
+    def evals(dataset: str, method: str) -> tuple[PlannedEval, ...]:
+        found = tuple(PlannedEval(t, "all", t, protocol.name) for t in targets)
+        if protocol.name == SOURCE_PROTOCOL:
+            return found
+        return (PlannedEval(source, "all", f"{source}-{protocol.name}", protocol.name), *found)
+
+    return tuple(_runs_for(
+        protocol, options, tree=tree_name(TRANSFER_TREE, options.budget), datasets=(source,), methods=methods,
+        shots=_counts(options.shots, (TRANSFER_SHOTS,), "shots", 1),
+        seeds=_counts(options.seeds, DEFAULT_SEEDS, "seeds", 0), subset="all",
+        method_defaults={"coop": COCOOP_PAPER_COOP}, evals=evals, config_protocol=SOURCE_PROTOCOL,
+    ))
+
+
+def _refuse_fixed_classifiers(methods: Sequence[str], why: str) -> None:
+    """A closed-form classifier (linear probe) knows only its training classes: no novel classes, no other dataset."""
+    bad = [m for m in methods if not METHODS[m].transfers]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} learns a classifier over the training classes only and cannot be {why}; "
+                          "leave it out of --methods")
+
+
+PROTOCOLS: Mapping[str, Protocol] = MappingProxyType({
+    "fewshot": Protocol(
+        "fewshot", "K-shot training (1, 2, 4, 8, 16) x seeds 1-3 per dataset, zero-shot and linear-probe baselines "
+        "alongside (CoOp Figure 3, Table 1)", "RN50", ("coop",), ("zeroshot", "linear_probe"), _fewshot),
+    "base2novel": Protocol(
+        "base2novel", "train on base classes (16 shots), test on base and novel classes, harmonic mean "
+        "(CoCoOp Table 1)", "ViT-B/16", ("coop", "cocoop"), ("zeroshot",), _base2novel),
+    "crossdataset": Protocol(
+        "crossdataset", "train on a source dataset (ImageNet, 16 shots, all classes), test on the other datasets "
+        "(CoCoOp Table 2)", "ViT-B/16", ("coop", "cocoop"), (), _transfer),
+    "domainshift": Protocol(
+        "domainshift", "the ImageNet-trained runs tested on ImageNet-V2, -Sketch, -A and -R (CoOp Table 1, "
+        "CoCoOp Table 3)", "ViT-B/16", ("coop", "cocoop"), (), _transfer),
+})
+"""Protocol name -> :class:`Protocol` (the one registry of protocols)."""
+
+
+def build_plan(protocol: str, options: ProtocolOptions) -> tuple[PlannedRun, ...]:
+    """The runs of ``protocol`` with ``options``, in a deterministic order (dataset, method, shots, seed)."""
+    spec = PROTOCOLS.get(protocol)
+    if spec is None:
+        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    runs = spec.build(spec, options)
+    keys = [run.key for run in runs]
+    if len(set(keys)) != len(keys):  # a bug, not a user error: two runs in one folder
+        raise AssertionError(f"plan of {protocol} puts two runs in one folder: {keys}")
+    return runs

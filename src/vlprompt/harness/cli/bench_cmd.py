@@ -1,0 +1,219 @@
+"""``vlprompt bench PROTOCOL``: one of the papers' experiments as one command.
+
+    vlprompt bench fewshot --datasets dtd eurosat --root DATA --model RN50 --out runs
+    vlprompt bench base2novel --root DATA --out runs --dry-run          the plan, each run's state and the totals
+    vlprompt bench crossdataset --root DATA --out runs --jobs 4         4 worker processes, one GPU each
+    vlprompt bench domainshift --root DATA --out runs                   reuses the ImageNet runs of crossdataset
+    vlprompt bench fewshot --budget ...                                 smoke test: 2 epochs, 64 test images, marked everywhere
+
+Re-running the same command skips finished runs, resumes interrupted ones and reruns failed ones. Exit status: 0 when
+every run of the plan is finished, 1 when some failed (listed at the end), 130 after Ctrl-C, 2 for bad options.
+Only the runs import torch; ``--help`` and ``--dry-run`` never do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vlprompt.errors import ConfigError
+
+ROOT_ENV = "VLPROMPT_DATA_ROOT"
+BUDGET_BANNER = "SMOKE TEST (--budget): 2 training epochs, at most 64 test images per dataset; results are not comparable to the papers"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``vlprompt bench``."""
+    from vlprompt.harness.bench.protocols import PROTOCOLS
+    from vlprompt.training.config import TrainConfig, add_dataclass_arguments
+
+    lines = [f"  {name:<13}{p.description} (methods: {', '.join(p.default_methods)}"
+             f"{' + ' + ', '.join(p.baselines) if p.baselines else ''}; model {p.default_model})"
+             for name, p in PROTOCOLS.items()]
+    parser = subparsers.add_parser(
+        "bench", help="run one of the papers' protocols (fewshot, base2novel, crossdataset, domainshift)",
+        description="Run a protocol of the CoOp / CoCoOp papers as a set of independent runs under --out. Running "
+                    "it again skips finished runs, resumes interrupted ones and reruns failed ones.\n\nprotocols:\n"
+                    + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("protocol", choices=list(PROTOCOLS), metavar="PROTOCOL",
+                        help=f"one of {', '.join(PROTOCOLS)}")
+    parser.add_argument("--out", type=Path, required=True, help="output folder of the protocol's run folders")
+    parser.add_argument("--root", type=Path, default=None,
+                        help=f"data root holding the dataset folders (default: ${ROOT_ENV})")
+    parser.add_argument("--model", default=None,
+                        help="CLIP backbone: a short name (RN50, ViT-B/16), a checkpoint file, hf:ID ... "
+                             "(default: the protocol's, RN50 for fewshot, ViT-B/16 otherwise)")
+    choice = parser.add_argument_group("what to run (defaults: the papers')")
+    choice.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="methods (space- or comma-separated); the protocol's baselines are added unless "
+                             "--no-baselines")
+    choice.add_argument("--no-baselines", action="store_true",
+                        help="leave out the baselines (fewshot: zeroshot, linear_probe; base2novel: zeroshot)")
+    choice.add_argument("--datasets", nargs="+", default=None, metavar="DATASET",
+                        help="fewshot / base2novel: training datasets (default: the 11 benchmarks)")
+    choice.add_argument("--shots", nargs="+", default=None, metavar="K",
+                        help="shots per class (default: fewshot 1 2 4 8 16; other protocols 16)")
+    choice.add_argument("--seeds", nargs="+", default=None, metavar="S", help="seeds (default: 1 2 3)")
+    choice.add_argument("--source", default=None,
+                        help="crossdataset / domainshift: the training dataset (default: imagenet)")
+    choice.add_argument("--targets", nargs="+", default=None, metavar="DATASET",
+                        help="crossdataset / domainshift: evaluation datasets (default: the 10 other benchmarks / "
+                             "imagenetv2 imagenet_sketch imagenet_a imagenet_r)")
+    choice.add_argument("--method-option", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                        help="override a method option, e.g. coop.n_ctx=16 or coop.ctx_init= (repeatable; VALUE is "
+                             "JSON, else a string). base2novel / transfer default to CoOp n_ctx=4, ctx_init='a "
+                             "photo of a' as in the CoCoOp paper")
+    how = parser.add_argument_group("how to run")
+    how.add_argument("--dry-run", action="store_true",
+                     help="print the plan with each run's state and what would happen; run nothing")
+    how.add_argument("--jobs", type=int, default=1,
+                     help="worker processes, one run each at a time, each on its own GPU when several exist "
+                          "(default: 1, in this process)")
+    how.add_argument("--skip-bad-images", action="store_true",
+                     help="leave out unreadable images in every run (counted and listed in its results) instead of "
+                          "failing that run")
+    how.add_argument("--budget", action="store_true",
+                     help="smoke test: 2 training epochs (unless --epochs), at most 64 test images per dataset; runs go to <protocol>-budget/ and "
+                          "every output (results, report, summaries) is marked as such")
+    train = parser.add_argument_group("training options (every run; defaults: the methods' reference recipes)")
+    add_dataclass_arguments(train, TrainConfig, exclude=("seed",))
+    parser.set_defaults(func=run_bench)
+
+
+# ------------------------------------------------------------------------------------------------------- parsing
+
+
+def _split(values: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``["a,b", "c"]`` -> ``("a", "b", "c")``; None stays None."""
+    if values is None:
+        return None
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+def _integers(values: Sequence[str] | None, option: str) -> tuple[int, ...] | None:
+    items = _split(values)
+    if items is None:
+        return None
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise ConfigError(f"--{option} takes whole numbers, got {' '.join(items)}") from None
+
+
+def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["coop.n_ctx=16", "coop.ctx_init=a photo of a"]`` -> ``{"coop": {"n_ctx": 16, "ctx_init": "a photo of a"}}``.
+
+    A value is read as JSON when it is valid JSON (numbers, true/false, lists), else kept as a string.
+    """
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        method, dot, field_name = name.strip().partition(".")
+        if not sep or not dot or not method or not field_name:
+            raise ConfigError(f"--method-option {item!r} must look like METHOD.FIELD=VALUE, e.g. coop.n_ctx=16")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        options.setdefault(method, {})[field_name] = value
+    return options
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~vlprompt.harness.bench.protocols.ProtocolOptions` of the parsed command line."""
+    from vlprompt.harness.bench.protocols import ProtocolOptions
+    from vlprompt.training.config import TrainConfig, dataclass_from_args
+
+    root = args.root if args.root is not None else os.environ.get(ROOT_ENV)
+    return ProtocolOptions(
+        out=Path(args.out).expanduser().resolve(),
+        root=str(Path(root).expanduser().resolve()) if root else "",
+        model=args.model,
+        methods=_split(args.methods),
+        datasets=_split(args.datasets),
+        shots=_integers(args.shots, "shots"),
+        seeds=_integers(args.seeds, "seeds"),
+        source=args.source,
+        targets=_split(args.targets),
+        baselines=not args.no_baselines,
+        budget=args.budget,
+        train=dataclass_from_args(TrainConfig, args),
+        method_options=parse_method_options(args.method_option),
+        skip_bad_images=args.skip_bad_images,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+
+
+def plan_lines(protocol: str, runs: Sequence[Any], out: Path, budget: bool) -> list[str]:
+    """The dry-run listing: one line per run (action, state, folder, what it is) and the totals."""
+    from vlprompt.harness.bench.status import RunState, count_states, inspect_run
+
+    statuses = [inspect_run(run, out) for run in runs]
+    lines = [f"*** {BUDGET_BANNER} ***"] if budget else []
+    lines.append(f"{protocol}: {len(runs)} run(s) under {out}")
+    width = max((len(run.key) for run in runs), default=0)
+    for run, status in zip(runs, statuses):
+        detail = f"  [{status.detail}]" if status.detail else ""
+        lines.append(f"  {status.action:<9}{status.state.value:<10}{run.key:<{width}}  {run.describe()}{detail}")
+    counts = count_states(statuses)
+    todo = sum(1 for s in statuses if s.state is not RunState.FINISHED)
+    lines.append("totals: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+                 + f" -> {todo} to do, {len(runs) - todo} to skip")
+    return lines
+
+
+def _worker_setup(jobs: int, device: str) -> tuple[list[str | None] | None, int | None]:
+    """Devices and CPU threads of the workers (none for one worker: it runs here with the runs' own device)."""
+    if jobs <= 1:
+        return None, None
+    from vlprompt.harness.bench.workers import threads_per_worker, worker_devices
+
+    gpu_count = 0
+    if device in ("auto", "cuda"):
+        import torch
+
+        gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return list(worker_devices(jobs, device, gpu_count)), threads_per_worker(jobs)
+
+
+def summary_path(out: Path, protocol: str, budget: bool) -> Path:
+    """``OUT/bench-<protocol>[-budget].json``: the last invocation's plan and outcome."""
+    return Path(out) / f"bench-{protocol}{'-budget' if budget else ''}.json"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from vlprompt.harness.bench.protocols import build_plan
+
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    options = options_from_args(args)
+    runs = build_plan(args.protocol, options)
+    if args.dry_run:
+        print("\n".join(plan_lines(args.protocol, runs, options.out, options.budget)))
+        return 0
+    if not options.root:
+        raise ConfigError(f"give the data root with --root (or set ${ROOT_ENV}); it holds the dataset folders")
+    from vlprompt.harness.bench.execute import execute_plan
+    from vlprompt.harness.bench.runner import PipelineRunner
+    from vlprompt.common.io import atomic_write_json
+
+    devices, threads = _worker_setup(args.jobs, options.train.device)
+    banner = [f"*** {BUDGET_BANNER} ***"] if options.budget else []
+    print("\n".join([*banner, f"{args.protocol}: {len(runs)} run(s) under {options.out}"
+                     + (f" with {args.jobs} workers" if args.jobs > 1 else "")]), flush=True)
+    runner = PipelineRunner(progress=None if args.jobs == 1 else False)
+    result = execute_plan(runs, options.out, runner, jobs=args.jobs, devices=devices, threads=threads,
+                          log=lambda line: print(line, flush=True))
+    record = {"protocol": args.protocol, "budget": options.budget, **({"banner": BUDGET_BANNER} if options.budget
+                                                                       else {}), **result.to_dict()}
+    written = atomic_write_json(summary_path(options.out, args.protocol, options.budget), record)
+    print("\n".join([*banner, *result.lines(), f"summary: {written}"]))
+    return result.exit_code

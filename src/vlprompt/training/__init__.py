@@ -1,0 +1,1 @@
+"""Training: the typed recipe (``config``: TrainConfig) and the one flat SGD loop (``loop``)."""

@@ -1,0 +1,415 @@
+"""The training loop of gradient-trained methods (CoOp, CoCoOp, ...), following the reference (Dassl) recipe.
+
+One flat function, :func:`train`, plus small pure helpers:
+
+- SGD (momentum 0.9, dampening 0, no Nesterov, weight decay 5e-4) over ``method.parameters()`` only.
+- Learning rate per epoch (:func:`lr_at_epoch`): ``warmup_lr`` for the warm-up epochs, then
+  ``lr * 0.5 * (1 + cos(pi * (e - warmup_epochs) / epochs))``. This is what Dassl's ``ConstantWarmupScheduler``
+  around ``CosineAnnealingLR(T_max=epochs)`` yields when stepped once per epoch: the wrapper does not step the cosine
+  during the warm-up, so epoch ``warmup_epochs`` runs at the full ``lr`` and the cosine never reaches zero.
+- Each epoch visits the training set in a random order drawn from a generator seeded by (seed, epoch), in batches of
+  ``batch_size`` with the last incomplete batch dropped when the set holds at least one full batch (else one smaller
+  batch), as Dassl's loader. In epoch ``e`` image ``i`` uses view ``(e + offset_i) % V`` of features [V, N, D], the
+  offsets drawn from the seed (:func:`epoch_view_indices`). Randomness inside the method's
+  forward (if any) is seeded per (seed, epoch) too, so a resumed run needs no RNG replay.
+- Cross-entropy on the logits; the last epoch is the final model.
+- Precision: fp32, or autocast bf16 / fp16 (fp16 with gradient scaling); learned parameters and optimiser state stay
+  fp32. A non-finite loss raises :class:`TrainingDiverged` before the update, naming epoch, step and lr.
+- A checkpoint after every epoch (rank 0 only) in the run folder; with a checkpoint present, training continues from
+  it and ends with the parameters an uninterrupted run has (bit-identical on CPU).
+- Under torchrun, DistributedDataParallel: every rank draws the same global batch and takes its share; losses are
+  scaled so the averaged gradient is that of the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlprompt.common import dist
+from vlprompt.training.config import TrainConfig, stable_hash, train_identity
+from vlprompt.errors import CheckpointError, ConfigError, DatasetError, RunError
+from vlprompt.common.precision import autocast_for
+
+if TYPE_CHECKING:
+    from vlprompt.harness.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RunError):
+    """The training loss became NaN or infinite; the run stopped before applying that update."""
+
+
+class FeatureData(Protocol):
+    """What :func:`train` reads from a FeatureSet: ``features`` [N, D] or [V, N, D] and ``labels`` [N]."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Summary of one finished epoch (``epoch`` counts from 1)."""
+
+    epoch: int
+    lr: float
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the per-epoch history (earlier sessions of a resumed run included)."""
+
+    history: list[EpochStats] = field(default_factory=list)
+    start_epoch: int = 0  # epochs already done when this call started (non-zero when resumed)
+
+    @property
+    def train_s(self) -> float:
+        """Training time over all sessions, in seconds."""
+        return sum(stats.seconds for stats in self.history)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1].loss if self.history else None
+
+
+# -------------------------------------------------------------------------------------------------- pure helpers
+
+
+def lr_at_epoch(epoch: int, config: TrainConfig) -> float:
+    """Learning rate of epoch ``epoch`` (0-based): constant warm-up, then cosine over ``config.epochs``."""
+    if config.epochs is None:
+        raise ConfigError("train.epochs is not set: resolve the configuration (resolve_train_config) first")
+    if epoch < config.warmup_epochs:
+        return config.warmup_lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs))
+
+
+def lr_schedule(config: TrainConfig) -> list[float]:
+    """The learning rate of every epoch."""
+    return [lr_at_epoch(epoch, config) for epoch in range(config.epochs or 0)]
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed for the stream named by ``keys`` (independent streams for different keys)."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def epoch_view_indices(num_views: int, num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which augmented view [N] each image uses in ``epoch``: ``(epoch + offset_i) % V``.
+
+    The pool of ``V`` views per image is shared by every run (so the feature cache serves it across seeds and
+    methods); the run's seed draws each image's offset, so two seeds see different view sequences, and over ``V``
+    consecutive epochs every image visits each of its views exactly once (``views="epochs"`` therefore gives a fresh
+    augmentation every epoch, as the reference).
+    """
+    if num_views == 1:
+        return torch.zeros(num_items, dtype=torch.long)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "views"))
+    offsets = torch.randint(num_views, (num_items,), generator=generator)
+    return (offsets + epoch) % num_views
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Index batches of one epoch: a seeded permutation, cut into ``batch_size`` pieces; the last incomplete piece
+    is dropped when at least one full batch exists (Dassl's ``drop_last``), else the single smaller batch is kept."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "order", epoch))
+    order = torch.randperm(num_items, generator=generator)
+    batches = list(order.split(batch_size))
+    if num_items >= batch_size and batches[-1].numel() < batch_size:
+        batches.pop()
+    return batches
+
+
+# --------------------------------------------------------------------------------------------------------- train
+
+
+def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run_dir: RunDir | None = None,
+          device: str | torch.device | None = None, on_epoch_end: Callable[[EpochStats], None] | None = None,
+          progress: bool | None = None) -> TrainResult:
+    """Train ``method``'s parameters on ``train_set`` with SGD; checkpoint into ``run_dir`` after every epoch.
+
+    ``config`` must be resolved (``epochs``/``batch_size`` set). ``device``: None follows ``config.device``, where
+    "auto" keeps the method where its parameters are. A checkpoint in ``run_dir`` (opened with ``resume``) is continued.
+    Under torchrun (process group started, see :mod:`vlprompt.common.dist`), pass ``run_dir`` on rank 0 only.
+    ``on_epoch_end`` runs after each epoch's checkpoint. The method is left in eval mode.
+    """
+    if not config.is_resolved:
+        raise ConfigError("train.epochs and train.batch_size must be set: call resolve_train_config() or set them")
+    assert config.epochs is not None and config.batch_size is not None
+    features, labels = _training_views(train_set)
+    params = _learned_parameters(method)
+    target = _training_device(method, config, device)
+    method.to(target)
+    rank, world = dist.rank(), dist.world_size()
+    is_main = rank == 0
+    smallest_batch = min(config.batch_size, labels.numel())
+    if smallest_batch < world:
+        raise ConfigError(f"a batch of {smallest_batch} cannot be shared by {world} processes: raise --batch-size "
+                          f"to at least {world} or use fewer processes")
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, dampening=0.0,
+                                weight_decay=config.weight_decay, nesterov=False)
+    scaler = _grad_scaler(target, config.precision)
+    train_hash = stable_hash(train_identity(config))
+    writer = run_dir if is_main else None
+
+    max_label = int(labels.max())
+    show = (sys.stderr.isatty() if progress is None else progress) and is_main
+    with contextlib.ExitStack() as stack:
+        if writer is not None:
+            stack.enter_context(writer.capture_logs())
+        checkpoint = dist.broadcast_object(run_dir.load_checkpoint() if run_dir is not None else None)
+        result = TrainResult()
+        if checkpoint is not None:
+            result = _restore(checkpoint, method, optimizer, scaler, train_hash, config)
+            logger.info("resuming after epoch %d of %d", result.start_epoch, config.epochs)
+        model: nn.Module = method
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(method,
+                                                        device_ids=[target] if target.type == "cuda" else None)
+        board = writer.tensorboard() if writer is not None and config.tensorboard else None
+        if board is not None:
+            stack.callback(board.close)
+        bar = stack.enter_context(_progress(config.epochs, result.start_epoch, show))
+        logger.info("training %d learned tensor(s) (%d values) on %d images x %d view(s), %d epochs, batch %d, "
+                    "%s, %s%s", len(params), sum(p.numel() for p in params), labels.numel(), features.shape[0],
+                    config.epochs, config.batch_size, config.precision, target,
+                    f", {world} processes" if world > 1 else "")
+        method.train()
+        for epoch in range(result.start_epoch, config.epochs):
+            started = time.perf_counter()
+            lr = lr_at_epoch(epoch, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            view = features[epoch_view_indices(features.shape[0], labels.numel(), config.seed, epoch),
+                            torch.arange(labels.numel())]
+            batches = epoch_batches(labels.numel(), config.batch_size, config.seed, epoch)
+            try:
+                with _seeded_forward(config.seed, epoch, target):
+                    totals = _train_epoch(model, optimizer, scaler, view, labels, batches, target,
+                                          config.precision, max_label)
+            except _NonFiniteLoss as bad:
+                raise _diverged(bad.value, epoch, bad.step, len(batches), lr, config, run_dir) from None
+            stats = EpochStats(epoch=epoch + 1, lr=lr, loss=float(totals[0] / totals[2]),
+                               accuracy=float(100.0 * totals[1] / totals[2]),
+                               seconds=time.perf_counter() - started)
+            result.history.append(stats)
+            if writer is not None:
+                writer.save_checkpoint(method.state_dict(), *_optimizer_tensors(optimizer, scaler, stats, result,
+                                                                                train_hash, config, world))
+            if board is not None:
+                for name in ("loss", "accuracy", "lr"):
+                    board.add_scalar(f"train/{name}", getattr(stats, name), stats.epoch)
+            logger.info("epoch %d/%d: loss %.4f, accuracy %.2f%%, lr %.3g, %.2fs", stats.epoch, config.epochs,
+                        stats.loss, stats.accuracy, lr, stats.seconds)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.1f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if on_epoch_end is not None:
+                on_epoch_end(stats)
+    method.eval()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ loop helpers
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(step, value)
+        self.step, self.value = step, value
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 view: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor], device: torch.device,
+                 precision: str, max_label: int) -> torch.Tensor:
+    """One pass over ``batches``; returns the global (loss sum, correct, count). Each rank takes its share of every
+    batch; a non-finite loss raises :class:`_NonFiniteLoss` on every rank before that step's update."""
+    rank, world = dist.rank(), dist.world_size()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for step, batch in enumerate(batches):
+        local = batch.tensor_split(world)[rank]
+        x = view[local.to(view.device)].to(device, non_blocking=True)
+        y = labels[local].to(device, non_blocking=True)
+        with autocast_for(device, precision):
+            logits = model(x)
+        if logits.ndim != 2 or logits.shape[0] != local.numel() or logits.shape[1] <= max_label:
+            raise DatasetError(f"the method returned logits of shape {tuple(logits.shape)} for a batch of "
+                               f"{local.numel()} with labels up to {max_label}: do the training labels belong to "
+                               "the method's classes?")
+        loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+        correct = (logits.argmax(dim=1) == y).sum().to(loss_sum.dtype)
+        count = torch.full((), float(local.numel()), device=device)
+        step_totals = dist.all_reduce_sum(torch.stack([loss_sum.detach(), correct, count]).double()).cpu()
+        if not math.isfinite(float(step_totals[0])):
+            raise _NonFiniteLoss(step, float(step_totals[0]))
+        totals += step_totals
+        optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; this scale makes the result the mean over the whole global batch
+        scaler.scale(loss_sum * (world / batch.numel())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return totals
+
+
+def _training_views(train_set: FeatureData) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [V, N, D], labels [N] int64 on CPU)`` after checking shapes and types."""
+    features = getattr(train_set, "features", None)
+    labels = getattr(train_set, "labels", None)
+    if not isinstance(features, torch.Tensor) or not features.dtype.is_floating_point or features.ndim not in (2, 3):
+        raise DatasetError(f"training features must be a float tensor [N, D] or [V, N, D], got {_shape(features)}")
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.dtype.is_floating_point:
+        raise DatasetError(f"training labels must be a 1-D integer tensor, got {_shape(labels)}")
+    if features.ndim == 2:
+        features = features.unsqueeze(0)
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise DatasetError("the training set is empty: no features to train on")
+    if features.shape[1] != labels.shape[0]:
+        raise DatasetError(f"{features.shape[1]} training feature rows but {labels.shape[0]} labels")
+    labels = labels.detach().to("cpu", torch.int64)
+    if int(labels.min()) < 0:
+        raise DatasetError(f"training labels must be >= 0, got {int(labels.min())}")
+    return features.detach(), labels
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__}"
+
+
+def _learned_parameters(method: nn.Module) -> list[nn.Parameter]:
+    if not isinstance(method, nn.Module):
+        raise ConfigError(f"train() needs an nn.Module method, got {type(method).__name__}")
+    params = [p for p in method.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"{type(method).__name__} has no trainable parameters: it is not trained by SGD "
+                          "(fixed or closed-form methods are fitted without train())")
+    wrong = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    if wrong:
+        raise ConfigError(f"{type(method).__name__} has learned parameters in {', '.join(wrong)}; learned parameters "
+                          "must be float32 (mixed precision comes from --precision autocast)")
+    return params
+
+
+def _training_device(method: nn.Module, config: TrainConfig, device: str | torch.device | None) -> torch.device:
+    spec = str(device) if device is not None else config.device
+    if spec == "auto":
+        where = next(method.parameters()).device
+        if dist.world_size() > 1 and where.type == "cuda":
+            return dist.resolve_device("cuda")
+        return where if where.type != "meta" else dist.resolve_device("auto")
+    return dist.resolve_device(spec)
+
+
+def _grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    enabled = precision == "fp16"
+    if enabled and device.type == "cpu":
+        warnings.warn("fp16 autocast on the CPU is slow and rarely helps; prefer --precision bf16 or fp32",
+                      stacklevel=3)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+@contextlib.contextmanager
+def _seeded_forward(seed: int, epoch: int, device: torch.device):
+    """Seed torch's global RNG for this epoch's forward passes, restoring the caller's RNG state afterwards."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, "forward", epoch))
+        yield
+
+
+def _progress(total: int, initial: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="epoch", disable=not show, leave=False)
+
+
+def _diverged(value: float, epoch: int, step: int, steps: int, lr: float, config: TrainConfig,
+              run_dir: RunDir | None) -> TrainingDiverged:
+    where = (f"the last good checkpoint (epoch {epoch}) is in {run_dir.path}" if run_dir is not None and epoch > 0
+             else "no checkpoint was written")
+    return TrainingDiverged(
+        f"training diverged: the loss is {value} at epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps} "
+        f"(lr {lr:g}, precision {config.precision}); the update was not applied and {where}. Lower --lr, or use "
+        "--precision fp32 if mixed precision overflowed")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint state
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, stats: EpochStats,
+                       result: TrainResult, train_hash: str, config: TrainConfig,
+                       world: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(optimiser tensors, JSON state)`` of the epoch just finished, for :meth:`RunDir.save_checkpoint`."""
+    saved = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in saved["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": stats.epoch,
+        "epochs": config.epochs,
+        "train_config_hash": train_hash,
+        "train_config": train_identity(config),
+        "world_size": world,
+        "optimizer": {"param_groups": saved["param_groups"], "state": scalars},
+        "scaler": scaler.state_dict(),
+        "history": [dataclasses.asdict(s) for s in result.history],
+    }
+    return tensors, state
+
+
+def _restore(checkpoint: Any, method: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             train_hash: str, config: TrainConfig) -> TrainResult:
+    """Load a checkpoint into method, optimiser and scaler; the history so far."""
+    state = checkpoint.state
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint format {state.get('format')!r} is not supported (expected "
+                              f"{CHECKPOINT_FORMAT}); start the run again with --overwrite")
+    if state.get("train_config_hash") != train_hash:
+        raise CheckpointError("the checkpoint was written with different training options "
+                              f"({state.get('train_config')}); resume with the same options, or --overwrite")
+    try:
+        method.load_state_dict(checkpoint.params)
+        per_param: dict[int, dict[str, Any]] = {}
+        for name, tensor in checkpoint.optim.items():
+            index, key = name.split(".", 1)
+            per_param.setdefault(int(index), {})[key] = tensor
+        for index, values in state["optimizer"]["state"].items():
+            per_param.setdefault(int(index), {}).update(values)
+        optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history = [EpochStats(**entry) for entry in state["history"]]
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"the checkpoint does not fit this method ({exc}); start the run again with "
+                              "--overwrite") from exc
+    if state["epoch"] != len(history) or state["epoch"] > (config.epochs or 0):
+        raise CheckpointError(f"the checkpoint says epoch {state['epoch']} of {state.get('epochs')} with "
+                              f"{len(history)} epochs of history; start the run again with --overwrite")
+    return TrainResult(history=history, start_epoch=state["epoch"])
