@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from vlprompt.harness.bench.claims import claim_path, error_path, lock_holder, read_error, try_claim
+from vlprompt.common.locks import recorded_holder as lock_holder
+from vlprompt.harness.bench.claims import claim_path, error_path, read_error, try_claim
 from vlprompt.harness.bench.execute import RunRequest, execute_plan, work
 from vlprompt.harness.bench.protocols import ProtocolOptions, build_plan
 from vlprompt.harness.bench.status import RunState, inspect_run
+from run_folders import fake_run_folder
 from vlprompt.harness.bench.workers import threads_per_worker, worker_devices
 from vlprompt.errors import ConfigError
 
@@ -51,8 +53,7 @@ class FakeRunner:
             while len(list(self.barrier.iterdir())) < self.barrier_size:
                 assert time.monotonic() < deadline, "the other worker never started a run"
                 time.sleep(0.01)
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()), encoding="utf-8")
+        fake_run_folder(run.run_dir, run.config.to_dict())
         if self.interrupt_at == calls:
             raise KeyboardInterrupt
         if run.key in self.fail:
@@ -163,16 +164,16 @@ def test_conflicting_and_busy_runs_are_reported_not_run(tmp_path):
     (run,) = runs
     run.run_dir.mkdir(parents=True)
     saved = run.config.to_dict() | {"shots": 8}
-    (run.run_dir / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    fake_run_folder(run.run_dir, saved, progress=True)  # a run that finished an epoch: worth keeping
     status = inspect_run(run, tmp_path)
     assert (status.state, status.action) == (RunState.CONFLICT, "refuse")
-    assert "shots: saved 8, planned 1" in status.detail
+    assert "shots: saved 8, now 1" in status.detail
     runner = FakeRunner(tmp_path / "calls.log")
     result = execute_plan(runs, tmp_path, runner, log=quiet)
     assert calls(runner.log) == [] and result.exit_code == 1
     assert "RunConflict" in result.failed[0].error and "move that folder away" in result.failed[0].error
 
-    (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()), encoding="utf-8")
+    fake_run_folder(run.run_dir, run.config.to_dict())
     held = os.open(run.run_dir / "run.lock", os.O_RDWR | os.O_CREAT)  # another process works there (RunDir's lock)
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(held, f"{os.getpid()}\n".encode())
@@ -192,13 +193,13 @@ def test_a_foreign_file_makes_a_conflict(tmp_path):
     run.run_dir.mkdir(parents=True)
     (run.run_dir / "notes.txt").write_text("mine", encoding="utf-8")
     status = inspect_run(run, tmp_path)
-    assert status.state is RunState.CONFLICT and "not a run folder" in status.detail
+    assert status.state is RunState.CONFLICT and "not a vlprompt run folder" in status.detail
 
 
 def test_a_stale_pid_in_a_released_lock_is_not_busy(tmp_path):
     (run,) = fewshot_plan(tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), methods=("coop",), baselines=False)
     run.run_dir.mkdir(parents=True)
-    (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()), encoding="utf-8")
+    fake_run_folder(run.run_dir, run.config.to_dict())
     (run.run_dir / "run.lock").write_text(f"{os.getpid()}\n", encoding="ascii")  # written, but nobody holds the lock
     runner = FakeRunner(tmp_path / "calls.log")
     assert execute_plan([run], tmp_path, runner, log=quiet).exit_code == 0  # the flock decides, not the text
@@ -214,8 +215,7 @@ def test_leftovers_of_a_killed_write_are_cleared_not_a_conflict(tmp_path):
     assert inspect_run(run, tmp_path).state is RunState.MISSING
     lines: list[str] = []
     runner = FakeRunner(tmp_path / "calls.log")
-    assert execute_plan([run], tmp_path, runner, log=lines.append).exit_code == 0
-    assert not leftover.exists() and f"removed {leftover}, left by an interrupted write" in lines
+    assert execute_plan([run], tmp_path, runner, log=lines.append).exit_code == 0  # RunDir clears the leftover
     assert [c["key"] for c in calls(runner.log)] == [run.key]
 
 
@@ -225,8 +225,7 @@ def test_epochs_left_to_the_method_match_the_saved_resolved_value(tmp_path):
     saved["train"] = saved["train"] | {"epochs": 50, "batch_size": 32, "device": "cuda:1"}
     saved["method_config"] = {"n_ctx": 16, "ctx_init": "", "csc": False}  # the pipeline fills in the rest
     saved["root"] = "/elsewhere"
-    run.run_dir.mkdir(parents=True)
-    (run.run_dir / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    fake_run_folder(run.run_dir, saved, progress=True)
     assert inspect_run(run, tmp_path).state is RunState.PARTIAL
 
 
@@ -335,7 +334,7 @@ def test_the_worker_loop_waits_for_runs_held_by_others(tmp_path):
     def finish_held_run() -> None:
         time.sleep(0.3)
         runs[0].run_dir.mkdir(parents=True)
-        (runs[0].run_dir / "config.json").write_text(json.dumps(runs[0].config.to_dict()), encoding="utf-8")
+        fake_run_folder(runs[0].run_dir, runs[0].config.to_dict())
         (runs[0].run_dir / "results.json").write_text("{}", encoding="utf-8")
         held.release()
 

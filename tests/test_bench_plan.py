@@ -17,6 +17,7 @@ from vlprompt.harness.bench.protocols import (
     build_plan,
 )
 from vlprompt.harness.cli import bench_cmd
+from run_folders import fake_run_folder
 from vlprompt.harness.cli.main import main
 from vlprompt.training.config import TrainConfig
 from vlprompt.errors import ConfigError
@@ -198,8 +199,7 @@ def test_run_key_levels():
 
 
 def _finish(run, evals=True):
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()), encoding="utf-8")
+    fake_run_folder(run.run_dir, run.config.to_dict())
     (run.run_dir / "results.json").write_text("{}", encoding="utf-8")
     if evals:
         for evaluation in run.evals:
@@ -213,8 +213,7 @@ def test_dry_run_prints_states_actions_and_totals(tmp_path, capsys):
     zeroshot, seed1, seed2 = runs
     _finish(zeroshot)
     _finish(seed1, evals=False)  # trained, eval-dtd-new.json missing
-    seed2.run_dir.mkdir(parents=True)
-    (seed2.run_dir / "config.json").write_text(json.dumps(seed2.config.to_dict()), encoding="utf-8")
+    fake_run_folder(seed2.run_dir, seed2.config.to_dict(), progress=True)
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"base2novel: 3 run(s) under {tmp_path}"

@@ -91,5 +91,5 @@ def test_clashes_and_unsupported_types_are_programming_errors():
 
     with pytest.raises(ValueError, match="clashes"):
         add_method_arguments(parser, {"clash": spec("clash", Clashing)})
-    with pytest.raises(TypeError, match="cannot be a command-line option"):
+    with pytest.raises(TypeError, match="cannot be turned into a command-line option"):
         add_method_arguments(argparse.ArgumentParser(), {"odd": spec("odd", Odd)})

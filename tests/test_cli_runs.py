@@ -21,7 +21,8 @@ from clip_formats import save_openai_state_dict
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.harness.cli.main import main
-from vlprompt.training.config import RunConfig, TrainConfig
+from vlprompt.harness.config import RunConfig
+from vlprompt.training.config import TrainConfig
 from vlprompt.data import load_dataset
 from vlprompt.methods.prompt_file import read_prompt_header
 from vlprompt.harness.pipeline import run_experiment

@@ -16,9 +16,8 @@ from vlprompt.methods.configs import (
     EnsembleConfig,
     LinearProbeConfig,
     ZeroShotConfig,
-    config_from_dict,
-    config_to_dict,
 )
+from vlprompt.common.options import config_from_dict, config_to_dict
 
 
 def test_registry_lists_the_five_methods_with_their_kinds():
@@ -49,14 +48,12 @@ def test_defaults_are_the_papers():
 ])
 def test_coop_training_defaults(shots, dataset, epochs):
     recipe = METHODS["coop"].train_defaults(shots, dataset)
-    assert recipe["epochs"] == epochs and recipe["batch_size"] == 32
-    assert (recipe["lr"], recipe["momentum"], recipe["weight_decay"]) == (0.002, 0.9, 5e-4)
-    assert (recipe["lr_scheduler"], recipe["warmup_epochs"], recipe["warmup_lr"]) == ("cosine", 1, 1e-5)
+    assert recipe == {"epochs": epochs, "batch_size": 32}  # the rest of the recipe is TrainConfig's defaults
 
 
 def test_cocoop_and_untrained_defaults():
     recipe = METHODS["cocoop"].train_defaults(16, "imagenet")
-    assert (recipe["batch_size"], recipe["epochs"], recipe["lr"]) == (1, 10, 0.002)
+    assert recipe == {"batch_size": 1, "epochs": 10}
     for name in ("zeroshot", "ensemble", "linear_probe"):
         assert METHODS[name].train_defaults(16, "dtd") == {}
 

@@ -13,14 +13,13 @@ import torch
 
 import vlprompt.stages
 from vlprompt.backbone.tiny import build_tiny_clip
-from vlprompt.training.config import RunConfig, TrainConfig
+from vlprompt.harness.config import RunConfig
+from vlprompt.training.config import TrainConfig
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, RunError
+from vlprompt.harness.rundir import EvalSpec, eval_name, reading_lock
 from vlprompt.harness.pipeline import (
-    EvalSpec,
-    default_eval_name,
     evaluate_run,
     open_trained_run,
-    reading_lock,
     resolve_run_config,
     run_experiment,
 )
@@ -77,9 +76,9 @@ def test_resolve_run_config_errors():
 
 
 def test_eval_spec_and_names():
-    assert default_eval_name("oxford_flowers", "all") == "oxford_flowers"
-    assert default_eval_name("dtd", "new") == "dtd-new"
-    assert default_eval_name("my data/set", "base") == "my_data_set-base"
+    assert eval_name("oxford_flowers", "all") == "oxford_flowers"
+    assert eval_name("dtd", "new") == "dtd-new"
+    assert eval_name("my data/set", "base") == "my_data_set-base"
     with pytest.raises(ConfigError, match="subset"):
         EvalSpec("dtd", "novel")
     with pytest.raises(ConfigError, match="invalid evaluation name"):

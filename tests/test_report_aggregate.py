@@ -8,9 +8,9 @@ import math
 import pytest
 from test_report_support import write_result, write_seeds
 
+from vlprompt.data.registry import key_of
 from vlprompt.harness.report.aggregate import (
     Stats,
-    canonical_dataset,
     collect_results,
     dataset_label,
     dataset_sort_key,
@@ -77,10 +77,10 @@ def test_harmonic_mean_and_complete_means():
 
 
 def test_dataset_names_are_canonical_and_ordered():
-    assert canonical_dataset("OxfordPets") == canonical_dataset("pets") == "oxford_pets"
-    assert canonical_dataset("Flowers102") == canonical_dataset("oxford-flowers") == "oxford_flowers"
-    assert canonical_dataset("ImageNet-Sketch") == "imagenet_sketch"
-    assert canonical_dataset("My_Data") == "My_Data"  # custom datasets keep their name
+    assert key_of("OxfordPets") == key_of("pets") == "oxford_pets"
+    assert key_of("Flowers102") == key_of("oxford-flowers") == "oxford_flowers"
+    assert key_of("ImageNet-Sketch") == "imagenet_sketch"
+    assert key_of("My_Data") == "My_Data"  # custom datasets keep their name
     assert dataset_label("oxford_pets") == dataset_label("OxfordPets") == "OxfordPets"
     assert dataset_label("oxford_flowers") == "Flowers102"
     assert dataset_label("my_data") == "my_data"

@@ -12,11 +12,12 @@ import textwrap
 import pytest
 import torch
 
-from vlprompt.training.config import RunConfig
+from vlprompt.harness.config import RunConfig
 from vlprompt.errors import CheckpointError, ConfigError, RunError
-from vlprompt.harness.rundir import RunDir, load_params, result_payload, run_status
+from vlprompt.harness.rundir import RunDir, folder_state, load_params, result_payload
 
-CONFIG = {"method": "coop", "train": {"lr": 0.002, "device": "cpu"}, "shots": 16}
+CONFIG = {"method": "coop", "dataset": "dtd", "train": {"lr": 0.002, "device": "cpu"}, "shots": 16}
+"""A run configuration (partial: RunConfig fills in the defaults when it reads it)."""
 
 
 def _finish(run: RunDir, accuracy: float = 50.0) -> None:
@@ -25,18 +26,18 @@ def _finish(run: RunDir, accuracy: float = 50.0) -> None:
 
 def _snapshot(folder) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "run.lock"}
+            if p.is_file() and p.name not in ("run.lock", ".vlprompt-run")}
 
 
 def test_new_run_writes_config_and_statuses(tmp_path):
     path = tmp_path / "runs" / "a"
-    assert run_status(path) == "absent"
+    assert folder_state(path) == "absent"
     with RunDir.create_or_open(path, CONFIG) as run:
         assert json.loads((path / "config.json").read_text()) == CONFIG
-        assert not run.resumed and run.status == "partial"
+        assert not run.resumed and run.state == "partial"
         _finish(run)
-        assert run.status == "finished"
-    assert run_status(path) == "finished"
+        assert run.state == "finished"
+    assert folder_state(path) == "finished"
 
 
 def test_folder_in_use_is_refused_naming_the_pid(tmp_path):
@@ -46,14 +47,14 @@ def test_folder_in_use_is_refused_naming_the_pid(tmp_path):
             RunDir.create_or_open(tmp_path / "a", CONFIG, resume=True)
         assert _snapshot(tmp_path / "a") == before
     with RunDir.create_or_open(tmp_path / "a", CONFIG, resume=True) as run:  # released on close
-        assert run.resumed
+        assert not run.resumed  # nothing was finished there: the run starts afresh
 
 
 def test_lock_held_by_another_process(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         from vlprompt.harness.rundir import RunDir
-        run = RunDir.create_or_open({str(tmp_path / "a")!r}, {{"x": 1}})
+        run = RunDir.create_or_open({str(tmp_path / "a")!r}, {{"method": "coop", "dataset": "dtd"}})
         print("locked", flush=True)
         sys.stdin.readline()
     """)
@@ -61,10 +62,10 @@ def test_lock_held_by_another_process(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunError, match=rf"in use by another process \(pid {holder.pid}\)"):
-            RunDir.create_or_open(tmp_path / "a", {"x": 1}, resume=True)
+            RunDir.create_or_open(tmp_path / "a", CONFIG, resume=True)
     finally:
         holder.communicate("\n", timeout=30)
-    with RunDir.create_or_open(tmp_path / "a", {"x": 1}, resume=True):  # the holder ended: free again
+    with RunDir.create_or_open(tmp_path / "a", CONFIG, resume=True):  # the holder ended: free again
         pass
 
 
@@ -93,7 +94,8 @@ def test_finished_run_is_refused_and_kept(tmp_path):
 
 
 def test_unfinished_run_needs_resume(tmp_path):
-    RunDir.create_or_open(tmp_path / "a", CONFIG).close()
+    with RunDir.create_or_open(tmp_path / "a", CONFIG) as run:
+        run.save_checkpoint({}, {}, {"epoch": 1})  # an epoch finished: worth resuming, not restarting
     with pytest.raises(RunError, match="unfinished run with this configuration; pass --resume"):
         RunDir.create_or_open(tmp_path / "a", CONFIG)
     with pytest.raises(ConfigError, match="exclude each other"):
@@ -101,7 +103,8 @@ def test_unfinished_run_needs_resume(tmp_path):
 
 
 def test_resume_tolerates_ignored_keys_and_records_them(tmp_path):
-    RunDir.create_or_open(tmp_path / "a", CONFIG).close()
+    with RunDir.create_or_open(tmp_path / "a", CONFIG) as run:
+        run.save_checkpoint({}, {}, {"epoch": 1})
     moved = {**CONFIG, "train": {"lr": 0.002, "device": "cuda"}}
     with pytest.raises(RunError, match="train.device"):
         RunDir.create_or_open(tmp_path / "a", moved, resume=True)
@@ -112,13 +115,13 @@ def test_resume_tolerates_ignored_keys_and_records_them(tmp_path):
 
 def test_resume_without_a_run_starts_one(tmp_path):
     with RunDir.create_or_open(tmp_path / "a", CONFIG, resume=True) as run:
-        assert not run.resumed and run.status == "partial"
+        assert not run.resumed and run.state == "partial"
 
 
 def test_foreign_folders_and_files_are_refused(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "thesis.tex").write_text("keep me")
-    with pytest.raises(RunError, match=r"not a run folder \(no config.json\) and is not empty \(thesis.tex\)"):
+    with pytest.raises(RunError, match=r"not a vlprompt run folder and is not empty \(thesis.tex\)"):
         RunDir.create_or_open(tmp_path / "docs", CONFIG)
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["thesis.tex"]
     (tmp_path / "file").write_text("x")
@@ -136,7 +139,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(tmp_path):
 
     # the new run crashes before finishing: the old one is intact in previous/
     with RunDir.create_or_open(path, changed, overwrite=True) as run:
-        assert run.status == "partial"
+        assert run.state == "partial"
         run.save_checkpoint({"w": torch.zeros(2)}, {}, {"epoch": 1})
     assert {k[len("previous/"):]: v for k, v in _snapshot(path).items() if k.startswith("previous/")} == old
 

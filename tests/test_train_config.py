@@ -11,15 +11,9 @@ from typing import Literal
 
 import pytest
 
-from vlprompt.training.config import (
-    RunConfig,
-    TrainConfig,
-    add_dataclass_arguments,
-    dataclass_from_args,
-    field_help,
-    method_train_defaults,
-    resolve_train_config,
-)
+from vlprompt.common.options import add_dataclass_arguments, dataclass_from_args, field_help
+from vlprompt.harness.config import RunConfig
+from vlprompt.training.config import TrainConfig, method_train_defaults, resolve_train_config
 from vlprompt.errors import ConfigError
 
 
@@ -51,12 +45,11 @@ def test_imagenet_cocoop_and_untrained_defaults():
         resolve_train_config(TrainConfig(), method="coopp", shots=16, dataset="dtd")
 
 
-def test_train_defaults_agree_with_the_methods_sgd_recipe():
-    from vlprompt.methods.configs import SGD_RECIPE
-
+def test_train_defaults_are_the_reference_sgd_recipe():
+    # CoOp's Dassl configs: SGD lr 0.002, momentum 0.9, weight decay 5e-4, 1 constant warm-up epoch at 1e-5
     config = TrainConfig()
-    for key in ("lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr"):
-        assert getattr(config, key) == SGD_RECIPE[key], key
+    assert (config.lr, config.momentum, config.weight_decay, config.warmup_epochs, config.warmup_lr) == (
+        0.002, 0.9, 5e-4, 1, 1e-5)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -34,7 +34,7 @@ _LAZY: dict[str, str] = {
     "run_experiment": "vlprompt.harness.pipeline:run_experiment",
     "evaluate_run": "vlprompt.harness.pipeline:evaluate_run",
     "EvalSpec": "vlprompt.harness.pipeline:EvalSpec",
-    "RunConfig": "vlprompt.training.config:RunConfig",
+    "RunConfig": "vlprompt.harness.config:RunConfig",
     "TrainConfig": "vlprompt.training.config:TrainConfig",
     "FeatureSet": "vlprompt.features.extract:FeatureSet",
     "FeatureCache": "vlprompt.features.cache:FeatureCache",

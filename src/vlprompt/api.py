@@ -27,7 +27,8 @@ from typing import Any
 
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.model import CLIP
-from vlprompt.training.config import RunConfig, TrainConfig, resolve_train_config
+from vlprompt.harness.config import RunConfig
+from vlprompt.training.config import TrainConfig, resolve_train_config
 from vlprompt.data import DatasetSplits, load_dataset
 from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS, get_method

@@ -24,13 +24,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vlprompt.common.vocab import seeded_torch
 from vlprompt.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
     from vlprompt.backbone.model import CLIP
-    from vlprompt.training.config import RunConfig, TrainConfig
+    from vlprompt.harness.config import RunConfig
+    from vlprompt.training.config import TrainConfig
     from vlprompt.data import DatasetSplits
     from vlprompt.features.cache import FeatureCache
     from vlprompt.features.extract import FeatureSet
@@ -87,7 +89,7 @@ def load_backbone(model: str, device: torch.device) -> CLIP:
 
 def method_config(spec: MethodSpec, options: Mapping[str, Any]) -> Any:
     """``spec``'s config dataclass from plain options (unknown names and bad values raise ConfigError)."""
-    from vlprompt.methods.configs import config_from_dict
+    from vlprompt.common.options import config_from_dict
 
     try:
         return config_from_dict(spec.config_cls, options)
@@ -97,7 +99,7 @@ def method_config(spec: MethodSpec, options: Mapping[str, Any]) -> Any:
 
 def method_config_dict(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
     """The complete config of ``spec`` (defaults filled in) as JSON-ready values: what a run folder records."""
-    from vlprompt.methods.configs import config_to_dict
+    from vlprompt.common.options import config_to_dict
 
     return config_to_dict(method_config(spec, options))
 
@@ -109,22 +111,8 @@ def build_method_for(spec: MethodSpec, clip: CLIP, classnames: list[str], option
     from vlprompt.methods import config_for_dataset
 
     config = config_for_dataset(method_config(spec, options), dataset, template)
-    with seeded_rng(seed, "init", clip.device):
+    with seeded_torch(clip.device, seed, "init"):
         return spec.build(clip, list(classnames), config)
-
-
-@contextlib.contextmanager
-def seeded_rng(seed: int, stream: str, device: torch.device) -> Iterator[None]:
-    """Seed torch's RNG for a block from (``seed``, ``stream``), restoring the caller's RNG state afterwards."""
-    import torch
-
-    from vlprompt.training.loop import derive_seed
-
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_seed(seed, stream))
-        yield
 
 
 def adapt_method(method: Any, spec: MethodSpec, options: Mapping[str, Any], target: DatasetSplits, *,
@@ -333,9 +321,3 @@ def run_summary(config: RunConfig) -> str:
             f"backbone {config.model}")
 
 
-def dataset_id(name: str) -> str:
-    """The registry key of a built-in dataset's any spelling, else the name itself (custom dataset specs)."""
-    from vlprompt.data import lookup
-
-    info = lookup(name)
-    return info.key if info is not None else name

@@ -12,6 +12,7 @@ The cache folder is ``cache_dir`` when given, else ``$VLPROMPT_CACHE/clip``, els
 from __future__ import annotations
 
 import hashlib
+import logging
 import http.client
 import os
 import sys
@@ -28,6 +29,10 @@ from vlprompt.common.io import atomic_write
 
 _BASE_URL = "https://openaipublic.azureedge.net/clip/models"
 _CHUNK = 1 << 20
+DOWNLOAD_LOCK_SECONDS = 24 * 3600.0
+"""How long a process waits for another one downloading the same checkpoint."""
+
+logger = logging.getLogger(__name__)
 
 # A URL opener: ``opener(url, timeout=seconds)`` returns a context manager over a readable binary response with a
 # ``headers`` mapping (``urllib.request.urlopen`` is the default; tests pass their own or use ``file://`` URLs).
@@ -147,10 +152,11 @@ def ensure_checkpoint(name: str, cache_dir: str | os.PathLike[str] | None = None
     entry = checkpoints[canonical]
     target = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / entry.filename
     if not target.exists():
-        from filelock import FileLock
+        from vlprompt.common import locks
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
+        with locks.acquire(str(target) + ".lock", timeout=DOWNLOAD_LOCK_SECONDS,
+                           on_wait=lambda holder: logger.warning("waiting for process %s, which is downloading %s",
+                                                                 holder, target)):
             if not target.exists():  # another process may have finished it while we waited
                 download_verified(entry.url, entry.sha256, target, urlopen=urlopen, timeout=timeout,
                                   progress=progress, label=entry.name)

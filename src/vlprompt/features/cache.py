@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -36,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
-from filelock import Timeout as FileLockTimeout
 
+from vlprompt.common import locks
 from vlprompt.errors import VlpromptError
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DB_NAME = "features.sqlite"
@@ -154,7 +156,7 @@ class FeatureCache:
             # Opening sets the journal mode and creates the schema; SQLite answers "database is locked" at once
             # (without waiting out the busy timeout) when two processes do that together, as the ranks of a
             # distributed job do, so the set-up is serialised by a lock file beside the database.
-            with FileLock(f"{self.path}.lock", timeout=self.timeout):
+            with locks.acquire(f"{self.path}.lock", timeout=self.timeout, on_wait=self._say_waiting):
                 conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version not in (0, SCHEMA_VERSION):
@@ -168,10 +170,10 @@ class FeatureCache:
                 conn.executescript(_SCHEMA)
                 if version == 0:
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except FileLockTimeout:
+        except locks.LockTimeout as exc:
             raise FeatureCacheError(
-                f"the feature cache {self.path} stayed locked for {self.timeout:.0f} s by another process; retry, or "
-                "point VLPROMPT_CACHE at another folder"
+                f"the feature cache {self.path} stayed locked for {self.timeout:.0f} s by another process (pid "
+                f"{exc.holder}); retry, run without the cache (--no-cache), or point VLPROMPT_CACHE at another folder"
             ) from None
         except (sqlite3.Error, OSError) as exc:
             raise FeatureCacheError(
@@ -180,6 +182,10 @@ class FeatureCache:
             ) from None
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _say_waiting(self, holder: str) -> None:
+        logger.warning("waiting up to %.0f s for the feature cache %s, which process %s is setting up (--no-cache "
+                       "skips the cache)", self.timeout, self.path, holder)
 
     def close(self) -> None:
         """Close this process's connection (it reopens on next use)."""

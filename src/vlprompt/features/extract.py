@@ -42,7 +42,7 @@ from torch import Tensor
 from vlprompt.common import dist as dist_helpers
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.transforms import EvalTransform, TrainTransform, view_generator
-from vlprompt.training.config import PRECISIONS, Precision
+from vlprompt.common.vocab import PRECISIONS, Precision
 from vlprompt.data.images import ON_ERROR_CHOICES, BadImage, ImageDataset, OnError
 from vlprompt.data.listing import format_offenders
 from vlprompt.data.types import Item

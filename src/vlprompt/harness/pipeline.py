@@ -27,17 +27,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from vlprompt.training.config import SUBSETS, RunConfig
+from vlprompt.common.vocab import SUBSETS
+from vlprompt.data.registry import same_dataset
 from vlprompt.errors import ConfigError, RunError, VlpromptError
+from vlprompt.harness.config import NON_IDENTITY_KEYS, RunConfig
+from vlprompt.harness.rundir import (
+    FEWSHOT_FILE,
+    PROMPT_FILE,
+    RESULTS_FILE,
+    STATE_FILE,
+    EvalSpec,
+    check_eval_name,
+    eval_file,
+    eval_name,
+    read_run_config,
+    reading_lock,
+    write_result,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -51,53 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROMPT_FILE = "prompt.safetensors"
-FEWSHOT_FILE = "fewshot.json"
-EVAL_PREFIX = "eval-"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
 T = TypeVar("T")
-
-
-# ----------------------------------------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """One more evaluation of a run's method: the test split of ``dataset`` restricted to ``subset``.
-
-    ``dataset`` is a registry key or custom spec (as ``RunConfig.dataset``), read under the run's data root.
-    ``name`` names the result file ``eval-<name>.json``; default: the dataset's key, plus ``-base`` / ``-new`` for a
-    class subset (``eval-oxford_flowers.json``, ``eval-dtd-new.json``). ``protocol`` labels that result file with
-    another protocol than the run's (domain generalisation evaluated on runs trained for cross-dataset transfer).
-    """
-
-    dataset: str
-    subset: str = "all"
-    name: str | None = None
-    protocol: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dataset, str) or not self.dataset.strip():
-            raise ConfigError(f"an evaluation needs a dataset name, got {self.dataset!r}")
-        if self.subset not in SUBSETS:
-            raise ConfigError(f"evaluation subset must be one of {', '.join(SUBSETS)}, got {self.subset!r}")
-        if self.name is not None:
-            check_eval_name(self.name)
-
-
-def check_eval_name(name: str) -> str:
-    """``name`` if it can name ``eval-<name>.json`` (letters, digits, ``_ . -``), else ConfigError."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"invalid evaluation name {name!r}: use letters, digits, '_', '.', '-' (starting with a "
-                          "letter or digit)")
-    return name
-
-
-def default_eval_name(dataset: str, subset: str) -> str:
-    """``<dataset>`` for all classes, ``<dataset>-base`` / ``<dataset>-new`` for a subset (unsafe characters -> _)."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", dataset).lstrip("._-") or "dataset"
-    return stem if subset == "all" else f"{stem}-{subset}"
 
 
 def resolve_run_config(config: RunConfig) -> RunConfig:
@@ -146,7 +113,7 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str], *, resume
 
     def open_dir() -> RunDir:
         return RunDir.create_or_open(out_dir, resolved.to_dict(), resume=resume, overwrite=overwrite,
-                                     ignore_keys=_non_identity_keys())
+                                     ignore_keys=NON_IDENTITY_KEYS)
 
     run_dir = _on_main(open_dir)  # None on ranks > 0
     try:
@@ -158,12 +125,6 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str], *, resume
             run_dir.close()
 
 
-def _non_identity_keys() -> tuple[str, ...]:
-    from vlprompt.training.config import NON_IDENTITY_KEYS
-
-    return NON_IDENTITY_KEYS
-
-
 Targets = list[tuple[EvalSpec, "DatasetSplits"]]
 """Evaluations with their loaded datasets."""
 
@@ -173,16 +134,16 @@ def _named_targets(targets: Targets, config: RunConfig) -> Targets:
     named: Targets = []
     seen: dict[str, EvalSpec] = {}
     for spec, target in targets:
-        if _same(spec.dataset, config) and spec.subset == config.subset:
+        if same_dataset(spec.dataset, config.dataset) and spec.subset == config.subset:
             logger.info("evaluation of %s (%s classes) is the run's own test set: results.json", spec.dataset,
                         spec.subset)
             continue
-        name = spec.name or default_eval_name(target.name, spec.subset)
-        if name in seen:
-            raise ConfigError(f"two evaluations would both write {EVAL_PREFIX}{name}.json ({seen[name]} and "
-                              f"{spec}); give them different names")
-        seen[name] = spec
-        named.append((dataclasses.replace(spec, name=name), target))
+        named_spec = spec.named(target.name)
+        if named_spec.filename in seen:
+            raise ConfigError(f"two evaluations would both write {named_spec.filename} ({seen[named_spec.filename]} "
+                              f"and {spec}); give them different names")
+        seen[named_spec.filename] = spec
+        named.append((named_spec, target))
     return named
 
 
@@ -210,8 +171,8 @@ def _execute(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets
     method = build_method_for(spec, clip, data.classnames, config.method_config, dataset=data.name,
                               template=data.template, seed=config.seed)
     for eval_spec, target in eval_data:  # refuse impossible transfers (class-specific context ...) before training
-        adapt_method(method, spec, config.method_config, target, same_dataset=_same(eval_spec.dataset, config),
-                     seed=config.seed)
+        adapt_method(method, spec, config.method_config, target,
+                     same_dataset=same_dataset(eval_spec.dataset, config.dataset), seed=config.seed)
     fit = _fit(method, spec, clip, data, config, options, run_dir, on_epoch_end)
     payload = _main_results(method, clip, data, config, options, fit, run_dir)
     for eval_spec, target in eval_data:
@@ -287,7 +248,7 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
     options.skipped = []
     try:
         adapted = adapt_method(method, spec, config.method_config, target,
-                               same_dataset=_same(eval_spec.dataset, config), seed=config.seed)
+                               same_dataset=same_dataset(eval_spec.dataset, config.dataset), seed=config.seed)
         features = eval_features(clip, target, "test", options)
         metrics, seconds = score(adapted, features, target.classnames, options)
     except VlpromptError as exc:
@@ -301,7 +262,7 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
         payload["protocol"] = eval_spec.protocol
     _record_skipped(payload, options.skipped)
     if run_dir is not None:
-        run_dir.write_result(f"{EVAL_PREFIX}{eval_spec.name}", payload)
+        run_dir.write_result(eval_spec.filename, payload)
     logger.info("%s (%s classes) test accuracy %.2f%%", target.name, eval_spec.subset, metrics["accuracy"])
 
 
@@ -313,12 +274,6 @@ def _record_skipped(payload: dict[str, Any], skipped: list[str]) -> None:
     if skipped:
         payload["skipped_images"] = {"count": len(skipped), "paths": skipped[:SKIPPED_LISTED]}
         logger.warning("%d unreadable image(s) were left out of this run (listed in its results)", len(skipped))
-
-
-def _same(dataset: str, config: RunConfig) -> bool:
-    from vlprompt.stages import dataset_id
-
-    return dataset_id(dataset) == dataset_id(config.dataset)
 
 
 def _on_main(compute: Callable[[], T]) -> T:
@@ -368,22 +323,6 @@ class TrainedRun:
     device: torch.device
 
 
-def read_run_config(run_dir: str | os.PathLike[str]) -> RunConfig:
-    """The :class:`RunConfig` recorded in ``run_dir/config.json`` (RunError when missing or unreadable)."""
-    from vlprompt.harness.rundir import CONFIG_FILE
-
-    folder = Path(run_dir)
-    path = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise RunError(f"run folder {folder} does not exist; give the --out folder of a trained run")
-    if not path.is_file():
-        raise RunError(f"{folder} is not a run folder (no {CONFIG_FILE}); give the --out folder of a trained run")
-    try:
-        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path} cannot be read as a run configuration ({exc})") from None
-
-
 def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = None, clip: CLIP | None = None,
                      device: str | torch.device | None = None) -> TrainedRun:
     """Load a run folder's learned method (``prompt.safetensors``) on its backbone.
@@ -394,7 +333,6 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
     """
     from vlprompt.errors import CheckpointError
     from vlprompt.methods.prompt_file import load_prompt
-    from vlprompt.harness.rundir import STATE_FILE
     from vlprompt.stages import load_backbone, resolve_device
 
     folder = Path(run_dir)
@@ -420,36 +358,15 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
     return TrainedRun(folder, config, method, clip, clip.device)
 
 
-@contextlib.contextmanager
-def reading_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold a shared lock on the run folder's ``run.lock`` (if it has one) while reading it.
+def run_predictor(run_dir: str | os.PathLike[str], *, model: str | None = None, clip: CLIP | None = None,
+                  device: str | torch.device | None = None, **kwargs: Any) -> Any:
+    """A :class:`~vlprompt.prediction.predictor.Predictor` of a run folder's learned method, on its recorded backbone
+    (or ``model`` / ``clip``; a backbone with another fingerprint is refused); ``kwargs`` go to the Predictor."""
+    from vlprompt.prediction.predictor import Predictor
 
-    Readers share the lock; a process training in the folder holds it exclusively, so reading is refused (RunError)
-    while it trains, and training is refused while anyone reads. Without ``fcntl`` (Windows) nothing is locked.
-    """
-    from vlprompt.harness.rundir import LOCK_FILE
-
-    folder = Path(run_dir)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - POSIX only
-        yield
-        return
-    try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
-    except OSError:  # no lock file: nobody ever trained here (a copied run folder), nothing to exclude
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise RunError(f"run folder {folder} is in use by another process (pid {holder}) that is training in "
-                           "it; wait for it to end") from None
-        yield
-    finally:
-        os.close(fd)
+    with reading_lock(run_dir):
+        trained = open_trained_run(run_dir, model=model, clip=clip, device=device)
+    return Predictor(trained.method, **kwargs)
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None, subset: str = "all",
@@ -466,13 +383,11 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
     the run's. See the module docstring for locking.
     """
     from vlprompt.data import cap_test_split, load_dataset, subsample_classes
-    from vlprompt.common.io import atomic_write_json
     from vlprompt.methods import get_method
     from vlprompt.harness.rundir import result_payload
     from vlprompt.stages import (
         FeatureOptions,
         adapt_method,
-        dataset_id,
         eval_features,
         open_feature_cache,
         require_images,
@@ -487,10 +402,10 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
     with reading_lock(folder):
         config = read_run_config(folder)
         wanted = dataset or config.dataset
-        same = dataset_id(wanted) == dataset_id(config.dataset)
+        same = same_dataset(wanted, config.dataset)
         if same and subset == config.subset:
             raise ConfigError(f"{wanted} ({subset} classes) is the run's own test set: its metrics are in "
-                              f"{folder / 'results.json'}; give another --dataset or --subset")
+                              f"{folder / RESULTS_FILE}; give another --dataset or --subset")
         target = load_dataset(wanted, root if root is not None else (config.root or None))
         target = cap_test_split(subsample_classes(target, subset), config.max_test_images)  # type: ignore[arg-type]
         require_images(target, "test")
@@ -508,24 +423,17 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
         if protocol is not None:  # labelled for another protocol than the run's (see EvalSpec.protocol)
             payload["protocol"] = protocol
         _record_skipped(payload, options.skipped)
-        out = folder / f"{EVAL_PREFIX}{name or default_eval_name(target.name, subset)}.json"
-        atomic_write_json(out, payload)
+        out = write_result(folder, eval_file(name or eval_name(target.name, subset)), payload)
     logger.info("%s: %s (%s classes) accuracy %.2f%% -> %s", folder, target.name, subset, metrics["accuracy"], out)
     return payload
 
 
 __all__ = [
-    "EVAL_PREFIX",
-    "FEWSHOT_FILE",
-    "PROMPT_FILE",
     "EvalSpec",
     "TrainedRun",
-    "check_eval_name",
-    "default_eval_name",
     "evaluate_run",
     "open_trained_run",
-    "read_run_config",
-    "reading_lock",
     "resolve_run_config",
+    "run_predictor",
     "run_experiment",
 ]

@@ -1,26 +1,40 @@
 """Run folders: one locked folder per run holding its configuration, checkpoints, log and results.
 
+This module owns the run folder: its file names, what makes a folder a run (:func:`is_run_folder`), the one
+configuration comparison (:func:`config_differences`), the one reader of a saved configuration
+(:func:`read_config`, :func:`read_run_config`), the evaluation spec and its file name (:class:`EvalSpec`), and the
+one writer of result files (:func:`write_result`). The pipeline, the bench, prediction and the CLI ask it.
+
 Layout of a run folder::
 
-    run.lock            fcntl lock held while a process works in the folder (holds that process's pid)
+    .vlprompt-run       the marker only vlprompt writes: with a config.json it can parse, the folder is a run
+    run.lock            lock held while a process works in the folder (exclusive: training, holds its pid;
+                        shared: evaluations reading it)
     config.json         the effective configuration, written when the run is created
     log.txt             the log of every process that worked here (appended)
     params.safetensors  the learned parameters (method.state_dict()) after the last finished epoch
     optim.safetensors   optimiser tensors (momentum buffers) of that epoch
     state.json          epoch done, optimiser/scaler state, history, checksums of the two tensor files: the commit
                         marker (tensor files are written as *.next first and renamed once state.json is written)
-    results.json        metrics once evaluated: a finished run (``eval-<dataset>.json`` for other test sets)
+    fewshot.json        the portable few-shot sample (methods that learn from a few shots), reused on resume
+    prompt.safetensors  the learned state with its backbone's fingerprint, written once fitting is done
+    results.json        metrics once evaluated: a finished run
+    eval-<name>.json    one per further evaluation (:class:`EvalSpec`: cross-dataset, base-to-novel "new")
     tensorboard/        optional TensorBoard scalars
     previous/           an earlier run set aside by ``overwrite``, deleted once the new run writes results.json
 
-Rules (:meth:`RunDir.create_or_open`): a folder in use is refused; a different configuration is refused, listing the
-differing keys; a finished run is only replaced with ``overwrite``, and then kept in ``previous/`` until the new run
-finishes (a crash never loses finished work); an unfinished run continues only with ``resume``. Every file is written
-atomically (:mod:`vlprompt.common.io`).
+Rules (:meth:`RunDir.create_or_open`): only an empty folder or a run folder is used (anything else is refused, and
+``overwrite`` never touches it); a folder in use is refused; a different configuration is refused, listing the
+differing keys, unless the run never finished anything (no checkpoint, prompt or results: a failed start is simply
+started again with the corrected configuration); a finished run is only replaced with ``overwrite``, and then kept
+in ``previous/`` until the new run finishes (a crash never loses finished work); an unfinished run continues only
+with ``resume``. Every file is written atomically (:mod:`vlprompt.common.io`); temporary files a killed write left
+behind are removed when the folder is opened.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,22 +42,26 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from vlprompt.errors import CheckpointError, ConfigError, RunError
+from vlprompt.common import locks
 from vlprompt.common.io import atomic_write_bytes, atomic_write_json
+from vlprompt.errors import CheckpointError, ConfigError, RunError
+from vlprompt.harness.config import NON_IDENTITY_KEYS
+from vlprompt.common.vocab import SUBSETS
 
 if TYPE_CHECKING:
     import torch
 
-    from vlprompt.training.config import RunConfig
+    from vlprompt.harness.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
+MARKER_FILE = ".vlprompt-run"
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.txt"
@@ -51,18 +69,25 @@ PARAMS_FILE = "params.safetensors"
 OPTIM_FILE = "optim.safetensors"
 STATE_FILE = "state.json"
 RESULTS_FILE = "results.json"
+PROMPT_FILE = "prompt.safetensors"
+FEWSHOT_FILE = "fewshot.json"
+EVAL_PREFIX = "eval-"
 TENSORBOARD_DIR = "tensorboard"
 PREVIOUS_DIR = "previous"
 _REPLACING_DIR = ".replacing"  # a set-aside in progress: its content plus what is still outside is the old run
-_BOOKKEEPING = frozenset({LOCK_FILE, PREVIOUS_DIR, _REPLACING_DIR})
+_BOOKKEEPING = frozenset({MARKER_FILE, LOCK_FILE, PREVIOUS_DIR, _REPLACING_DIR})
 _PENDING = ".next"  # suffix of checkpoint files written but not yet committed by state.json
-_RESULT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_WRITE_LEFTOVER = re.compile(r"^\..+\.tmp$")  # the temporary file of an atomic write its process died in
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RESULT_SCHEMA = 1
+"""Version of the result files' layout (docs/architecture.md "Results"); the report reads this version."""
+DEFAULTED_KEYS: tuple[str, ...] = ("train.epochs", "train.batch_size")
+"""Keys a planned configuration may leave at None ("the method's default"); a run folder saves them resolved."""
 
-RunStatus = Literal["absent", "partial", "finished"]
+FolderState = Literal["absent", "partial", "finished"]
 
 
-def run_status(path: str | os.PathLike[str]) -> RunStatus:
+def folder_state(path: str | os.PathLike[str]) -> FolderState:
     """``absent`` (no run yet), ``partial`` (configured, not evaluated) or ``finished`` (results.json present)."""
     folder = Path(path)
     if (folder / RESULTS_FILE).is_file():
@@ -70,6 +95,242 @@ def run_status(path: str | os.PathLike[str]) -> RunStatus:
     if (folder / CONFIG_FILE).is_file():
         return "partial"
     return "absent"
+
+
+def has_progress(path: str | os.PathLike[str]) -> bool:
+    """True when the run in ``path`` finished something worth keeping: a checkpoint, a learned prompt or results."""
+    folder = Path(path)
+    return any((folder / name).exists() for name in (STATE_FILE, PROMPT_FILE, RESULTS_FILE))
+
+
+# ------------------------------------------------------------------------------------------- what is a run folder
+
+
+def is_run_folder(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is positively a vlprompt run: the marker only vlprompt writes, and a ``config.json`` that
+    parses as a run configuration. Nothing else is ever opened for writing, resumed or overwritten."""
+    folder = Path(path)
+    if not (folder / MARKER_FILE).is_file():
+        return False
+    try:
+        read_run_config(folder)
+    except RunError:
+        return False
+    return True
+
+
+def write_leftovers(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes that a killed process left in ``folder`` (hidden ``.<name>.<random>.tmp``)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _WRITE_LEFTOVER.match(p.name) and p.is_file())
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What ``folder`` holds besides run bookkeeping and write leftovers (names, sorted); [] when it does not exist.
+
+    A folder with no foreign entries may become a run; one that holds anything else must be a run folder
+    (:func:`is_run_folder`) to be used."""
+    if not folder.is_dir():
+        return []
+    leftovers = set(write_leftovers(folder))
+    return sorted(p.name for p in folder.iterdir() if p.name not in _BOOKKEEPING and p not in leftovers)
+
+
+def not_a_run_reason(folder: Path) -> str | None:
+    """Why ``folder`` may not be used as a run folder (one sentence), or None when it is empty or a run folder."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not foreign_entries(folder) and not (folder / _REPLACING_DIR).is_dir():
+        return None
+    if is_run_folder(folder):
+        return None
+    if (folder / MARKER_FILE).is_file():
+        return f"{folder} has a vlprompt run marker but its {CONFIG_FILE} is missing or is not a run configuration"
+    entries = foreign_entries(folder)
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    return f"{folder} is not a vlprompt run folder and is not empty ({shown})"
+
+
+# ------------------------------------------------------------------------------------------------- configuration
+
+
+def read_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The saved ``config.json`` of ``folder`` as a dict; None when there is none. RunError when it is unreadable or
+    not a JSON object."""
+    target = Path(folder) / CONFIG_FILE
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{target} is unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{target} is not a JSON object")
+    return data
+
+
+def read_run_config(folder: str | os.PathLike[str]) -> RunConfig:
+    """The :class:`~vlprompt.harness.config.RunConfig` recorded in ``folder/config.json`` (RunError when the folder
+    or the file is missing, unreadable or not a run configuration)."""
+    from vlprompt.harness.config import RunConfig
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise RunError(f"run folder {path} does not exist; give the --out folder of a trained run")
+    data = read_config(path)
+    if data is None:
+        raise RunError(f"{path} is not a run folder (no {CONFIG_FILE}); give the --out folder of a trained run")
+    try:
+        return RunConfig.from_dict(data)
+    except ConfigError as exc:
+        raise RunError(f"{path / CONFIG_FILE} is not a vlprompt run configuration ({exc})") from None
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; empty objects vanish (an empty mapping states nothing)."""
+    if isinstance(data, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any], *,
+                       ignore: Collection[str] = NON_IDENTITY_KEYS, stated_only: bool = False) -> list[str]:
+    """The keys where two configurations (JSON objects) differ, one ``key: saved ..., now ...`` line each (empty:
+    the same run).
+
+    ``ignore``: dotted keys allowed to differ (paths and devices by default). ``stated_only``: compare only what
+    ``wanted`` states, a key of :data:`DEFAULTED_KEYS` left at None matching any saved value (a planned
+    configuration, whose method options the pipeline completes later).
+    """
+    old, new = _flatten(_normalise(saved)), _flatten(_normalise(wanted))
+    keys = sorted(new) if stated_only else sorted(set(old) | set(new))
+    differing = []
+    for key in keys:
+        if key in ignore or (stated_only and key in DEFAULTED_KEYS and new.get(key) is None):
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            differing.append(f"{key}: saved {old.get(key, '<absent>')!r}, now {new.get(key, '<absent>')!r}")
+    return differing
+
+
+def describe_differences(differences: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` differences joined by '; ' (and how many more)."""
+    more = f" (and {len(differences) - limit} more)" if len(differences) > limit else ""
+    return "; ".join(differences[:limit]) + more
+
+
+# ----------------------------------------------------------------------------------------------------- evaluations
+
+
+def eval_name(dataset: str, subset: str = "all") -> str:
+    """The stem of an evaluation file: ``<dataset>`` for all classes, ``<dataset>-base`` / ``<dataset>-new`` for a
+    subset; characters unsafe in a file name become ``_``."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", dataset).lstrip("._-") or "dataset"
+    return stem if subset == "all" else f"{stem}-{subset}"
+
+
+def check_eval_name(name: str) -> str:
+    """``name`` if it can name ``eval-<name>.json`` (letters, digits, ``_ . -``), else ConfigError."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"invalid evaluation name {name!r}: use letters, digits, '_', '.', '-' (starting with a "
+                          "letter or digit)")
+    return name
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One more evaluation of a run's method: the test split of ``dataset`` restricted to ``subset``, written as
+    ``eval-<name>.json`` in the run folder.
+
+    ``dataset`` is a registry key or custom spec (as ``RunConfig.dataset``), read under the run's data root.
+    ``name`` defaults to :func:`eval_name` of the loaded dataset's name (``eval-oxford_flowers.json``,
+    ``eval-dtd-new.json``). ``protocol`` labels the result file with another protocol than the run's (domain
+    generalisation evaluated on runs trained for cross-dataset transfer).
+    """
+
+    dataset: str
+    subset: str = "all"
+    name: str | None = None
+    protocol: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ConfigError(f"an evaluation needs a dataset name, got {self.dataset!r}")
+        if self.subset not in SUBSETS:
+            raise ConfigError(f"evaluation subset must be one of {', '.join(SUBSETS)}, got {self.subset!r}")
+        if self.name is not None:
+            check_eval_name(self.name)
+
+    def named(self, dataset_name: str) -> EvalSpec:
+        """This spec with its name set (the default from the loaded dataset's ``dataset_name``)."""
+        return self if self.name is not None else dataclasses.replace(self, name=eval_name(dataset_name, self.subset))
+
+    @property
+    def filename(self) -> str:
+        """``eval-<name>.json`` (the name must be set: :meth:`named`)."""
+        if self.name is None:
+            raise ConfigError(f"evaluation of {self.dataset} has no name yet")
+        return eval_file(self.name)
+
+
+def eval_file(name: str) -> str:
+    """The file name of evaluation ``name``: ``eval-<name>.json``."""
+    return f"{EVAL_PREFIX}{name}.json"
+
+
+def eval_files(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """``{name: path}`` of the evaluation files in a run folder, sorted by name."""
+    return {path.name[len(EVAL_PREFIX):-5]: path for path in sorted(Path(folder).glob(f"{EVAL_PREFIX}*.json"))}
+
+
+# ---------------------------------------------------------------------------------------------------------- results
+
+
+def write_result(folder: str | os.PathLike[str], name: str, payload: Mapping[str, Any]) -> Path:
+    """Write result file ``<name>.json`` (``results`` or ``eval-<...>``) into a run folder, atomically."""
+    stem = name[:-5] if name.endswith(".json") else name
+    if not _NAME.match(stem) or stem in ("config", "state"):
+        raise ConfigError(f"invalid result name {name!r}: use letters, digits, '_', '-', '.' (not config/state)")
+    return atomic_write_json(Path(folder) / f"{stem}.json", _normalise(payload))
+
+
+def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A result file's JSON object (RunError when missing or unreadable)."""
+    target = Path(path)
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{target} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{target} is unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{target} is not a JSON object")
+    return data
+
+
+@contextmanager
+def reading_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold a shared lock on the run folder's ``run.lock`` (if it has one) while reading it.
+
+    Readers share the lock; a process training in the folder holds it exclusively, so reading is refused (RunError)
+    while it trains, and training is refused while anyone reads.
+    """
+    path = Path(folder)
+    try:
+        held = locks.acquire(path / LOCK_FILE, shared=True, create=False)
+    except OSError:  # no lock file: nobody ever trained here (a copied run folder), nothing to exclude
+        yield
+        return
+    if held is None:
+        holder = locks.recorded_holder(path / LOCK_FILE) or "unknown"
+        raise RunError(f"run folder {path} is in use by another process (pid {holder}) that is training in it; wait "
+                       "for it to end")
+    with held:
+        yield
 
 
 @dataclass
@@ -84,11 +345,11 @@ class Checkpoint:
 class RunDir:
     """An open, locked run folder. Use :meth:`create_or_open`; close it (or use ``with``) to release the lock."""
 
-    def __init__(self, path: Path, lock_fd: int, config: dict[str, Any], resumed: bool) -> None:
+    def __init__(self, path: Path, lock: locks.FileLock, config: dict[str, Any], resumed: bool) -> None:
         self.path = path
         self.config = config
         self.resumed = resumed
-        self._lock_fd: int | None = lock_fd
+        self._lock = lock
         self._log_handler: logging.Handler | None = None
 
     # ------------------------------------------------------------------------------------------------- opening
@@ -108,48 +369,39 @@ class RunDir:
                               "starts it again")
         folder = Path(path)
         wanted = _normalise(config)
-        _refuse_foreign_folder(folder)
+        reason = not_a_run_reason(folder)
+        if reason is not None:
+            raise RunError(f"{reason}; vlprompt only uses an empty folder or one of its own run folders (never "
+                           "overwriting anything else): choose a new or empty folder with --out")
         folder.mkdir(parents=True, exist_ok=True)
-        fd = _acquire_lock(folder)
+        lock = locks.acquire(folder / LOCK_FILE)
+        if lock is None:
+            holder = locks.recorded_holder(folder / LOCK_FILE) or "unknown"
+            raise RunError(f"run folder {folder} is in use by another process (pid {holder}); wait for it to end, or "
+                           "choose another --out")
         try:
+            for leftover in write_leftovers(folder):  # a killed write's temporary file: ours, and worthless
+                leftover.unlink(missing_ok=True)
             _finish_interrupted_set_aside(folder)
-            saved = _read_config(folder, allow_corrupt=overwrite)
-            resumed = False
-            write_config = saved != wanted
-            if saved is not None and overwrite:
-                write_config = True
-                _set_aside(folder)
-            elif saved is not None:
-                _check_same_config(folder, saved, wanted, ignore_keys)
-                status = run_status(folder)
-                if status == "finished":
-                    raise RunError(f"run folder {folder} holds a finished run (results.json); choose a new --out, or "
-                                   f"pass --overwrite to train it again (the old run is kept in {PREVIOUS_DIR}/ "
-                                   "until the new one finishes)")
-                if not resume:
-                    raise RunError(f"run folder {folder} holds an unfinished run with this configuration; pass "
-                                   "--resume to continue it, or --overwrite to start it again")
-                resumed = True
-            elif resume:
-                logger.info("nothing to resume in %s: starting a new run", folder)
-            if write_config:
+            resumed = _settle_existing(folder, wanted, resume=resume, overwrite=overwrite, ignore=ignore_keys)
+            if not (folder / MARKER_FILE).is_file():  # first: a folder holding only the marker counts as empty
+                atomic_write_json(folder / MARKER_FILE, {"vlprompt_run": 1})
+            if read_config(folder) != wanted:
                 atomic_write_json(folder / CONFIG_FILE, wanted)
         except BaseException:
-            _release_lock(fd)
+            lock.release()
             raise
         if (folder / PREVIOUS_DIR).exists():
             logger.warning("an earlier run is kept in %s until this run writes results.json",
                            folder / PREVIOUS_DIR)
-        return cls(folder, fd, wanted, resumed)
+        return cls(folder, lock, wanted, resumed)
 
     def close(self) -> None:
         """Release the lock and close the log file. Idempotent."""
         if self._log_handler is not None:
             self._log_handler.close()
             self._log_handler = None
-        if self._lock_fd is not None:
-            _release_lock(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def __enter__(self) -> RunDir:
         return self
@@ -161,12 +413,10 @@ class RunDir:
         return f"RunDir({str(self.path)!r}, resumed={self.resumed})"
 
     @property
-    def status(self) -> RunStatus:
-        return run_status(self.path)
+    def state(self) -> FolderState:
+        return folder_state(self.path)
 
     # ---------------------------------------------------------------------------------------------- checkpoints
-    def has_checkpoint(self) -> bool:
-        return (self.path / STATE_FILE).is_file()
 
     def save_checkpoint(self, params: Mapping[str, torch.Tensor], optim: Mapping[str, torch.Tensor],
                         state: Mapping[str, Any]) -> None:
@@ -220,22 +470,13 @@ class RunDir:
 
     # -------------------------------------------------------------------------------------------------- results
     def write_result(self, name: str, payload: Mapping[str, Any]) -> Path:
-        """Write ``<name>.json`` atomically. Writing ``results`` marks the run finished and drops ``previous/``."""
-        stem = name[:-5] if name.endswith(".json") else name
-        if not _RESULT_NAME.match(stem) or stem in ("config", "state"):
-            raise ConfigError(f"invalid result name {name!r}: use letters, digits, '_', '-', '.' (not config/state)")
-        target = atomic_write_json(self.path / f"{stem}.json", _normalise(payload))
-        if stem + ".json" == RESULTS_FILE and (self.path / PREVIOUS_DIR).exists():
+        """Write ``<name>.json`` (:func:`write_result`). Writing ``results`` marks the run finished and drops
+        ``previous/``."""
+        target = write_result(self.path, name, payload)
+        if target.name == RESULTS_FILE and (self.path / PREVIOUS_DIR).exists():
             shutil.rmtree(self.path / PREVIOUS_DIR)
             logger.info("run finished: removed the earlier run kept in %s", self.path / PREVIOUS_DIR)
         return target
-
-    def read_result(self, name: str) -> dict[str, Any] | None:
-        """The content of ``<name>.json``, or None when it does not exist."""
-        target = self.path / (name if name.endswith(".json") else f"{name}.json")
-        if not target.is_file():
-            return None
-        return json.loads(target.read_text(encoding="utf-8"))
 
     # -------------------------------------------------------------------------------------------------- logging
     def log_handler(self) -> logging.Handler:
@@ -352,83 +593,47 @@ def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
 
 
-def _refuse_foreign_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise RunError(f"run folder {folder} is a file; choose a folder path with --out")
-    if folder.is_dir() and not (folder / CONFIG_FILE).exists() and not (folder / _REPLACING_DIR).is_dir():
-        # leftovers of an atomic write killed mid-way (".<name>.<random>.tmp") are ours, not foreign
-        foreign = sorted(p.name for p in folder.iterdir()
-                         if p.name not in _BOOKKEEPING and not (p.name.startswith(".") and p.name.endswith(".tmp")))
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise RunError(f"{folder} is not a run folder (no {CONFIG_FILE}) and is not empty ({shown}); choose a "
-                           "new or empty folder with --out")
-
-
-def _acquire_lock(folder: Path) -> int:
-    """Open ``run.lock``, take an exclusive non-blocking flock and write our pid into it (POSIX; without fcntl,
-    as on Windows, the folder is not locked and a warning says so)."""
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def _settle_existing(folder: Path, wanted: dict[str, Any], *, resume: bool, overwrite: bool,
+                     ignore: Collection[str]) -> bool:
+    """Decide what happens to a run already in ``folder`` (locked by us); True when it is resumed."""
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        logger.warning("file locking is unavailable on this platform: %s is not protected against a second run",
-                       folder)
-        return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise RunError(f"run folder {folder} is in use by another process (pid {holder}); wait for it to end, or "
-                       "choose another --out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    return fd
-
-
-def _release_lock(fd: int) -> None:
-    try:
-        os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
-
-
-def _read_config(folder: Path, *, allow_corrupt: bool) -> dict[str, Any] | None:
-    target = folder / CONFIG_FILE
-    if not target.is_file():
-        return None
-    try:
-        data = json.loads(target.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data
-    except (OSError, ValueError) as exc:
-        if allow_corrupt:
-            return {}
-        raise RunError(f"{target} is unreadable ({exc}); pass --overwrite to start the run again") from exc
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
-def _check_same_config(folder: Path, saved: dict[str, Any], wanted: dict[str, Any],
-                       ignore_keys: Collection[str]) -> None:
-    old, new = _flatten(saved), _flatten(wanted)
-    differing = [key for key in sorted(set(old) | set(new))
-                 if key not in ignore_keys and old.get(key, "<absent>") != new.get(key, "<absent>")]
+        saved = read_config(folder)
+    except RunError as exc:
+        if not overwrite:
+            raise RunError(f"{exc}; pass --overwrite to start the run again") from None
+        saved = {}
+    if saved is None:
+        if resume:
+            logger.info("nothing to resume in %s: starting a new run", folder)
+        return False
+    if overwrite:
+        _set_aside(folder)
+        return False
+    differing = config_differences(saved, wanted, ignore=ignore)
+    if differing and not has_progress(folder):
+        # a run that failed before finishing anything (bad images, an option error): the corrected command restarts it
+        logger.warning("%s held a run that never finished an epoch (%s); starting it again with this configuration",
+                       folder, describe_differences(differing, 3))
+        _clear_unfinished(folder)
+        return False
     if differing:
-        lines = "; ".join(f"{key}: saved {old.get(key, '<absent>')!r}, now {new.get(key, '<absent>')!r}"
-                          for key in differing[:10])
-        more = f" (and {len(differing) - 10} more)" if len(differing) > 10 else ""
-        raise RunError(f"run folder {folder} holds a run with a different configuration ({lines}{more}); choose a "
-                       "new --out for this configuration, or pass --overwrite to replace that run")
+        raise RunError(f"run folder {folder} holds a run with a different configuration "
+                       f"({describe_differences(differing)}); choose a new --out for this configuration, or pass "
+                       "--overwrite to replace that run")
+    if folder_state(folder) == "finished":
+        raise RunError(f"run folder {folder} holds a finished run (results.json); choose a new --out, or pass "
+                       f"--overwrite to train it again (the old run is kept in {PREVIOUS_DIR}/ until the new one "
+                       "finishes)")
+    if not resume and has_progress(folder):
+        raise RunError(f"run folder {folder} holds an unfinished run with this configuration; pass --resume to "
+                       "continue it, or --overwrite to start it again")
+    return has_progress(folder)
+
+
+def _clear_unfinished(folder: Path) -> None:
+    """Remove what a run that never finished an epoch left (its config, few-shot file, log stay useful: kept)."""
+    for name in (PARAMS_FILE, OPTIM_FILE, PARAMS_FILE + _PENDING, OPTIM_FILE + _PENDING, FEWSHOT_FILE):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _remove(path: Path) -> None:

@@ -10,51 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
+from vlprompt.common.options import check_choice, check_int, option
 from vlprompt.errors import ConfigError
-from vlprompt.methods.templates import TEMPLATE_SETS, check_template, check_templates, dataset_key
+from vlprompt.data.registry import key_of
+from vlprompt.methods.templates import TEMPLATE_SETS, check_template, check_templates
 
 CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("end", "middle", "front")
 
-SGD_RECIPE: Mapping[str, Any] = MappingProxyType({
-    "optimizer": "sgd",
-    "lr": 0.002,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "lr_scheduler": "cosine",
-    "warmup_epochs": 1,
-    "warmup_type": "constant",
-    "warmup_lr": 1e-5,
-})
-"""The reference optimisation recipe shared by CoOp and CoCoOp (SGD, cosine decay, 1 constant warm-up epoch)."""
-
-
-def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None) -> Any:
-    """A dataclass field with its command-line help (and closed set of values) in ``metadata``."""
-    metadata: dict[str, Any] = {"help": help}
-    if choices is not None:
-        metadata["choices"] = choices
-    return field(default=default, metadata=metadata)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    check_int(name, value, minimum=1)
 
 
 def _is_imagenet(dataset: str | None) -> bool:
-    return dataset is not None and dataset_key(dataset) == "imagenet"
+    return dataset is not None and key_of(dataset) == "imagenet"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,7 +71,7 @@ class EnsembleConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("template_set", self.template_set, tuple(TEMPLATE_SETS))
+        check_choice("template_set", self.template_set, tuple(TEMPLATE_SETS))
         if isinstance(self.templates, str):
             raise ConfigError("templates must be a sequence of template strings, not one string")
         object.__setattr__(self, "templates", tuple(self.templates))
@@ -177,7 +148,7 @@ class CoOpConfig:
 
     def __post_init__(self) -> None:
         _check_positive_int("n_ctx", self.n_ctx)
-        _check_choice("class_token_position", self.class_token_position, CLASS_TOKEN_POSITIONS)
+        check_choice("class_token_position", self.class_token_position, CLASS_TOKEN_POSITIONS)
         if not isinstance(self.ctx_init, str):
             raise ConfigError(f"ctx_init must be a string, got {self.ctx_init!r}")
 
@@ -204,7 +175,7 @@ class CoCoOpConfig:
     def __post_init__(self) -> None:
         _check_positive_int("n_ctx", self.n_ctx)
         _check_positive_int("meta_net_reduction", self.meta_net_reduction)
-        _check_choice("class_token_position", self.class_token_position, CLASS_TOKEN_POSITIONS)
+        check_choice("class_token_position", self.class_token_position, CLASS_TOKEN_POSITIONS)
         if not isinstance(self.ctx_init, str):
             raise ConfigError(f"ctx_init must be a string, got {self.ctx_init!r}")
 
@@ -220,64 +191,20 @@ def no_train_defaults(shots: int | None = None, dataset: str | None = None) -> d
 
 def coop_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
     """CoOp's reference schedule: batch 32; epochs 50 (1 shot), 100 (2, 4 shots), 200 (8, 16 shots, or all data),
-    50 on ImageNet whatever the shots; the shared SGD recipe (:data:`SGD_RECIPE`)."""
+    50 on ImageNet whatever the shots; the rest of the recipe is :class:`~vlprompt.training.config.TrainConfig`'s
+    defaults."""
     if _is_imagenet(dataset) or shots == 1:
         epochs = 50
     elif shots is not None and 1 < shots <= 4:
         epochs = 100
     else:
         epochs = 200
-    return {"batch_size": 32, "epochs": epochs, **SGD_RECIPE}
+    return {"batch_size": 32, "epochs": epochs}
 
 
 def cocoop_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
-    """CoCoOp's reference schedule: batch 1, 10 epochs, the shared SGD recipe (:data:`SGD_RECIPE`)."""
-    return {"batch_size": 1, "epochs": 10, **SGD_RECIPE}
+    """CoCoOp's reference schedule: batch 1, 10 epochs; the rest of the recipe is
+    :class:`~vlprompt.training.config.TrainConfig`'s defaults."""
+    return {"batch_size": 1, "epochs": 10}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# (de)serialisation
-
-ConfigT = TypeVar("ConfigT")
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A config's fields as JSON-ready values (tuples become lists)."""
-    data: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        data[f.name] = list(value) if isinstance(value, tuple) else value
-    return data
-
-
-def config_from_dict(config_cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
-    """Rebuild a config from :func:`config_to_dict`'s output (lists back to tuples); unknown keys are an error."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"a {config_cls.__name__} must be given as a mapping of fields, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown {config_cls.__name__} field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-        )
-    hints = typing.get_type_hints(config_cls)
-    values = {}
-    for key, value in data.items():
-        if isinstance(value, list) and _is_tuple_type(hints.get(key)):
-            value = tuple(value)
-        values[key] = value
-    try:
-        return config_cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"invalid {config_cls.__name__}: {exc}") from exc
-
-
-def _is_tuple_type(hint: Any) -> bool:
-    if hint is None:
-        return False
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_tuple_type(arg) for arg in typing.get_args(hint))
-    return False

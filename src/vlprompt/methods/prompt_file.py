@@ -26,7 +26,7 @@ from vlprompt.errors import CheckpointError, ConfigError
 from vlprompt.common.io import atomic_write_bytes
 from vlprompt.methods import METHODS
 from vlprompt.methods.base import FrozenClipMethod, rng_untouched
-from vlprompt.methods.configs import config_from_dict, config_to_dict
+from vlprompt.common.options import config_from_dict, config_to_dict
 
 FORMAT = "vlprompt-prompt"
 FORMAT_VERSION = 1

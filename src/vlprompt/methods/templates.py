@@ -1,8 +1,8 @@
 """Prompt templates: the hand-crafted template of each benchmark dataset and the ImageNet template sets.
 
-A template is a string with exactly one ``{}`` where the class name goes ("a photo of a {}."). The data layer gives
-each dataset's template with its splits (``DatasetSplits.template``); :data:`DATASET_TEMPLATES` holds the same
-templates for use without a dataset (CoOp's ``CUSTOM_TEMPLATES`` / the CLIP paper's choices).
+A template is a string with exactly one ``{}`` where the class name goes ("a photo of a {}."). Each dataset's
+hand-crafted template lives in its registry entry (:mod:`vlprompt.data.registry`) and comes with its splits
+(``DatasetSplits.template``); :func:`dataset_template` reads it without a dataset on disk.
 
 Template sets for prompt ensembling (:data:`TEMPLATE_SETS`):
 
@@ -15,48 +15,13 @@ This module imports nothing heavy (the CLI reads it at start).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
+from vlprompt.common.vocab import DEFAULT_TEMPLATE
 from vlprompt.errors import ConfigError
 
-DEFAULT_TEMPLATE = "a photo of a {}."
-"""CLIP's generic template, used when no dataset is known."""
-
 PLACEHOLDER = "{}"
-
-# canonical dataset key (lower-case letters and digits) -> hand-crafted template
-DATASET_TEMPLATES: Mapping[str, str] = MappingProxyType({
-    "imagenet": "a photo of a {}.",
-    "caltech101": "a photo of a {}.",
-    "oxfordpets": "a photo of a {}, a type of pet.",
-    "stanfordcars": "a photo of a {}.",
-    "oxfordflowers": "a photo of a {}, a type of flower.",
-    "food101": "a photo of {}, a type of food.",
-    "fgvcaircraft": "a photo of a {}, a type of aircraft.",
-    "sun397": "a photo of a {}.",
-    "dtd": "{} texture.",
-    "eurosat": "a centered satellite photo of {}.",
-    "ucf101": "a photo of a person doing {}.",
-    "imagenetv2": "a photo of a {}.",
-    "imagenetsketch": "a photo of a {}.",
-    "imageneta": "a photo of a {}.",
-    "imagenetr": "a photo of a {}.",
-})
-
-# other spellings (papers' titles, reference class names, standard folder names) -> canonical key
-DATASET_ALIASES: Mapping[str, str] = MappingProxyType({
-    "flowers102": "oxfordflowers",
-    "oxfordflowers102": "oxfordflowers",
-    "pets": "oxfordpets",
-    "cars": "stanfordcars",
-    "aircraft": "fgvcaircraft",
-    "describabletextures": "dtd",
-    "sun": "sun397",
-    "imagenetadversarial": "imageneta",
-    "imagenetrendition": "imagenetr",
-})
 
 IMAGENET_TEMPLATES_SELECT: tuple[str, ...] = (
     "itap of a {}.",
@@ -159,26 +124,15 @@ TEMPLATE_SETS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 })
 
 
-def dataset_key(name: str) -> str:
-    """Canonical key of a dataset name: lower-case letters and digits only, aliases resolved.
-
-    ``"oxford_flowers"``, ``"OxfordFlowers"`` and ``"Flowers102"`` all give ``"oxfordflowers"``.
-    """
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    return DATASET_ALIASES.get(key, key)
-
-
 def dataset_template(name: str) -> str:
-    """The hand-crafted template of a benchmark dataset (any spelling :func:`dataset_key` understands)."""
-    key = dataset_key(name)
-    try:
-        return DATASET_TEMPLATES[key]
-    except KeyError:
-        known = ", ".join(sorted(DATASET_TEMPLATES))
-        raise ConfigError(
-            f"no hand-crafted template is known for dataset {name!r} (known: {known}); "
-            f"pass a template with one '{{}}' for the class name instead"
-        ) from None
+    """The hand-crafted template of a built-in dataset (any spelling the dataset registry knows)."""
+    from vlprompt.data.registry import DATASETS, lookup
+
+    info = lookup(name)
+    if info is None:
+        raise ConfigError(f"no hand-crafted template is known for dataset {name!r} (known: {', '.join(DATASETS)}); "
+                          "pass a template with one '{}' for the class name instead")
+    return info.template
 
 
 def template_set(name: str) -> tuple[str, ...]:

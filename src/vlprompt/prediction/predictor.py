@@ -122,8 +122,8 @@ class Predictor:
     """Classify images with a method: ``Predictor(method).predict(images, top_k=5)``.
 
     ``device`` defaults to the backbone's; ``precision`` ("fp32", "bf16", "fp16") is the autocast of the image tower
-    and classifier. Build one from a run folder with :meth:`from_run`, a prompt file with :meth:`from_prompt`, or any
-    class list (zero-shot) with :meth:`zero_shot`.
+    and classifier. Build one from a prompt file with :meth:`from_prompt`, or any class list (zero-shot) with
+    :meth:`zero_shot`; :func:`vlprompt.harness.pipeline.run_predictor` builds one from a run folder.
     """
 
     def __init__(self, method: Any, *, device: str | torch.device | None = None, precision: str = "fp32",
@@ -151,17 +151,6 @@ class Predictor:
         self._classifier = method.classifier()  # text features computed once, here
 
     # -- constructors -------------------------------------------------------------------------------------------------
-    @classmethod
-    def from_run(cls, run_dir: str | os.PathLike[str], *, model: str | None = None, clip: CLIP | None = None,
-                 device: str | torch.device | None = None, **kwargs: Any) -> Predictor:
-        """The learned method of a run folder, on its recorded backbone (or ``model`` / ``clip``; a backbone with
-        another fingerprint is refused)."""
-        from vlprompt.harness.pipeline import open_trained_run, reading_lock
-
-        with reading_lock(run_dir):
-            trained = open_trained_run(run_dir, model=model, clip=clip, device=device)
-        return cls(trained.method, **kwargs)
-
     @classmethod
     def from_prompt(cls, path: str | os.PathLike[str], clip: CLIP, *, classnames: Sequence[str] | None = None,
                     **kwargs: Any) -> Predictor:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 import sys
@@ -43,6 +42,7 @@ from vlprompt.common import dist
 from vlprompt.training.config import TrainConfig, stable_hash, train_identity
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, RunError
 from vlprompt.common.precision import autocast_for
+from vlprompt.common.vocab import derive_seed, seeded_torch
 
 if TYPE_CHECKING:
     from vlprompt.harness.rundir import RunDir
@@ -106,12 +106,6 @@ def lr_at_epoch(epoch: int, config: TrainConfig) -> float:
 def lr_schedule(config: TrainConfig) -> list[float]:
     """The learning rate of every epoch."""
     return [lr_at_epoch(epoch, config) for epoch in range(config.epochs or 0)]
-
-
-def derive_seed(seed: int, *keys: object) -> int:
-    """A 63-bit seed for the stream named by ``keys`` (independent streams for different keys)."""
-    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def epoch_view_indices(num_views: int, num_items: int, seed: int, epoch: int) -> torch.Tensor:
@@ -204,7 +198,7 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
                             torch.arange(labels.numel())]
             batches = epoch_batches(labels.numel(), config.batch_size, config.seed, epoch)
             try:
-                with _seeded_forward(config.seed, epoch, target):
+                with seeded_torch(target, config.seed, "forward", epoch):
                     totals = _train_epoch(model, optimizer, scaler, view, labels, batches, target,
                                           config.precision, max_label)
             except _NonFiniteLoss as bad:
@@ -326,16 +320,6 @@ def _grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
         warnings.warn("fp16 autocast on the CPU is slow and rarely helps; prefer --precision bf16 or fp32",
                       stacklevel=3)
     return torch.amp.GradScaler(device.type, enabled=enabled)
-
-
-@contextlib.contextmanager
-def _seeded_forward(seed: int, epoch: int, device: torch.device):
-    """Seed torch's global RNG for this epoch's forward passes, restoring the caller's RNG state afterwards."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_seed(seed, "forward", epoch))
-        yield
 
 
 def _progress(total: int, initial: int, show: bool):

@@ -3,9 +3,8 @@
 Both live in ``OUT/.bench/`` (hidden, so the report never reads them, and outside the run folders, which must hold
 nothing but a run):
 
-- ``claims/<run>.lock``: a worker runs a run only while it holds an exclusive non-blocking ``flock`` on this file.
-  The kernel drops the lock when the holder's descriptor closes, including when the process dies, so a claim can
-  never go stale. The holder writes its pid into the file while it holds the claim (for messages).
+- ``claims/<run>.lock``: a worker runs a run only while it holds this file's exclusive lock
+  (:mod:`vlprompt.common.locks`: it never goes stale, and records the holder's pid for messages).
 - ``errors/<run>.json``: why the last attempt of a run failed (written atomically, removed when the run finishes).
 
 ``<run>`` is the run's key (its folder relative to OUT) with ``/`` replaced by ``__``.
@@ -14,11 +13,11 @@ nothing but a run):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlprompt.common import locks
 from vlprompt.common.io import atomic_write_json
 
 BENCH_DIR = ".bench"
@@ -40,90 +39,9 @@ def error_path(out: Path, key: str) -> Path:
     return Path(out) / BENCH_DIR / ERRORS_DIR / f"{_stem(key)}.json"
 
 
-class Claim:
-    """A held claim on one run; :meth:`release` (or leaving the ``with`` block) gives it back."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        """Give the run back (idempotent)."""
-        if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, 0)
-            finally:
-                os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> Claim:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-
-def try_claim(out: Path, key: str) -> Claim | None:
-    """Claim run ``key`` without waiting: the held :class:`Claim`, or None when another worker holds it."""
-    import fcntl
-
-    path = claim_path(out, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    return Claim(path, fd)
-
-
-def lock_holder(path: Path) -> int | None:
-    """The live process that holds lock file ``path`` (a claim or a run folder's ``run.lock``), or None.
-
-    Read without locking (so probing never makes a real claim fail): holders write their pid into the file and empty
-    it when they release; a pid whose process is gone is a holder that died, i.e. none.
-    """
-    try:
-        text = path.read_text(encoding="ascii", errors="replace").strip()
-    except OSError:
-        return None
-    if not text.isdigit():
-        return None
-    pid = int(text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
-
-
-def held_by_other(path: Path) -> str | None:
-    """Whether another open file holds lock file ``path`` now, by trying its flock (authoritative, unlike
-    :func:`lock_holder`): None when free or absent, else the holder's pid as written in the file ("unknown" if none).
-
-    Only for a run this process has claimed: the probe holds the lock for an instant, so probing a run folder that
-    another process is opening could make that process find it "in use".
-    """
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+def try_claim(out: Path, key: str) -> locks.FileLock | None:
+    """Claim run ``key`` without waiting: the held lock, or None when another worker holds it."""
+    return locks.acquire(claim_path(out, key))
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlprompt.harness.bench.claims import ErrorRecord, clear_error, error_path, held_by_other, try_claim, write_error
-from vlprompt.harness.bench.plan import PlannedEval, PlannedRun
-from vlprompt.harness.bench.status import CONFIG_NAME, LOCK_NAME, RunState, RunStatus, inspect_run, write_leftovers
+from vlprompt.common import locks
+from vlprompt.harness.bench.claims import ErrorRecord, clear_error, error_path, try_claim, write_error
+from vlprompt.harness.bench.plan import PlannedRun
+from vlprompt.harness.bench.status import PlannedRunStatus, RunState, inspect_run
+from vlprompt.harness.rundir import LOCK_FILE, EvalSpec
 
 Log = Callable[[str], None]
 
@@ -48,7 +50,7 @@ class RunRequest:
     """
 
     run: PlannedRun
-    evals: tuple[PlannedEval, ...]
+    evals: tuple[EvalSpec, ...]
     train: bool
     device: str | None = None
 
@@ -90,13 +92,13 @@ def _record_failure(out: Path, run: PlannedRun, session: str, exc: BaseException
     return record
 
 
-def _request_for(run: PlannedRun, status: RunStatus, device: str | None) -> RunRequest:
+def _request_for(run: PlannedRun, status: PlannedRunStatus, device: str | None) -> RunRequest:
     if status.trained:
         return RunRequest(run, status.missing_evals, train=False, device=device)
     return RunRequest(run, run.evals, train=True, device=device)
 
 
-def _execute_one(run: PlannedRun, status: RunStatus, out: Path, runner: Runner, *, session: str, worker: int,
+def _execute_one(run: PlannedRun, status: PlannedRunStatus, out: Path, runner: Runner, *, session: str, worker: int,
                  device: str | None, log: Log) -> Outcome:
     """Run ``run`` (already claimed) and record how it went."""
     action = status.action
@@ -106,18 +108,12 @@ def _execute_one(run: PlannedRun, status: RunStatus, out: Path, runner: Runner, 
         record = _record_failure(out, run, session, None, message, "RunConflict")
         log(f"FAILED  {run.key}: {message}")
         return Outcome(run.key, action, False, 0.0, worker, record.summary(), str(error_path(out, run.key)))
-    holder = held_by_other(run.run_dir / LOCK_NAME)  # e.g. `vlprompt train` or an evaluation working there
+    holder = locks.probe(run.run_dir / LOCK_FILE)  # e.g. `vlprompt train` or an evaluation working there
     if holder is not None:
         message = f"{run.run_dir} is in use by another process (pid {holder}); run the protocol again once it ends"
         record = _record_failure(out, run, session, None, message, "RunBusy")
         log(f"BUSY    {run.key}: {message}")
         return Outcome(run.key, action, False, 0.0, worker, record.summary(), str(error_path(out, run.key)))
-    if not (run.run_dir / CONFIG_NAME).is_file():
-        # a process killed while creating the folder leaves the temporary file of its atomic write: nothing of value,
-        # but the run folder would refuse to start in a folder that is "not empty"
-        for leftover in write_leftovers(run.run_dir):
-            leftover.unlink(missing_ok=True)
-            log(f"removed {leftover}, left by an interrupted write")
     request = _request_for(run, status, device)
     log(f"{action:<8}{run.key} ({run.describe()})" + (f" on {device}" if device else ""))
     start = time.monotonic()
@@ -138,7 +134,7 @@ def _execute_one(run: PlannedRun, status: RunStatus, out: Path, runner: Runner, 
     return Outcome(run.key, action, True, seconds, worker)
 
 
-def _settled(status: RunStatus, session: str) -> bool:
+def _settled(status: PlannedRunStatus, session: str) -> bool:
     """Nothing left for this invocation: finished, or already failed during it."""
     if status.state is RunState.FINISHED:
         return True

@@ -18,36 +18,14 @@ This module imports neither torch nor numpy.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from vlprompt.training.config import RunConfig
+from vlprompt.common.vocab import slug
+from vlprompt.harness.config import RunConfig
+from vlprompt.harness.rundir import RESULTS_FILE, EvalSpec
 
-RESULTS_NAME = "results.json"
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-@dataclass(frozen=True)
-class PlannedEval:
-    """One evaluation a run owes besides its own test split: ``eval-<name>.json`` in the run folder.
-
-    ``protocol`` is the protocol the evaluation belongs to (the report groups results by it); None means the run's.
-    """
-
-    dataset: str
-    subset: str = "all"
-    name: str = ""
-    protocol: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            object.__setattr__(self, "name", eval_name(self.dataset, self.subset))
-
-    @property
-    def filename(self) -> str:
-        """``eval-<name>.json``."""
-        return f"eval-{self.name}.json"
 
 
 @dataclass(frozen=True)
@@ -61,12 +39,12 @@ class PlannedRun:
     key: str
     run_dir: Path
     config: RunConfig
-    evals: tuple[PlannedEval, ...] = ()
+    evals: tuple[EvalSpec, ...] = ()
 
     @property
     def result_files(self) -> tuple[str, ...]:
         """Every file whose presence makes the run finished: ``results.json`` and each ``eval-<name>.json``."""
-        return (RESULTS_NAME, *(e.filename for e in self.evals))
+        return (RESULTS_FILE, *(e.filename for e in self.evals))
 
     def describe(self) -> str:
         """One line: method, dataset, shots, seed, subset and evaluations."""
@@ -79,17 +57,6 @@ class PlannedRun:
         if self.evals:
             parts.append("+ " + ", ".join(e.name for e in self.evals))
         return ", ".join(parts)
-
-
-def eval_name(dataset: str, subset: str = "all") -> str:
-    """The evaluation file stem: the dataset, with ``-<subset>`` for base / new classes (``dtd-new``)."""
-    return dataset if subset == "all" else f"{dataset}-{subset}"
-
-
-def slug(text: str) -> str:
-    """A lower-case folder-name-safe form: ``"ViT-B/16"`` -> ``"vit-b-16"``."""
-    value = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return value or "x"
 
 
 def model_tag(model: str) -> str:
@@ -121,6 +88,6 @@ def run_key(tree: str, model: str, dataset: str, method: str, shots: int | None 
     return "/".join(parts)
 
 
-def make_run(out: Path, key: str, config: RunConfig, evals: tuple[PlannedEval, ...] = ()) -> PlannedRun:
+def make_run(out: Path, key: str, config: RunConfig, evals: tuple[EvalSpec, ...] = ()) -> PlannedRun:
     """A :class:`PlannedRun` whose folder is ``out / key``."""
     return PlannedRun(key=key, run_dir=Path(out).joinpath(*key.split("/")), config=config, evals=evals)

@@ -32,8 +32,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from vlprompt.harness.bench.plan import PlannedEval, PlannedRun, eval_name, make_run, run_key, tree_name
-from vlprompt.training.config import RunConfig, TrainConfig
+from vlprompt.harness.bench.plan import PlannedRun, make_run, run_key, tree_name
+from vlprompt.harness.rundir import EvalSpec, eval_name
+from vlprompt.harness.config import RunConfig
+from vlprompt.training.config import TrainConfig
 from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS, Training
 
@@ -162,7 +164,7 @@ def _counts(values: tuple[int, ...] | None, default: tuple[int, ...], what: str,
 
 def _method_config(method: str, base: Mapping[str, Any], options: ProtocolOptions) -> dict[str, Any]:
     """The method's option overrides (protocol defaults, then the user's), checked against its config class."""
-    from vlprompt.methods.configs import config_from_dict, config_to_dict
+    from vlprompt.common.options import config_from_dict, config_to_dict
 
     merged = {**base, **options.method_options.get(method, {})}
     if not merged:
@@ -202,7 +204,7 @@ def _variants(method: str, shots: tuple[int, ...], seeds: tuple[int, ...]) -> li
 def _runs_for(protocol: Protocol, options: ProtocolOptions, *, tree: str, datasets: Sequence[str],
               methods: Sequence[str], shots: tuple[int, ...], seeds: tuple[int, ...], subset: str,
               method_defaults: Mapping[str, Mapping[str, Any]],
-              evals: Callable[[str, str], tuple[PlannedEval, ...]], config_protocol: str) -> list[PlannedRun]:
+              evals: Callable[[str, str], tuple[EvalSpec, ...]], config_protocol: str) -> list[PlannedRun]:
     model = options.model or protocol.default_model
     runs = []
     for dataset in datasets:
@@ -249,7 +251,7 @@ def _base2novel(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRu
         shots=_counts(options.shots, (BASE2NOVEL_SHOTS,), "shots", 1),
         seeds=_counts(options.seeds, DEFAULT_SEEDS, "seeds", 0), subset="base",
         method_defaults={"coop": COCOOP_PAPER_COOP},
-        evals=lambda dataset, method: (PlannedEval(dataset, "new", eval_name(dataset, "new")),),
+        evals=lambda dataset, method: (EvalSpec(dataset, "new", eval_name(dataset, "new")),),
         config_protocol=protocol.name,
     ))
 
@@ -278,11 +280,11 @@ def _transfer(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun,
     source = _dataset_key(options.source or "imagenet", what="source dataset", trainable=True)
     targets = transfer_targets(protocol.name, source, options.targets)
 
-    def evals(dataset: str, method: str) -> tuple[PlannedEval, ...]:
-        found = tuple(PlannedEval(t, "all", t, protocol.name) for t in targets)
+    def evals(dataset: str, method: str) -> tuple[EvalSpec, ...]:
+        found = tuple(EvalSpec(t, "all", t, protocol.name) for t in targets)
         if protocol.name == SOURCE_PROTOCOL:
             return found
-        return (PlannedEval(source, "all", f"{source}-{protocol.name}", protocol.name), *found)
+        return (EvalSpec(source, "all", f"{source}-{protocol.name}", protocol.name), *found)
 
     return tuple(_runs_for(
         protocol, options, tree=tree_name(TRANSFER_TREE, options.budget), datasets=(source,), methods=methods,

@@ -17,39 +17,28 @@ called.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlprompt.harness.bench.execute import RunRequest
-from vlprompt.harness.bench.plan import RESULTS_NAME, PlannedEval, PlannedRun
-from vlprompt.errors import RunError
-from vlprompt.common.io import atomic_write_json
+from vlprompt.harness.bench.plan import PlannedRun
+from vlprompt.harness.rundir import RESULTS_FILE, EvalSpec, read_result, write_result
 
 
-def _same_dataset(a: str, b: str) -> bool:
-    from vlprompt.data.registry import lookup
-
-    info_a, info_b = lookup(a), lookup(b)
-    return (info_a.key if info_a else a) == (info_b.key if info_b else b)
-
-
-def is_own_split(run: PlannedRun, evaluation: PlannedEval) -> bool:
+def is_own_split(run: PlannedRun, evaluation: EvalSpec) -> bool:
     """True when ``evaluation`` is the run's own test split (dataset and class subset): ``results.json``'s."""
-    return evaluation.subset == run.config.subset and _same_dataset(evaluation.dataset, run.config.dataset)
+    from vlprompt.data.registry import same_dataset
+
+    return evaluation.subset == run.config.subset and same_dataset(evaluation.dataset, run.config.dataset)
 
 
-def copy_own_result(run: PlannedRun, evaluation: PlannedEval) -> Path:
+def copy_own_result(run: PlannedRun, evaluation: EvalSpec) -> Path:
     """Write ``eval-<name>.json`` as the run's ``results.json`` under ``evaluation``'s protocol label."""
-    source = run.run_dir / RESULTS_NAME
-    try:
-        data: dict[str, Any] = json.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{source} is missing: the run must finish before its evaluations") from None
+    data = read_result(run.run_dir / RESULTS_FILE)
     if evaluation.protocol is not None:
         data["protocol"] = evaluation.protocol
-    return atomic_write_json(run.run_dir / evaluation.filename, data)
+    return write_result(run.run_dir, evaluation.filename, data)
 
 
 @dataclass(frozen=True)
@@ -84,7 +73,7 @@ class PipelineRunner:
             object.__setattr__(self, name, value)
 
     def __call__(self, request: RunRequest) -> None:
-        from vlprompt.harness.pipeline import EvalSpec, evaluate_run, run_experiment
+        from vlprompt.harness.pipeline import evaluate_run, run_experiment
 
         run = request.run
         config = run.config
@@ -94,7 +83,7 @@ class PipelineRunner:
         clip = self.backbone(config.model, config.train.device) if (request.train or computed) else None
         if request.train:
             run_experiment(config, run.run_dir, resume=True, progress=self.progress, feature_cache=self.feature_cache,
-                           evals=[EvalSpec(e.dataset, e.subset, e.name, _label(e, config.protocol)) for e in computed],
+                           evals=[dataclasses.replace(e, protocol=_label(e, config.protocol)) for e in computed],
                            clip=clip)
         else:
             for evaluation in computed:
@@ -106,6 +95,6 @@ class PipelineRunner:
                 copy_own_result(run, evaluation)
 
 
-def _label(evaluation: PlannedEval, run_protocol: str | None) -> str | None:
+def _label(evaluation: EvalSpec, run_protocol: str | None) -> str | None:
     """The protocol an evaluation's result file is labelled with when it is not the run's own (else None)."""
     return evaluation.protocol if evaluation.protocol not in (None, run_protocol) else None

@@ -29,7 +29,8 @@ BUDGET_BANNER = "SMOKE TEST (--budget): 2 training epochs, at most 64 test image
 def add_parser(subparsers: Any) -> None:
     """Register ``vlprompt bench``."""
     from vlprompt.harness.bench.protocols import PROTOCOLS
-    from vlprompt.training.config import TrainConfig, add_dataclass_arguments
+    from vlprompt.common.options import add_dataclass_arguments
+    from vlprompt.training.config import TrainConfig
 
     lines = [f"  {name:<13}{p.description} (methods: {', '.join(p.default_methods)}"
              f"{' + ' + ', '.join(p.baselines) if p.baselines else ''}; model {p.default_model})"
@@ -128,7 +129,8 @@ def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 def options_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~vlprompt.harness.bench.protocols.ProtocolOptions` of the parsed command line."""
     from vlprompt.harness.bench.protocols import ProtocolOptions
-    from vlprompt.training.config import TrainConfig, dataclass_from_args
+    from vlprompt.common.options import dataclass_from_args
+    from vlprompt.training.config import TrainConfig
 
     root = args.root if args.root is not None else os.environ.get(ROOT_ENV)
     return ProtocolOptions(

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vlprompt.training.config import field_help
+from vlprompt.common.options import argparse_kwargs, field_help
 from vlprompt.errors import ConfigError
 
 DEST_PREFIX = "method_option__"
@@ -132,38 +131,17 @@ def _show(value: Any) -> str:
 
 
 def _kwargs(name: str, specs: list[Any]) -> dict[str, Any]:
-    """argparse keyword arguments for the field ``name``; its type must agree across ``specs``."""
+    """argparse keyword arguments for the field ``name`` (:func:`~vlprompt.common.options.argparse_kwargs`); its
+    type must agree across ``specs``."""
     hints = [typing.get_type_hints(spec.config_cls)[name] for spec in specs]
     if len({str(h) for h in hints}) != 1:
         raise TypeError(f"config field {name!r} has different types in {', '.join(s.name for s in specs)}: {hints}")
-    hint = hints[0]
     choices: tuple[Any, ...] | None = None
     for spec in specs:
         for f in dataclasses.fields(spec.config_cls):
             if f.name == name and "choices" in f.metadata:
                 choices = tuple(f.metadata["choices"])
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if hint in (int, float, str):
-        return {"type": hint, **({"choices": list(choices)} if choices else {"metavar": name.upper()})}
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float, str):
-        return {"type": args[0], "nargs": "+", "metavar": args[0].__name__.upper()}
-    if origin in (typing.Union, types.UnionType):
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1 and members[0] in (int, float, str) and len(args) == 2:
-            return {"type": _optional(members[0]), "metavar": f"{members[0].__name__.upper()}|none"}
-    raise TypeError(f"config field {name!r} of type {hint!r} cannot be a command-line option")
-
-
-def _optional(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        if text.lower() in ("none", "null", "unset"):
-            return None
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__} or 'none', got {text!r}") from None
-
-    parse.__name__ = kind.__name__
-    return parse
+    kwargs = argparse_kwargs(hints[0], name, choices)
+    if "choices" not in kwargs and kwargs.get("action") is not argparse.BooleanOptionalAction:
+        kwargs.setdefault("metavar", name.upper())
+    return kwargs

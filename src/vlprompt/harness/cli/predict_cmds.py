@@ -15,6 +15,7 @@ from typing import Any
 
 from vlprompt.harness.cli.common import add_output_options, console_logging, read_templates
 from vlprompt.errors import ConfigError
+from vlprompt.harness.rundir import CONFIG_FILE
 
 
 def add_parser(subparsers: Any) -> None:
@@ -101,13 +102,15 @@ def run_predict(args: argparse.Namespace) -> int:
             images = args.inputs
         else:
             run, images = Path(args.inputs[0]), args.inputs[1:]
-            if not (run.is_dir() and (run / "config.json").is_file()):
+            if not (run.is_dir() and (run / CONFIG_FILE).is_file()):
                 raise ConfigError(f"{run} is not a run folder: give a trained run folder first, or classify zero-shot "
                                   "with --model and --classes / --classes-file")
             if not images:
                 raise ConfigError(f"no images given after the run folder {run}: add image files or folders")
-            predictor = Predictor.from_run(run, model=args.model, device=args.device, precision=args.precision,
-                                           batch_size=args.batch_size)
+            from vlprompt.harness.pipeline import run_predictor
+
+            predictor = run_predictor(run, model=args.model, device=args.device, precision=args.precision,
+                                      batch_size=args.batch_size)
         report = predictor.predict_report(images, args.top_k, skip_bad=args.skip_bad)
     if args.json:
         print(json.dumps({"classes": len(predictor.classnames), **report.to_dict()}, indent=2, ensure_ascii=False))
@@ -138,7 +141,8 @@ def _ensemble_templates(value: str) -> tuple[str, ...]:
 def run_interpret(args: argparse.Namespace) -> int:
     """``vlprompt interpret``."""
     from vlprompt.prediction.interpret import context_vectors, format_neighbours, nearest_words
-    from vlprompt.harness.pipeline import open_trained_run, reading_lock
+    from vlprompt.harness.pipeline import open_trained_run
+    from vlprompt.harness.rundir import reading_lock
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")

@@ -31,6 +31,7 @@ from vlprompt.harness.cli.common import (
     read_templates,
 )
 from vlprompt.errors import ConfigError
+from vlprompt.harness.rundir import RESULTS_FILE, eval_file, eval_files, eval_name, read_result
 
 # TrainConfig fields that matter to methods that are not trained by SGD (feature extraction and evaluation)
 _EXTRACTION_FIELDS = ("precision", "device", "num_workers")
@@ -49,7 +50,8 @@ def add_parser(subparsers: Any) -> None:
 
 def _add_train(subparsers: Any) -> None:
     from vlprompt.harness.cli.method_options import add_method_arguments
-    from vlprompt.training.config import TrainConfig, add_dataclass_arguments
+    from vlprompt.common.options import add_dataclass_arguments
+    from vlprompt.training.config import TrainConfig
     from vlprompt.methods import METHODS
 
     parser = subparsers.add_parser(
@@ -95,7 +97,8 @@ def _add_eval(subparsers: Any) -> None:
 
 
 def _add_zeroshot(subparsers: Any) -> None:
-    from vlprompt.training.config import TrainConfig, add_dataclass_arguments
+    from vlprompt.common.options import add_dataclass_arguments
+    from vlprompt.training.config import TrainConfig
     from vlprompt.methods.templates import TEMPLATE_SETS
 
     parser = subparsers.add_parser(
@@ -116,7 +119,8 @@ def _add_zeroshot(subparsers: Any) -> None:
 
 def _add_linear_probe(subparsers: Any) -> None:
     from vlprompt.harness.cli.method_options import add_method_arguments
-    from vlprompt.training.config import TrainConfig, add_dataclass_arguments
+    from vlprompt.common.options import add_dataclass_arguments
+    from vlprompt.training.config import TrainConfig
     from vlprompt.methods import METHODS
 
     parser = subparsers.add_parser(
@@ -186,7 +190,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, shots: bool) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """``vlprompt train``."""
     from vlprompt.harness.cli.method_options import method_options_from_args
-    from vlprompt.training.config import TrainConfig, dataclass_from_args
+    from vlprompt.common.options import dataclass_from_args
+    from vlprompt.training.config import TrainConfig
 
     options = method_options_from_args(args, args.method, args.method_options)
     train = dataclass_from_args(TrainConfig, args)
@@ -195,7 +200,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_zeroshot(args: argparse.Namespace) -> int:
     """``vlprompt zeroshot``."""
-    from vlprompt.training.config import TrainConfig, dataclass_from_args
+    from vlprompt.common.options import dataclass_from_args
+    from vlprompt.training.config import TrainConfig
     from vlprompt.methods.templates import TEMPLATE_SETS
 
     options: dict[str, Any] = {}
@@ -219,7 +225,8 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 def run_linear_probe(args: argparse.Namespace) -> int:
     """``vlprompt linear-probe``."""
     from vlprompt.harness.cli.method_options import method_options_from_args
-    from vlprompt.training.config import TrainConfig, dataclass_from_args
+    from vlprompt.common.options import dataclass_from_args
+    from vlprompt.training.config import TrainConfig
 
     options = method_options_from_args(args, "linear_probe", args.method_options)
     train = dataclass_from_args(TrainConfig, args)
@@ -228,8 +235,9 @@ def run_linear_probe(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, method: str, options: dict[str, Any], train: Any, *, shots: int) -> int:
     from vlprompt.common import dist
-    from vlprompt.training.config import RunConfig
-    from vlprompt.harness.pipeline import EvalSpec, run_experiment
+    from vlprompt.harness.config import RunConfig
+    from vlprompt.harness.pipeline import run_experiment
+    from vlprompt.harness.rundir import EvalSpec
 
     if args.eval_new and args.subset != "base":
         raise ConfigError("--eval-new evaluates the novel classes of a run trained on the base classes: add "
@@ -252,8 +260,7 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, Any], train: 
 
 def _print_run(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     folder = Path(args.out)
-    evals = {path.stem[len("eval-"):]: json.loads(path.read_text(encoding="utf-8"))
-             for path in sorted(folder.glob("eval-*.json"))}
+    evals = {name: read_result(path) for name, path in eval_files(folder).items()}
     if args.json:
         print(json.dumps({"results": payload, "evals": evals}, indent=2))
         return
@@ -264,20 +271,19 @@ def _print_run(args: argparse.Namespace, payload: dict[str, Any]) -> None:
           f"({metrics['num_samples']} images){budget}")
     for name, result in evals.items():
         print(f"  {result['eval_dataset']} ({result['subset']} classes): accuracy "
-              f"{percent(result['metrics']['accuracy'])} -> eval-{name}.json")
-    print(f"results: {folder / 'results.json'}")
+              f"{percent(result['metrics']['accuracy'])} -> {eval_file(name)}")
+    print(f"results: {folder / RESULTS_FILE}")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """``vlprompt eval``."""
-    from vlprompt.harness.pipeline import default_eval_name, evaluate_run
+    from vlprompt.harness.pipeline import evaluate_run
 
     with console_logging(args.quiet):
         payload = evaluate_run(args.run, dataset=args.dataset, subset=args.subset, root=data_root(args),
                                name=args.name, model=args.model, device=args.device, precision=args.precision,
                                feature_cache=feature_cache_arg(args), progress=False if args.quiet else None)
-    name = args.name or default_eval_name(payload["eval_dataset"], payload["subset"])
-    out = Path(args.run) / f"eval-{name}.json"
+    out = Path(args.run) / eval_file(args.name or eval_name(payload["eval_dataset"], payload["subset"]))
     if args.json:
         print(json.dumps(payload, indent=2))
     else:

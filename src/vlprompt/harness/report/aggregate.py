@@ -31,56 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlprompt.common.vocab import SUBSETS
+from vlprompt.data.registry import BENCHMARK_DATASETS, DATASETS, key_of, title_of
 from vlprompt.errors import ConfigError, RunError
+from vlprompt.harness.rundir import CONFIG_FILE, EVAL_PREFIX, PREVIOUS_DIR, RESULT_SCHEMA, RESULTS_FILE
 
-RESULT_SCHEMA = 1
-SUBSETS: tuple[str, ...] = ("all", "base", "new")
 PROTOCOLS: tuple[str, ...] = ("fewshot", "base2novel", "crossdataset", "domainshift")
 BUDGET_BANNER = "SMOKE TEST (budget) – not comparable to papers"
-
-# dataset key (the keys of vlprompt.data.DATASETS) -> display name, in the papers' table order: the 11 benchmarks,
-# then the ImageNet variants. Kept here as plain data so a report never depends on the data loaders.
-DATASET_NAMES: dict[str, str] = {
-    "imagenet": "ImageNet",
-    "caltech101": "Caltech101",
-    "oxford_pets": "OxfordPets",
-    "stanford_cars": "StanfordCars",
-    "oxford_flowers": "Flowers102",
-    "food101": "Food101",
-    "fgvc_aircraft": "FGVCAircraft",
-    "sun397": "SUN397",
-    "dtd": "DTD",
-    "eurosat": "EuroSAT",
-    "ucf101": "UCF101",
-    "imagenetv2": "ImageNet-V2",
-    "imagenet_sketch": "ImageNet-Sketch",
-    "imagenet_a": "ImageNet-A",
-    "imagenet_r": "ImageNet-R",
-}
-BENCHMARK_DATASETS: tuple[str, ...] = tuple(list(DATASET_NAMES)[:11])
-
-# other spellings (paper and reference-code names, folder names, short aliases) -> dataset key, compared after
-# removing case, spaces, dashes and underscores
-DATASET_ALIASES: dict[str, str] = {
-    "flowers102": "oxford_flowers",
-    "oxfordflowers102": "oxford_flowers",
-    "flowers": "oxford_flowers",
-    "pets": "oxford_pets",
-    "cars": "stanford_cars",
-    "aircraft": "fgvc_aircraft",
-    "fgvc": "fgvc_aircraft",
-    "describabletextures": "dtd",
-    "textures": "dtd",
-    "caltech": "caltech101",
-    "food": "food101",
-    "sun": "sun397",
-    "ucf": "ucf101",
-    "imagenet1k": "imagenet",
-    "ilsvrc2012": "imagenet",
-    "sketch": "imagenet_sketch",
-    "imagenetadversarial": "imagenet_a",
-    "imagenetrendition": "imagenet_r",
-}
 
 # method name -> display name, in table order; methods not listed keep their name and come after these
 METHOD_NAMES: dict[str, str] = {
@@ -95,41 +52,25 @@ METHOD_NAMES: dict[str, str] = {
     "promptsrc": "PromptSRC",
 }
 
-RESULT_FILE_PATTERN = re.compile(r"^(results|eval-.+)\.json$")
-
-
-def _squash(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def canonical_dataset(name: str) -> str:
-    """The dataset key of a known dataset's any spelling (``"OxfordPets"``, ``"pets"`` -> ``"oxford_pets"``).
-
-    Unknown (custom) dataset names are returned unchanged.
-    """
-    squashed = _squash(name)
-    for key in DATASET_NAMES:
-        if _squash(key) == squashed:
-            return key
-    return DATASET_ALIASES.get(squashed, name)
+RESULT_FILE_PATTERN = re.compile(rf"^({re.escape(RESULTS_FILE[:-5])}|{re.escape(EVAL_PREFIX)}.+)\.json$")
 
 
 def dataset_label(name: str) -> str:
-    """Display name of a dataset (the name itself when unknown)."""
-    return DATASET_NAMES.get(canonical_dataset(name), name)
+    """Display name of a dataset: the papers' name of a built-in one, else the name itself."""
+    return title_of(name)
 
 
 def dataset_sort_key(name: str) -> tuple[int, str]:
     """Order datasets as the papers' tables do; unknown datasets follow, alphabetically."""
-    order = list(DATASET_NAMES)
-    key = canonical_dataset(name)
-    return (order.index(key), "") if key in DATASET_NAMES else (len(order), name.lower())
+    order = list(DATASETS)
+    key = key_of(name)
+    return (order.index(key), "") if key in DATASETS else (len(order), name.lower())
 
 
 def _is_set_aside(relative: Path, root: Path) -> bool:
     """True inside a run folder's ``previous/`` (an older run kept by ``--overwrite`` until the new one finishes)."""
     for depth, part in enumerate(relative.parts[:-1]):
-        if part == "previous" and (root.joinpath(*relative.parts[:depth]) / "config.json").is_file():
+        if part == PREVIOUS_DIR and (root.joinpath(*relative.parts[:depth]) / CONFIG_FILE).is_file():
             return True
     return False
 
@@ -385,8 +326,8 @@ class GroupKey:
         return cls(
             protocol=record.protocol or "",
             method=record.method,
-            dataset=canonical_dataset(record.dataset),
-            eval_dataset=canonical_dataset(record.eval_dataset),
+            dataset=key_of(record.dataset),
+            eval_dataset=key_of(record.eval_dataset),
             subset=record.subset,
             shots=record.shots or 0,
             model=record.model or "",

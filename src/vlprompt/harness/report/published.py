@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from vlprompt.harness.report.aggregate import canonical_dataset
+from vlprompt.data.registry import key_of
 
 AVERAGE = "__average__"
 HARMONIC = "harmonic_mean"
@@ -156,8 +156,8 @@ def lookup(
     backbone = canonical_model(model)
     if backbone is None:
         return None
-    train = dataset if dataset == AVERAGE else canonical_dataset(dataset)
-    target = eval_dataset if eval_dataset == AVERAGE else canonical_dataset(eval_dataset)
+    train = dataset if dataset == AVERAGE else key_of(dataset)
+    target = eval_dataset if eval_dataset == AVERAGE else key_of(eval_dataset)
     for value in PUBLISHED:
         if (value.method, value.dataset, value.eval_dataset, value.subset, value.shots, value.model) == (
             method, train, target, subset, shots or None, backbone,

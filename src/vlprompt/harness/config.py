@@ -1,0 +1,113 @@
+"""The configuration of one run: :class:`RunConfig` (method, data, backbone, seed, training), its stable hash, and
+the keys that may change when an interrupted run is resumed.
+
+This module imports neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlprompt.common.vocab import DEFAULT_MODEL, SUBSETS, Subset
+from vlprompt.errors import ConfigError
+from vlprompt.common.options import check_choice, check_int, json_values, known_fields
+from vlprompt.training.config import TRAIN_NON_IDENTITY_FIELDS, TrainConfig, resolve_train_config, stable_hash
+
+# --------------------------------------------------------------------------------------------------------- RunConfig
+
+# keys that may change between an interrupted run and its resumption without changing its results
+NON_IDENTITY_KEYS: tuple[str, ...] = ("root", *(f"train.{name}" for name in TRAIN_NON_IDENTITY_FIELDS))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run. ``seed`` is the run's one seed; it is copied into ``train.seed``."""
+
+    method: str
+    dataset: str
+    method_config: dict[str, Any] = field(default_factory=dict)
+    root: str = ""
+    shots: int = 16
+    seed: int = 1
+    model: str = DEFAULT_MODEL
+    subset: Subset = "all"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget: bool = False
+    protocol: str | None = None
+    max_test_images: int | None = None
+    """evaluate on a fixed subset of at most this many test images per dataset (smoke tests); None = all"""
+    skip_bad_images: bool = False
+    """leave out unreadable images (listed and counted in the results) instead of stopping the run"""
+
+    def __post_init__(self) -> None:
+        for name in ("method", "dataset", "model"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        if not isinstance(self.root, str):
+            raise ConfigError(f"root must be a path string, got {self.root!r}")
+        if not isinstance(self.method_config, Mapping):
+            raise ConfigError(f"method_config must be a mapping of option names to values, got {self.method_config!r}")
+        check_int("shots", self.shots, minimum=0)
+        check_int("seed", self.seed, minimum=0)
+        check_choice("subset", self.subset, SUBSETS)
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        if not isinstance(self.budget, bool):
+            raise ConfigError(f"budget must be true or false, got {self.budget!r}")
+        check_int("max_test_images", self.max_test_images, minimum=1, optional=True)
+        if not isinstance(self.skip_bad_images, bool):
+            raise ConfigError(f"skip_bad_images must be true or false, got {self.skip_bad_images!r}")
+        if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol):
+            raise ConfigError(f"protocol must be a non-empty string or null, got {self.protocol!r}")
+        object.__setattr__(self, "method_config", dict(self.method_config))
+        if self.train.seed != self.seed:
+            object.__setattr__(self, "train", dataclasses.replace(self.train, seed=self.seed))
+
+    def resolved(self) -> RunConfig:
+        """This configuration with the method's default epochs and batch size filled in."""
+        train = resolve_train_config(self.train, method=self.method, shots=self.shots, dataset=self.dataset)
+        return dataclasses.replace(self, train=train)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (method_config normalised through JSON, so tuples become lists)."""
+        data = dataclasses.asdict(self)
+        data["method_config"] = json_values(self.method_config, "method_config")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        kwargs = known_fields(cls, data, "run")
+        if "train" in kwargs:
+            train = kwargs["train"]
+            if not isinstance(train, Mapping):
+                raise ConfigError(f"train must be an object of training options, got {train!r}")
+            kwargs["train"] = TrainConfig.from_dict(train)
+        return cls(**kwargs)
+
+    def identity_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without :data:`NON_IDENTITY_KEYS` (paths and devices): what makes two runs the same."""
+        return _drop_keys(self.to_dict(), NON_IDENTITY_KEYS)
+
+    def config_hash(self) -> str:
+        """Stable 16-hex-digit SHA-256 of :meth:`identity_dict` (canonical JSON, sorted keys)."""
+        return stable_hash(self.identity_dict())
+
+
+def _drop_keys(data: dict[str, Any], dotted: Collection[str]) -> dict[str, Any]:
+    out = json.loads(json.dumps(data))
+    for key in dotted:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {})
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
