@@ -16,7 +16,8 @@ import pytest
 
 from vlprompt.common.locks import recorded_holder as lock_holder
 from vlprompt.harness.bench.claims import claim_path, error_path, read_error, try_claim
-from vlprompt.harness.bench.execute import RunRequest, execute_plan, work
+from vlprompt.harness.bench.execute import RunRequest, work
+from vlprompt.harness.bench.launch import execute_plan
 from vlprompt.harness.bench.protocols import ProtocolOptions, build_plan
 from vlprompt.harness.bench.status import RunState, inspect_run
 from run_folders import fake_run_folder
@@ -223,7 +224,7 @@ def test_epochs_left_to_the_method_match_the_saved_resolved_value(tmp_path):
     (run,) = fewshot_plan(tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), methods=("coop",), baselines=False)
     saved = run.config.to_dict()
     saved["train"] = saved["train"] | {"epochs": 50, "batch_size": 32, "device": "cuda:1"}
-    saved["method_config"] = {"n_ctx": 16, "ctx_init": "", "csc": False}  # the pipeline fills in the rest
+    # what the pipeline records: the complete method config
     saved["root"] = "/elsewhere"
     fake_run_folder(run.run_dir, saved, progress=True)
     assert inspect_run(run, tmp_path).state is RunState.PARTIAL

@@ -20,8 +20,9 @@ pytest.importorskip("vlprompt.harness.pipeline")
 from clip_formats import save_openai_state_dict  # noqa: E402
 
 from vlprompt.backbone.tiny import build_tiny_clip  # noqa: E402
-from vlprompt.harness.report.aggregate import slugify  # noqa: E402
-from vlprompt.harness.bench.execute import RunRequest, execute_plan  # noqa: E402
+from vlprompt.common.vocab import slug as slugify  # noqa: E402
+from vlprompt.harness.bench.execute import RunRequest  # noqa: E402
+from vlprompt.harness.bench.launch import execute_plan  # noqa: E402
 from vlprompt.harness.bench.protocols import ProtocolOptions, build_plan  # noqa: E402
 from vlprompt.harness.bench.runner import PipelineRunner  # noqa: E402
 from vlprompt.harness.bench.status import RunState, inspect_run  # noqa: E402

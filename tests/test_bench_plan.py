@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from vlprompt.harness.bench.protocols import (
     build_plan,
 )
 from vlprompt.harness.cli import bench_cmd
+from vlprompt.methods.configs import CoCoOpConfig, CoOpConfig, LinearProbeConfig
 from run_folders import fake_run_folder
 from vlprompt.harness.cli.main import main
 from vlprompt.training.config import TrainConfig
@@ -51,7 +51,7 @@ def test_fewshot_lists_every_method_dataset_shots_seed(tmp_path):
     assert (zeroshot.method, zeroshot.shots, zeroshot.seed) == ("zeroshot", 0, 1)
     coop = runs[-1].config
     assert (coop.method, coop.dataset, coop.shots, coop.seed) == ("coop", "oxford_flowers", 2, 2)
-    assert coop.method_config == {}  # CoOp's own defaults (M=16, random init) in the few-shot protocol
+    assert coop.method_config == CoOpConfig()  # CoOp's own defaults (M=16, random init) in the few-shot protocol
     assert coop.train.seed == 2 and coop.train.epochs is None  # the method's reference epochs
 
 
@@ -77,7 +77,7 @@ def test_budget_runs_have_their_own_tree_and_two_epochs(tmp_path):
     assert {run.config.budget for run in runs} == {True}
     assert {run.config.train.epochs for run in runs} == {2}
     probe = next(run.config for run in runs if run.config.method == "linear_probe")
-    assert probe.method_config == {"c_grid": [0.01, 1.0, 100.0], "search_steps": 0, "max_iter": 100}
+    assert probe.method_config == LinearProbeConfig(c_grid=(0.01, 1.0, 100.0), search_steps=0, max_iter=100)
     given = plan("fewshot", tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), budget=True,
                  train=TrainConfig(epochs=3))
     assert {run.config.train.epochs for run in given} == {3}  # --epochs wins over the budget's 2
@@ -86,7 +86,7 @@ def test_budget_runs_have_their_own_tree_and_two_epochs(tmp_path):
 def test_method_options_reach_the_configs_and_are_checked(tmp_path):
     runs = plan("fewshot", tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), baselines=False,
                 method_options={"coop": {"n_ctx": 8, "csc": True}})
-    assert runs[0].config.method_config == {"n_ctx": 8, "csc": True}
+    assert runs[0].config.method_config == CoOpConfig(n_ctx=8, csc=True)
     with pytest.raises(ConfigError, match="n_kontext"):
         plan("fewshot", tmp_path, datasets=("dtd",), method_options={"coop": {"n_kontext": 8}})
     with pytest.raises(ConfigError, match="cocoop"):
@@ -124,9 +124,9 @@ def test_base2novel_trains_on_base_and_evaluates_novel(tmp_path):
             ("dtd", "new", "eval-dtd-new.json", None)]
         assert run.result_files == ("results.json", "eval-dtd-new.json")
     coop = runs[1].config
-    assert coop.shots == 16 and coop.method_config == dict(COCOOP_PAPER_COOP) == {"n_ctx": 4,
-                                                                                  "ctx_init": "a photo of a"}
-    assert runs[-1].config.method_config == {}  # CoCoOp's config already is the paper's
+    assert coop.shots == 16 and coop.method_config == CoOpConfig(**COCOOP_PAPER_COOP) == CoOpConfig(
+        n_ctx=4, ctx_init="a photo of a")
+    assert runs[-1].config.method_config == CoCoOpConfig()  # CoCoOp's config already is the paper's
     assert runs[0].config.shots == 0
 
 

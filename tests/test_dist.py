@@ -123,21 +123,21 @@ def _worker(out: Path) -> None:
         main = env.rank == 0
         # rank 1 starts from another initialisation: DDP must use rank 0's
         straight = _coop(seed=env.rank)
-        run = RunDir.create_or_open(out / "straight", {"run": "ddp"}) if main else None
+        run = RunDir.create_or_open(out / "straight", {"method": "coop", "dataset": "dtd", "protocol": "ddp"}) if main else None
         train(straight, feats, DDP_CONFIG, run_dir=run)
         if run is not None:
             run.close()
         save_file({"ctx": straight.ctx.detach(), "rows_seen": torch.tensor(straight.rows_seen)},
                   out / f"straight-rank{env.rank}.safetensors")
 
-        run = RunDir.create_or_open(out / "resumed", {"run": "ddp"}) if main else None
+        run = RunDir.create_or_open(out / "resumed", {"method": "coop", "dataset": "dtd", "protocol": "ddp"}) if main else None
         try:
             train(_coop(seed=env.rank), feats, DDP_CONFIG, run_dir=run, on_epoch_end=_interrupt_after(2))
         except Interrupt:
             pass
         if run is not None:
             run.close()
-        run = RunDir.create_or_open(out / "resumed", {"run": "ddp"}, resume=True) if main else None
+        run = RunDir.create_or_open(out / "resumed", {"method": "coop", "dataset": "dtd", "protocol": "ddp"}, resume=True) if main else None
         resumed = _coop(seed=10 + env.rank)  # both ranks must take the checkpoint (incl. momentum) of rank 0
         train(resumed, feats, DDP_CONFIG, run_dir=run)
         if run is not None:

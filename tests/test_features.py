@@ -334,7 +334,6 @@ def test_feature_set_helpers():
     assert (len(views), views.dim, views.num_views) == (3, 4, 2)
     one = views.view(1)
     assert torch.equal(one.features, features[1]) and one.num_views == 1 and one.skipped == ["bad"]
-    assert torch.equal(views.epoch_view(5).features, features[1])
     part = views.subset([2, 0])
     assert torch.equal(part.features, features[:, [2, 0]]) and part.paths == ["c", "a"]
     assert part.labels.tolist() == [2, 0]

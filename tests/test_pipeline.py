@@ -54,14 +54,14 @@ def config_of(method: str, **kwargs) -> RunConfig:
 
 def test_resolve_run_config_fills_the_method_config_and_defaults():
     resolved = resolve_run_config(RunConfig(method="coop", dataset="dtd", shots=2, method_config={"n_ctx": 4}))
-    assert resolved.method_config == {"n_ctx": 4, "ctx_init": "", "csc": False, "class_token_position": "end",
-                                      "fast_text": True}
+    assert resolved.to_dict()["method_config"] == {"n_ctx": 4, "ctx_init": "", "csc": False,
+                                                   "class_token_position": "end", "fast_text": True}
     assert (resolved.train.epochs, resolved.train.batch_size) == (100, 32)  # CoOp: 100 epochs for 2 shots
     cocoop = resolve_run_config(RunConfig(method="cocoop", dataset="dtd"))
     assert (cocoop.train.epochs, cocoop.train.batch_size) == (10, 1)
-    assert cocoop.method_config["ctx_init"] == "a photo of a"
+    assert cocoop.method_config.ctx_init == "a photo of a"
     zeroshot = resolve_run_config(RunConfig(method="zeroshot", dataset="dtd", shots=16))
-    assert zeroshot.shots == 0 and zeroshot.method_config == {"template": ""}
+    assert zeroshot.shots == 0 and zeroshot.to_dict()["method_config"] == {"template": ""}
     assert zeroshot.train.epochs is None  # nothing to train
     assert resolve_run_config(resolved) == resolved  # idempotent: a resumed run resolves to the same config
 
@@ -217,7 +217,7 @@ def test_evaluate_run_refuses_unfinished_and_foreign_folders(clip, tmp_path):
 
 def test_reading_locks_are_shared_and_exclude_training(tmp_path):
     folder = tmp_path / "run"
-    with RunDir.create_or_open(folder, {"x": 1}):
+    with RunDir.create_or_open(folder, {"method": "coop", "dataset": "dtd"}):
         with pytest.raises(RunError, match="in use by another process"):
             with reading_lock(folder):
                 pass
@@ -229,7 +229,7 @@ def test_reading_locks_are_shared_and_exclude_training(tmp_path):
         finally:
             os.close(fd)
         with pytest.raises(RunError, match="in use"):
-            RunDir.create_or_open(folder, {"x": 1}, resume=True)
+            RunDir.create_or_open(folder, {"method": "coop", "dataset": "dtd"}, resume=True)
     with reading_lock(tmp_path):  # no run.lock: nothing to exclude
         pass
 

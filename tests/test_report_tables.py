@@ -9,7 +9,8 @@ import pytest
 from test_report_support import write_result, write_seeds
 
 from vlprompt.harness.report import published as pub
-from vlprompt.harness.report.aggregate import BENCHMARK_DATASETS, collect_results, group_records, partition_groups
+from vlprompt.data.registry import BENCHMARK_DATASETS
+from vlprompt.harness.report.aggregate import collect_results, group_records, partition_groups
 from vlprompt.harness.report.tables import CELL_LEGEND, build_tables, groups_csv, to_csv, to_markdown
 
 

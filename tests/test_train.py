@@ -36,7 +36,7 @@ def _interrupt_after(epoch: int):
 
 
 def _open(path, **kwargs) -> RunDir:
-    return RunDir.create_or_open(path, {"run": "test"}, **kwargs)
+    return RunDir.create_or_open(path, {"method": "coop", "dataset": "dtd", "protocol": "test"}, **kwargs)
 
 
 # -------------------------------------------------------------------------------------------------------- schedule

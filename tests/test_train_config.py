@@ -78,11 +78,12 @@ def test_views_epochs_resolves_to_the_number_of_epochs():
 
 
 def test_run_config_round_trip_and_seed():
-    config = RunConfig(method="coop", dataset="dtd", method_config={"n_ctx": 16, "templates": ("a", "b")},
+    config = RunConfig(method="ensemble", dataset="dtd", method_config={"templates": ("a {}", "b {}")},
                        root="/data", shots=4, seed=3, train=TrainConfig(lr=0.01))
     assert config.train.seed == 3  # the run's one seed drives training too
     data = config.to_dict()
-    assert data["method_config"]["templates"] == ["a", "b"]
+    assert data["method_config"]["templates"] == ["a {}", "b {}"]  # typed config in, JSON values out
+    assert config.method_config.templates == ("a {}", "b {}")
     assert json.loads(json.dumps(data)) == data
     again = RunConfig.from_dict(data)
     assert again.to_dict() == data and again.config_hash() == config.config_hash()
@@ -101,8 +102,12 @@ def test_resolved_run_config_saves_concrete_epochs():
 
 def test_config_hash_is_stable_and_ignores_paths_and_devices():
     base = RunConfig(method="coop", dataset="dtd")
-    # pinned: a change here silently makes every existing run folder "different"; update only on purpose
-    assert base.config_hash() == "3d11a8e17acd5b8f"
+    # pinned: a change here silently makes every existing run folder "different"; update only on purpose. (The
+    # method config is now the typed, complete one from the start, so the unresolved hash moved; the resolved one,
+    # what run folders record, is 0ec7ceab40bdd3a7 as before.)
+    assert base.config_hash() == "92043c0405d17319"
+    assert base.resolved().config_hash() != "" and dataclasses.replace(base, train=TrainConfig(
+        epochs=200, batch_size=32)).config_hash() == "0ec7ceab40bdd3a7"
     canonical = json.dumps(base.identity_dict(), sort_keys=True, separators=(",", ":"))
     assert base.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert "root" not in base.identity_dict() and "device" not in base.identity_dict()["train"]

@@ -46,7 +46,7 @@ def test_real_method_trains_resumes_exactly_and_changes_only_its_parameters(tmp_
     clip_before = {k: v.clone() for k, v in straight.clip.state_dict().items()}
     learned_before = {k: v.clone() for k, v in straight.state_dict().items()}
     loss_before = _loss(straight, feats)
-    with RunDir.create_or_open(tmp_path / "straight", {"method": name}) as run:
+    with RunDir.create_or_open(tmp_path / "straight", {"method": name, "dataset": "dtd"}) as run:
         train(straight, feats, train_config, run_dir=run)
     assert _loss(straight, feats) < loss_before
     assert all(not torch.equal(v, learned_before[k]) for k, v in straight.state_dict().items())
@@ -56,11 +56,11 @@ def test_real_method_trains_resumes_exactly_and_changes_only_its_parameters(tmp_
         if stats.epoch == 2:
             raise Interrupt
 
-    with RunDir.create_or_open(tmp_path / "resumed", {"method": name}) as run:
+    with RunDir.create_or_open(tmp_path / "resumed", {"method": name, "dataset": "dtd"}) as run:
         with pytest.raises(Interrupt):
             train(_build(name, seed=1, **config), feats, train_config, run_dir=run, on_epoch_end=stop_after_two)
     resumed = _build(name, seed=7, **config)  # a different start: the checkpoint must replace it
-    with RunDir.create_or_open(tmp_path / "resumed", {"method": name}, resume=True) as run:
+    with RunDir.create_or_open(tmp_path / "resumed", {"method": name, "dataset": "dtd"}, resume=True) as run:
         train(resumed, feats, train_config, run_dir=run)
     for key, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key

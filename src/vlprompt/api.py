@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlprompt.common.vocab import DEFAULT_TEMPLATE
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.model import CLIP
 from vlprompt.harness.config import RunConfig
@@ -56,7 +57,6 @@ __all__ = [
     "save_prompt",
 ]
 
-DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 :mod:`vlprompt.harness.pipeline` (run folders, result files) and :mod:`vlprompt.api` (the Python API) both run these steps;
 nothing here touches a run folder except through the ``run_dir`` handed to :func:`fit_method` for checkpoints.
 
-- :func:`method_config` / :func:`build_method_for`: a method's typed config from plain options, and the method built
-  for a dataset (its hand-crafted template filled in) with a seeded initialisation.
+- :func:`build_method_for`: the method built from its typed config for a dataset (its hand-crafted template filled
+  in) with a seeded initialisation.
 - :func:`training_splits`: the few-shot sample (saved as portable JSON and reused when a path is given), then the
   base / new class subset.
 - :class:`FeatureOptions`, :func:`eval_features`, :func:`train_features`: frozen image-tower features through the
@@ -87,47 +87,31 @@ def load_backbone(model: str, device: torch.device) -> CLIP:
 # ---------------------------------------------------------------------------------------------------------- method
 
 
-def method_config(spec: MethodSpec, options: Mapping[str, Any]) -> Any:
-    """``spec``'s config dataclass from plain options (unknown names and bad values raise ConfigError)."""
-    from vlprompt.common.options import config_from_dict
-
-    try:
-        return config_from_dict(spec.config_cls, options)
-    except ConfigError as exc:
-        raise ConfigError(f"method {spec.name}: {exc}") from None
-
-
-def method_config_dict(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The complete config of ``spec`` (defaults filled in) as JSON-ready values: what a run folder records."""
-    from vlprompt.common.options import config_to_dict
-
-    return config_to_dict(method_config(spec, options))
-
-
-def build_method_for(spec: MethodSpec, clip: CLIP, classnames: list[str], options: Mapping[str, Any], *,
+def build_method_for(spec: MethodSpec, clip: CLIP, classnames: list[str], config: Any, *,
                      dataset: str | None, template: str, seed: int) -> Any:
-    """Build ``spec``'s method on ``clip`` for ``classnames``; the dataset's ``template`` completes the config
-    (zero-shot, ensemble) and the initialisation (CoOp's random context) is drawn from ``seed`` alone."""
-    from vlprompt.methods import config_for_dataset
+    """Build ``spec``'s method on ``clip`` for ``classnames`` from its typed ``config`` (or a mapping of its fields);
+    the dataset's ``template`` completes the config (zero-shot, ensemble) and the initialisation (CoOp's random
+    context) is drawn from ``seed`` alone."""
+    from vlprompt.methods import config_for_dataset, method_config
 
-    config = config_for_dataset(method_config(spec, options), dataset, template)
+    config = config_for_dataset(method_config(spec, config), dataset, template)
     with seeded_torch(clip.device, seed, "init"):
         return spec.build(clip, list(classnames), config)
 
 
-def adapt_method(method: Any, spec: MethodSpec, options: Mapping[str, Any], target: DatasetSplits, *,
+def adapt_method(method: Any, spec: MethodSpec, config: Any, target: DatasetSplits, *,
                  same_dataset: bool, seed: int) -> Any:
     """``method`` for ``target``'s classes.
 
     The same classes of the same dataset: ``method`` itself. Fixed methods (zero-shot, ensemble) are rebuilt from the
-    run's ``options`` with the target dataset's own template, as the baselines of the papers are evaluated. Learned
+    run's ``config`` with the target dataset's own template, as the baselines of the papers are evaluated. Learned
     methods move their learned state with ``method.with_classnames`` (ConfigError where impossible: class-specific
     contexts, linear probes).
     """
     if same_dataset and list(method.classnames) == list(target.classnames):
         return method
     if not spec.training.uses_training_images:
-        return build_method_for(spec, method.clip, target.classnames, options, dataset=target.name,
+        return build_method_for(spec, method.clip, target.classnames, config, dataset=target.name,
                                 template=target.template, seed=seed)
     return method.with_classnames(list(target.classnames))
 

@@ -185,16 +185,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
             default = dataclasses.MISSING
         if default is not dataclasses.MISSING and kwargs.get("action") is not argparse.BooleanOptionalAction:
             shown = "method default" if default is None and f.name in ("epochs", "batch_size") else default
-            shown = "''" if shown == "" else shown
+            shown = "''" if shown == "" else ("none" if shown is None else shown)
             help_text = f"{help_text} (default: {shown})".strip()
-        option = "--" + (prefix + f.name).replace("_", "-")
-        parser.add_argument(option, dest=_dest(prefix, f.name), default=argparse.SUPPRESS,
-                            help=help_text.replace("%", "%%"), **kwargs)
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        parser.add_argument(flag, dest=_dest(prefix, f.name), default=argparse.SUPPRESS,
+                            required=default is dataclasses.MISSING, help=help_text.replace("%", "%%"), **kwargs)
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", *, base: Any = None) -> Any:
+def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", *, base: Any = None,
+                        fixed: Mapping[str, Any] | None = None) -> Any:
     """Build ``cls`` from the options :func:`add_dataclass_arguments` added (those given on the command line override
-    ``base``, or the defaults). Sequences become tuples when the field is a tuple. Validation errors are ConfigError."""
+    ``base``, or the defaults; ``fixed`` fields are set by the command itself). Sequences become tuples when the field
+    is a tuple. Validation errors are ConfigError."""
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -204,6 +206,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", *
             if typing.get_origin(hints[f.name]) is tuple and isinstance(value, list):
                 value = tuple(value)
             values[f.name] = value
+    values.update(fixed or {})
     try:
         return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except TypeError as exc:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from vlprompt.common.vocab import PRECISIONS
 from vlprompt.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -21,7 +21,7 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision not in dtypes:
-        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 

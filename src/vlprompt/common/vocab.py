@@ -45,13 +45,15 @@ def derive_seed(seed: int, *keys: object) -> int:
 
 
 @contextlib.contextmanager
-def seeded_torch(device: torch.device, seed: int, *keys: object) -> Iterator[None]:
-    """Seed torch's global RNG (CPU and ``device``'s CUDA generator) from :func:`derive_seed` for a block, restoring
+def seeded_torch(device: torch.device, seed: int | None, *keys: object) -> Iterator[None]:
+    """Run a block on a fork of torch's global RNG (CPU and ``device``'s CUDA generator), seeded from
+    :func:`derive_seed` of ``seed`` and ``keys`` (``seed=None``: left as it is, for a throw-away draw), and restore
     the caller's RNG state afterwards."""
     import torch
 
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_seed(seed, *keys))
+        if seed is not None:
+            torch.manual_seed(derive_seed(seed, *keys))
         yield

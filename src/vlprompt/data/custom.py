@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from vlprompt.common.vocab import DEFAULT_TEMPLATE
 from vlprompt.data.classnames import NamesSpec, read_names_file
 from vlprompt.data.creating import split_per_class, split_trainval
 from vlprompt.data.info import ReadContext
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 CustomKind = Literal["folder", "csv", "json"]
 CUSTOM_KINDS: tuple[CustomKind, ...] = ("folder", "csv", "json")
-DEFAULT_TEMPLATE = "a photo of a {}."
 NAMES_FILES = ("classnames.json", "classnames.txt")
 TEMPLATE_FILE = "template.txt"
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
+from vlprompt.common.vocab import SUBSETS, Subset
 from vlprompt.data.types import DatasetSplits, Item
 from vlprompt.errors import ConfigError
 
-Subset = Literal["all", "base", "new"]
-SUBSETS: tuple[str, ...] = ("all", "base", "new")
 
 
 def base_novel_labels(num_classes: int, subset: Subset) -> list[int]:

@@ -6,8 +6,9 @@ encoded once and the features reused:
 * :func:`extract_features`: evaluation features ``[N, D]`` (deterministic transform, one row per image).
 * :func:`augmented_views`: training features ``[V, N, D]``; view ``v`` of image ``i`` is drawn with a generator seeded
   from (seed, v, the item's relative path) alone, so it does not depend on batching, worker count, rank or which other
-  views are computed. Each image is decoded once for all of its views. Training epoch ``e`` uses view ``e % V``;
-  ``views = epochs`` reproduces the reference's fresh augmentation every epoch.
+  views are computed. Each image is decoded once for all of its views. Which view an image shows in a training epoch
+  is the trainer's choice (:func:`vlprompt.training.loop.epoch_view_indices`: ``(e + offset_i) % V`` with offsets
+  drawn from the run's seed); ``views = epochs`` gives a fresh augmentation every epoch, as the reference.
 
 With a :class:`~vlprompt.features.cache.FeatureCache`, rows found in the cache are served from it and only the missing
 images are decoded and encoded; new rows are stored as soon as each batch is encoded (an interrupted run keeps its
@@ -100,10 +101,6 @@ class FeatureSet:
         if self.features.ndim == 2:
             return self
         return FeatureSet(self.features[v], self.labels, self.paths, list(self.skipped))
-
-    def epoch_view(self, epoch: int) -> FeatureSet:
-        """The view training epoch ``epoch`` uses: ``view(epoch % num_views)``."""
-        return self.view(epoch % self.num_views)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

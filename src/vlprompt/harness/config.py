@@ -14,7 +14,7 @@ from typing import Any
 
 from vlprompt.common.vocab import DEFAULT_MODEL, SUBSETS, Subset
 from vlprompt.errors import ConfigError
-from vlprompt.common.options import check_choice, check_int, json_values, known_fields
+from vlprompt.common.options import check_choice, check_int, config_to_dict, json_values, known_fields, option
 from vlprompt.training.config import TRAIN_NON_IDENTITY_FIELDS, TrainConfig, resolve_train_config, stable_hash
 
 # --------------------------------------------------------------------------------------------------------- RunConfig
@@ -28,20 +28,25 @@ class RunConfig:
     """Everything that defines one run. ``seed`` is the run's one seed; it is copied into ``train.seed``."""
 
     method: str
-    dataset: str
-    method_config: dict[str, Any] = field(default_factory=dict)
+    dataset: str = option(dataclasses.MISSING, "a built-in dataset (see `vlprompt data list`) or your own: folder:PATH, "
+                                               "csv:FILE, json:FILE")
+    method_config: Any = field(default_factory=dict)
+    """the method's typed config (its registry entry's ``config_cls``); a mapping of its fields is accepted and
+    parsed (defaults filled in, unknown fields refused)"""
     root: str = ""
-    shots: int = 16
-    seed: int = 1
-    model: str = DEFAULT_MODEL
-    subset: Subset = "all"
+    shots: int = option(16, "training images per class (1, 2, 4, 8, 16 in the papers; 0 = every training image)")
+    seed: int = option(1, "the run's seed: few-shot sample, initialisation, augmentation, data order")
+    model: str = option(DEFAULT_MODEL, "CLIP backbone: an OpenAI name (RN50, ViT-B/16, ...), a checkpoint file or a "
+                                       "Hugging Face folder / hub id")
+    subset: Subset = option("all", "classes to train and test on: all, or the base / new half for base-to-novel")
     train: TrainConfig = field(default_factory=TrainConfig)
-    budget: bool = False
-    protocol: str | None = None
-    max_test_images: int | None = None
-    """evaluate on a fixed subset of at most this many test images per dataset (smoke tests); None = all"""
-    skip_bad_images: bool = False
-    """leave out unreadable images (listed and counted in the results) instead of stopping the run"""
+    budget: bool = option(False, "mark the results as a smoke test (reduced budget), never mixed with full results")
+    protocol: str | None = option(None, "benchmark protocol recorded with the results (fewshot, base2novel, "
+                                        "crossdataset, domainshift)")
+    max_test_images: int | None = option(None, "evaluate on a fixed subset of at most this many test images per "
+                                                "dataset (smoke tests); none = all")
+    skip_bad_images: bool = option(False, "leave out unreadable images (counted and listed in the results) instead "
+                                          "of stopping with the list of them")
 
     def __post_init__(self) -> None:
         for name in ("method", "dataset", "model"):
@@ -50,8 +55,6 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
         if not isinstance(self.root, str):
             raise ConfigError(f"root must be a path string, got {self.root!r}")
-        if not isinstance(self.method_config, Mapping):
-            raise ConfigError(f"method_config must be a mapping of option names to values, got {self.method_config!r}")
         check_int("shots", self.shots, minimum=0)
         check_int("seed", self.seed, minimum=0)
         check_choice("subset", self.subset, SUBSETS)
@@ -64,7 +67,9 @@ class RunConfig:
             raise ConfigError(f"skip_bad_images must be true or false, got {self.skip_bad_images!r}")
         if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol):
             raise ConfigError(f"protocol must be a non-empty string or null, got {self.protocol!r}")
-        object.__setattr__(self, "method_config", dict(self.method_config))
+        from vlprompt.methods import get_method, method_config
+
+        object.__setattr__(self, "method_config", method_config(get_method(self.method), self.method_config))
         if self.train.seed != self.seed:
             object.__setattr__(self, "train", dataclasses.replace(self.train, seed=self.seed))
 
@@ -74,9 +79,9 @@ class RunConfig:
         return dataclasses.replace(self, train=train)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (method_config normalised through JSON, so tuples become lists)."""
+        """A JSON-ready dict (the method's config as its fields; tuples become lists)."""
         data = dataclasses.asdict(self)
-        data["method_config"] = json_values(self.method_config, "method_config")
+        data["method_config"] = json_values(config_to_dict(self.method_config), "method_config")
         return data
 
     @classmethod

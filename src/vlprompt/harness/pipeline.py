@@ -72,14 +72,12 @@ def resolve_run_config(config: RunConfig) -> RunConfig:
     are a ConfigError), ``shots = 0`` for fixed methods (they use no training images), and the method's default
     epochs and batch size where left unset (gradient-trained methods only)."""
     from vlprompt.methods import get_method
-    from vlprompt.stages import method_config_dict
 
     if not isinstance(config, RunConfig):
         raise ConfigError(f"run_experiment needs a RunConfig, got {type(config).__name__}")
     spec = get_method(config.method)
     shots = config.shots if spec.training.uses_training_images else 0
-    resolved = dataclasses.replace(config, method_config=method_config_dict(spec, config.method_config), shots=shots)
-    return resolved.resolved()
+    return dataclasses.replace(config, shots=shots).resolved()
 
 
 # --------------------------------------------------------------------------------------------------- run_experiment

@@ -9,6 +9,7 @@ This package module imports nothing heavy: the configs live in :mod:`vlprompt.me
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import importlib
 from collections.abc import Callable, Mapping
@@ -131,6 +132,21 @@ def get_method(name: str) -> MethodSpec:
         raise ConfigError(f"unknown method {name!r}: use one of {', '.join(METHODS)}") from None
 
 
+def method_config(spec: MethodSpec, options: Any) -> Any:
+    """``spec``'s typed config: ``options`` itself when it already is one, else built from a mapping of field values
+    (defaults filled in; unknown names and bad values raise a ConfigError naming the method)."""
+    from vlprompt.common.options import config_from_dict
+
+    if isinstance(options, spec.config_cls):
+        return options
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        raise ConfigError(f"method {spec.name} takes a {spec.config_cls.__name__}, got a {type(options).__name__}")
+    try:
+        return config_from_dict(spec.config_cls, options)
+    except ConfigError as exc:
+        raise ConfigError(f"method {spec.name}: {exc}") from None
+
+
 def config_for_dataset(config: Any, dataset: str | None, template: str) -> Any:
     """``config`` completed with what it takes from the dataset (its name and hand-crafted ``template``).
 
@@ -153,5 +169,6 @@ __all__ = [
     "Training",
     "ZeroShotConfig",
     "config_for_dataset",
+    "method_config",
     "get_method",
 ]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,14 +48,6 @@ def cosine_logits(image_features: Tensor, text_features: Tensor, logit_scale: Te
 def logit_scale_of(clip: CLIP) -> Tensor:
     """``exp(clip.logit_scale)`` as a detached fp32 scalar (CLIP's temperature is frozen)."""
     return clip.logit_scale.detach().float().exp()
-
-
-@contextlib.contextmanager
-def rng_untouched(device: torch.device) -> Iterator[None]:
-    """Run a block that draws random numbers (a throw-away initialisation) without advancing the caller's RNG."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 @dataclass(frozen=True)

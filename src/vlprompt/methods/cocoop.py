@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlprompt.common.vocab import seeded_torch
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
 from vlprompt.errors import ConfigError
-from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of, rng_untouched
+from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of
 from vlprompt.methods.configs import CoCoOpConfig
 from vlprompt.methods.coop import encode_context
 from vlprompt.methods.prompt_layout import initial_context, prepare_prompts
@@ -94,7 +95,7 @@ class CoCoOp(FrozenClipMethod):
 
     def with_classnames(self, classnames: Sequence[str]) -> CoCoOp:
         """The learned context and meta-net on another class list (cross-dataset evaluation)."""
-        with rng_untouched(self.clip.device):  # the fresh initialisation is overwritten at once
+        with seeded_torch(self.clip.device, None):  # the fresh initialisation is overwritten at once
             other = CoCoOp(self.clip, classnames, self.config, tokenizer=self._tokenizer)
         other.load_state_dict(self.state_dict())
         return other

@@ -21,7 +21,8 @@ from vlprompt.methods.templates import TEMPLATE_SETS, check_template, check_temp
 CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("end", "middle", "front")
 
 def _check_positive_int(name: str, value: Any) -> None:
-    check_int(name, value, minimum=1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _is_imagenet(dataset: str | None) -> bool:

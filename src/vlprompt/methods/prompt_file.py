@@ -21,11 +21,12 @@ from typing import Any
 
 from torch import Tensor
 
+from vlprompt.common.vocab import seeded_torch
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import CheckpointError, ConfigError
 from vlprompt.common.io import atomic_write_bytes
 from vlprompt.methods import METHODS
-from vlprompt.methods.base import FrozenClipMethod, rng_untouched
+from vlprompt.methods.base import FrozenClipMethod
 from vlprompt.common.options import config_from_dict, config_to_dict
 
 FORMAT = "vlprompt-prompt"
@@ -105,7 +106,7 @@ def load_prompt(path: str | os.PathLike[str], clip: CLIP, *, classnames: Sequenc
         config = config_from_dict(spec.config_cls, header.config)
     except ConfigError as exc:
         raise CheckpointError(f"prompt file {str(path)!r} holds an invalid {header.method} config: {exc}") from None
-    with rng_untouched(clip.device):  # the fresh initialisation is overwritten by the saved state
+    with seeded_torch(clip.device, None):  # the fresh initialisation is overwritten by the saved state
         method = spec.build(clip, header.classnames, config)
     try:
         method.load_state_dict(tensors)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlprompt.common.options import check_choice
+from vlprompt.common.vocab import DEFAULT_TEMPLATE, PRECISIONS
 from vlprompt.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 
     from vlprompt.backbone.model import CLIP
 
-DEFAULT_TEMPLATE = "a photo of a {}."
 IMAGE_BATCH = 32
 """Images decoded and encoded at a time."""
 
@@ -135,8 +136,7 @@ class Predictor:
         if not hasattr(method, "classifier") or not hasattr(method, "clip"):
             raise ConfigError(f"Predictor needs a vlprompt method (with .clip and .classifier()), got "
                               f"{type(method).__name__}")
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        check_choice("precision", precision, PRECISIONS)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.method = method
@@ -210,7 +210,6 @@ class Predictor:
     def _decode(self, chunk: Iterable[tuple[int, ImageInput]]) -> tuple[list[torch.Tensor], list[str],
                                                                          list[tuple[str, str]]]:
         import torch
-        from PIL import Image
 
         from vlprompt.backbone.transforms import load_image
 

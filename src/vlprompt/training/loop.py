@@ -86,10 +86,6 @@ class TrainResult:
         """Training time over all sessions, in seconds."""
         return sum(stats.seconds for stats in self.history)
 
-    @property
-    def final_loss(self) -> float | None:
-        return self.history[-1].loss if self.history else None
-
 
 # -------------------------------------------------------------------------------------------------- pure helpers
 

@@ -232,39 +232,3 @@ class BenchResult:
             "problems": self.problems,
             "interrupted": self.interrupted,
         }
-
-
-def execute_plan(runs: Sequence[PlannedRun], out: Path, runner: Runner, *, jobs: int = 1,
-                 devices: Sequence[str | None] | None = None, threads: int | None = None, log: Log = print,
-                 poll: float = 1.0, session: str | None = None) -> BenchResult:
-    """Run every unfinished run of the plan with ``jobs`` workers (1: in this process) and sum up.
-
-    ``devices[i]`` is worker i's device (None: the run's setting); ``threads`` caps each worker process's CPU
-    threads. Ctrl-C is caught: the result says ``interrupted`` and lists what is not finished.
-    """
-    out = Path(out)
-    session = session or new_session()
-    runs = tuple(runs)
-    result = BenchResult(runs=runs)
-    pending = []
-    for run in runs:
-        if inspect_run(run, out, check_busy=False).state is RunState.FINISHED:
-            result.skipped.append(run.key)
-        else:
-            pending.append(run)
-    if pending:
-        if jobs <= 1:
-            device = devices[0] if devices else None
-            try:
-                work(pending, out, runner, session=session, device=device, log=log, poll=poll,
-                     on_outcome=result.outcomes.append)
-            except KeyboardInterrupt:
-                result.interrupted = True
-        else:
-            from vlprompt.harness.bench.workers import run_workers
-
-            run_workers(pending, out, runner, jobs=min(jobs, len(pending)), devices=devices, threads=threads,
-                        session=session, log=log, poll=poll, result=result)
-    result.unfinished = [run.key for run in runs
-                         if inspect_run(run, out, check_busy=False).state is not RunState.FINISHED]
-    return result

@@ -32,6 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from vlprompt.common.vocab import DEFAULT_MODEL
 from vlprompt.harness.bench.plan import PlannedRun, make_run, run_key, tree_name
 from vlprompt.harness.rundir import EvalSpec, eval_name
 from vlprompt.harness.config import RunConfig
@@ -308,13 +309,13 @@ PROTOCOLS: Mapping[str, Protocol] = MappingProxyType({
         "alongside (CoOp Figure 3, Table 1)", "RN50", ("coop",), ("zeroshot", "linear_probe"), _fewshot),
     "base2novel": Protocol(
         "base2novel", "train on base classes (16 shots), test on base and novel classes, harmonic mean "
-        "(CoCoOp Table 1)", "ViT-B/16", ("coop", "cocoop"), ("zeroshot",), _base2novel),
+        "(CoCoOp Table 1)", DEFAULT_MODEL, ("coop", "cocoop"), ("zeroshot",), _base2novel),
     "crossdataset": Protocol(
         "crossdataset", "train on a source dataset (ImageNet, 16 shots, all classes), test on the other datasets "
-        "(CoCoOp Table 2)", "ViT-B/16", ("coop", "cocoop"), (), _transfer),
+        "(CoCoOp Table 2)", DEFAULT_MODEL, ("coop", "cocoop"), (), _transfer),
     "domainshift": Protocol(
         "domainshift", "the ImageNet-trained runs tested on ImageNet-V2, -Sketch, -A and -R (CoOp Table 1, "
-        "CoCoOp Table 3)", "ViT-B/16", ("coop", "cocoop"), (), _transfer),
+        "CoCoOp Table 3)", DEFAULT_MODEL, ("coop", "cocoop"), (), _transfer),
 })
 """Protocol name -> :class:`Protocol` (the one registry of protocols)."""
 

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from vlprompt.errors import ConfigError
 
+from vlprompt.harness.bench.execute import BenchResult, Log, Outcome, Runner, work
+
 if TYPE_CHECKING:
-    from vlprompt.harness.bench.execute import BenchResult, Log, Runner
     from vlprompt.harness.bench.plan import PlannedRun
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -85,8 +86,6 @@ def _limit_threads(threads: int | None) -> None:
 
 def _worker_main(job: WorkerJob, messages: Any) -> None:
     """Entry point of a worker process: run the shared loop, report each outcome and how it ended."""
-    from vlprompt.harness.bench.execute import work
-
     _limit_threads(job.threads)
     try:
         work(job.runs, job.out, job.runner, session=job.session, worker=job.index, device=job.device,
@@ -105,8 +104,6 @@ def run_workers(runs: Sequence[PlannedRun], out: Path, runner: Runner, *, jobs: 
                 devices: Sequence[str | None] | None, threads: int | None, session: str, log: Log, poll: float,
                 result: BenchResult) -> None:
     """Run ``runs`` with ``jobs`` worker processes; outcomes and problems are added to ``result``."""
-    from vlprompt.harness.bench.execute import Outcome
-
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     chosen = list(devices) if devices else [None] * jobs

@@ -203,7 +203,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if not options.root:
         raise ConfigError(f"give the data root with --root (or set ${ROOT_ENV}); it holds the dataset folders")
-    from vlprompt.harness.bench.execute import execute_plan
+    from vlprompt.harness.bench.launch import execute_plan
     from vlprompt.harness.bench.runner import PipelineRunner
     from vlprompt.common.io import atomic_write_json
 

@@ -17,7 +17,6 @@ from typing import Any
 from vlprompt.errors import ConfigError
 
 ROOT_ENV = "VLPROMPT_DATA_ROOT"
-DEFAULT_MODEL = "ViT-B/16"
 
 
 def add_root_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, run_default: bool = False) -> None:

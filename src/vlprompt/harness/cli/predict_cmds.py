@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vlprompt.common.vocab import DEFAULT_TEMPLATE, PRECISIONS
 from vlprompt.harness.cli.common import add_output_options, console_logging, read_templates
 from vlprompt.errors import ConfigError
 from vlprompt.harness.rundir import CONFIG_FILE
@@ -47,13 +48,13 @@ def _add_predict(subparsers: Any) -> None:
     classes = parser.add_argument_group("zero-shot on a class list")
     classes.add_argument("--classes", default=None, help="comma-separated class names, e.g. 'cat,dog,bird'")
     classes.add_argument("--classes-file", type=Path, default=None, help="a text file with one class name per line")
-    classes.add_argument("--template", default="a photo of a {}.",
-                         help="prompt template with one '{}' for the class name (default: 'a photo of a {}.')")
+    classes.add_argument("--template", default=DEFAULT_TEMPLATE,
+                         help=f"prompt template with one '{{}}' for the class name (default: {DEFAULT_TEMPLATE!r})")
     classes.add_argument("--ensemble", default=None, metavar="|".join([*TEMPLATE_SETS, "FILE"]),
                          help="prompt ensembling over a template set or a file of templates (instead of --template)")
     compute = parser.add_argument_group("compute options")
     compute.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's, else auto)")
-    compute.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    compute.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                          help="autocast precision (default: fp32)")
     compute.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     add_output_options(parser)

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vlprompt.common.vocab import DEFAULT_MODEL, PRECISIONS, SUBSETS
 from vlprompt.harness.cli.common import (
-    DEFAULT_MODEL,
     add_cache_options,
     add_output_options,
     add_root_option,
@@ -81,7 +81,7 @@ def _add_eval(subparsers: Any) -> None:
                         help="dataset to evaluate on: a built-in name or folder:PATH, csv:FILE, json:FILE (default: "
                              "the run's own)")
     add_root_option(parser, run_default=True)
-    parser.add_argument("--subset", default="all", choices=["all", "base", "new"],
+    parser.add_argument("--subset", default="all", choices=list(SUBSETS),
                         help="classes of the test split: all, or the base / new half (base-to-novel) (default: all)")
     parser.add_argument("--name", default=None,
                         help="result file eval-<name>.json (default: the dataset's name, plus -base/-new)")
@@ -89,7 +89,7 @@ def _add_eval(subparsers: Any) -> None:
                         help="backbone (name or checkpoint) instead of the one recorded in the run; it must be the "
                              "same weights (the prompt file's fingerprint is checked)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's)")
-    parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS),
                         help="autocast precision of the evaluation (default: the run's)")
     add_cache_options(parser)
     add_output_options(parser)
@@ -144,24 +144,12 @@ def _excluded_train_fields() -> tuple[str, ...]:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, *, shots: bool) -> None:
+    from vlprompt.common.options import add_dataclass_arguments
+    from vlprompt.harness.config import RunConfig
+
     group = parser.add_argument_group("run options")
-    group.add_argument("--dataset", required=True,
-                       help="a built-in dataset (see `vlprompt data list`) or your own: folder:PATH, csv:FILE, "
-                            "json:FILE")
+    add_dataclass_arguments(group, RunConfig, exclude=_RUN_FIELDS_SET_BY_COMMAND + (() if shots else ("shots",)))
     add_root_option(group)
-    group.add_argument("--model", default=DEFAULT_MODEL,
-                       help="CLIP backbone: an OpenAI name (RN50, ViT-B/16, ...), a checkpoint file or a Hugging "
-                            f"Face folder / hub id (default: {DEFAULT_MODEL})")
-    if shots:
-        group.add_argument("--shots", type=int, default=16,
-                           help="training images per class (1, 2, 4, 8, 16 in the papers; 0 = every training "
-                                "image) (default: 16)")
-    seed_help = ("the run's seed: few-shot sample, initialisation, augmentation, data order" if shots else
-                 "the seed recorded with the results (zero-shot has nothing random)")
-    group.add_argument("--seed", type=int, default=1, help=f"{seed_help} (default: 1)")
-    group.add_argument("--subset", default="all", choices=["all", "base", "new"],
-                       help="classes to train and test on: all, or the base / new half for base-to-novel "
-                            "(default: all)")
     group.add_argument("--out", type=Path, required=True, help="the run folder to create (or resume)")
     group.add_argument("--resume", action="store_true",
                        help="continue an unfinished run in --out (same options); a finished one is refused")
@@ -172,16 +160,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, shots: bool) -> None:
                             "into eval-<dataset>.json; repeatable")
     group.add_argument("--eval-new", action="store_true",
                        help="with --subset base: also evaluate on the novel classes (eval-<dataset>-new.json)")
-    group.add_argument("--budget", action="store_true",
-                       help="mark the results as a smoke test (reduced budget), never mixed with full results")
-    group.add_argument("--skip-bad-images", action="store_true",
-                       help="leave out unreadable images (counted and listed in the results) instead of stopping "
-                            "with the list of them")
-    group.add_argument("--protocol", default=None,
-                       help="benchmark protocol recorded with the results (fewshot, base2novel, crossdataset, "
-                            "domainshift)")
     add_cache_options(group)
     add_output_options(parser)
+
+
+# RunConfig fields a command sets itself (the method and its options, the data root, the training recipe)
+_RUN_FIELDS_SET_BY_COMMAND = ("method", "method_config", "root", "train")
 
 
 # -------------------------------------------------------------------------------------------------------- commands
@@ -195,7 +179,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     options = method_options_from_args(args, args.method, args.method_options)
     train = dataclass_from_args(TrainConfig, args)
-    return _run(args, args.method, options, train, shots=args.shots)
+    return _run(args, args.method, options, train)
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
@@ -230,22 +214,24 @@ def run_linear_probe(args: argparse.Namespace) -> int:
 
     options = method_options_from_args(args, "linear_probe", args.method_options)
     train = dataclass_from_args(TrainConfig, args)
-    return _run(args, "linear_probe", options, train, shots=args.shots)
+    return _run(args, "linear_probe", options, train)
 
 
-def _run(args: argparse.Namespace, method: str, options: dict[str, Any], train: Any, *, shots: int) -> int:
+def _run(args: argparse.Namespace, method: str, options: dict[str, Any], train: Any, *, shots: int | None = None
+         ) -> int:
+    """One run of ``method`` from the parsed run options (``shots`` fixed by the command, or from ``--shots``)."""
     from vlprompt.common import dist
+    from vlprompt.common.options import dataclass_from_args
     from vlprompt.harness.config import RunConfig
     from vlprompt.harness.pipeline import run_experiment
     from vlprompt.harness.rundir import EvalSpec
 
-    if args.eval_new and args.subset != "base":
+    if args.eval_new and getattr(args, "subset", "all") != "base":
         raise ConfigError("--eval-new evaluates the novel classes of a run trained on the base classes: add "
                           "--subset base")
     root = data_root(args)
-    config = RunConfig(method=method, dataset=args.dataset, method_config=options, root=str(root) if root else "",
-                       shots=shots, seed=args.seed, model=args.model, subset=args.subset, train=train,
-                       budget=args.budget, protocol=args.protocol, skip_bad_images=args.skip_bad_images)
+    fixed = {"method": method, "method_config": options, "train": train, "root": str(root) if root else ""}
+    config = dataclass_from_args(RunConfig, args, fixed=fixed if shots is None else {**fixed, "shots": shots})
     evals = [EvalSpec(dataset) for dataset in args.also_eval]
     if args.eval_new:
         evals.append(EvalSpec(args.dataset, "new"))

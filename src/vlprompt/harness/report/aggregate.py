@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlprompt.common.vocab import SUBSETS
-from vlprompt.data.registry import BENCHMARK_DATASETS, DATASETS, key_of, title_of
+from vlprompt.common.vocab import SUBSETS, slug
+from vlprompt.data.registry import DATASETS, key_of, title_of
 from vlprompt.errors import ConfigError, RunError
 from vlprompt.harness.rundir import CONFIG_FILE, EVAL_PREFIX, PREVIOUS_DIR, RESULT_SCHEMA, RESULTS_FILE
 
@@ -84,12 +84,6 @@ def method_sort_key(name: str) -> tuple[int, str]:
     """Baselines first, then CoOp, CoCoOp and successors; unknown methods follow, alphabetically."""
     order = list(METHOD_NAMES)
     return (order.index(name), "") if name in METHOD_NAMES else (len(order), name.lower())
-
-
-def slugify(text: str) -> str:
-    """A file-name-safe lower-case form: ``"ViT-B/16"`` -> ``"vit-b-16"``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug or "x"
 
 
 # ----------------------------------------------------------------------------------------------------------- maths
@@ -446,7 +440,7 @@ class Partition:
     @property
     def slug(self) -> str:
         """File-name prefix: the model slug, with ``-budget`` for budget results."""
-        base = slugify(self.model) if self.model else "unknown-model"
+        base = slug(self.model) if self.model else "unknown-model"
         return f"{base}-budget" if self.budget else base
 
     def protocol_groups(self, protocol: str) -> list[Group]:

@@ -25,6 +25,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vlprompt.common.vocab import slug
 from vlprompt.harness.report import published as pub
 from vlprompt.harness.report.aggregate import (
     BUDGET_BANNER,
@@ -41,7 +42,6 @@ from vlprompt.harness.report.aggregate import (
     mean_if_complete,
     method_label,
     method_sort_key,
-    slugify,
 )
 
 MISSING = "–"
@@ -268,7 +268,7 @@ def fewshot_tables(ctx: _Context) -> list[Table]:
     for method in trained:
         columns = [_Column(_shots_label(k), method, k) for k in shots_of[method]] + baseline_columns
         title = f"Few-shot: {method_label(method)}"
-        tables.append(_dataset_rows_table(ctx, f"fewshot_{slugify(method)}", title, datasets, columns))
+        tables.append(_dataset_rows_table(ctx, f"fewshot_{slug(method)}", title, datasets, columns))
     for shots in sorted({k for ks in shots_of.values() for k in ks}):
         columns = [_Column(method_label(m), m, shots) for m in trained if shots in shots_of[m]] + baseline_columns
         title = f"Few-shot: {_shots_label(shots)}"
@@ -345,7 +345,7 @@ def base2novel_tables(ctx: _Context) -> list[Table]:
     summary_rows: list[Row] = []
     for method, shots in variants:
         name = method_label(method) + (f" ({_shots_label(shots)})" if method in several else "")
-        table_id = f"base2novel_{slugify(method)}" + (f"_{shots}shots" if method in several else "")
+        table_id = f"base2novel_{slug(method)}" + (f"_{shots}shots" if method in several else "")
         table, average = _base2novel_method_table(ctx, method, shots, datasets, table_id, f"Base-to-novel: {name}")
         tables.append(table)
         if average is not None:
@@ -402,7 +402,7 @@ def transfer_tables(ctx: _Context, protocol: str) -> list[Table]:
             published_row = _published_row(_published_label(name), published)
             if published_row is not None:
                 rows.append(published_row)
-        table_id = f"{protocol}_{slugify(source)}"
+        table_id = f"{protocol}_{slug(source)}"
         tables.append(ctx.table(table_id, title, "Method", columns, rows, issues))
     return tables
 
@@ -442,7 +442,7 @@ def other_tables(ctx: _Context, groups: Sequence[Group]) -> list[Table]:
             rows.append(Row(dataset_label(dataset), tuple(cells)))
         name = protocol or "runs"
         title = "Runs (no protocol)" if not protocol else f"Other results: {protocol}"
-        tables.append(ctx.table(f"other_{slugify(name)}", title, "Evaluation dataset", list(variants), rows))
+        tables.append(ctx.table(f"other_{slug(name)}", title, "Evaluation dataset", list(variants), rows))
     return tables
 
 
