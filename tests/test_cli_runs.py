@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from clip_formats import save_openai_state_dict
+from support import FIXTURES, needs_fixtures
 
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.tiny import build_tiny_clip
@@ -28,8 +29,7 @@ from vlprompt.methods.prompt_file import read_prompt_header
 from vlprompt.harness.pipeline import run_experiment
 from vlprompt.harness.rundir import load_params
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
+pytestmark = needs_fixtures
 
 DTD_CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy"]
 TRAIN_ARGS = ["--method", "coop", "--dataset", "dtd", "--shots", "2", "--seed", "1", "--epochs", "4", "--lr", "0.05",
@@ -37,13 +37,13 @@ TRAIN_ARGS = ["--method", "coop", "--dataset", "dtd", "--shots", "2", "--seed", 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_model_file):
     """Private cache folder, the data root in the environment, and two tiny backbones saved as files."""
     base = tmp_path_factory.mktemp("cli")
     patch = pytest.MonkeyPatch()
     patch.setenv("VLPROMPT_CACHE", str(base / "cache"))
     patch.setenv("VLPROMPT_DATA_ROOT", str(FIXTURES))
-    tiny = save_openai_state_dict(build_tiny_clip("vit", seed=0), base / "tiny.pt")
+    tiny = tiny_model_file
     other = save_openai_state_dict(build_tiny_clip("vit", seed=1), base / "other.pt")
     yield {"base": base, "model": str(tiny), "other": str(other)}
     patch.undo()

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from test_data_support import class_folders, write_image
+from support import class_folders, write_image
 
 from vlprompt.data import Item, SplitCounts, load_dataset, sample_fewshot, subsample_classes
 from vlprompt.errors import DatasetError

@@ -6,7 +6,7 @@ import random
 from collections import Counter, defaultdict
 
 import pytest
-from test_data_support import FIXTURES, needs_fixtures
+from support import FIXTURES, needs_fixtures
 
 from vlprompt.data import (
     ImageDataset,

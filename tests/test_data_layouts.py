@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_data_support import class_folders, write_image
+from support import class_folders, write_image
 
 from vlprompt.data import DATASETS, Item, SplitCounts, load_dataset, sample_fewshot, subsample_classes
 from vlprompt.data.standard import CREATORS

@@ -27,17 +27,11 @@ from vlprompt.backbone.fast_text import (
     plan_buckets,
     trimmed_length,
 )
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vlprompt.methods.coop import CoOp, CoOpConfig
 
 ATOL = 2e-5
 CLASSNAMES = ["cat", "golden retriever", "sea or lake", "x", "the quick brown fox jumps over a lazy dog"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
 
 
 def _random_prompts(clip, batch: int, prefix_len: int, classes: int, seed: int = 0):

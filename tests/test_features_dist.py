@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from support import free_port
 
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.data.types import Item
@@ -21,12 +21,6 @@ from vlprompt.features.cache import FeatureCache
 from vlprompt.features.extract import augmented_views, extract_features
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _rank_main(rank: int, port: int, root: Path, items: list[Item], cache_dir: Path, out_dir: Path) -> None:
@@ -68,7 +62,7 @@ def test_two_gloo_ranks_equal_one_process(images, tmp_path, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     cache_dir = tmp_path / "cache"
-    context = mp.spawn(_rank_main, args=(_free_port(), root, items, cache_dir, out_dir), nprocs=WORLD, join=False)
+    context = mp.spawn(_rank_main, args=(free_port(), root, items, cache_dir, out_dir), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 180
     while not context.join(timeout=5):
         if time.monotonic() > deadline:

@@ -20,16 +20,6 @@ from vlprompt.methods.prompt_file import load_prompt, read_prompt_header, save_p
 CLASSNAMES = ["cat", "golden retriever", "sea or lake"]
 
 
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
-
-
-@pytest.fixture(scope="module")
-def features(clip):
-    return torch.randn(4, clip.config.embed_dim, generator=torch.Generator().manual_seed(0))
-
-
 def _trained(method):
     with torch.no_grad():
         for param in method.parameters():

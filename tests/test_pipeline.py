@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import FIXTURES, needs_fixtures
 
 import vlprompt.stages
 from vlprompt.backbone.tiny import build_tiny_clip
@@ -25,18 +26,9 @@ from vlprompt.harness.pipeline import (
 )
 from vlprompt.harness.rundir import RunDir, load_params
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
 
 
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def read(path: Path) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_train_standins import Features, LinearHead, clustered_features, single_thread, tiny_prompt
+from test_train_standins import Features, LinearHead, clustered_features, tiny_prompt
 from torch import nn
 
 from vlprompt.training.config import TrainConfig
@@ -20,7 +20,7 @@ from vlprompt.training.loop import (TrainingDiverged, epoch_batches, epoch_view_
                             train)
 
 CONFIG = TrainConfig(epochs=4, batch_size=8)
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Interrupt(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_standins import clustered_features, single_thread
+from test_train_standins import clustered_features
 
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.training.config import TrainConfig
@@ -14,7 +14,7 @@ from vlprompt.methods import METHODS
 from vlprompt.harness.rundir import RunDir, load_params
 from vlprompt.training.loop import train
 
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CLASSNAMES = ["banded", "dotted", "striped", "zigzagged"]
 

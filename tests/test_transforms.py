@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from support import FIXTURES
 
 from vlprompt.backbone.transforms import (
     CLIP_MEAN,
@@ -30,7 +31,6 @@ from vlprompt.backbone.transforms import (
 )
 from vlprompt.errors import ConfigError, DatasetError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coop_data"
 MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
