@@ -86,7 +86,7 @@ def test_shared_prefix_broadcasts_one_suffix_set_over_the_batch(clip):
     shared = suffix[:1]
     fast = encode_shared_prefix(clip, prefix, shared, eot)
     copied = encode_shared_prefix(clip, prefix, shared.expand(3, -1, -1, -1).contiguous(), eot)
-    assert torch.equal(fast, copied)
+    assert torch.equal(fast, copied)  # both build the same row matrix (expand, then cat): the same computation
     # and the rows really differ per prefix
     assert (fast[0] - fast[1]).abs().max() > 1e-3
 

@@ -1,4 +1,8 @@
-"""Feature extraction split over 2 gloo ranks on the CPU gives exactly what one process gives."""
+"""Feature extraction split over 2 gloo ranks on the CPU gives exactly what one process gives.
+
+Bit equality holds because every path computes the same thing the same way: batch size 1 everywhere (no batch shape
+changes a kernel), a freshly built model in each process, and one thread in the ranks and in this module (the
+single_thread fixture), so no kernel splits its sums differently."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from vlprompt.features.cache import FeatureCache
 from vlprompt.features.extract import augmented_views, extract_features
 
 WORLD = 2
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _rank_main(rank: int, port: int, root: Path, items: list[Item], cache_dir: Path, out_dir: Path) -> None:
@@ -70,7 +75,7 @@ def test_two_gloo_ranks_equal_one_process(images, tmp_path, monkeypatch):
                 process.kill()
             pytest.fail("the ranks did not finish within 180 s (a collective is probably waiting forever)")
 
-    # one process, same batch composition (batch size 1): bit-identical features expected
+    # one process, same batch composition (batch size 1), one thread like the ranks: bit-identical features
     clip = build_tiny_clip("vit", seed=0)
     alone = extract_features(clip, root, items, batch_size=1, on_error="skip")
     alone_views = augmented_views(clip, root, items, views=2, seed=5, batch_size=1, on_error="skip")

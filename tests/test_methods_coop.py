@@ -197,6 +197,7 @@ def test_deep_copy_shares_clip_but_not_the_context(clip, features):
     with torch.no_grad():
         clone.ctx += 1.0
     assert not torch.equal(clone.ctx, coop.ctx)
+    # the copy shares the CLIP and its context is only read into a new prompt tensor: the same computation
     assert torch.equal(copy.deepcopy(coop)(features), coop(features))
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from support import assert_fp32_close, assert_same_state
 
 from vlprompt import __version__
 from vlprompt.backbone.tiny import build_tiny_clip
@@ -36,7 +37,10 @@ def test_round_trip_gives_identical_logits(clip, features, tmp_path, name):
     loaded = load_prompt(path, clip)
     assert torch.equal(torch.random.get_rng_state(), rng)  # rebuilding does not advance the caller's RNG
     assert type(loaded) is type(method) and loaded.config == method.config and loaded.classnames == CLASSNAMES
-    assert torch.equal(loaded(features), method(features))
+    # loading promises the learned state bit for bit; the logits are the same float32 maths on state that loading
+    # may place elsewhere in memory (another kernel path): equal up to rounding order
+    assert_same_state(loaded, method)
+    assert_fp32_close(loaded(features), method(features))
 
 
 def test_metadata_records_the_method_and_backbone(clip, tmp_path):
