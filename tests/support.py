@@ -44,11 +44,16 @@ def class_folders(base: Path, counts: Mapping[str, int], suffix: str = ".jpg") -
     return made
 
 
+def noise_image(height: int, width: int, rng: np.random.Generator | int = 0) -> Image.Image:
+    """An RGB image of uniform random pixels (a seed or a generator to draw from)."""
+    rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
 def truncated_jpeg(path: Path) -> Path:
     """A real 64x64 noise JPEG cut in half (Pillow refuses it when decoding)."""
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(noise).save(buffer, "JPEG", quality=95)
+    noise_image(64, 64).save(buffer, "JPEG", quality=95)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     return path

@@ -48,7 +48,7 @@ def test_readme_workflow(clip, photos, tmp_path):
     again = vp.Predictor(loaded).predict([new_image], top_k=3)
     assert [(p.source, p.labels) for p in again] == [(p.source, p.labels) for p in predictions]
     assert_fp32_close(torch.tensor([p.probs for p in again]), torch.tensor([p.probs for p in predictions]))
-    assert vp.evaluate(loaded, data) == metrics
+    assert vp.evaluate(loaded, data) == metrics  # counts of argmax hits: rounding order moves one only at a near-tie
     with pytest.raises(CheckpointError, match="fingerprint"):
         vp.load_prompt(path, build_tiny_clip("vit", seed=5))
 

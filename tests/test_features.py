@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import FIXTURES
+from support import FIXTURES, noise_image
 
 from vlprompt.backbone import transforms
 from vlprompt.backbone.model import CLIP
@@ -40,7 +40,7 @@ def synthetic(tmp_path) -> tuple[Path, list[Item]]:
     root.mkdir()
     items = []
     for i, (h, w) in enumerate([(40, 50), (64, 36), (33, 33), (80, 60), (45, 90)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        noise_image(h, w, rng).save(root / f"img{i}.png")
         items.append(Item(f"img{i}.png", i % 2))
     return root, items
 

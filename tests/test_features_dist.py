@@ -15,8 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
-from support import free_port
+from support import free_port, noise_image
 
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.data.types import Item
@@ -54,7 +53,7 @@ def images(tmp_path) -> tuple[Path, list[Item]]:
     root.mkdir()
     items = []
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        noise_image(40 + 7 * i, 48, rng).save(root / f"{i}.png")
         items.append(Item(f"{i}.png", i % 3))
     (root / "broken.png").write_bytes(b"not a png")
     items.insert(3, Item("broken.png", 0))
