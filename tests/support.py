@@ -7,7 +7,9 @@ Import as ``from support import FIXTURES, needs_fixtures, ...`` (pytest puts ``t
 from __future__ import annotations
 
 import io
+import json
 import socket
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +25,16 @@ SHARED_SPLITS = SHARED / "splits"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures (../shared) absent ({FIXTURES})")
 needs_shared_splits = pytest.mark.skipif(not SHARED_SPLITS.is_dir(),
                                          reason=f"shared split files absent ({SHARED_SPLITS})")
+
+
+def read_json(path: Path):
+    """A JSON file's content (UTF-8)."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def per_class(items) -> Counter:
+    """How many of ``items`` carry each label."""
+    return Counter(item.label for item in items)
 
 
 def write_image(path: Path, value: int = 0, size: tuple[int, int] = (6, 4)) -> Path:

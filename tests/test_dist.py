@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support import free_port
-from test_train_standins import LinearHead, clustered_features
+from test_train_standins import Interrupt, LinearHead, clustered_features, interrupt_after
 
 from vlprompt.common import dist
 from vlprompt.training.config import TrainConfig
@@ -46,18 +46,6 @@ def _coop(seed: int):
 
     method.register_forward_pre_hook(count)
     return method
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_after(epoch: int):
-    def callback(stats):
-        if stats.epoch == epoch:
-            raise Interrupt
-
-    return callback
 
 
 # ------------------------------------------------------------------------------------------ single-process helpers
@@ -126,7 +114,7 @@ def _worker(out: Path) -> None:
 
         run = RunDir.create_or_open(out / "resumed", {"run": "ddp"}) if main else None
         try:
-            train(_coop(seed=env.rank), feats, DDP_CONFIG, run_dir=run, on_epoch_end=_interrupt_after(2))
+            train(_coop(seed=env.rank), feats, DDP_CONFIG, run_dir=run, on_epoch_end=interrupt_after(2))
         except Interrupt:
             pass
         if run is not None:

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from PIL import Image
 from support import FIXTURES, needs_fixtures
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.transforms import EvalTransform, load_image
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.methods.zeroshot import encode_prompts

@@ -20,6 +20,21 @@ SOT, EOT = 49406, 49407
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+
+class Interrupt(Exception):
+    """Stands for a crash or Ctrl-C between epochs."""
+
+
+def interrupt_after(epoch: int):
+    """An ``on_epoch_end`` callback that raises :class:`Interrupt` once ``epoch`` has finished."""
+
+    def callback(stats):
+        if stats.epoch == epoch:
+            raise Interrupt
+
+    return callback
+
+
 @dataclass
 class Features:
     """A FeatureSet look-alike: ``features`` [N, D] or [V, N, D], ``labels`` [N]."""
