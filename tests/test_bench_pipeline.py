@@ -17,9 +17,8 @@ import pytest
 
 pytest.importorskip("vlprompt.harness.pipeline")
 
-from clip_formats import save_openai_state_dict  # noqa: E402
+from support import FIXTURES, needs_fixtures  # noqa: E402
 
-from vlprompt.backbone.tiny import build_tiny_clip  # noqa: E402
 from vlprompt.common.vocab import slug as slugify  # noqa: E402
 from vlprompt.harness.bench.execute import RunRequest  # noqa: E402
 from vlprompt.harness.bench.launch import execute_plan  # noqa: E402
@@ -29,18 +28,7 @@ from vlprompt.harness.bench.status import RunState, inspect_run  # noqa: E402
 from vlprompt.harness.cli.main import main  # noqa: E402
 from vlprompt.training.config import TrainConfig  # noqa: E402
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_openai_state_dict(build_tiny_clip("vit"), tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))
+pytestmark = [needs_fixtures, pytest.mark.usefixtures("private_cache")]
 
 
 def bench(*args: str) -> int:
@@ -53,9 +41,9 @@ def results(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_budget_fewshot_runs_end_to_end_and_reports(tmp_path, tiny_model, capsys):
+def test_budget_fewshot_runs_end_to_end_and_reports(tmp_path, tiny_model_file, capsys):
     out = tmp_path / "out"
-    args = ["fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model), "--datasets",
+    args = ["fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model_file), "--datasets",
             "dtd", "oxford_flowers", "--shots", "1", "2", "--seeds", "1", "2", "--budget"]
     assert bench(*args) == 0
     printed = capsys.readouterr().out
@@ -63,7 +51,7 @@ def test_budget_fewshot_runs_end_to_end_and_reports(tmp_path, tiny_model, capsys
     assert "18 run(s): 0 already finished, 18 done now, 0 failed, 0 not finished" in printed
     found = results(out)
     assert len(found) == 18
-    assert {(r["protocol"], r["budget"], r["model"]) for r in found} == {("fewshot", True, str(tiny_model))}
+    assert {(r["protocol"], r["budget"], r["model"]) for r in found} == {("fewshot", True, str(tiny_model_file))}
     assert sorted({(r["method"], r["shots"]) for r in found}) == [
         ("coop", 1), ("coop", 2), ("linear_probe", 1), ("linear_probe", 2), ("zeroshot", 0)]
     coop = json.loads((out / "fewshot-budget/tiny/dtd/coop/shots2/seed2/results.json").read_text())
@@ -77,7 +65,7 @@ def test_budget_fewshot_runs_end_to_end_and_reports(tmp_path, tiny_model, capsys
 
     assert main(["report", str(out)]) == 0
     report = out / "report"
-    slug = slugify(str(tiny_model)) + "-budget"  # the report names files after the model, budget marked
+    slug = slugify(str(tiny_model_file)) + "-budget"  # the report names files after the model, budget marked
     names = {p.name for p in report.iterdir()}
     for table in ("fewshot_coop", "fewshot_linear-probe", "fewshot_1shots", "fewshot_2shots"):
         assert {f"{slug}_{table}.md", f"{slug}_{table}.csv"} <= names
@@ -104,9 +92,9 @@ class CountingRunner:
 
 
 @pytest.mark.slow
-def test_killed_protocol_completes_only_what_was_missing(tmp_path, tiny_model):
+def test_killed_protocol_completes_only_what_was_missing(tmp_path, tiny_model_file):
     out = tmp_path / "out"
-    args = ["fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model), "--datasets", "dtd",
+    args = ["fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model_file), "--datasets", "dtd",
             "--shots", "1", "--seeds", "1", "2", "--budget", "--epochs", "3"]
     command = [sys.executable, "-c", "import sys; from vlprompt.harness.cli.main import main; sys.exit(main(sys.argv[1:]))",
                "bench", *args]
@@ -122,7 +110,7 @@ def test_killed_protocol_completes_only_what_was_missing(tmp_path, tiny_model):
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
 
-    runs = build_plan("fewshot", ProtocolOptions(out=out, root=str(FIXTURES), model=str(tiny_model), budget=True,
+    runs = build_plan("fewshot", ProtocolOptions(out=out, root=str(FIXTURES), model=str(tiny_model_file), budget=True,
                                                  datasets=("dtd",), shots=(1,), seeds=(1, 2),
                                                  train=TrainConfig(epochs=3)))
     states = {run.key: inspect_run(run, out).state for run in runs}
@@ -166,10 +154,10 @@ def synthetic_imagenet(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_crossdataset_and_domainshift_share_the_imagenet_runs(tmp_path, tiny_model, capsys):
+def test_crossdataset_and_domainshift_share_the_imagenet_runs(tmp_path, tiny_model_file, capsys):
     root, out = tmp_path / "data", tmp_path / "out"
     synthetic_imagenet(root)
-    common = ["--out", str(out), "--root", str(root), "--model", str(tiny_model), "--methods", "coop",
+    common = ["--out", str(out), "--root", str(root), "--model", str(tiny_model_file), "--methods", "coop",
               "--seeds", "1", "--budget"]
     assert bench("crossdataset", *common, "--targets", "dtd") == 0
     run = out / "transfer-budget/tiny/imagenet/coop/shots16/seed1"
@@ -195,7 +183,7 @@ def test_crossdataset_and_domainshift_share_the_imagenet_runs(tmp_path, tiny_mod
     assert labelled["eval-imagenetv2.json"]["metrics"]["num_samples"] == 3
 
     assert main(["report", str(out)]) == 0
-    slug = slugify(str(tiny_model)) + "-budget"
+    slug = slugify(str(tiny_model_file)) + "-budget"
     names = {p.name for p in (out / "report").iterdir()}
     assert {f"{slug}_crossdataset_imagenet.md", f"{slug}_domainshift_imagenet.md"} <= names
     table = (out / "report" / f"{slug}_domainshift_imagenet.md").read_text()
@@ -205,9 +193,9 @@ def test_crossdataset_and_domainshift_share_the_imagenet_runs(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_budget_base2novel_writes_base_and_novel(tmp_path, tiny_model):
+def test_budget_base2novel_writes_base_and_novel(tmp_path, tiny_model_file):
     out = tmp_path / "out"
-    assert bench("base2novel", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model),
+    assert bench("base2novel", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model_file),
                  "--datasets", "dtd", "--seeds", "1", "--budget") == 0
     for method in ("zeroshot", "coop/shots16/seed1", "cocoop/shots16/seed1"):
         folder = out / "base2novel-budget/tiny/dtd" / method
@@ -220,7 +208,7 @@ def test_budget_base2novel_writes_base_and_novel(tmp_path, tiny_model):
     config = json.loads((out / "base2novel-budget/tiny/dtd/coop/shots16/seed1/config.json").read_text())
     assert (config["method_config"]["n_ctx"], config["method_config"]["ctx_init"]) == (4, "a photo of a")
     assert main(["report", str(out)]) == 0
-    table = (out / "report" / f"{slugify(str(tiny_model))}-budget_base2novel_coop.md").read_text()
+    table = (out / "report" / f"{slugify(str(tiny_model_file))}-budget_base2novel_coop.md").read_text()
     folder = out / "base2novel-budget/tiny/dtd/coop/shots16/seed1"
     base = json.loads((folder / "results.json").read_text())["metrics"]["accuracy"]
     novel = json.loads((folder / "eval-dtd-new.json").read_text())["metrics"]["accuracy"]
@@ -229,9 +217,9 @@ def test_budget_base2novel_writes_base_and_novel(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_two_worker_processes_run_a_budget_protocol(tmp_path, tiny_model, capsys):
+def test_two_worker_processes_run_a_budget_protocol(tmp_path, tiny_model_file, capsys):
     out = tmp_path / "out"
-    assert bench("fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model), "--datasets",
+    assert bench("fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model_file), "--datasets",
                  "dtd", "--shots", "1", "--seeds", "1", "2", "3", "--methods", "coop", "--no-baselines", "--budget",
                  "--jobs", "2", "--device", "cpu") == 0
     printed = capsys.readouterr().out

@@ -8,39 +8,29 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from clip_formats import save_openai_state_dict
+from support import FIXTURES, free_port, needs_fixtures
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.harness.cli.main import main
 from vlprompt.harness.rundir import load_params
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+pytestmark = needs_fixtures
 
 
 @pytest.mark.slow
-def test_torchrun_training_matches_one_process(tmp_path, monkeypatch):
-    model = save_openai_state_dict(build_tiny_clip("vit", seed=0), tmp_path / "tiny.pt")
+def test_torchrun_training_matches_one_process(tmp_path, monkeypatch, tiny_model_file):
+    model = tiny_model_file
     args = ["train", "--method", "coop", "--dataset", "dtd", "--root", str(FIXTURES), "--shots", "2", "--epochs", "3",
             "--lr", "0.05", "--n-ctx", "2", "--model", str(model), "--device", "cpu", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "VLPROMPT_CACHE": str(tmp_path / "cache")}
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlprompt.harness.cli.main", *args,
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "vlprompt.harness.cli.main", *args,
                "--out", str(tmp_path / "ddp")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

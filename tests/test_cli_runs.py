@@ -12,11 +12,11 @@ import fcntl
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from clip_formats import save_openai_state_dict
+from support import FIXTURES, needs_fixtures, read_json
 
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.tiny import build_tiny_clip
@@ -28,8 +28,7 @@ from vlprompt.methods.prompt_file import read_prompt_header
 from vlprompt.harness.pipeline import run_experiment
 from vlprompt.harness.rundir import load_params
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
+pytestmark = needs_fixtures
 
 DTD_CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy"]
 TRAIN_ARGS = ["--method", "coop", "--dataset", "dtd", "--shots", "2", "--seed", "1", "--epochs", "4", "--lr", "0.05",
@@ -37,13 +36,13 @@ TRAIN_ARGS = ["--method", "coop", "--dataset", "dtd", "--shots", "2", "--seed", 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_model_file):
     """Private cache folder, the data root in the environment, and two tiny backbones saved as files."""
     base = tmp_path_factory.mktemp("cli")
     patch = pytest.MonkeyPatch()
     patch.setenv("VLPROMPT_CACHE", str(base / "cache"))
     patch.setenv("VLPROMPT_DATA_ROOT", str(FIXTURES))
-    tiny = save_openai_state_dict(build_tiny_clip("vit", seed=0), base / "tiny.pt")
+    tiny = tiny_model_file
     other = save_openai_state_dict(build_tiny_clip("vit", seed=1), base / "other.pt")
     yield {"base": base, "model": str(tiny), "other": str(other)}
     patch.undo()
@@ -63,24 +62,20 @@ def trained(env):
     return out
 
 
-def read(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def test_train_writes_the_documented_files(trained, env):
     names = {p.name for p in trained.iterdir()}
     assert {"config.json", "fewshot.json", "params.safetensors", "optim.safetensors", "state.json",
             "prompt.safetensors", "results.json", "eval-oxford_flowers.json", "log.txt"} <= names
     assert not any(name.endswith(".next") or name.endswith(".tmp") for name in names)
 
-    config = read(trained / "config.json")
+    config = read_json(trained / "config.json")
     assert config["method"] == "coop" and config["shots"] == 2 and config["seed"] == 1
     assert config["method_config"] == {"n_ctx": 4, "ctx_init": "", "csc": False, "class_token_position": "end",
                                        "fast_text": True}  # complete, defaults filled in
     assert config["train"]["epochs"] == 4 and config["train"]["batch_size"] == 32  # CoOp's default batch
     assert config["root"] == str(FIXTURES) and config["model"] == env["model"]
 
-    fewshot = read(trained / "fewshot.json")
+    fewshot = read_json(trained / "fewshot.json")
     assert fewshot["shots"] == 2 and fewshot["seed"] == 1
     assert len(fewshot["train"]) == 10 and len(fewshot["val"]) == 10  # 2 per class; val min(2, 4) per class
     assert sorted(label for _, label in fewshot["train"]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
@@ -89,7 +84,7 @@ def test_train_writes_the_documented_files(trained, env):
     assert header.method == "coop" and header.classnames == DTD_CLASSES
     assert header.backbone_fingerprint == load_clip(env["model"]).fingerprint()
 
-    results = read(trained / "results.json")
+    results = read_json(trained / "results.json")
     assert (results["schema"], results["method"], results["dataset"], results["eval_dataset"]) == (1, "coop", "dtd",
                                                                                                    "dtd")
     assert (results["subset"], results["shots"], results["budget"]) == ("all", 2, False)
@@ -102,7 +97,7 @@ def test_train_writes_the_documented_files(trained, env):
     assert results["fit"]["kind"] == "features" and results["fit"]["epochs"] == 4 and results["fit"]["num_train"] == 10
     assert results["config"] == config and results["versions"]["torch"] == torch.__version__
 
-    cross = read(trained / "eval-oxford_flowers.json")
+    cross = read_json(trained / "eval-oxford_flowers.json")
     assert (cross["dataset"], cross["eval_dataset"], cross["subset"]) == ("dtd", "oxford_flowers", "all")
     assert list(cross["metrics"]["per_class_accuracy"])[0] == "pink primrose"
 
@@ -111,10 +106,10 @@ def test_train_writes_the_documented_files(trained, env):
 
 
 def test_training_lowers_the_loss(trained):
-    history = read(trained / "state.json")["history"]
+    history = read_json(trained / "state.json")["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert read(trained / "results.json")["fit"]["loss_history"] == [h["loss"] for h in history]
+    assert read_json(trained / "results.json")["fit"]["loss_history"] == [h["loss"] for h in history]
 
 
 def test_rerunning_a_finished_run_is_refused(trained, env, capsys):
@@ -129,7 +124,7 @@ def test_rerunning_a_finished_run_is_refused(trained, env, capsys):
 def test_eval_cross_dataset_is_reproducible(trained, capsys):
     code, out, _ = run_cli(capsys, "eval", trained, "--dataset", "oxford_flowers", "--name", "flowers-again", "-q")
     assert code == 0 and "eval-flowers-again.json" in out
-    again, first = read(trained / "eval-flowers-again.json"), read(trained / "eval-oxford_flowers.json")
+    again, first = read_json(trained / "eval-flowers-again.json"), read_json(trained / "eval-oxford_flowers.json")
     assert again["metrics"] == first["metrics"]
 
 
@@ -137,7 +132,7 @@ def test_eval_novel_classes(trained, capsys):
     code, out, _ = run_cli(capsys, "eval", trained, "--subset", "new", "--json", "-q")
     assert code == 0
     printed = json.loads(out)
-    written = read(trained / "eval-dtd-new.json")
+    written = read_json(trained / "eval-dtd-new.json")
     assert printed == written
     assert written["subset"] == "new" and list(written["metrics"]["per_class_accuracy"]) == ["bubbly", "bumpy"]
     assert written["metrics"]["num_samples"] == 6
@@ -173,7 +168,7 @@ def test_predict_with_a_run_reproduces_its_test_accuracy(trained, capsys):
         assert probs == sorted(probs, reverse=True)
         assert abs(sum(probs) - 1.0) < 1e-5  # all 5 classes shown: a full fp32 softmax
     correct = sum(p["top_k"][0]["label"] == DTD_CLASSES[item.label] for p, item in zip(predictions, test))
-    assert 100.0 * correct / len(test) == read(trained / "results.json")["metrics"]["accuracy"]
+    assert 100.0 * correct / len(test) == read_json(trained / "results.json")["metrics"]["accuracy"]
 
 
 def test_predict_text_output_on_a_folder(trained, capsys):
@@ -210,7 +205,7 @@ def test_predict_zero_shot_agrees_with_the_zeroshot_command(env, capsys):
     assert code == 0
     top = [p["top_k"][0]["label"] for p in json.loads(printed)["predictions"]]
     accuracy = 100.0 * sum(label == DTD_CLASSES[item.label] for label, item in zip(top, test)) / len(test)
-    assert accuracy == read(out / "results.json")["metrics"]["accuracy"]
+    assert accuracy == read_json(out / "results.json")["metrics"]["accuracy"]
 
 
 def test_predict_unreadable_images(trained, tmp_path, capsys):
@@ -270,7 +265,7 @@ def test_zeroshot_and_ensemble_runs(env, tmp_path, capsys):
     names = {p.name for p in zs.iterdir()}
     assert {"config.json", "prompt.safetensors", "results.json", "eval-oxford_flowers.json", "log.txt"} <= names
     assert not names & {"fewshot.json", "state.json", "params.safetensors"}
-    config = read(zs / "config.json")
+    config = read_json(zs / "config.json")
     assert config["method"] == "zeroshot" and config["shots"] == 0 and config["method_config"] == {"template": ""}
 
     templates = tmp_path / "templates.txt"
@@ -280,13 +275,13 @@ def test_zeroshot_and_ensemble_runs(env, tmp_path, capsys):
         code, _, _ = run_cli(capsys, "zeroshot", "--dataset", "dtd", "--model", env["model"], "--out", out_dir,
                              "--ensemble", value, "-q")
         assert code == 0
-        saved = read(out_dir / "config.json")
+        saved = read_json(out_dir / "config.json")
         assert saved["method"] == "ensemble"
         if label == "file":
             assert saved["method_config"]["templates"] == ["a photo of a {}.", "itap of a {}."]
         else:
             assert saved["method_config"]["template_set"] == "coop7"
-        assert read(out_dir / "results.json")["metrics"]["num_samples"] == 15
+        assert read_json(out_dir / "results.json")["metrics"]["num_samples"] == 15
     code, _, err = run_cli(capsys, "zeroshot", "--dataset", "dtd", "--model", env["model"], "--out",
                            env["base"] / "runs" / "ens-bad", "--ensemble", "clip81")
     assert code == 2 and "neither a template set" in err
@@ -303,7 +298,7 @@ def test_untrained_coop_equals_zero_shot_through_the_pipeline(env, capsys):
                          "--lr", "1e-12", "--warmup-lr", "1e-12", "--ctx-init", "a photo of a", "--model",
                          env["model"], "--out", runs / "coop-untrained", "-q")
     assert code == 0
-    zs, coop = read(runs / "zs-photo" / "results.json"), read(runs / "coop-untrained" / "results.json")
+    zs, coop = read_json(runs / "zs-photo" / "results.json"), read_json(runs / "coop-untrained" / "results.json")
     assert coop["metrics"]["confusion_matrix"] == zs["metrics"]["confusion_matrix"]
     assert coop["metrics"]["accuracy"] == zs["metrics"]["accuracy"]
 
@@ -316,7 +311,7 @@ def test_linear_probe_run(env, capsys):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "fewshot.json", "prompt.safetensors", "results.json", "log.txt"} <= names
     assert "state.json" not in names
-    results = read(out / "results.json")
+    results = read_json(out / "results.json")
     fit = results["fit"]
     assert fit["kind"] == "closed_form" and fit["num_train"] == 10 and len(fit["refine"]) == 2
     assert fit["c"] > 0 and 0 <= fit["val_accuracy"] <= 100
@@ -336,7 +331,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(trained, env
 
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, out, on_epoch_end=stop_after_two)
-    assert read(out / "state.json")["epoch"] == 2 and not (out / "results.json").exists()
+    assert read_json(out / "state.json")["epoch"] == 2 and not (out / "results.json").exists()
     code, _, err = run_cli(capsys, "train", *TRAIN_ARGS, "--model", env["model"], "--out", out)
     assert code == 2 and "--resume" in err  # an unfinished run needs --resume
     code, _, _ = run_cli(capsys, "train", *TRAIN_ARGS, "--model", env["model"], "--out", out, "--resume")
@@ -344,8 +339,8 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(trained, env
     resumed, straight = load_params(out), load_params(trained)
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[key], straight[key]) for key in resumed)
-    assert read(out / "results.json")["metrics"] == read(trained / "results.json")["metrics"]
-    assert read(out / "results.json")["fit"]["resumed_after_epoch"] == 2
+    assert read_json(out / "results.json")["metrics"] == read_json(trained / "results.json")["metrics"]
+    assert read_json(out / "results.json")["fit"]["resumed_after_epoch"] == 2
 
 
 def test_a_run_folder_in_use_is_refused(trained, env, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from test_data_support import FIXTURES, class_folders, needs_fixtures
+from support import FIXTURES, class_folders, needs_fixtures
 
 from vlprompt.harness.cli.main import main
 

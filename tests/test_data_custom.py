@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import pytest
-from test_data_support import class_folders, write_image
+from support import class_folders, per_class, write_image
 
 from vlprompt.data import Item, SplitCounts, load_dataset, sample_fewshot, subsample_classes
 from vlprompt.errors import DatasetError
-
-
-def _per_class(items):
-    return Counter(item.label for item in items)
 
 
 def test_class_folders_get_a_created_split_that_is_reused(tmp_path):
@@ -26,7 +21,7 @@ def test_class_folders_get_a_created_split_that_is_reused(tmp_path):
     assert splits.image_dir == data
     # 4 -> 2/1/1, 5 -> round(2.5)=2 / 1 / 2
     assert splits.counts() == SplitCounts(4, 2, 3, 2)
-    assert _per_class(splits.train) == {0: 2, 1: 2} and _per_class(splits.test) == {0: 1, 1: 2}
+    assert per_class(splits.train) == {0: 2, 1: 2} and per_class(splits.test) == {0: 1, 1: 2}
     created = data / "split_vlprompt_my_pets.json"
     assert splits.split_source == f"created split file {created}"
     assert not any("notes.txt" in i.path for i in splits.train + splits.val + splits.test)
@@ -53,7 +48,7 @@ def test_train_and_test_folders_without_val_take_val_from_train(tmp_path):
     class_folders(data / "train", {"a": 5, "b": 10})
     class_folders(data / "test", {"a": 1, "b": 1})
     splits = load_dataset(f"folder:{data}", cache_dir=tmp_path / "cache")
-    assert _per_class(splits.val) == {0: 1, 1: 2} and _per_class(splits.train) == {0: 4, 1: 8}
+    assert per_class(splits.val) == {0: 1, 1: 2} and per_class(splits.train) == {0: 4, 1: 8}
     assert not set(splits.val) & set(splits.train)
     assert (data / "split_vlprompt_d.json").is_file()
 
@@ -140,7 +135,7 @@ def test_custom_data_takes_part_in_fewshot_and_base_to_novel(tmp_path):
     class_folders(data, {"circle": 8, "square": 8, "triangle": 8})
     splits = load_dataset(f"folder:{data}", cache_dir=tmp_path / "cache")
     fewshot = sample_fewshot(splits, 2, 1)
-    assert _per_class(fewshot.train) == {0: 2, 1: 2, 2: 2} and fewshot.short_train == {}
+    assert per_class(fewshot.train) == {0: 2, 1: 2, 2: 2} and fewshot.short_train == {}
     base = subsample_classes(fewshot, "base")
     assert base.classnames == ["circle", "square"] and subsample_classes(fewshot, "new").classnames == ["triangle"]
 

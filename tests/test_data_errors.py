@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data_support import class_folders, truncated_jpeg, write_image
+from support import class_folders, truncated_jpeg, write_image
 
 from vlprompt.data import DatasetSplits, Item, check_dataset, load_dataset, sample_fewshot, subsample_classes
 from vlprompt.errors import ConfigError, DatasetError

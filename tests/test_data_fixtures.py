@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import pytest
-from test_data_support import FIXTURES, needs_fixtures
+from support import FIXTURES, needs_fixtures, per_class
 
 from vlprompt.data import (
     ImageDataset,
@@ -28,10 +28,6 @@ DTD_NAMES = ["banded", "blotchy", "braided", "bubbly", "bumpy"]
 FLOWER_NAMES = ["pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold"]
 
 
-def _per_class(items):
-    return Counter(item.label for item in items)
-
-
 def test_dtd_fixture_items_labels_and_names():
     splits = load_dataset("DescribableTextures", FIXTURES)
     assert splits.name == "dtd" and splits.template == "{} texture."
@@ -39,9 +35,9 @@ def test_dtd_fixture_items_labels_and_names():
     assert splits.classnames == DTD_NAMES
     assert splits.counts() == SplitCounts(20, 10, 15, 5)
     assert splits.train[:2] == [Item("banded/banded_0133.jpg", 0), Item("banded/banded_0085.jpg", 0)]
-    for split, per_class in (("train", 4), ("val", 2), ("test", 3)):
+    for split, count in (("train", 4), ("val", 2), ("test", 3)):
         items = splits.split(split)
-        assert _per_class(items) == {label: per_class for label in range(5)}
+        assert per_class(items) == {label: count for label in range(5)}
         assert all(item.path.split("/")[0] == DTD_NAMES[item.label] for item in items)
     assert "split_zhou_DescribableTextures.json" in splits.split_source
 
@@ -97,7 +93,7 @@ def test_fewshot_is_deterministic_reference_like_and_leaves_global_random_alone(
     rng = random.Random(1)
     assert first.train == _reference_fewshot(splits.train, 2, rng)
     assert first.val == _reference_fewshot(splits.val, 2, rng)
-    assert _per_class(first.train) == {label: 2 for label in range(5)}
+    assert per_class(first.train) == {label: 2 for label in range(5)}
     assert first.test == splits.test and first.short_train == {} and first.short_val == {}
 
 
@@ -141,7 +137,7 @@ def test_base_and_new_classes_of_a_fewshot_sample():
     fewshot = sample_fewshot(load_dataset("dtd", FIXTURES), 2, 1)
     base, new = subsample_classes(fewshot, "base"), subsample_classes(fewshot, "new")
     assert base.classnames == DTD_NAMES[:3] and new.classnames == DTD_NAMES[3:]
-    assert _per_class(base.train) == {0: 2, 1: 2, 2: 2} and _per_class(new.test) == {0: 3, 1: 3}
+    assert per_class(base.train) == {0: 2, 1: 2, 2: 2} and per_class(new.test) == {0: 3, 1: 3}
     assert [i.path for i in new.test] == [i.path for i in fewshot.test if i.label >= 3]
 
 

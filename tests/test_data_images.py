@@ -6,7 +6,7 @@ import traceback
 
 import pytest
 import torch
-from test_data_support import class_folders, truncated_jpeg
+from support import class_folders, truncated_jpeg
 
 from vlprompt.backbone import transforms
 from vlprompt.data import BadImage, ImageDataset, Item, UnreadableImageError, find_unreadable

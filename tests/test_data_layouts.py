@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_data_support import class_folders, write_image
+from support import class_folders, per_class, write_image
 
 from vlprompt.data import DATASETS, Item, SplitCounts, load_dataset, sample_fewshot, subsample_classes
 from vlprompt.data.standard import CREATORS
@@ -124,10 +124,6 @@ def test_fgvc_unknown_variant_and_missing_image_are_reported(tmp_path):
         load_dataset("fgvc_aircraft", tmp_path)
 
 
-def _per_class(items):
-    return Counter(item.label for item in items)
-
-
 def test_caltech101_split_created_without_excluded_classes_with_renames(tmp_path):
     images = tmp_path / "caltech-101" / "101_ObjectCategories"
     class_folders(images, {"BACKGROUND_Google": 5, "Faces": 5, "Faces_easy": 5, "Leopards": 7, "accordion": 5,
@@ -136,9 +132,9 @@ def test_caltech101_split_created_without_excluded_classes_with_renames(tmp_path
     created = CREATORS["caltech101"](info, tmp_path / "caltech-101")
     assert created.raw_classnames == ["face", "leopard", "accordion", "airplane"]
     # per class round(n * 0.5) train, round(n * 0.2) val, the rest test (Python's round: 2.5 -> 2, 3.5 -> 4)
-    assert _per_class(created.train) == {0: 2, 1: 4, 2: 2, 3: 5}
-    assert _per_class(created.val) == {0: 1, 1: 1, 2: 1, 3: 2}
-    assert _per_class(created.test) == {0: 2, 1: 2, 2: 2, 3: 3}
+    assert per_class(created.train) == {0: 2, 1: 4, 2: 2, 3: 5}
+    assert per_class(created.val) == {0: 1, 1: 1, 2: 1, 3: 2}
+    assert per_class(created.test) == {0: 2, 1: 2, 2: 2, 3: 3}
     every = created.train + created.val + created.test
     assert not any(i.path.startswith(("BACKGROUND_Google/", "Faces_easy/")) for i in every)
     assert {i.path.split("/")[0] for i in every if i.label == 3} == {"airplanes"}
@@ -201,7 +197,7 @@ def test_sun397_partition_01_with_val_from_train(tmp_path):
     (base / "Testing_01.txt").write_text("\n".join(test_lines) + "\n")
     splits = load_dataset("SUN397", tmp_path, cache_dir=tmp_path / "cache")
     assert splits.classnames == ["abbey", "shop bakery"]
-    assert _per_class(splits.train) == {0: 4, 1: 4} and _per_class(splits.val) == {0: 1, 1: 1}
+    assert per_class(splits.train) == {0: 4, 1: 4} and per_class(splits.val) == {0: 1, 1: 1}
     assert splits.test == [Item("a/abbey/sun_5.jpg", 0), Item("a/abbey/sun_6.jpg", 0),
                            Item("b/bakery/shop/sun_5.jpg", 1), Item("b/bakery/shop/sun_6.jpg", 1)]
     assert (base / "split_vlprompt_SUN397.json").is_file()

@@ -13,7 +13,7 @@ import json
 from importlib import resources
 
 import pytest
-from test_data_support import SHARED_SPLITS, needs_shared_splits
+from support import SHARED_SPLITS, needs_shared_splits
 
 from vlprompt.data import DATASETS, load_dataset
 from vlprompt.data.splitfile import parse_split, read_shipped_json, shipped_split_names

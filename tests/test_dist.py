@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_train_standins import LinearHead, clustered_features, single_thread
+from support import free_port
+from test_train_standins import Interrupt, LinearHead, clustered_features, interrupt_after
 
 from vlprompt.common import dist
 from vlprompt.training.config import TrainConfig
@@ -24,7 +24,7 @@ from vlprompt.errors import ConfigError, RunError
 from vlprompt.harness.rundir import RunDir
 from vlprompt.training.loop import train
 
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 DDP_CONFIG = TrainConfig(epochs=4, batch_size=8, lr=0.01)
 CLASSNAMES = ["banded", "dotted", "striped", "zigzagged", "woven"]
@@ -46,18 +46,6 @@ def _coop(seed: int):
 
     method.register_forward_pre_hook(count)
     return method
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_after(epoch: int):
-    def callback(stats):
-        if stats.epoch == epoch:
-            raise Interrupt
-
-    return callback
 
 
 # ------------------------------------------------------------------------------------------ single-process helpers
@@ -109,12 +97,6 @@ def test_batch_must_be_shareable_by_all_processes(monkeypatch):
 # ----------------------------------------------------------------------------------------------------- 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(out: Path) -> None:
     """Under torchrun: an uninterrupted DDP run, and one interrupted after epoch 2 and resumed."""
     torch.set_num_threads(1)
@@ -132,7 +114,7 @@ def _worker(out: Path) -> None:
 
         run = RunDir.create_or_open(out / "resumed", {"method": "coop", "dataset": "dtd", "protocol": "ddp"}) if main else None
         try:
-            train(_coop(seed=env.rank), feats, DDP_CONFIG, run_dir=run, on_epoch_end=_interrupt_after(2))
+            train(_coop(seed=env.rank), feats, DDP_CONFIG, run_dir=run, on_epoch_end=interrupt_after(2))
         except Interrupt:
             pass
         if run is not None:
@@ -151,7 +133,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, str(tmp_path)]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.metrics import confusion_matrix, f1_score
-from test_train_standins import LinearHead, clustered_features, single_thread, tiny_prompt
+from test_train_standins import LinearHead, clustered_features, tiny_prompt
 
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.evaluation.metrics import evaluate, metrics_from_predictions, predict, predict_topk
 
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 NAMES = ["cat", "dog", "fox"]
 

@@ -1,9 +1,12 @@
-"""Feature extraction split over 2 gloo ranks on the CPU gives exactly what one process gives."""
+"""Feature extraction split over 2 gloo ranks on the CPU gives exactly what one process gives.
+
+Bit equality holds because every path computes the same thing the same way: batch size 1 everywhere (no batch shape
+changes a kernel), a freshly built model in each process, and one thread in the ranks and in this module (the
+single_thread fixture), so no kernel splits its sums differently."""
 
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
+from support import free_port, noise_image
 
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.data.types import Item
@@ -21,12 +24,7 @@ from vlprompt.features.cache import FeatureCache
 from vlprompt.features.extract import augmented_views, extract_features
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _rank_main(rank: int, port: int, root: Path, items: list[Item], cache_dir: Path, out_dir: Path) -> None:
@@ -55,7 +53,7 @@ def images(tmp_path) -> tuple[Path, list[Item]]:
     root.mkdir()
     items = []
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        noise_image(40 + 7 * i, 48, rng).save(root / f"{i}.png")
         items.append(Item(f"{i}.png", i % 3))
     (root / "broken.png").write_bytes(b"not a png")
     items.insert(3, Item("broken.png", 0))
@@ -68,7 +66,7 @@ def test_two_gloo_ranks_equal_one_process(images, tmp_path, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     cache_dir = tmp_path / "cache"
-    context = mp.spawn(_rank_main, args=(_free_port(), root, items, cache_dir, out_dir), nprocs=WORLD, join=False)
+    context = mp.spawn(_rank_main, args=(free_port(), root, items, cache_dir, out_dir), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 180
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -76,7 +74,7 @@ def test_two_gloo_ranks_equal_one_process(images, tmp_path, monkeypatch):
                 process.kill()
             pytest.fail("the ranks did not finish within 180 s (a collective is probably waiting forever)")
 
-    # one process, same batch composition (batch size 1): bit-identical features expected
+    # one process, same batch composition (batch size 1), one thread like the ranks: bit-identical features
     clip = build_tiny_clip("vit", seed=0)
     alone = extract_features(clip, root, items, batch_size=1, on_error="skip")
     alone_views = augmented_views(clip, root, items, views=2, seed=5, batch_size=1, on_error="skip")

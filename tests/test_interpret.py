@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.tokenizer import get_tokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.prediction.interpret import context_vectors, format_neighbours, nearest_words
 from vlprompt.methods.coop import CoOp, CoOpConfig
 from vlprompt.methods.zeroshot import ZeroShot
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
 
 
 def test_vectors_equal_to_word_embeddings_map_back_at_distance_zero(clip):

@@ -6,22 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.errors import ConfigError
 from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vlprompt.methods.coop import CoOp, CoOpConfig
 
 CLASSNAMES = ["cat", "golden retriever", "sea or lake", "x"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
-
-
-@pytest.fixture(scope="module")
-def features(clip):
-    return torch.randn(5, clip.config.embed_dim, generator=torch.Generator().manual_seed(0))
 
 
 def _zero_last_layer(method: CoCoOp) -> None:

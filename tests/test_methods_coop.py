@@ -10,23 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.tokenizer import get_tokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.coop import CoOp, CoOpConfig
 from vlprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
 
 CLASSNAMES = ["cat", "golden retriever", "sea or lake", "x"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
-
-
-@pytest.fixture(scope="module")
-def features(clip):
-    return torch.randn(6, clip.config.embed_dim, generator=torch.Generator().manual_seed(0))
 
 
 def _decoded_prompts(method: CoOp) -> list[str]:
@@ -152,12 +141,12 @@ def test_only_the_context_is_learned_and_clip_stays_frozen(clip, features):
     assert list(coop.state_dict()) == ["ctx"]
     assert list(coop.buffers()) == [] and list(coop.children()) == []
     snapshot = {name: value.clone() for name, value in clip.state_dict().items()}
-    loss = F.cross_entropy(coop(features), torch.tensor([0, 1, 2, 3, 0, 1]))
+    loss = F.cross_entropy(coop(features), torch.tensor([0, 1, 2, 3, 0]))
     loss.backward()
     assert all(param.grad is None for param in clip.parameters())
     with torch.no_grad():  # one plain gradient step (torch.optim's first import costs seconds)
         coop.ctx -= 0.5 * coop.ctx.grad
-    assert F.cross_entropy(coop(features), torch.tensor([0, 1, 2, 3, 0, 1])) < loss
+    assert F.cross_entropy(coop(features), torch.tensor([0, 1, 2, 3, 0])) < loss
     assert all(torch.equal(value, clip.state_dict()[name]) for name, value in snapshot.items())
 
 
@@ -208,6 +197,7 @@ def test_deep_copy_shares_clip_but_not_the_context(clip, features):
     with torch.no_grad():
         clone.ctx += 1.0
     assert not torch.equal(clone.ctx, coop.ctx)
+    # the copy shares the CLIP and its context is only read into a new prompt tensor: the same computation
     assert torch.equal(copy.deepcopy(coop)(features), coop(features))
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from support import assert_fp32_close, assert_same_state
 
 from vlprompt import __version__
 from vlprompt.backbone.tiny import build_tiny_clip
@@ -18,16 +19,6 @@ from vlprompt.methods.coop import CoOp, CoOpConfig
 from vlprompt.methods.prompt_file import load_prompt, read_prompt_header, save_prompt
 
 CLASSNAMES = ["cat", "golden retriever", "sea or lake"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
-
-
-@pytest.fixture(scope="module")
-def features(clip):
-    return torch.randn(4, clip.config.embed_dim, generator=torch.Generator().manual_seed(0))
 
 
 def _trained(method):
@@ -46,7 +37,10 @@ def test_round_trip_gives_identical_logits(clip, features, tmp_path, name):
     loaded = load_prompt(path, clip)
     assert torch.equal(torch.random.get_rng_state(), rng)  # rebuilding does not advance the caller's RNG
     assert type(loaded) is type(method) and loaded.config == method.config and loaded.classnames == CLASSNAMES
-    assert torch.equal(loaded(features), method(features))
+    # loading promises the learned state bit for bit; the logits are the same float32 maths on state that loading
+    # may place elsewhere in memory (another kernel path): equal up to rounding order
+    assert_same_state(loaded, method)
+    assert_fp32_close(loaded(features), method(features))
 
 
 def test_metadata_records_the_method_and_backbone(clip, tmp_path):

@@ -27,11 +27,6 @@ def clip():
     return build_tiny_clip("resnet", seed=1)
 
 
-@pytest.fixture(scope="module")
-def features(clip):
-    return torch.randn(4, clip.config.embed_dim, generator=torch.Generator().manual_seed(0))
-
-
 def _direct_text_features(clip, template: str) -> torch.Tensor:
     with torch.no_grad():
         return F.normalize(clip.encode_text(tokenize([fill(template, c) for c in CLASSNAMES])), dim=-1)

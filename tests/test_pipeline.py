@@ -4,12 +4,12 @@ training (resume evaluates only), budget marks, on the fixture photographs with 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from support import FIXTURES, needs_fixtures, read_json
 
 import vlprompt.stages
 from vlprompt.backbone.tiny import build_tiny_clip
@@ -25,22 +25,9 @@ from vlprompt.harness.pipeline import (
 )
 from vlprompt.harness.rundir import RunDir, load_params
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
 
 
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))
-
-
-def read(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def config_of(method: str, **kwargs) -> RunConfig:
@@ -96,11 +83,11 @@ def test_zero_shot_base_to_novel_run(clip, tmp_path):
     config = config_of("zeroshot", subset="base", budget=True)
     payload = run_experiment(config, out, clip=clip, evals=[EvalSpec("dtd", "new"), EvalSpec("dtd", "base")],
                              feature_cache=False)
-    assert payload == read(out / "results.json")
+    assert payload == read_json(out / "results.json")
     assert payload["subset"] == "base" and payload["budget"] is True and payload["shots"] == 0
     assert list(payload["metrics"]["per_class_accuracy"]) == ["banded", "blotchy", "braided"]  # ceil(5 / 2) base
     assert payload["metrics"]["num_samples"] == 9
-    novel = read(out / "eval-dtd-new.json")
+    novel = read_json(out / "eval-dtd-new.json")
     assert novel["subset"] == "new" and novel["budget"] is True
     assert list(novel["metrics"]["per_class_accuracy"]) == ["bubbly", "bumpy"]
     assert not (out / "eval-dtd-base.json").exists()  # the run's own test set is results.json
@@ -112,7 +99,7 @@ def test_zero_shot_base_to_novel_run(clip, tmp_path):
 def test_zero_shot_uses_the_target_template_across_datasets(clip, tmp_path):
     out = tmp_path / "zs"
     run_experiment(config_of("zeroshot"), out, clip=clip, evals=[EvalSpec("oxford_flowers")])
-    flowers = read(out / "eval-oxford_flowers.json")
+    flowers = read_json(out / "eval-oxford_flowers.json")
     # the same number as zero-shot CLIP run directly on Flowers102 with its own hand-crafted template
     direct = run_experiment(config_of("zeroshot", dataset="oxford_flowers"), tmp_path / "direct", clip=clip)
     assert flowers["metrics"] == direct["metrics"]
@@ -126,10 +113,10 @@ def test_sgd_run_and_evaluate_run(clip, tmp_path):
     payload = run_experiment(config, out, clip=clip, on_epoch_end=seen.append)
     assert [stats.epoch for stats in seen] == [1, 2]
     assert payload["fit"]["epochs"] == 2 and payload["timing"]["train_s"] > 0
-    assert read(out / "config.json") == payload["config"]
+    assert read_json(out / "config.json") == payload["config"]
 
     cross = evaluate_run(out, dataset="oxford_flowers", clip=clip)
-    assert cross == read(out / "eval-oxford_flowers.json")
+    assert cross == read_json(out / "eval-oxford_flowers.json")
     assert cross["eval_dataset"] == "oxford_flowers" and cross["metrics"]["num_samples"] == 15
     assert set(cross["timing"]) == {"feature_s", "eval_s"}
     named = evaluate_run(out, dataset="Flowers102", subset="new", name="flowers-novel", clip=clip)
@@ -156,7 +143,7 @@ def test_a_failure_after_training_keeps_the_parameters_and_resume_only_evaluates
     monkeypatch.setattr(vlprompt.stages, "score", broken_score)
     with pytest.raises(DatasetError, match="evaluation broke"):
         run_experiment(config, out, clip=clip)
-    assert read(out / "state.json")["epoch"] == 2 and (out / "prompt.safetensors").is_file()
+    assert read_json(out / "state.json")["epoch"] == 2 and (out / "prompt.safetensors").is_file()
     assert not (out / "results.json").exists()
     with pytest.raises(RunError, match="--resume"):
         run_experiment(config, out, clip=clip)
@@ -240,7 +227,7 @@ def test_max_test_images_caps_every_evaluation(clip, tmp_path):
     payload = run_experiment(config, tmp_path / "run", clip=clip, evals=[EvalSpec("oxford_flowers")])
     assert payload["metrics"]["num_samples"] == 7
     assert sum(map(sum, payload["metrics"]["confusion_matrix"])) == 7
-    extra = read(tmp_path / "run" / "eval-oxford_flowers.json")
+    extra = read_json(tmp_path / "run" / "eval-oxford_flowers.json")
     assert extra["metrics"]["num_samples"] == 7 and extra["budget"] is True
     full = run_experiment(config_of("zeroshot"), tmp_path / "full", clip=clip)
     assert full["metrics"]["num_samples"] == 15  # the fixture's DTD test split: 5 classes x 3
@@ -275,7 +262,7 @@ def test_unreadable_images_stop_the_run_or_are_skipped_and_counted(clip, tmp_pat
     payload = run_experiment(skipping, tmp_path / "lenient", clip=clip)
     assert payload["skipped_images"] == {"count": 1, "paths": ["test/bumpy/broken.jpg"]}
     assert payload["metrics"]["num_samples"] == 4  # 2 classes x 2 readable test photos
-    assert read(tmp_path / "lenient" / "results.json")["skipped_images"]["count"] == 1
+    assert read_json(tmp_path / "lenient" / "results.json")["skipped_images"]["count"] == 1
 
 
 @needs_fixtures
@@ -283,8 +270,8 @@ def test_an_evaluation_can_be_labelled_with_another_protocol(clip, tmp_path):
     config = config_of("zeroshot", protocol="crossdataset")
     run_experiment(config, tmp_path / "run", clip=clip,
                    evals=[EvalSpec("oxford_flowers", protocol="domainshift"), EvalSpec("oxford_flowers", name="plain")])
-    assert read(tmp_path / "run" / "results.json")["protocol"] == "crossdataset"
-    assert read(tmp_path / "run" / "eval-oxford_flowers.json")["protocol"] == "domainshift"
-    assert read(tmp_path / "run" / "eval-plain.json")["protocol"] == "crossdataset"
+    assert read_json(tmp_path / "run" / "results.json")["protocol"] == "crossdataset"
+    assert read_json(tmp_path / "run" / "eval-oxford_flowers.json")["protocol"] == "domainshift"
+    assert read_json(tmp_path / "run" / "eval-plain.json")["protocol"] == "crossdataset"
     payload = evaluate_run(tmp_path / "run", dataset="oxford_flowers", name="again", protocol="domainshift", clip=clip)
-    assert payload["protocol"] == "domainshift" == read(tmp_path / "run" / "eval-again.json")["protocol"]
+    assert payload["protocol"] == "domainshift" == read_json(tmp_path / "run" / "eval-again.json")["protocol"]

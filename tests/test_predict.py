@@ -11,21 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from support import FIXTURES, needs_fixtures
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.transforms import EvalTransform, load_image
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.methods.zeroshot import encode_prompts
 from vlprompt.prediction.predictor import Predictor, expand_inputs, parse_classnames, read_classes_file
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
 CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
 
 
 @pytest.fixture(scope="module")

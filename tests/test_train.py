@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_train_standins import Features, LinearHead, clustered_features, single_thread, tiny_prompt
+from test_train_standins import Features, Interrupt, LinearHead, clustered_features, interrupt_after, tiny_prompt
 from torch import nn
 
 from vlprompt.training.config import TrainConfig
@@ -20,19 +20,7 @@ from vlprompt.training.loop import (TrainingDiverged, epoch_batches, epoch_view_
                             train)
 
 CONFIG = TrainConfig(epochs=4, batch_size=8)
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
-
-
-class Interrupt(Exception):
-    """Stands for a crash or Ctrl-C between epochs."""
-
-
-def _interrupt_after(epoch: int):
-    def callback(stats):
-        if stats.epoch == epoch:
-            raise Interrupt
-
-    return callback
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _open(path, **kwargs) -> RunDir:
@@ -156,7 +144,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
     with _open(tmp_path / "resumed") as run:
         with pytest.raises(Interrupt):
-            train(tiny_prompt(), feats, CONFIG, run_dir=run, on_epoch_end=_interrupt_after(2))
+            train(tiny_prompt(), feats, CONFIG, run_dir=run, on_epoch_end=interrupt_after(2))
         assert json.loads((run.path / "state.json").read_text())["epoch"] == 2
     resumed_method = tiny_prompt(seed=99)  # a different initialisation: the checkpoint must replace it
     with _open(tmp_path / "resumed", resume=True) as run:
@@ -190,7 +178,7 @@ def test_checkpoint_of_other_training_options_is_refused(tmp_path):
     feats = clustered_features(per_class=2)
     with _open(tmp_path / "run") as run:
         with pytest.raises(Interrupt):
-            train(LinearHead(64, 5), feats, CONFIG, run_dir=run, on_epoch_end=_interrupt_after(1))
+            train(LinearHead(64, 5), feats, CONFIG, run_dir=run, on_epoch_end=interrupt_after(1))
     with _open(tmp_path / "run", resume=True) as run:
         with pytest.raises(CheckpointError, match="different training options"):
             train(LinearHead(64, 5), feats, TrainConfig(epochs=4, batch_size=8, lr=0.1), run_dir=run)

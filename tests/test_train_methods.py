@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_standins import clustered_features, single_thread
+from test_train_standins import Interrupt, clustered_features, interrupt_after
 
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.training.config import TrainConfig
@@ -14,13 +14,9 @@ from vlprompt.methods import METHODS
 from vlprompt.harness.rundir import RunDir, load_params
 from vlprompt.training.loop import train
 
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CLASSNAMES = ["banded", "dotted", "striped", "zigzagged"]
-
-
-class Interrupt(Exception):
-    pass
 
 
 def _build(name: str, seed: int, **config):
@@ -52,13 +48,9 @@ def test_real_method_trains_resumes_exactly_and_changes_only_its_parameters(tmp_
     assert all(not torch.equal(v, learned_before[k]) for k, v in straight.state_dict().items())
     assert all(torch.equal(v, clip_before[k]) for k, v in straight.clip.state_dict().items())
 
-    def stop_after_two(stats):
-        if stats.epoch == 2:
-            raise Interrupt
-
     with RunDir.create_or_open(tmp_path / "resumed", {"method": name, "dataset": "dtd"}) as run:
         with pytest.raises(Interrupt):
-            train(_build(name, seed=1, **config), feats, train_config, run_dir=run, on_epoch_end=stop_after_two)
+            train(_build(name, seed=1, **config), feats, train_config, run_dir=run, on_epoch_end=interrupt_after(2))
     resumed = _build(name, seed=7, **config)  # a different start: the checkpoint must replace it
     with RunDir.create_or_open(tmp_path / "resumed", {"method": name, "dataset": "dtd"}, resume=True) as run:
         train(resumed, feats, train_config, run_dir=run)

@@ -17,13 +17,22 @@ from torch import nn
 SOT, EOT = 49406, 49407
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors run fastest on one thread; several threads on a busy machine cost 10x (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+
+class Interrupt(Exception):
+    """Stands for a crash or Ctrl-C between epochs."""
+
+
+def interrupt_after(epoch: int):
+    """An ``on_epoch_end`` callback that raises :class:`Interrupt` once ``epoch`` has finished."""
+
+    def callback(stats):
+        if stats.epoch == epoch:
+            raise Interrupt
+
+    return callback
 
 
 @dataclass

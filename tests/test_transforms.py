@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from support import FIXTURES, noise_image
 
 from vlprompt.backbone.transforms import (
     CLIP_MEAN,
@@ -30,7 +31,6 @@ from vlprompt.backbone.transforms import (
 )
 from vlprompt.errors import ConfigError, DatasetError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coop_data"
 MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
@@ -63,11 +63,6 @@ def _assert_normalised_range(x: torch.Tensor) -> None:
     assert (per_channel.max(dim=1).values <= high + 1e-6).all()
 
 
-def _pattern(height: int, width: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-
-
 def _as_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
@@ -92,7 +87,7 @@ def test_resized_shape_and_center_crop_follow_torchvision() -> None:
 
 @pytest.mark.parametrize("kind", ["pil", "tensor"])
 def test_eval_crop_offset_is_exact_when_no_resize_needed(kind: str) -> None:
-    img = _pattern(224, 301)  # shorter side already 224: no resampling, output = crop at left round(77 / 2) = 38
+    img = noise_image(224, 301)  # shorter side already 224: no resampling, output = crop at left round(77 / 2) = 38
     expected = pil_to_tensor(img)[:, :, 38 : 38 + 224]
     out = EvalTransform()(img) if kind == "pil" else TensorEvalTransform()(_as_uint8_tensor(img))
     assert torch.allclose(_unnormalize(out), expected, atol=1e-6)
@@ -106,7 +101,7 @@ def test_eval_crop_offset_is_exact_when_no_resize_needed(kind: str) -> None:
 @pytest.mark.parametrize("size", [224, 336])
 @pytest.mark.parametrize("shape", [(480, 640), (640, 427), (224, 224), (17, 9), (1, 1)])
 def test_eval_shapes_dtypes_and_range(size: int, shape: tuple[int, int]) -> None:
-    img = _pattern(*shape)
+    img = noise_image(*shape)
     pil_out = EvalTransform(size)(img)
     tensor_out = TensorEvalTransform(size)(_as_uint8_tensor(img))
     for out in (pil_out, tensor_out):
@@ -131,14 +126,14 @@ def test_eval_pil_and_tensor_agree_on_real_photos() -> None:
 
 
 def test_tensor_eval_accepts_uint8_float_batches_and_lists() -> None:
-    images = [_pattern(300, 400, seed=s) for s in range(3)]
+    images = [noise_image(300, 400, s) for s in range(3)]
     transform = TensorEvalTransform()
     as_uint8 = torch.stack([_as_uint8_tensor(i) for i in images])
     batch = transform(as_uint8)
     assert batch.shape == (3, 3, 224, 224) and batch.dtype == torch.float32
     assert torch.allclose(transform(as_uint8.float() / 255), batch, atol=1e-6)
     assert torch.allclose(transform(as_uint8[1]), batch[1], atol=1e-6)
-    mixed = [_as_uint8_tensor(_pattern(300, 400, seed=0)), _as_uint8_tensor(_pattern(500, 260, seed=5))]
+    mixed = [_as_uint8_tensor(noise_image(300, 400, 0)), _as_uint8_tensor(noise_image(500, 260, 5))]
     out = transform(mixed)
     assert out.shape == (2, 3, 224, 224)
     assert torch.allclose(out[0], batch[0], atol=1e-6)
@@ -161,7 +156,7 @@ def test_eval_converts_non_rgb_pil_images() -> None:
 
 
 def test_train_is_deterministic_per_seed_and_differs_across_seeds() -> None:
-    img = _pattern(300, 400)
+    img = noise_image(300, 400)
     transform = TrainTransform()
     first = transform(img, torch.Generator().manual_seed(3))
     assert first.shape == (3, 224, 224) and first.dtype == torch.float32
@@ -177,11 +172,11 @@ def test_train_never_touches_the_global_rng() -> None:
     images = torch.rand(2, 3, 100, 120)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    TrainTransform()(_pattern(100, 120), 5)
+    TrainTransform()(noise_image(100, 120), 5)
     TensorTrainTransform()(images, 5)
     assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(ConfigError, match="generator"):
-        TrainTransform()(_pattern(10, 10), None)  # type: ignore[arg-type]
+        TrainTransform()(noise_image(10, 10), None)  # type: ignore[arg-type]
 
 
 def test_view_generator_depends_only_on_seed_item_view() -> None:
@@ -196,21 +191,21 @@ def test_view_generator_depends_only_on_seed_item_view() -> None:
 
 
 def test_train_pil_and_tensor_draw_the_same_boxes() -> None:
-    images = [_pattern(260, 390, seed=1), _pattern(410, 300, seed=2), _pattern(300, 300, seed=3)]
+    images = [noise_image(260, 390, 1), noise_image(410, 300, 2), noise_image(300, 300, 3)]
     pil_gen = torch.Generator().manual_seed(11)
     pil_out = torch.stack([TrainTransform()(img, pil_gen) for img in images])
     tensor_out = TensorTrainTransform()([_as_uint8_tensor(img) for img in images], torch.Generator().manual_seed(11))
     assert tensor_out.shape == (3, 3, 224, 224)
     assert (_unnormalize(pil_out) - _unnormalize(tensor_out)).abs().max().item() <= MAX_DIFF
-    same_size = torch.stack([_as_uint8_tensor(_pattern(260, 390, seed=s)) for s in range(3)])
+    same_size = torch.stack([_as_uint8_tensor(noise_image(260, 390, s)) for s in range(3)])
     batched = TensorTrainTransform()(same_size, 8)
     gen = torch.Generator().manual_seed(8)
     one_by_one = torch.stack([TensorTrainTransform()(image, gen) for image in same_size])
-    assert torch.equal(batched, one_by_one)
+    assert torch.equal(batched, one_by_one)  # the batch is cut into the same per-image views: the same computation
 
 
 def test_train_flip_is_a_mirror() -> None:
-    img = _pattern(224, 224)
+    img = noise_image(224, 224)
     transform = TrainTransform(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)  # whole image, no resampling
     out = _unnormalize(transform(img, 0))
     assert torch.allclose(out, pil_to_tensor(img).flip(-1), atol=1e-6)
@@ -431,7 +426,7 @@ def test_exif_orientation_is_applied(
 
 def test_unreadable_files_raise_dataset_error_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     good = tmp_path / "good.jpg"
-    _pattern(64, 80).save(good, quality=90)
+    noise_image(64, 80).save(good, quality=90)
     data = good.read_bytes()
     cases = {
         "half.jpg": data[: len(data) // 2],
@@ -440,7 +435,7 @@ def test_unreadable_files_raise_dataset_error_naming_the_file(tmp_path: Path, mo
         "text.jpg": b"this is not an image\n",
     }
     png = tmp_path / "good.png"
-    _pattern(64, 80).save(png)
+    noise_image(64, 80).save(png)
     cases["half.png"] = png.read_bytes()[: png.stat().st_size // 2]
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
