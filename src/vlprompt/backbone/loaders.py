@@ -249,7 +249,7 @@ def _from_hf_weights(weights: dict[str, Tensor], directory: Path, weight_file: P
         config = config_from_hf(hf_config, converted)
     except CheckpointError as exc:
         raise CheckpointError(f"{weight_file}: {exc}") from None
-    except (ValueError, IndexError, TypeError) as exc:
+    except (ValueError, IndexError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{weight_file}: the weights' shapes describe no valid CLIP ({exc})") from None
     if quick_gelu is not None and quick_gelu != config.quick_gelu:
         raise ConfigError(f"quick_gelu={quick_gelu} contradicts {config_path}, whose hidden_act is "

@@ -36,7 +36,7 @@ from vlprompt.data.creating import split_per_class, split_trainval
 from vlprompt.data.info import ReadContext
 from vlprompt.data.listing import format_offenders, image_files, require_dir, subfolders
 from vlprompt.data.resolve import resolve_split
-from vlprompt.data.splitfile import LabelledSplits, parse_split, read_split_json
+from vlprompt.data.splitfile import LabelledSplits, check_label_bound, parse_split, read_split_json
 from vlprompt.data.standard import split_class_folders
 from vlprompt.data.types import SPLIT_NAMES, Item
 from vlprompt.errors import DatasetError
@@ -194,7 +194,7 @@ def _read_list_file(spec: CustomSpec, context: ReadContext) -> tuple[Path, Label
     if not rows:
         raise DatasetError(f"{path} lists no images.")
     image_dir, rel_paths = _relative_paths([row[0] for row in rows], path)
-    labels, raw_names = _labels([row[1] for row in rows], spec)
+    labels, raw_names = _labels(rows, spec)
     splits = [row[2] for row in rows]
     if all(split is None for split in splits):
         classes = [(raw_names[label], [p for p, lab in zip(rel_paths, labels) if lab == label])
@@ -299,10 +299,15 @@ def _relative_paths(paths: Sequence[str], list_file: Path) -> tuple[Path, list[s
     return list_file.parent, [p[2:] if p.startswith("./") else p for p in posix]
 
 
-def _labels(values: Sequence[Any], spec: CustomSpec) -> tuple[list[int], list[str]]:
+def _labels(rows: Sequence[Row], spec: CustomSpec) -> tuple[list[int], list[str]]:
     """Integer labels and raw class names: names sorted if labels are names, else ``"0".."n-1"`` (named by file)."""
+    values = [row[1] for row in rows]
     if all(_is_int_label(v) for v in values):
         labels = [int(v) for v in values]
+        first_entry: dict[int, str] = {}
+        for label, row in zip(labels, rows):
+            first_entry.setdefault(label, row[3])
+        check_label_bound(first_entry, str(spec.path))
         count = max(labels) + 1
         present = set(labels)
         gaps = [str(label) for label in range(count) if label not in present]
@@ -331,4 +336,4 @@ def _is_int_label(value: Any) -> bool:
         return False
     if isinstance(value, int):
         return value >= 0
-    return isinstance(value, str) and value.strip().isdigit()
+    return isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()) is not None  # not "²": isdigit() is

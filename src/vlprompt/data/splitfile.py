@@ -89,6 +89,7 @@ def parse_split(data: Any, source: str, required: Sequence[str] = SPLIT_NAMES) -
         raise DatasetError(f"{source} has no {' / '.join(absent)} split; it needs keys {', '.join(required)}.")
     splits: dict[str, list[Item]] = {}
     names_by_label: dict[int, str] = {}
+    first_entry: dict[int, str] = {}
     conflicts: list[str] = []
     for split in SPLIT_NAMES:
         entries = data.get(split, [])
@@ -97,15 +98,31 @@ def parse_split(data: Any, source: str, required: Sequence[str] = SPLIT_NAMES) -
         items: list[Item] = []
         for index, entry in enumerate(entries):
             path, label, classname = _entry(entry, f"{source}: {split}[{index}]")
+            first_entry.setdefault(label, f"{split}[{index}]")
             known = names_by_label.setdefault(label, classname)
             if known != classname:
                 conflicts.append(f"label {label} is {known!r} and {classname!r} ({split}[{index}])")
             items.append(Item(path, label))
         splits[split] = items
+    check_label_bound(first_entry, source)
     if conflicts:
         raise DatasetError(f"{source} gives {len(conflicts)} entries a class name that disagrees with their label: "
                            f"{format_offenders(conflicts)}.")
     return LabelledSplits(splits["train"], splits["val"], splits["test"], _classnames(names_by_label, source), source)
+
+
+def check_label_bound(first_entry: Mapping[int, str], source: str) -> None:
+    """Integer labels must run 0..n-1, n being the number of distinct labels: a label >= n (a gap, or a huge label
+    that would make every per-label table huge) raises DatasetError naming the entry and the bound. Call it before
+    anything is allocated from the labels. ``first_entry`` maps each label to where it first occurs."""
+    bound = len(first_entry)
+    beyond = sorted(label for label in first_entry if label >= bound)
+    if beyond:
+        label = beyond[-1]
+        raise DatasetError(
+            f"{source}: {first_entry[label]} has label {label}, but with {bound} distinct labels they must run "
+            f"0..{bound - 1} (labels at or above {bound}: {len(beyond)}); fix that entry's label, or give class "
+            "names instead of numbers.")
 
 
 def _entry(entry: Any, where: str) -> Entry:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from vlprompt.common import locks
-from vlprompt.common.io import atomic_write_bytes, atomic_write_json
+from vlprompt.common.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
 from vlprompt.errors import CheckpointError, ConfigError, RunError
 from vlprompt.harness.config import NON_IDENTITY_KEYS
 from vlprompt.common.vocab import SUBSETS
@@ -184,7 +184,8 @@ def read_run_config(folder: str | os.PathLike[str]) -> RunConfig:
     try:
         return RunConfig.from_dict(data)
     except ConfigError as exc:
-        raise RunError(f"{path / CONFIG_FILE} is not a vlprompt run configuration ({exc})") from None
+        raise RunError(f"{path / CONFIG_FILE} is not a vlprompt run configuration ({exc}); it was edited or damaged: "
+                       "restore it as vlprompt wrote it, or train the run again into a new --out") from None
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -426,11 +427,9 @@ class RunDir:
         then they are renamed into place. :meth:`load_checkpoint` finishes the renames after a crash. Every write is
         atomic.
         """
-        from safetensors.torch import save
-
         epoch = str(state.get("epoch", ""))
-        blobs = {OPTIM_FILE: save(_cpu_tensors(optim), metadata={"epoch": epoch}),
-                 PARAMS_FILE: save(_cpu_tensors(params), metadata={"epoch": epoch})}
+        blobs = {OPTIM_FILE: safetensors_bytes(_cpu_tensors(optim), {"epoch": epoch}),
+                 PARAMS_FILE: safetensors_bytes(_cpu_tensors(params), {"epoch": epoch})}
         for name, blob in blobs.items():
             atomic_write_bytes(self.path / (name + _PENDING), blob)
         checksums = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}

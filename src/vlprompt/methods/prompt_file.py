@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import CheckpointError, ConfigError
-from vlprompt.common.io import atomic_write_bytes
+from vlprompt.common.io import atomic_write_bytes, safetensors_bytes
 from vlprompt.methods import METHODS
 from vlprompt.methods.base import FrozenClipMethod, rng_untouched
 from vlprompt.common.options import config_from_dict, config_to_dict
@@ -55,8 +55,6 @@ def _describe(name: str | None, fingerprint: str) -> str:
 
 def save_prompt(method: FrozenClipMethod, path: str | os.PathLike[str]) -> Path:
     """Write ``method``'s learned state and metadata to ``path`` (atomically); returns the path."""
-    from safetensors.torch import save
-
     from vlprompt import __version__
 
     name = getattr(method, "method_name", "")
@@ -74,7 +72,7 @@ def save_prompt(method: FrozenClipMethod, path: str | os.PathLike[str]) -> Path:
         "vlprompt_version": __version__,
     }
     tensors = {key: value.detach().cpu().contiguous() for key, value in method.state_dict().items()}
-    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def read_prompt_header(path: str | os.PathLike[str]) -> PromptHeader:
