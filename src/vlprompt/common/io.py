@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from vlprompt.errors import OutputError
+from vlprompt.errors import OutputError, VlpromptError
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,20 @@ def writing(path: str | os.PathLike[str]) -> Iterator[None]:
         if exc.errno not in _WRITE_ERRNOS:
             raise
         raise write_failure(path, exc) from None
+
+
+def read_text(path: str | os.PathLike[str], what: str, error: type[VlpromptError]) -> str:
+    """The UTF-8 text of the user's file ``path`` (``what`` names it in messages). A file that is not UTF-8 or cannot
+    be read raises ``error``; FileNotFoundError is left to the caller, whose message knows where the file comes from."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {os.fspath(path)} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position "
+                    f"{exc.start}); save it with the UTF-8 encoding") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {os.fspath(path)}: {exc.strerror or exc}") from None
 
 
 def current_umask() -> int:

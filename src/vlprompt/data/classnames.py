@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from vlprompt.common.io import read_text
 from vlprompt.data.listing import format_offenders
 from vlprompt.errors import DatasetError
 
@@ -32,11 +33,9 @@ def read_names_file(path: str | Path) -> NamesSpec:
     """Read a names / override file (see the module docstring) into a list (label order) or a ``{key: name}`` dict."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "class names file", DatasetError)
     except FileNotFoundError:
         raise DatasetError(f"class names file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read class names file {path}: {exc}") from None
     if path.suffix.lower() == ".json":
         return _names_from_json(text, path)
     lines = [line.strip("\r") for line in text.split("\n")]

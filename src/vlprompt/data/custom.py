@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from vlprompt.common.io import read_text
 from vlprompt.data.classnames import NamesSpec, read_names_file
 from vlprompt.data.creating import split_per_class, split_trainval
 from vlprompt.data.info import ReadContext
@@ -137,7 +138,7 @@ def _template(folder: Path) -> str:
     path = folder / TEMPLATE_FILE
     if not path.is_file():
         return DEFAULT_TEMPLATE
-    template = path.read_text(encoding="utf-8").strip()
+    template = read_text(path, "the template file", DatasetError).strip()
     if "{}" not in template:
         raise DatasetError(f"{path} must hold a prompt template with '{{}}' where the class name goes, "
                            f"e.g. {DEFAULT_TEMPLATE!r}; it holds {template!r}.")

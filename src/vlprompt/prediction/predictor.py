@@ -265,10 +265,12 @@ def parse_classnames(classes: str | Sequence[str]) -> list[str]:
 
 def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
     """Class names from a text file, one per line (blank lines and lines starting with '#' ignored)."""
+    from vlprompt.common.io import read_text
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the class list file {path}: {exc}") from None
+        text = read_text(path, "the class list file", ConfigError)
+    except FileNotFoundError:
+        raise ConfigError(f"the class list file {path} does not exist") from None
     lines = [line.strip() for line in text.splitlines()]
     names = [line for line in lines if line and not line.startswith("#")]
     if not names:
