@@ -37,7 +37,7 @@ from vlprompt.data.creating import split_per_class, split_trainval
 from vlprompt.data.info import ReadContext
 from vlprompt.data.listing import format_offenders, image_files, require_dir, subfolders
 from vlprompt.data.resolve import resolve_split
-from vlprompt.data.splitfile import LabelledSplits, check_label_bound, parse_split, read_split_json
+from vlprompt.data.splitfile import LabelledSplits, check_entries, check_label_bound, parse_split, read_split_json
 from vlprompt.data.standard import split_class_folders
 from vlprompt.data.types import SPLIT_NAMES, Item
 from vlprompt.errors import DatasetError
@@ -196,6 +196,8 @@ def _read_list_file(spec: CustomSpec, context: ReadContext) -> tuple[Path, Label
         raise DatasetError(f"{path} lists no images.")
     image_dir, rel_paths = _relative_paths([row[0] for row in rows], path)
     labels, raw_names = _labels(rows, spec)
+    check_entries({"list": [Item(rel, label) for rel, label in zip(rel_paths, labels)]}, str(path), raw_names,
+                  warn=False)  # before a split is made from them; load_dataset warns about the final split
     splits = [row[2] for row in rows]
     if all(split is None for split in splits):
         classes = [(raw_names[label], [p for p, lab in zip(rel_paths, labels) if lab == label])

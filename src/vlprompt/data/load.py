@@ -11,7 +11,7 @@ from vlprompt.data.custom import CUSTOM_KINDS, parse_custom_spec, read_custom
 from vlprompt.data.info import ReadContext, default_cache_dir
 from vlprompt.data.listing import format_offenders, require_files
 from vlprompt.data.registry import DATASETS, lookup
-from vlprompt.data.splitfile import LabelledSplits
+from vlprompt.data.splitfile import LabelledSplits, check_entries
 from vlprompt.data.types import SPLIT_NAMES, DatasetSplits
 from vlprompt.errors import DatasetError
 
@@ -69,6 +69,7 @@ def load_dataset(
         require_files(image_dir, [item.path for split in SPLIT_NAMES for item in labelled.split(split)],
                       labelled.source)
     _require_images_per_class(labelled)
+    check_entries({split: labelled.split(split) for split in SPLIT_NAMES}, labelled.source, labelled.raw_classnames)
     layers.append(_overrides(classnames, dataset_dir))
     names = apply_names(labelled.raw_classnames, *layers)
     splits = DatasetSplits(name, image_dir, names, template, labelled.train, labelled.val, labelled.test,

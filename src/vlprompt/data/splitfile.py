@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +23,8 @@ from vlprompt.common.io import atomic_write_json
 
 # (relative path, label, class name) as stored in a split file
 Entry = tuple[str, int, str]
+
+log = logging.getLogger(__name__)
 
 _SHIPPED_PACKAGE = "vlprompt.data"
 _SHIPPED_FOLDER = "splits"
@@ -165,6 +168,40 @@ def _classnames(names_by_label: Mapping[int, str], source: str) -> list[str]:
         raise DatasetError(f"{source} gives {len(duplicates)} class names to two labels: "
                            f"{format_offenders(duplicates)}.")
     return [names_by_label[label] for label in range(count)]
+
+
+def check_entries(splits: Mapping[str, Sequence[Item]], source: str, classnames: Sequence[str] | None = None, *,
+                  warn: bool = True) -> None:
+    """Refuse an image listed with two different labels (a contradiction: DatasetError naming them); with ``warn``,
+    log a warning for images listed twice in one split and for images in several splits (train/test overlap).
+
+    ``splits`` maps a split name to its items; ``classnames`` (by label) names the labels in the message."""
+    labels_of: dict[str, set[int]] = {}
+    found_in: dict[str, list[str]] = {}
+    for split, items in splits.items():
+        for item in items:
+            labels_of.setdefault(item.path, set()).add(item.label)
+            found_in.setdefault(item.path, []).append(split)
+
+    def name(label: int) -> str:
+        return f"{label} {classnames[label]!r}" if classnames is not None and label < len(classnames) else str(label)
+
+    contradictions = [f"{path} (labels {' and '.join(name(label) for label in sorted(labels))})"
+                      for path, labels in labels_of.items() if len(labels) > 1]
+    if contradictions:
+        raise DatasetError(f"{source} gives {len(contradictions)} image(s) two different classes: "
+                           f"{format_offenders(contradictions)}. An image has one class: remove the wrong entries.")
+    if not warn:
+        return
+    repeated = [path for path, where in found_in.items() if len(where) != len(set(where))]
+    if repeated:
+        log.warning("%s lists %d image(s) twice in the same split (each copy counts as another image): %s", source,
+                    len(repeated), format_offenders(repeated))
+    overlap = [f"{path} ({' and '.join(sorted(set(where)))})" for path, where in found_in.items()
+               if len(set(where)) > 1]
+    if overlap:
+        log.warning("%s puts %d image(s) in several splits, so the same images are trained on and evaluated: %s",
+                    source, len(overlap), format_offenders(overlap))
 
 
 def split_document(splits: LabelledSplits, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:

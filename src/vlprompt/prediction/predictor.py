@@ -254,12 +254,21 @@ def _check_tensor(item: torch.Tensor, source: str) -> torch.Tensor:
 
 
 def parse_classnames(classes: str | Sequence[str]) -> list[str]:
-    """Class names from a comma-separated string or a sequence; blanks are dropped, and an empty result is a
-    ConfigError."""
+    """Class names from a comma-separated string or a sequence, stripped. ConfigError for an empty list, an empty
+    entry (``" , dog"``) and a name given twice (``"cat,cat"``, also as ``"Cat,cat"``: CLIP reads them alike)."""
+    from vlprompt.data.classnames import same_name_message, same_named
+
     names = classes.split(",") if isinstance(classes, str) else list(classes)
-    cleaned = [str(name).strip() for name in names if str(name).strip()]
-    if not cleaned:
+    cleaned = [str(name).strip() for name in names]
+    if not any(cleaned):
         raise ConfigError("the class list is empty: give at least one class name (e.g. --classes 'cat,dog')")
+    empty = [str(number) for number, name in enumerate(cleaned, start=1) if not name]
+    if empty:
+        raise ConfigError(f"the class list {', '.join(cleaned)!r} has empty entries (number {', '.join(empty)}): "
+                          "remove the extra commas, or give those names")
+    shared = same_named(cleaned)
+    if shared:
+        raise ConfigError(same_name_message(shared, "the class list"))
     return cleaned
 
 
