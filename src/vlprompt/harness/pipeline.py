@@ -216,7 +216,7 @@ def _fit(method: Any, spec: MethodSpec, clip: CLIP, data: DatasetSplits, config:
     fit = fit_method(method, spec, train_set, val_set, train=config.train, run_dir=run_dir, device=options.device,
                      on_epoch_end=on_epoch_end, progress=options.progress)
     if run_dir is not None:
-        save_prompt(method, run_dir.path / PROMPT_FILE)
+        save_prompt(method, run_dir.path / PROMPT_FILE, run=config.config_hash())
     return fit
 
 
@@ -332,7 +332,7 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
     (CheckpointError naming both). ``device`` defaults to the run's ``train.device``.
     """
     from vlprompt.errors import CheckpointError
-    from vlprompt.methods.prompt_file import load_prompt
+    from vlprompt.methods.prompt_file import load_prompt, read_prompt_header
     from vlprompt.stages import load_backbone, resolve_device
 
     folder = Path(run_dir)
@@ -344,6 +344,13 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
                            f"finish it with `vlprompt train ... --out {folder} --resume` (same options)")
         raise RunError(f"{folder} holds no learned prompt ({PROMPT_FILE}) yet: train it first, or resume it with "
                        "the same options and --resume")
+    header = read_prompt_header(prompt)
+    if header.run != config.config_hash():
+        first = ", ".join(header.classnames[:3]) + (", ..." if len(header.classnames) > 3 else "")
+        raise RunError(f"{prompt} was not written by the run in {folder} (it holds a {header.method} prompt for "
+                       f"{len(header.classnames)} classes: {first}; the run is {config.method} on {config.dataset}): "
+                       "it was copied in from elsewhere. Copy whole run folders, not single files, or train this run "
+                       "again with --overwrite")
     if clip is None:
         target = resolve_device(device if device is not None else config.train.device)
         source = model or config.model
