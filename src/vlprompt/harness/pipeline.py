@@ -229,7 +229,8 @@ def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfi
     test = eval_features(clip, data, "test", options)
     metrics, eval_s = score(method, test, data.classnames, options)
     timing = {"feature_s": options.seconds, "train_s": fit.seconds, "eval_s": eval_s}
-    payload = result_payload(config, metrics, eval_dataset=data.name, subset=config.subset, timing=timing)
+    payload = result_payload(config, metrics, eval_dataset=data.name, subset=config.subset, timing=timing,
+                             backbone=clip.config.name)
     payload["fit"] = {"kind": fit.kind, **fit.summary}
     _record_skipped(payload, options.skipped)
     if run_dir is not None:
@@ -257,7 +258,7 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
                        f"itself finished (results.json); evaluate again with `vlprompt eval {where} --dataset "
                        f"{eval_spec.dataset} --subset {eval_spec.subset}`") from exc
     payload = result_payload(config, metrics, eval_dataset=target.name, subset=eval_spec.subset,
-                             timing={"feature_s": options.seconds, "eval_s": seconds})
+                             timing={"feature_s": options.seconds, "eval_s": seconds}, backbone=clip.config.name)
     if eval_spec.protocol is not None:
         payload["protocol"] = eval_spec.protocol
     _record_skipped(payload, options.skipped)
@@ -426,7 +427,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
         features = eval_features(trained.clip, target, "test", options)
         metrics, eval_s = score(method, features, target.classnames, options)
         payload = result_payload(config, metrics, eval_dataset=target.name, subset=subset,
-                                 timing={"feature_s": options.seconds, "eval_s": eval_s})
+                                 timing={"feature_s": options.seconds, "eval_s": eval_s},
+                                 backbone=trained.clip.config.name)
         if protocol is not None:  # labelled for another protocol than the run's (see EvalSpec.protocol)
             payload["protocol"] = protocol
         _record_skipped(payload, options.skipped)

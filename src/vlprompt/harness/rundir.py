@@ -553,8 +553,12 @@ def software_versions() -> dict[str, str]:
 
 
 def result_payload(config: RunConfig, metrics: Mapping[str, Any], *, eval_dataset: str | None = None,
-                   subset: str | None = None, timing: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The result JSON of docs/architecture.md "Results" for ``config`` and ``metrics`` (from ``evaluate``)."""
+                   subset: str | None = None, timing: Mapping[str, float] | None = None,
+                   backbone: str | None = None) -> dict[str, Any]:
+    """The result JSON of docs/architecture.md "Results" for ``config`` and ``metrics`` (from ``evaluate``).
+
+    ``backbone`` is the loaded CLIP's short name (``clip.config.name``: "ViT-B/16", or the checkpoint's folder or file
+    name), which reports use instead of ``model`` (what was given: possibly a long path)."""
     payload: dict[str, Any] = {
         "schema": RESULT_SCHEMA,
         "method": config.method,
@@ -564,6 +568,7 @@ def result_payload(config: RunConfig, metrics: Mapping[str, Any], *, eval_datase
         "shots": config.shots,
         "seed": config.seed,
         "model": config.model,
+        **({"backbone": backbone} if backbone else {}),
         "budget": config.budget,
     }
     if config.protocol is not None:
