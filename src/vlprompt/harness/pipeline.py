@@ -346,7 +346,8 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
         raise RunError(f"{folder} holds no learned prompt ({PROMPT_FILE}) yet: train it first, or resume it with "
                        "the same options and --resume")
     header = read_prompt_header(prompt)
-    if header.run != config.config_hash():
+    legacy = header.run is None and header.method == config.method  # written before prompts recorded their run
+    if header.run != config.config_hash() and not legacy:
         first = ", ".join(header.classnames[:3]) + (", ..." if len(header.classnames) > 3 else "")
         raise RunError(f"{prompt} was not written by the run in {folder} (it holds a {header.method} prompt for "
                        f"{len(header.classnames)} classes: {first}; the run is {config.method} on {config.dataset}): "
