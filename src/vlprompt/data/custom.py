@@ -305,6 +305,12 @@ def _relative_paths(paths: Sequence[str], list_file: Path) -> tuple[Path, list[s
 def _labels(rows: Sequence[Row], spec: CustomSpec) -> tuple[list[int], list[str]]:
     """Integer labels and raw class names: names sorted if labels are names, else ``"0".."n-1"`` (named by file)."""
     values = [row[1] for row in rows]
+    lookalike = [f"{row[3]}: {row[1]!r}" for row in rows
+                 if isinstance(row[1], str) and row[1].strip().isdigit() and not _is_int_label(row[1])]
+    if lookalike:
+        raise DatasetError(f"{spec.path}: {len(lookalike)} labels look like numbers but are not written with the "
+                           f"digits 0-9: {format_offenders(lookalike)}; write integer labels with 0-9, or use class "
+                           "names.")
     if all(_is_int_label(v) for v in values):
         labels = [int(v) for v in values]
         first_entry: dict[int, str] = {}
@@ -339,4 +345,4 @@ def _is_int_label(value: Any) -> bool:
         return False
     if isinstance(value, int):
         return value >= 0
-    return isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()) is not None  # not "²": isdigit() is
+    return isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()) is not None  # "²".isdigit() is True
