@@ -254,12 +254,15 @@ def _check_tensor(item: torch.Tensor, source: str) -> torch.Tensor:
 
 
 def parse_classnames(classes: str | Sequence[str]) -> list[str]:
-    """Class names from a comma-separated string or a sequence, stripped. ConfigError for an empty list, an empty
-    entry (``" , dog"``) and a name given twice (``"cat,cat"``, also as ``"Cat,cat"``: CLIP reads them alike)."""
+    """Class names from a comma-separated string (a trailing comma is allowed) or a sequence, stripped. ConfigError
+    for an empty list, an empty entry (``" , dog"``) and a name given twice (``"cat,cat"``, also ``"Cat,cat"``: CLIP
+    reads them alike)."""
     from vlprompt.data.classnames import same_name_message, same_named
 
     names = classes.split(",") if isinstance(classes, str) else list(classes)
     cleaned = [str(name).strip() for name in names]
+    if isinstance(classes, str) and len(cleaned) > 1 and not cleaned[-1]:
+        cleaned.pop()  # a trailing comma ends the list; an empty entry anywhere else is a mistake
     if not any(cleaned):
         raise ConfigError("the class list is empty: give at least one class name (e.g. --classes 'cat,dog')")
     empty = [str(number) for number, name in enumerate(cleaned, start=1) if not name]
