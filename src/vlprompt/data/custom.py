@@ -316,13 +316,8 @@ def _labels(rows: Sequence[Row], spec: CustomSpec) -> tuple[list[int], list[str]
         first_entry: dict[int, str] = {}
         for label, row in zip(labels, rows):
             first_entry.setdefault(label, row[3])
-        check_label_bound(first_entry, str(spec.path))
-        count = max(labels) + 1
-        present = set(labels)
-        gaps = [str(label) for label in range(count) if label not in present]
-        if gaps:
-            raise DatasetError(f"{spec.path}: integer labels must run 0..{count - 1}; {len(gaps)} have zero images: "
-                               f"{format_offenders(gaps)}.")
+        check_label_bound(first_entry, str(spec.path))  # so they run 0..count-1 without gaps
+        count = len(first_entry)
         names, _ = _names_file(spec.base_dir)
         missing = [str(label) for label in range(count)
                    if names is None or (isinstance(names, dict) and str(label) not in names)]

@@ -124,8 +124,8 @@ def check_label_bound(first_entry: Mapping[int, str], source: str) -> None:
         label = beyond[-1]
         raise DatasetError(
             f"{source}: {first_entry[label]} has label {label}, but with {bound} distinct labels they must run "
-            f"0..{bound - 1} (labels at or above {bound}: {len(beyond)}); fix that entry's label, or give class "
-            "names instead of numbers.")
+            f"0..{bound - 1} without gaps (labels at or above {bound}: {len(beyond)}); fix that entry's label, or give "
+            "class names instead of numbers.")
 
 
 def _entry(entry: Any, where: str) -> Entry:
@@ -150,13 +150,7 @@ def _entry(entry: Any, where: str) -> Entry:
 def _classnames(names_by_label: Mapping[int, str], source: str) -> list[str]:
     if not names_by_label:
         raise DatasetError(f"{source} holds no images.")
-    count = max(names_by_label) + 1
-    gaps = [str(label) for label in range(count) if label not in names_by_label]
-    if gaps:
-        raise DatasetError(
-            f"{source} has {len(gaps)} labels with zero images (labels must run 0..{count - 1} without gaps): "
-            f"{format_offenders(gaps)}."
-        )
+    count = len(names_by_label)  # check_label_bound made them run 0..count-1 without gaps
     labels_by_name: dict[str, int] = {}
     duplicates: list[str] = []
     for label in range(count):

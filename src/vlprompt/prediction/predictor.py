@@ -282,7 +282,7 @@ def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
     try:
         text = read_text(path, "the class list file", ConfigError)
     except FileNotFoundError:
-        raise ConfigError(f"the class list file {path} does not exist") from None
+        raise ConfigError(f"cannot read the class list file {path}: it does not exist") from None
     lines = [line.strip() for line in text.splitlines()]
     names = [line for line in lines if line and not line.startswith("#")]
     if not names:
