@@ -43,7 +43,7 @@ from vlprompt.methods import get_method
 from vlprompt.methods.configs import CoOpConfig
 from vlprompt.methods.prompt_file import save_prompt
 from vlprompt.prediction.predictor import Predictor, parse_classnames
-from vlprompt.training.config import RunConfig
+from vlprompt.harness.config import RunConfig
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
 DTD_IMAGE = FIXTURES / "dtd" / "images" / "banded" / "banded_0024.jpg"
@@ -139,6 +139,90 @@ def csv_dataset(folder: Path, labels: list[object], *, template: bytes | None = 
     if template is not None:
         (folder / "template.txt").write_bytes(template)
     return folder / "data.csv"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------- item 1: only runs are overwritten
+
+
+def test_item1_overwrite_never_touches_a_folder_that_is_not_a_run(env, tmp_path, capsys):
+    model = tmp_path / "mymodel"  # `cp -r $M ~/mymodel`: a Hugging Face folder, whose config.json is not a run's
+    shutil.copytree(env["hf"], model)
+    (model / "notes.txt").write_text("my notes", encoding="utf-8")
+    project = tmp_path / "project"  # a project with its own config.json and sources
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text(json.dumps({"method": "mine", "dataset": "mine"}), encoding="utf-8")
+    (project / "src" / "main.py").write_text("print('hi')\n", encoding="utf-8")
+    for folder in (model, project):
+        before = snapshot(folder)
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            code, _, err = cli(capsys, *TRAIN, "--model", env["model"], "--out", folder, *extra)
+            message = error_paragraph(err, "train")
+            assert code == 2 and "not a vlprompt run folder" in message and "--overwrite" not in message
+        assert snapshot(folder) == before  # nothing moved to previous/, nothing deleted
+
+
+# ----------------------------------------------------------------- item 16: a failed start is restarted as corrected
+
+
+def test_item16_a_run_that_failed_before_finishing_anything_is_restarted_by_the_corrected_command(env, tmp_path,
+                                                                                                  capsys):
+    data = tmp_path / "pets"
+    rows = []
+    for name in ("cat", "dog"):
+        for index, split in enumerate(("train", "train", "val", "test", "test")):
+            write_image(data / f"{name}{index}.jpg", index)
+            rows.append(f"{name}{index}.jpg,{name},{split}")
+    (data / "list.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (data / "cat0.jpg").write_bytes(b"not a jpeg")  # unreadable, and one of the 2 shots of its class
+    spec = f"csv:{data / 'list.csv'}"
+    argv = ["train", "--method", "coop", "--dataset", spec, *COMMON, "--epochs", "2", "--n-ctx", "2",
+            "--model", env["model"], "--out", tmp_path / "run"]
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and "--skip-bad-images" in error_paragraph(err, "train")
+    code, _, err = cli(capsys, *argv, "--skip-bad-images")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "results.json").read_text(encoding="utf-8"))["skipped_images"]["count"] == 1
+    root = tmp_path / "root"  # the bench runs built-in datasets: DTD with every training image of one class broken
+    shutil.copytree(FIXTURES / "dtd", root / "dtd")
+    split = json.loads((root / "dtd" / "split_zhou_DescribableTextures.json").read_text(encoding="utf-8"))
+    for path, label, _ in split["train"]:
+        if label == 0:
+            (root / "dtd" / "images" / path).write_bytes(b"not a jpeg")
+    bench = ["bench", "fewshot", "--out", tmp_path / "bench", "--root", root, "--model", env["model"],
+             "--datasets", "dtd",
+             "--methods", "coop", "--no-baselines", "--shots", "1", "--seeds", "1", "--epochs", "2"]
+    code, out, err = cli(capsys, *bench)
+    assert code == 1, out + err  # the run fails on the unreadable image, listed
+    code, out, err = cli(capsys, *bench, "--skip-bad-images")
+    assert code == 0, out + err
+    assert "1 done now, 0 failed" in out
+
+
+# ---------------------------------------------------------------- item 17: a killed checkpoint write leaves nothing
+
+
+def test_item17_leftovers_of_a_killed_checkpoint_write_are_cleared_on_resume(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--model", env["model"], "--out", out]
+    from vlprompt.harness.rundir import RunDir
+
+    config = {"method": "x", "dataset": "y"}
+    with RunDir.create_or_open(tmp_path / "plain", config) as run:
+        run.save_checkpoint({"w": torch.zeros(2)}, {}, {"epoch": 1})
+    for name in (".params.safetensors.next.k1ll3d.tmp", ".optim.safetensors.next.k1ll3d.tmp"):
+        (tmp_path / "plain" / name).write_bytes(b"half a tensor file")
+    with RunDir.create_or_open(tmp_path / "plain", config, resume=True):
+        pass
+    assert not list((tmp_path / "plain").glob("*.tmp"))
+    assert main([str(a) for a in argv]) == 0  # and through the command line: a finished run is resumed clean
+    (out / "results.json").unlink()
+    (out / ".params.safetensors.next.k1ll3d.tmp").write_bytes(b"half")
+    assert main([str(a) for a in [*argv, "--resume"]]) == 0
+    assert not list(out.glob("*.tmp"))
 
 
 # ------------------------------------------------------------------------------------------- item 2: huge labels
@@ -464,8 +548,11 @@ def _drop_dataset(run: Path) -> None:
 
 
 def _foreign_prompt(run: Path) -> None:
-    clip = build_tiny_clip("vit", seed=0)
-    save_prompt(get_method("coop").build(clip, ["cat", "dog"], CoOpConfig(n_ctx=4)), run / "prompt.safetensors")
+    """The prompt file of another run on the same backbone (its configuration hash is not this run's)."""
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    clip = load_clip(config["model"])
+    method = get_method("coop").build(clip, ["cat", "dog"], CoOpConfig(n_ctx=4))
+    save_prompt(method, run / "prompt.safetensors", run="0123456789abcdef")
 
 
 def _damaged_q_proj(env: dict, tmp: Path) -> str:
@@ -584,6 +671,18 @@ def _cases() -> list[tuple[str, str, Callable[..., list[object]]]]:
             "data", "fewshot", "dtd", "--shots", "1", "--seed", "1", "--out", t / "ro" / "f.json"])),
         ("data-split-read-only-out", "data", lambda e, r, t, m: _read_only(m, t / "ro", [
             "data", "split", f"csv:{csv_dataset(t / 'ok', ['cat', 'dog'] * 4)}", "--out", t / "ro" / "s.json"])),
+        ("train-overwrite-a-model-folder", "train", lambda e, r, t, m: [
+            *TRAIN, "--model", e["model"], "--out", _model_copy(e, t), "--overwrite"]),
+        ("train-resume-read-only-run", "train", lambda e, r, t, m: _read_only(m, _unfinished(r, t), [
+            *TRAIN, "--model", e["model"], "--out", t / "run", "--resume"])),
+        ("train-read-only-out", "train", lambda e, r, t, m: _read_only(m, t / "ro", [
+            *TRAIN, "--model", e["model"], "--out", t / "ro" / "run"])),
+        ("bench-read-only-out", "bench", lambda e, r, t, m: _read_only(m, t / "ro", [
+            "bench", "fewshot", "--out", t / "ro", "--model", e["model"], "--datasets", "dtd", "--methods", "coop",
+            "--no-baselines", "--shots", "1", "--seeds", "1", "--epochs", "2"])),
+        ("bench-disk-full", "bench", lambda e, r, t, m: _full(m, [
+            "bench", "fewshot", "--out", t / "b", "--model", e["model"], "--datasets", "dtd", "--methods", "coop",
+            "--no-baselines", "--shots", "1", "--seeds", "1", "--epochs", "2"])),
         ("train-disk-full", "train", lambda e, r, t, m: _full(m, [*TRAIN, "--model", e["model"], "--out", t / "o"])),
         ("zeroshot-disk-full", "zeroshot", lambda e, r, t, m: _full(m, [
             "zeroshot", "--dataset", "dtd", "--device", "cpu", "-q", "--model", e["model"], "--out", t / "o"])),
@@ -597,6 +696,19 @@ def _cases() -> list[tuple[str, str, Callable[..., list[object]]]]:
         ("cache-clear-dir-is-a-file", "cache", lambda e, r, t, m: ["cache", "clear", "--dir", _file(t), "--yes"]),
     ]
     return cases
+
+
+def _model_copy(env: dict, tmp: Path) -> Path:
+    shutil.copytree(env["hf"], tmp / "mymodel")
+    return tmp / "mymodel"
+
+
+def _unfinished(trained: Path, tmp: Path) -> Path:
+    """A copy of the trained run without its results: what `train --resume` would continue."""
+    run = tmp / "run"
+    shutil.copytree(trained, run)
+    (run / "results.json").unlink()
+    return run
 
 
 def _one_class(tmp: Path) -> Path:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from vlprompt.common import locks
-from vlprompt.common.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
+from vlprompt.common.io import atomic_write_bytes, atomic_write_json, safetensors_bytes, writing
 from vlprompt.errors import CheckpointError, ConfigError, RunError
 from vlprompt.harness.config import NON_IDENTITY_KEYS
 from vlprompt.common.vocab import SUBSETS
@@ -374,8 +374,9 @@ class RunDir:
         if reason is not None:
             raise RunError(f"{reason}; vlprompt only uses an empty folder or one of its own run folders (never "
                            "overwriting anything else): choose a new or empty folder with --out")
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = locks.acquire(folder / LOCK_FILE)
+        with writing(folder):  # a read-only or full place: say so (the lock file is the first thing written)
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = locks.acquire(folder / LOCK_FILE)
         if lock is None:
             holder = locks.recorded_holder(folder / LOCK_FILE) or "unknown"
             raise RunError(f"run folder {folder} is in use by another process (pid {holder}); wait for it to end, or "
@@ -481,7 +482,8 @@ class RunDir:
     def log_handler(self) -> logging.Handler:
         """A logging handler appending to ``log.txt`` (one per RunDir, closed by :meth:`close`)."""
         if self._log_handler is None:
-            handler = logging.FileHandler(self.path / LOG_FILE, mode="a", encoding="utf-8")
+            with writing(self.path / LOG_FILE):
+                handler = logging.FileHandler(self.path / LOG_FILE, mode="a", encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             self._log_handler = handler
         return self._log_handler

@@ -205,7 +205,7 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
             except _NonFinite as bad:
                 raise _diverged(bad.what, epoch, bad.step, len(batches), lr, config, run_dir,
                                 applied=bad.applied) from None
-            with _seeded_forward(config.seed, epoch, target):
+            with seeded_torch(target, config.seed, "forward", epoch):
                 finite = _finite_logits(method, view, batches[0], target, config.precision)
             if not finite:
                 raise _diverged("the logits are non-finite after the epoch's last update", epoch, len(batches) - 1,
