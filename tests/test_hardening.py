@@ -426,19 +426,22 @@ def test_item12_a_prompt_copied_in_from_another_run_is_refused(env, trained, tmp
 # --------------------------------------------------------------------------------------------- item 13: umask
 
 
-def test_item13_written_files_follow_the_umask(trained, tmp_path, capsys):
+def test_item13_written_files_follow_the_umask(env, trained, tmp_path):
+    """A colleague (or a web server) can read a run and a report when the umask lets them."""
     old = os.umask(0o022)
     try:
-        written = atomic_write_text(tmp_path / "a.txt", "x")
-        assert stat.S_IMODE(written.stat().st_mode) == 0o644
+        assert stat.S_IMODE(atomic_write_text(tmp_path / "a.txt", "x").stat().st_mode) == 0o644
+        run = tmp_path / "runs" / "zs"
+        assert main(["zeroshot", "--dataset", "dtd", "--device", "cpu", "-q", "--model", env["model"],
+                     "--out", str(run)]) == 0
         assert main(["report", str(trained.parent), "--out", str(tmp_path / "report"), "--format", "md,csv"]) == 0
         os.umask(0o027)
         assert stat.S_IMODE(atomic_write_text(tmp_path / "b.txt", "x").stat().st_mode) == 0o640
     finally:
         os.umask(old)
-    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "report").iterdir()}
-    assert modes == {0o644}
-    assert stat.S_IMODE((trained / "results.json").stat().st_mode) & 0o044 == 0o044
+    for folder in (run, tmp_path / "report"):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()}
+        assert set(modes.values()) == {0o644}, modes
 
 
 # --------------------------------------------------------------------------------- item 14: backbone labels
