@@ -149,3 +149,33 @@ def save_open_clip(model: CLIP, path: str | Path, *, training_checkpoint: bool =
             "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "weight_decay": 0.2, "params": [0, 1]}]},
         }
     return atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def write_hf_folder(model: CLIP, directory: str | Path) -> Path:
+    """A Hugging Face CLIP folder (``config.json`` + ``model.safetensors``) of a ViT CLIP, written without
+    ``transformers``: the weights renamed by :func:`openai_to_hf`, the sizes stated as ``save_pretrained`` states
+    them (the fields the loader reads)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = model.config
+    if not config.is_vit:
+        raise ValueError("transformers' CLIPModel has a ViT image tower only")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    act = "quick_gelu" if config.quick_gelu else "gelu"
+    text = {"hidden_size": config.transformer_width, "intermediate_size": 4 * config.transformer_width,
+            "num_hidden_layers": config.transformer_layers, "num_attention_heads": config.transformer_heads,
+            "max_position_embeddings": config.context_length, "vocab_size": config.vocab_size, "hidden_act": act,
+            "layer_norm_eps": 1e-5}
+    vision = {"hidden_size": config.vision_width, "intermediate_size": 4 * config.vision_width,
+              "num_hidden_layers": config.vision_layers, "num_attention_heads": config.vision_heads,
+              "image_size": config.image_resolution, "patch_size": config.vision_patch_size, "hidden_act": act,
+              "layer_norm_eps": 1e-5}
+    document = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.embed_dim,
+                "text_config": text, "vision_config": vision}
+    (directory / "config.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
+    weights = {key: value.detach().float().contiguous() for key, value in openai_to_hf(model.state_dict()).items()}
+    save_file(weights, str(directory / "model.safetensors"))
+    return directory

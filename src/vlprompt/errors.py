@@ -26,3 +26,11 @@ class DatasetError(VlpromptError):
 
 class RunError(VlpromptError):
     """A run folder is in use, finished, or holds a different configuration."""
+
+
+class OutputError(VlpromptError, OSError):
+    """A file could not be written (read-only folder, no permission, disk full); nothing written before is lost."""
+
+
+class NonFiniteError(VlpromptError):
+    """A computation gave NaN or infinite values (a diverged training, a damaged learned prompt)."""

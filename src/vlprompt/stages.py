@@ -291,6 +291,9 @@ def score(method: Any, features: FeatureSet, classnames: list[str], options: Fea
     in batches; metrics as :func:`vlprompt.evaluation.metrics.evaluate` (accuracy in percent)."""
     from vlprompt.evaluation.metrics import evaluate
 
+    if len(classnames) == 1:
+        logger.warning("only one class (%r): every image is assigned to it, so the accuracy of 100%% measures "
+                       "nothing; evaluate on a dataset or subset with several classes", classnames[0])
     started = time.perf_counter()
     classifier = method.classifier()
     metrics = evaluate(classifier, features.features, features.labels, classnames, device=options.device,

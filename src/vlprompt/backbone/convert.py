@@ -96,6 +96,11 @@ def hf_to_openai(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if set(parts) != set(_QKV):
             missing = sorted(set(_QKV) - set(parts))
             raise CheckpointError(f"the Hugging Face checkpoint lacks the {'/'.join(missing)} weights for {ours}")
+        shapes = {name: tuple(parts[name].shape) for name in _QKV}
+        if len(set(shapes.values())) != 1:
+            listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+            raise CheckpointError(f"the q/k/v projections fused into {ours} have different shapes ({listed}): the "
+                                  "checkpoint is damaged or not a CLIP checkpoint; download or save it again")
         out[ours] = _cat([parts[name] for name in _QKV])
     return out
 
@@ -189,6 +194,7 @@ def config_from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Tensor
             raise CheckpointError(f"unsupported {tower} layer_norm_eps {eps}: our CLIP uses 1e-5 as OpenAI's does")
     config = config_from_state_dict(state_dict, quick_gelu=acts["text"] == "quick_gelu", name=name)
     _check_mlp_ratio(state_dict)
+    _check_hf_sizes(hf_config, text, vision, config)
     text_heads = int(text.get("num_attention_heads", config.transformer_width // HEAD_WIDTH))
     vision_heads = int(vision.get("num_attention_heads", config.vision_width // HEAD_WIDTH))
     return CLIPConfig(**{
@@ -196,6 +202,27 @@ def config_from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Tensor
         "transformer_heads": text_heads,
         "vision_heads_override": vision_heads if vision_heads != config.vision_width // HEAD_WIDTH else None,
     })
+
+
+def _check_hf_sizes(hf_config: Mapping[str, Any], text: Mapping[str, Any], vision: Mapping[str, Any],
+                    config: CLIPConfig) -> None:
+    """CheckpointError when a size stated in ``config.json`` disagrees with the weights (which are what is used)."""
+    stated = [
+        ("vision_config.image_size", vision.get("image_size"), config.image_resolution),
+        ("vision_config.patch_size", vision.get("patch_size"), config.vision_patch_size),
+        ("vision_config.hidden_size", vision.get("hidden_size"), config.vision_width),
+        ("vision_config.num_hidden_layers", vision.get("num_hidden_layers"), config.vision_layers),
+        ("text_config.hidden_size", text.get("hidden_size"), config.transformer_width),
+        ("text_config.num_hidden_layers", text.get("num_hidden_layers"), config.transformer_layers),
+        ("text_config.max_position_embeddings", text.get("max_position_embeddings"), config.context_length),
+        ("text_config.vocab_size", text.get("vocab_size"), config.vocab_size),
+        ("projection_dim", hf_config.get("projection_dim"), config.embed_dim),
+    ]
+    wrong = [f"{key} is {value!r} but the weights have {actual}" for key, value, actual in stated
+             if value is not None and value != actual]
+    if wrong:
+        raise CheckpointError(f"config.json disagrees with the weights ({'; '.join(wrong)}): the folder mixes files of "
+                              "different models; put the config.json that belongs to these weights beside them")
 
 
 def _check_mlp_ratio(state_dict: Mapping[str, Tensor]) -> None:

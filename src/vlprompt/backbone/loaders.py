@@ -52,6 +52,7 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 """Weight files of a Hugging Face folder, in order of preference."""
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_OPENAI_LIKE = re.compile(r"(?i)(RN\d+(x\d+)?|ViT-[A-Z]+[/-]\d+(@\d+px)?)")  # the shape of OpenAI's names
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -137,6 +138,10 @@ def _resolve(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str
     if path.exists():
         return _from_file(path, model_name=model_name, quick_gelu=quick_gelu)
     text = os.fspath(source)
+    if isinstance(source, str) and _OPENAI_LIKE.fullmatch(text.strip()):
+        raise CheckpointError(f"{text!r} is not one of OpenAI's CLIP models: the known names are "
+                              f"{', '.join(OPENAI_CHECKPOINTS)} (ViT-B-16 style also works); or give a checkpoint file "
+                              "or a Hugging Face folder")
     if isinstance(source, str) and _HUB_ID.fullmatch(text) and not text.endswith(_FILE_SUFFIXES):
         return _from_hub(text, cache_dir=cache_dir, model_name=model_name, quick_gelu=quick_gelu)
     raise CheckpointError(
@@ -249,7 +254,7 @@ def _from_hf_weights(weights: dict[str, Tensor], directory: Path, weight_file: P
         config = config_from_hf(hf_config, converted)
     except CheckpointError as exc:
         raise CheckpointError(f"{weight_file}: {exc}") from None
-    except (ValueError, IndexError, TypeError) as exc:
+    except (ValueError, IndexError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{weight_file}: the weights' shapes describe no valid CLIP ({exc})") from None
     if quick_gelu is not None and quick_gelu != config.quick_gelu:
         raise ConfigError(f"quick_gelu={quick_gelu} contradicts {config_path}, whose hidden_act is "

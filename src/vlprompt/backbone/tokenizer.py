@@ -283,7 +283,9 @@ class ClipTokenizer:
                 if not truncate:
                     raise ConfigError(
                         f"text {_shorten(text)!r} is {len(tokens)} tokens long (start and end tokens included), "
-                        f"more than the context length {context_length}; shorten it or pass truncate=True"
+                        f"more than CLIP's context length {context_length}; shorten it (a class name, a prompt "
+                        "template, --template or --ctx-init on the command line), or from Python cut it with "
+                        "truncate=True"
                     )
                 tokens = [*tokens[: context_length - 1], self.eot_token_id]
             rows.append(tokens)

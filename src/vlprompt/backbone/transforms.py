@@ -21,9 +21,12 @@ PIL's uint8 intermediate images, but not rounded. The two therefore differ by PI
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
+import re
 import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +36,10 @@ from vlprompt.errors import ConfigError, DatasetError
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -50,13 +57,25 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     Raises :class:`DatasetError` naming the file when it is missing, unreadable, empty, not an image, or truncated.
     Truncated files always fail: Pillow refuses them by default, and a JPEG that Pillow completed with a fake end
     marker because some code set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is refused too. Colour modes are converted
-    by :func:`to_rgb`.
+    by :func:`to_rgb`. A URL is refused as such (images are not fetched). An image larger than Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` (but below twice that, where Pillow refuses it) is decoded with a logged warning
+    instead of Pillow's raw ``DecompressionBombWarning``.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     name = os.fspath(path)
+    if _URL.match(name):
+        raise DatasetError(f"'{name}' is a URL: vlprompt does not download images; save the image to a file and give "
+                           "its path")
     try:
-        with Image.open(name) as opened:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(name)
+        with opened:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and opened.width * opened.height > limit:
+                logger.warning("image file '%s' is very large (%d x %d pixels, more than Pillow's limit of %d): "
+                               "decoding it takes much memory and time", name, opened.width, opened.height, limit)
             opened.load()
             if getattr(opened, "_ended", False):  # JpegImagePlugin's mark of a premature end of file
                 raise DatasetError(f"image file '{name}' is truncated; re-download or remove it")

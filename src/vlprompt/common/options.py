@@ -222,7 +222,8 @@ def json_values(value: Any, name: str) -> Any:
 
 
 def known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """``data`` as keyword arguments of dataclass ``cls``; ConfigError for a non-mapping or unknown keys."""
+    """``data`` as keyword arguments of dataclass ``cls``; ConfigError for a non-mapping, unknown keys or missing
+    required keys (fields without a default)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{what} configuration must be an object, got {type(data).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
@@ -230,6 +231,10 @@ def known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any
     if unknown:
         raise ConfigError(f"unknown {what} configuration key(s) {', '.join(map(repr, unknown))}; "
                           f"known keys: {', '.join(names)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"the {what} configuration lacks the required key(s) {', '.join(map(repr, missing))}")
     return dict(data)
 
 

@@ -7,7 +7,8 @@ A *names file* gives class names, either all of them in label order or some of t
 
 A key is a class's raw name (folder name, name in the split file), its cleaned name, or its label as a decimal string.
 The same format serves as an *override file* for any dataset (built-in or custom): the names it gives replace the
-cleaned ones; the others keep theirs.
+cleaned ones; the others keep theirs. Two classes may not end up with the same name (compared as CLIP reads them:
+case and spacing ignored), unless the dataset itself names them alike (ImageNet's two "crane" classes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from vlprompt.common.io import read_text
 from vlprompt.data.listing import format_offenders
 from vlprompt.errors import DatasetError
 
@@ -32,11 +34,9 @@ def read_names_file(path: str | Path) -> NamesSpec:
     """Read a names / override file (see the module docstring) into a list (label order) or a ``{key: name}`` dict."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "class names file", DatasetError)
     except FileNotFoundError:
         raise DatasetError(f"class names file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read class names file {path}: {exc}") from None
     if path.suffix.lower() == ".json":
         return _names_from_json(text, path)
     lines = [line.strip("\r") for line in text.split("\n")]
@@ -71,6 +71,30 @@ def _names_from_json(text: str, path: Path) -> NamesSpec:
     )
 
 
+def prompt_key(name: str) -> str:
+    """What a class name becomes in a prompt as far as CLIP can tell: its tokenizer lowercases and splits on spaces,
+    so ``"Sea  Lion"`` and ``"sea lion"`` give the same prompt."""
+    return " ".join(name.lower().split())
+
+
+def same_named(names: Sequence[str]) -> dict[str, list[int]]:
+    """``{name: labels}`` of the names that several labels share (compared by :func:`prompt_key`)."""
+    labels: dict[str, list[int]] = {}
+    first: dict[str, str] = {}
+    for label, name in enumerate(names):
+        key = prompt_key(name)
+        labels.setdefault(key, []).append(label)
+        first.setdefault(key, name)
+    return {first[key]: found for key, found in labels.items() if len(found) > 1}
+
+
+def same_name_message(shared: Mapping[str, list[int]], source: str) -> str:
+    """The refusal of classes that share a name: which names, which labels, and what to do."""
+    listed = [f"{name!r} (labels {', '.join(map(str, labels))})" for name, labels in shared.items()]
+    return (f"{source} gives several classes the same name: {format_offenders(listed)}; their prompts would be "
+            "identical, so no classifier can tell them apart: give each class its own name")
+
+
 def apply_names(raw_names: Sequence[str], *layers: tuple[NamesSpec | None, str]) -> list[str]:
     """Cleaned prompt names for ``raw_names`` (label order), with each ``(names, source)`` layer applied in turn.
 
@@ -94,6 +118,11 @@ def apply_names(raw_names: Sequence[str], *layers: tuple[NamesSpec | None, str])
     empty = [str(label) for label, name in enumerate(current) if not name]
     if empty:
         raise DatasetError(f"class names must not be empty; labels without a name: {format_offenders(empty)}.")
+    own = {prompt_key(name) for name in same_named(raw_names)}  # the dataset's own (ImageNet's two "crane" classes)
+    shared = {name: labels for name, labels in same_named(current).items() if prompt_key(name) not in own}
+    if shared:
+        sources = [source for names, source in layers if names is not None and source]
+        raise DatasetError(same_name_message(shared, " and ".join(sources) or "the dataset") + ".")
     return current
 
 

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlprompt.common.vocab import DEFAULT_TEMPLATE
+from vlprompt.common.io import read_text
 from vlprompt.data.classnames import NamesSpec, read_names_file
 from vlprompt.data.creating import split_per_class, split_trainval
 from vlprompt.data.info import ReadContext
 from vlprompt.data.listing import format_offenders, image_files, require_dir, subfolders
 from vlprompt.data.resolve import resolve_split
-from vlprompt.data.splitfile import LabelledSplits, parse_split, read_split_json
+from vlprompt.data.splitfile import LabelledSplits, check_entries, check_label_bound, parse_split, read_split_json
 from vlprompt.data.standard import split_class_folders
 from vlprompt.data.types import SPLIT_NAMES, Item
 from vlprompt.errors import DatasetError
@@ -137,7 +138,7 @@ def _template(folder: Path) -> str:
     path = folder / TEMPLATE_FILE
     if not path.is_file():
         return DEFAULT_TEMPLATE
-    template = path.read_text(encoding="utf-8").strip()
+    template = read_text(path, "the template file", DatasetError).strip()
     if "{}" not in template:
         raise DatasetError(f"{path} must hold a prompt template with '{{}}' where the class name goes, "
                            f"e.g. {DEFAULT_TEMPLATE!r}; it holds {template!r}.")
@@ -194,7 +195,9 @@ def _read_list_file(spec: CustomSpec, context: ReadContext) -> tuple[Path, Label
     if not rows:
         raise DatasetError(f"{path} lists no images.")
     image_dir, rel_paths = _relative_paths([row[0] for row in rows], path)
-    labels, raw_names = _labels([row[1] for row in rows], spec)
+    labels, raw_names = _labels(rows, spec)
+    check_entries({"list": [Item(rel, label) for rel, label in zip(rel_paths, labels)]}, str(path), raw_names,
+                  warn=False)  # before a split is made from them; load_dataset warns about the final split
     splits = [row[2] for row in rows]
     if all(split is None for split in splits):
         classes = [(raw_names[label], [p for p, lab in zip(rel_paths, labels) if lab == label])
@@ -299,16 +302,22 @@ def _relative_paths(paths: Sequence[str], list_file: Path) -> tuple[Path, list[s
     return list_file.parent, [p[2:] if p.startswith("./") else p for p in posix]
 
 
-def _labels(values: Sequence[Any], spec: CustomSpec) -> tuple[list[int], list[str]]:
+def _labels(rows: Sequence[Row], spec: CustomSpec) -> tuple[list[int], list[str]]:
     """Integer labels and raw class names: names sorted if labels are names, else ``"0".."n-1"`` (named by file)."""
+    values = [row[1] for row in rows]
+    lookalike = [f"{row[3]}: {row[1]!r}" for row in rows
+                 if isinstance(row[1], str) and row[1].strip().isdigit() and not _is_int_label(row[1])]
+    if lookalike:
+        raise DatasetError(f"{spec.path}: {len(lookalike)} labels look like numbers but are not written with the "
+                           f"digits 0-9: {format_offenders(lookalike)}; write integer labels with 0-9, or use class "
+                           "names.")
     if all(_is_int_label(v) for v in values):
         labels = [int(v) for v in values]
-        count = max(labels) + 1
-        present = set(labels)
-        gaps = [str(label) for label in range(count) if label not in present]
-        if gaps:
-            raise DatasetError(f"{spec.path}: integer labels must run 0..{count - 1}; {len(gaps)} have zero images: "
-                               f"{format_offenders(gaps)}.")
+        first_entry: dict[int, str] = {}
+        for label, row in zip(labels, rows):
+            first_entry.setdefault(label, row[3])
+        check_label_bound(first_entry, str(spec.path))  # so they run 0..count-1 without gaps
+        count = len(first_entry)
         names, _ = _names_file(spec.base_dir)
         missing = [str(label) for label in range(count)
                    if names is None or (isinstance(names, dict) and str(label) not in names)]
@@ -331,4 +340,4 @@ def _is_int_label(value: Any) -> bool:
         return False
     if isinstance(value, int):
         return value >= 0
-    return isinstance(value, str) and value.strip().isdigit()
+    return isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()) is not None  # "²".isdigit() is True

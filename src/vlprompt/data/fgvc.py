@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from vlprompt.common.io import read_text
 from vlprompt.data.info import DatasetInfo, ReadContext
 from vlprompt.data.listing import format_offenders
 from vlprompt.data.splitfile import LabelledSplits
@@ -31,7 +32,7 @@ def read_fgvc_aircraft(info: DatasetInfo, context: ReadContext) -> LabelledSplit
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "the FGVCAircraft list", DatasetError)
     except FileNotFoundError:
         raise DatasetError(
             f"{path} does not exist: FGVCAircraft needs variants.txt and images_variant_{{train,val,test}}.txt from "

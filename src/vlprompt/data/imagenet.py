@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlprompt.common.io import read_text
 from vlprompt.data.info import DatasetInfo, ReadContext
 from vlprompt.data.listing import format_offenders, image_files, require_dir, subfolders
 from vlprompt.data.splitfile import LabelledSplits
@@ -30,7 +31,7 @@ CLASSNAMES_FILE = "classnames.txt"
 def read_classnames_txt(path: Path) -> dict[str, str]:
     """``{wnid: class name}`` in file order from lines ``<wnid> <class name>``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "the ImageNet class list", DatasetError)
     except FileNotFoundError:
         raise DatasetError(f"{path} does not exist: it lists the ImageNet classes as '<wnid> <class name>' lines "
                            "(the reference's classnames.txt).") from None

@@ -28,6 +28,8 @@ from vlprompt.errors import ConfigError, DatasetError
 
 OnError = Literal["raise", "skip"]
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip")
+SKIP_HINT = "or leave them out with --skip-bad-images (on_error='skip' from Python)"
+"""The end of every unreadable-image error: how to skip them, on the command line and from Python."""
 
 
 class ImageBatch(NamedTuple):
@@ -116,7 +118,7 @@ class ImageDataset(torch.utils.data.Dataset):
             f"{len(bad)} unreadable images: " + "; ".join(b.reason for b in bad[:MAX_LISTED]) + \
             (f"; ... (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else "")
         return (f"{head} ({where} of {len(self.items)}). Run `vlprompt data check` to list every unreadable file of "
-                "the dataset, then remove or replace them, or skip unreadable images (on_error='skip').")
+                f"the dataset, then remove or replace them, {SKIP_HINT}.")
 
     @property
     def collate_fn(self) -> Callable[[Sequence[tuple[Any, int, int] | BadImage]], ImageBatch]:

@@ -80,8 +80,9 @@ def find_missing(image_dir: Path, paths: Iterable[str]) -> list[str]:
     return missing
 
 
-def require_files(image_dir: Path, paths: Sequence[str], source: str) -> None:
-    """Raise :class:`DatasetError` listing the first missing files (and their count) if any of ``paths`` is absent."""
+def require_files(image_dir: Path, paths: Sequence[str], source: str, hint: str | None = None) -> None:
+    """Raise :class:`DatasetError` listing the first missing files (and their count) if any of ``paths`` is absent;
+    ``hint`` says what to do when some (not all) are missing (default: restore them or remove the split file)."""
     missing = find_missing(image_dir, paths)
     if not missing:
         return
@@ -95,7 +96,8 @@ def require_files(image_dir: Path, paths: Sequence[str], source: str) -> None:
         "None of its images exist: check that --root is the folder holding the dataset folder and that the images "
         "were extracted where the split expects them."
         if everything
-        else "Restore the missing images, or remove the split file to create a new split from the images on disk."
+        else hint or "Restore the missing images, or remove the split file to create a new split from the images on "
+        "disk."
     )
     raise DatasetError(
         f"{source} disagrees with the images on disk: {len(unique_missing)} of its {len(set(paths))} files are missing "

@@ -11,7 +11,7 @@ from vlprompt.data.custom import CUSTOM_KINDS, parse_custom_spec, read_custom
 from vlprompt.data.info import ReadContext, default_cache_dir
 from vlprompt.data.listing import format_offenders, require_files
 from vlprompt.data.registry import DATASETS, lookup
-from vlprompt.data.splitfile import LabelledSplits
+from vlprompt.data.splitfile import LabelledSplits, check_entries
 from vlprompt.data.types import SPLIT_NAMES, DatasetSplits
 from vlprompt.errors import DatasetError
 
@@ -54,6 +54,7 @@ def load_dataset(
         name, image_dir, template = info.key, info.image_dir(root_path), info.template
         dataset_dir = info.dataset_dir(root_path)
         layers: list[tuple[NamesSpec | None, str]] = []
+        list_file = None
     else:
         spec = parse_custom_spec(name_or_path, root_path)
         if spec is None:
@@ -65,10 +66,12 @@ def load_dataset(
         labelled, name, image_dir, template = custom.splits, spec.name, custom.image_dir, custom.template
         dataset_dir = spec.base_dir
         layers = [(custom.names, custom.names_source)]
+        list_file = spec.path if spec.kind != "folder" else None
     if check_files and not labelled.listed:
         require_files(image_dir, [item.path for split in SPLIT_NAMES for item in labelled.split(split)],
-                      labelled.source)
+                      labelled.source, hint=_missing_files_hint(labelled, list_file))
     _require_images_per_class(labelled)
+    check_entries({split: labelled.split(split) for split in SPLIT_NAMES}, labelled.source, labelled.raw_classnames)
     layers.append(_overrides(classnames, dataset_dir))
     names = apply_names(labelled.raw_classnames, *layers)
     splits = DatasetSplits(name, image_dir, names, template, labelled.train, labelled.val, labelled.test,
@@ -77,6 +80,17 @@ def load_dataset(
     log.info("%s: %d classes, %d train / %d val / %d test images (%s)", name, counts.classes, counts.train,
              counts.val, counts.test, labelled.source)
     return splits
+
+
+def _missing_files_hint(labelled: LabelledSplits, list_file: Path | None) -> str:
+    """What to do about images a split names but the disk lacks, by where the split comes from."""
+    if list_file is not None:  # the list file is the dataset: a split made from it would name the same images
+        return (f"Restore the missing images, or remove their rows from {list_file} (and delete the split file "
+                "vlprompt created from it, if any, so that it is made again).")
+    if labelled.source.startswith("shipped"):  # the standard split: it cannot be removed, and should not be
+        return ("Restore the missing images from the dataset's official release (the standard split shipped with "
+                "vlprompt lists all of them), or put a split file of your own into the dataset folder.")
+    return "Restore the missing images, or delete that split file to create a new split from the images on disk."
 
 
 def _has_custom_prefix(spec: str) -> bool:

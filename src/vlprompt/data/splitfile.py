@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +23,8 @@ from vlprompt.common.io import atomic_write_json
 
 # (relative path, label, class name) as stored in a split file
 Entry = tuple[str, int, str]
+
+log = logging.getLogger(__name__)
 
 _SHIPPED_PACKAGE = "vlprompt.data"
 _SHIPPED_FOLDER = "splits"
@@ -89,6 +92,7 @@ def parse_split(data: Any, source: str, required: Sequence[str] = SPLIT_NAMES) -
         raise DatasetError(f"{source} has no {' / '.join(absent)} split; it needs keys {', '.join(required)}.")
     splits: dict[str, list[Item]] = {}
     names_by_label: dict[int, str] = {}
+    first_entry: dict[int, str] = {}
     conflicts: list[str] = []
     for split in SPLIT_NAMES:
         entries = data.get(split, [])
@@ -97,15 +101,31 @@ def parse_split(data: Any, source: str, required: Sequence[str] = SPLIT_NAMES) -
         items: list[Item] = []
         for index, entry in enumerate(entries):
             path, label, classname = _entry(entry, f"{source}: {split}[{index}]")
+            first_entry.setdefault(label, f"{split}[{index}]")
             known = names_by_label.setdefault(label, classname)
             if known != classname:
                 conflicts.append(f"label {label} is {known!r} and {classname!r} ({split}[{index}])")
             items.append(Item(path, label))
         splits[split] = items
+    check_label_bound(first_entry, source)
     if conflicts:
         raise DatasetError(f"{source} gives {len(conflicts)} entries a class name that disagrees with their label: "
                            f"{format_offenders(conflicts)}.")
     return LabelledSplits(splits["train"], splits["val"], splits["test"], _classnames(names_by_label, source), source)
+
+
+def check_label_bound(first_entry: Mapping[int, str], source: str) -> None:
+    """Integer labels must run 0..n-1, n being the number of distinct labels: a label >= n (a gap, or a huge label
+    that would make every per-label table huge) raises DatasetError naming the entry and the bound. Call it before
+    anything is allocated from the labels. ``first_entry`` maps each label to where it first occurs."""
+    bound = len(first_entry)
+    beyond = sorted(label for label in first_entry if label >= bound)
+    if beyond:
+        label = beyond[-1]
+        raise DatasetError(
+            f"{source}: {first_entry[label]} has label {label}, but with {bound} distinct labels they must run "
+            f"0..{bound - 1} without gaps (labels at or above {bound}: {len(beyond)}); fix that entry's label, or give "
+            "class names instead of numbers.")
 
 
 def _entry(entry: Any, where: str) -> Entry:
@@ -130,13 +150,7 @@ def _entry(entry: Any, where: str) -> Entry:
 def _classnames(names_by_label: Mapping[int, str], source: str) -> list[str]:
     if not names_by_label:
         raise DatasetError(f"{source} holds no images.")
-    count = max(names_by_label) + 1
-    gaps = [str(label) for label in range(count) if label not in names_by_label]
-    if gaps:
-        raise DatasetError(
-            f"{source} has {len(gaps)} labels with zero images (labels must run 0..{count - 1} without gaps): "
-            f"{format_offenders(gaps)}."
-        )
+    count = len(names_by_label)  # check_label_bound made them run 0..count-1 without gaps
     labels_by_name: dict[str, int] = {}
     duplicates: list[str] = []
     for label in range(count):
@@ -148,6 +162,40 @@ def _classnames(names_by_label: Mapping[int, str], source: str) -> list[str]:
         raise DatasetError(f"{source} gives {len(duplicates)} class names to two labels: "
                            f"{format_offenders(duplicates)}.")
     return [names_by_label[label] for label in range(count)]
+
+
+def check_entries(splits: Mapping[str, Sequence[Item]], source: str, classnames: Sequence[str] | None = None, *,
+                  warn: bool = True) -> None:
+    """Refuse an image listed with two different labels (a contradiction: DatasetError naming them); with ``warn``,
+    log a warning for images listed twice in one split and for images in several splits (train/test overlap).
+
+    ``splits`` maps a split name to its items; ``classnames`` (by label) names the labels in the message."""
+    labels_of: dict[str, set[int]] = {}
+    found_in: dict[str, list[str]] = {}
+    for split, items in splits.items():
+        for item in items:
+            labels_of.setdefault(item.path, set()).add(item.label)
+            found_in.setdefault(item.path, []).append(split)
+
+    def name(label: int) -> str:
+        return f"{label} {classnames[label]!r}" if classnames is not None and label < len(classnames) else str(label)
+
+    contradictions = [f"{path} (labels {' and '.join(name(label) for label in sorted(labels))})"
+                      for path, labels in labels_of.items() if len(labels) > 1]
+    if contradictions:
+        raise DatasetError(f"{source} gives {len(contradictions)} image(s) two different classes: "
+                           f"{format_offenders(contradictions)}. An image has one class: remove the wrong entries.")
+    if not warn:
+        return
+    repeated = [path for path, where in found_in.items() if len(where) != len(set(where))]
+    if repeated:
+        log.warning("%s lists %d image(s) twice in the same split (each copy counts as another image): %s", source,
+                    len(repeated), format_offenders(repeated))
+    overlap = [f"{path} ({' and '.join(sorted(set(where)))})" for path, where in found_in.items()
+               if len(set(where)) > 1]
+    if overlap:
+        log.warning("%s puts %d image(s) in several splits, so the same images are trained on and evaluated: %s",
+                    source, len(overlap), format_offenders(overlap))
 
 
 def split_document(splits: LabelledSplits, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:

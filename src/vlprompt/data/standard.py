@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from vlprompt.data.creating import split_per_class, split_trainval
+from vlprompt.common.io import read_text
 from vlprompt.data.info import DatasetInfo, ReadContext
 from vlprompt.data.listing import format_offenders, image_files, subfolders
 from vlprompt.data.resolve import resolve_split
@@ -124,7 +125,7 @@ def _sun397_items(path: Path, label_of: Mapping[str, int], what: str) -> list[It
 
 def _lines(path: Path, what: str) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, f"the {what} list file", DatasetError)
     except FileNotFoundError:
         raise DatasetError(f"{what}: {path} does not exist; it comes with the dataset's official release.") from None
     return [line.strip() for line in text.splitlines() if line.strip()]

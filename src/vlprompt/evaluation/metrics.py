@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.common.precision import autocast_for
+from vlprompt.errors import ConfigError, DatasetError, NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -161,5 +161,10 @@ def _run_batches(classifier: Classifier, features: torch.Tensor, num_classes: in
             if logits.ndim != 2 or logits.shape[1] != num_classes:
                 raise ConfigError(f"the classifier returned logits of shape {tuple(logits.shape)} for "
                                   f"{num_classes} class names; expected [batch, {num_classes}]")
+            if not bool(logits.isfinite().all()):
+                raise NonFiniteError(
+                    f"the classifier gave NaN or infinite logits (images {start}..{start + logits.shape[0] - 1} of "
+                    f"{features.shape[0]}), so no score or prediction can be computed: its learned state is unusable "
+                    "(a training that diverged, or a damaged prompt file); train it again, e.g. with a lower --lr")
             outputs.append(reduce(logits).cpu())
     return torch.cat(outputs)

@@ -183,9 +183,11 @@ class FeatureCache:
         self._conn, self._pid = conn, os.getpid()
         return conn
 
-    def _say_waiting(self, holder: str) -> None:
-        logger.warning("waiting up to %.0f s for the feature cache %s, which process %s is setting up (--no-cache "
-                       "skips the cache)", self.timeout, self.path, holder)
+    def _say_waiting(self, holder: str | None = None, activity: str = "is setting up") -> None:
+        """Say that (and for how long at most) this process waits for another one using the cache."""
+        who = f"process {holder}" if holder else "another process"
+        logger.warning("waiting up to %g s for the feature cache %s, which %s %s (--no-cache skips the cache)",
+                       self.timeout, self.path, who, activity)
 
     def close(self) -> None:
         """Close this process's connection (it reopens on next use)."""
@@ -199,12 +201,26 @@ class FeatureCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """Start a write transaction; when another process is writing, say so before waiting for it."""
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        self._say_waiting(activity="is writing to")
+        conn.execute("BEGIN IMMEDIATE")
+
     def _write(self, sql: str, rows: Sequence[tuple]) -> None:
         if not rows:
             return
         conn = self._connection()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             try:
                 conn.executemany(sql, rows)
             except BaseException:
@@ -212,7 +228,9 @@ class FeatureCache:
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise FeatureCacheError(f"cannot write to the feature cache {self.path}: {exc}") from None
+            hint = (f" (another process held it for {self.timeout:g} s); retry, or run without the cache (--no-cache)"
+                    if "locked" in str(exc) else "")
+            raise FeatureCacheError(f"cannot write to the feature cache {self.path}: {exc}{hint}") from None
 
     def _select(self, sql: str, keys: Sequence[str]) -> list[tuple]:
         conn = self._connection()
@@ -331,7 +349,7 @@ class FeatureCache:
         """Delete every stored feature and file hash, then compact the file. Returns the number of features deleted."""
         conn = self._connection()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             deleted = conn.execute("DELETE FROM features").rowcount
             conn.execute("DELETE FROM file_hashes")
             conn.execute("COMMIT")

@@ -44,7 +44,7 @@ from vlprompt.common import dist as dist_helpers
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.transforms import EvalTransform, TrainTransform, view_generator
 from vlprompt.common.vocab import PRECISIONS, Precision
-from vlprompt.data.images import ON_ERROR_CHOICES, BadImage, ImageDataset, OnError
+from vlprompt.data.images import ON_ERROR_CHOICES, SKIP_HINT, BadImage, ImageDataset, OnError
 from vlprompt.data.listing import format_offenders
 from vlprompt.data.types import Item
 from vlprompt.errors import ConfigError, DatasetError, RunError
@@ -263,7 +263,7 @@ def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item
     if bad and on_error == "raise":
         raise DatasetError(
             f"{len(bad)} of {len(items)} images could not be read: {format_offenders(reasons)}. Remove or replace "
-            "them (`vlprompt data check` lists every unreadable file), or skip unreadable images (on_error='skip')."
+            f"them (`vlprompt data check` lists every unreadable file), {SKIP_HINT}."
         )
     keep = [i for i in range(len(items)) if i not in bad]
     if bad:

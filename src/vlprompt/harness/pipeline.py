@@ -214,7 +214,7 @@ def _fit(method: Any, spec: MethodSpec, clip: CLIP, data: DatasetSplits, config:
     fit = fit_method(method, spec, train_set, val_set, train=config.train, run_dir=run_dir, device=options.device,
                      on_epoch_end=on_epoch_end, progress=options.progress)
     if run_dir is not None:
-        save_prompt(method, run_dir.path / PROMPT_FILE)
+        save_prompt(method, run_dir.path / PROMPT_FILE, run=config.config_hash())
     return fit
 
 
@@ -227,7 +227,8 @@ def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfi
     test = eval_features(clip, data, "test", options)
     metrics, eval_s = score(method, test, data.classnames, options)
     timing = {"feature_s": options.seconds, "train_s": fit.seconds, "eval_s": eval_s}
-    payload = result_payload(config, metrics, eval_dataset=data.name, subset=config.subset, timing=timing)
+    payload = result_payload(config, metrics, eval_dataset=data.name, subset=config.subset, timing=timing,
+                             backbone=clip.config.name)
     payload["fit"] = {"kind": fit.kind, **fit.summary}
     _record_skipped(payload, options.skipped)
     if run_dir is not None:
@@ -255,7 +256,7 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
                        f"itself finished (results.json); evaluate again with `vlprompt eval {where} --dataset "
                        f"{eval_spec.dataset} --subset {eval_spec.subset}`") from exc
     payload = result_payload(config, metrics, eval_dataset=target.name, subset=eval_spec.subset,
-                             timing={"feature_s": options.seconds, "eval_s": seconds})
+                             timing={"feature_s": options.seconds, "eval_s": seconds}, backbone=clip.config.name)
     if eval_spec.protocol is not None:
         payload["protocol"] = eval_spec.protocol
     _record_skipped(payload, options.skipped)
@@ -330,7 +331,7 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
     (CheckpointError naming both). ``device`` defaults to the run's ``train.device``.
     """
     from vlprompt.errors import CheckpointError
-    from vlprompt.methods.prompt_file import load_prompt
+    from vlprompt.methods.prompt_file import load_prompt, read_prompt_header
     from vlprompt.stages import load_backbone, resolve_device
 
     folder = Path(run_dir)
@@ -342,6 +343,14 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
                            f"finish it with `vlprompt train ... --out {folder} --resume` (same options)")
         raise RunError(f"{folder} holds no learned prompt ({PROMPT_FILE}) yet: train it first, or resume it with "
                        "the same options and --resume")
+    header = read_prompt_header(prompt)
+    legacy = header.run is None and header.method == config.method  # written before prompts recorded their run
+    if header.run != config.config_hash() and not legacy:
+        first = ", ".join(header.classnames[:3]) + (", ..." if len(header.classnames) > 3 else "")
+        raise RunError(f"{prompt} was not written by the run in {folder} (it holds a {header.method} prompt for "
+                       f"{len(header.classnames)} classes: {first}; the run is {config.method} on {config.dataset}): "
+                       "it was copied in from elsewhere. Copy whole run folders, not single files, or train this run "
+                       "again with --overwrite")
     if clip is None:
         target = resolve_device(device if device is not None else config.train.device)
         source = model or config.model
@@ -417,7 +426,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
         features = eval_features(trained.clip, target, "test", options)
         metrics, eval_s = score(method, features, target.classnames, options)
         payload = result_payload(config, metrics, eval_dataset=target.name, subset=subset,
-                                 timing={"feature_s": options.seconds, "eval_s": eval_s})
+                                 timing={"feature_s": options.seconds, "eval_s": eval_s},
+                                 backbone=trained.clip.config.name)
         if protocol is not None:  # labelled for another protocol than the run's (see EvalSpec.protocol)
             payload["protocol"] = protocol
         _record_skipped(payload, options.skipped)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from vlprompt.common import locks
-from vlprompt.common.io import atomic_write_bytes, atomic_write_json
+from vlprompt.common.io import atomic_write_bytes, atomic_write_json, safetensors_bytes, writing
 from vlprompt.errors import CheckpointError, ConfigError, RunError
 from vlprompt.harness.config import NON_IDENTITY_KEYS
 from vlprompt.common.vocab import SUBSETS
@@ -184,7 +184,8 @@ def read_run_config(folder: str | os.PathLike[str]) -> RunConfig:
     try:
         return RunConfig.from_dict(data)
     except ConfigError as exc:
-        raise RunError(f"{path / CONFIG_FILE} is not a vlprompt run configuration ({exc})") from None
+        raise RunError(f"{path / CONFIG_FILE} is not a vlprompt run configuration ({exc}); it was edited or damaged: "
+                       "restore it as vlprompt wrote it, or train the run again into a new --out") from None
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -373,8 +374,9 @@ class RunDir:
         if reason is not None:
             raise RunError(f"{reason}; vlprompt only uses an empty folder or one of its own run folders (never "
                            "overwriting anything else): choose a new or empty folder with --out")
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = locks.acquire(folder / LOCK_FILE)
+        with writing(folder):  # a read-only or full place: say so (the lock file is the first thing written)
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = locks.acquire(folder / LOCK_FILE)
         if lock is None:
             holder = locks.recorded_holder(folder / LOCK_FILE) or "unknown"
             raise RunError(f"run folder {folder} is in use by another process (pid {holder}); wait for it to end, or "
@@ -426,11 +428,9 @@ class RunDir:
         then they are renamed into place. :meth:`load_checkpoint` finishes the renames after a crash. Every write is
         atomic.
         """
-        from safetensors.torch import save
-
         epoch = str(state.get("epoch", ""))
-        blobs = {OPTIM_FILE: save(_cpu_tensors(optim), metadata={"epoch": epoch}),
-                 PARAMS_FILE: save(_cpu_tensors(params), metadata={"epoch": epoch})}
+        blobs = {OPTIM_FILE: safetensors_bytes(_cpu_tensors(optim), {"epoch": epoch}),
+                 PARAMS_FILE: safetensors_bytes(_cpu_tensors(params), {"epoch": epoch})}
         for name, blob in blobs.items():
             atomic_write_bytes(self.path / (name + _PENDING), blob)
         checksums = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
@@ -482,7 +482,8 @@ class RunDir:
     def log_handler(self) -> logging.Handler:
         """A logging handler appending to ``log.txt`` (one per RunDir, closed by :meth:`close`)."""
         if self._log_handler is None:
-            handler = logging.FileHandler(self.path / LOG_FILE, mode="a", encoding="utf-8")
+            with writing(self.path / LOG_FILE):
+                handler = logging.FileHandler(self.path / LOG_FILE, mode="a", encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             self._log_handler = handler
         return self._log_handler
@@ -554,8 +555,12 @@ def software_versions() -> dict[str, str]:
 
 
 def result_payload(config: RunConfig, metrics: Mapping[str, Any], *, eval_dataset: str | None = None,
-                   subset: str | None = None, timing: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The result JSON of docs/architecture.md "Results" for ``config`` and ``metrics`` (from ``evaluate``)."""
+                   subset: str | None = None, timing: Mapping[str, float] | None = None,
+                   backbone: str | None = None) -> dict[str, Any]:
+    """The result JSON of docs/architecture.md "Results" for ``config`` and ``metrics`` (from ``evaluate``).
+
+    ``backbone`` is the loaded CLIP's short name (``clip.config.name``: "ViT-B/16", or the checkpoint's folder or file
+    name), which reports use instead of ``model`` (what was given: possibly a long path)."""
     payload: dict[str, Any] = {
         "schema": RESULT_SCHEMA,
         "method": config.method,
@@ -565,6 +570,7 @@ def result_payload(config: RunConfig, metrics: Mapping[str, Any], *, eval_datase
         "shots": config.shots,
         "seed": config.seed,
         "model": config.model,
+        **({"backbone": backbone} if backbone else {}),
         "budget": config.budget,
     }
     if config.protocol is not None:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from vlprompt.common.options import check_choice, check_int, option
+from vlprompt.common.options import check_choice, option
 from vlprompt.errors import ConfigError
 from vlprompt.data.registry import key_of
 from vlprompt.methods.templates import TEMPLATE_SETS, check_template, check_templates

@@ -88,6 +88,10 @@ class LinearProbe(FrozenClipMethod):
         The record: ``{"c": chosen C, "val_accuracy": percent or None, "coarse": [[C, acc], ...],
         "refine": [[C_left, acc_left, C_right, acc_right], ...], "converged": bool}``.
         """
+        if self.num_classes < 2:
+            raise DatasetError(f"the linear probe needs at least two classes, but this dataset has one "
+                               f"({self.classnames[0]!r}): logistic regression cannot separate a single class; use a "
+                               "dataset (or --subset) with several classes")
         x_train, y_train = self._arrays(train, "train")
         if x_train.shape[1] != self.linear.in_features:
             raise DatasetError(f"train features have width {x_train.shape[1]}, this backbone's image features have "

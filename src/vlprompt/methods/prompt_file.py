@@ -5,7 +5,8 @@ linear probe's layer; nothing for zero-shot) and string metadata:
 
 ``format`` ("vlprompt-prompt"), ``format_version``, ``method`` (registry name), ``config`` (JSON of the method's config),
 ``classnames`` (JSON list), ``backbone`` (the CLIP's name), ``backbone_fingerprint`` (``clip.fingerprint()``: SHA-256
-of architecture and weights) and ``vlprompt_version``.
+of architecture and weights), ``vlprompt_version`` and, for a file saved in a run folder, ``run`` (that run's
+configuration hash, so a prompt copied in from another run is recognised).
 
 :func:`load_prompt` rebuilds the method on a CLIP and refuses one whose fingerprint differs (naming both backbones).
 """
@@ -24,7 +25,7 @@ from torch import Tensor
 from vlprompt.common.vocab import seeded_torch
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import CheckpointError, ConfigError
-from vlprompt.common.io import atomic_write_bytes
+from vlprompt.common.io import atomic_write_bytes, safetensors_bytes
 from vlprompt.methods import METHODS
 from vlprompt.methods.base import FrozenClipMethod
 from vlprompt.common.options import config_from_dict, config_to_dict
@@ -45,6 +46,7 @@ class PromptHeader:
     backbone: str | None
     backbone_fingerprint: str
     vlprompt_version: str
+    run: str | None = None  # the configuration hash of the run that wrote it (None: saved outside a run folder)
 
     def describe_backbone(self) -> str:
         return _describe(self.backbone, self.backbone_fingerprint)
@@ -54,10 +56,9 @@ def _describe(name: str | None, fingerprint: str) -> str:
     return f"{name or 'an unnamed CLIP'!r} (fingerprint {fingerprint[:12]})"
 
 
-def save_prompt(method: FrozenClipMethod, path: str | os.PathLike[str]) -> Path:
-    """Write ``method``'s learned state and metadata to ``path`` (atomically); returns the path."""
-    from safetensors.torch import save
-
+def save_prompt(method: FrozenClipMethod, path: str | os.PathLike[str], *, run: str | None = None) -> Path:
+    """Write ``method``'s learned state and metadata to ``path`` (atomically); returns the path. ``run`` (the
+    configuration hash of the run folder it is saved into) binds the file to that run."""
     from vlprompt import __version__
 
     name = getattr(method, "method_name", "")
@@ -73,9 +74,10 @@ def save_prompt(method: FrozenClipMethod, path: str | os.PathLike[str]) -> Path:
         "backbone": clip.config.name or "",
         "backbone_fingerprint": clip.fingerprint(),
         "vlprompt_version": __version__,
+        **({"run": run} if run is not None else {}),
     }
     tensors = {key: value.detach().cpu().contiguous() for key, value in method.state_dict().items()}
-    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def read_prompt_header(path: str | os.PathLike[str]) -> PromptHeader:
@@ -142,6 +144,7 @@ def _read(path: str | os.PathLike[str], *, tensors: bool) -> tuple[PromptHeader,
             backbone=metadata.get("backbone") or None,
             backbone_fingerprint=metadata["backbone_fingerprint"],
             vlprompt_version=metadata.get("vlprompt_version", "unknown"),
+            run=metadata.get("run"),
         )
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"prompt file {str(source)!r} has damaged metadata ({exc!r})") from None

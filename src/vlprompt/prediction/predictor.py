@@ -253,21 +253,35 @@ def _check_tensor(item: torch.Tensor, source: str) -> torch.Tensor:
 
 
 def parse_classnames(classes: str | Sequence[str]) -> list[str]:
-    """Class names from a comma-separated string or a sequence; blanks are dropped, and an empty result is a
-    ConfigError."""
+    """Class names from a comma-separated string (a trailing comma is allowed) or a sequence, stripped. ConfigError
+    for an empty list, an empty entry (``" , dog"``) and a name given twice (``"cat,cat"``, also ``"Cat,cat"``: CLIP
+    reads them alike)."""
+    from vlprompt.data.classnames import same_name_message, same_named
+
     names = classes.split(",") if isinstance(classes, str) else list(classes)
-    cleaned = [str(name).strip() for name in names if str(name).strip()]
-    if not cleaned:
+    cleaned = [str(name).strip() for name in names]
+    if isinstance(classes, str) and len(cleaned) > 1 and not cleaned[-1]:
+        cleaned.pop()  # a trailing comma ends the list; an empty entry anywhere else is a mistake
+    if not any(cleaned):
         raise ConfigError("the class list is empty: give at least one class name (e.g. --classes 'cat,dog')")
+    empty = [str(number) for number, name in enumerate(cleaned, start=1) if not name]
+    if empty:
+        raise ConfigError(f"the class list {', '.join(cleaned)!r} has empty entries (number {', '.join(empty)}): "
+                          "remove the extra commas, or give those names")
+    shared = same_named(cleaned)
+    if shared:
+        raise ConfigError(same_name_message(shared, "the class list"))
     return cleaned
 
 
 def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
     """Class names from a text file, one per line (blank lines and lines starting with '#' ignored)."""
+    from vlprompt.common.io import read_text
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the class list file {path}: {exc}") from None
+        text = read_text(path, "the class list file", ConfigError)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read the class list file {path}: it does not exist") from None
     lines = [line.strip() for line in text.splitlines()]
     names = [line for line in lines if line and not line.startswith("#")]
     if not names:

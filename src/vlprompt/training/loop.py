@@ -14,7 +14,8 @@ One flat function, :func:`train`, plus small pure helpers:
   forward (if any) is seeded per (seed, epoch) too, so a resumed run needs no RNG replay.
 - Cross-entropy on the logits; the last epoch is the final model.
 - Precision: fp32, or autocast bf16 / fp16 (fp16 with gradient scaling); learned parameters and optimiser state stay
-  fp32. A non-finite loss raises :class:`TrainingDiverged` before the update, naming epoch, step and lr.
+  fp32. A non-finite loss raises :class:`TrainingDiverged` before the update, non-finite learned parameters after
+  an update, and non-finite logits (on one batch) after an epoch, before its checkpoint: naming epoch, step and lr.
 - A checkpoint after every epoch (rank 0 only) in the run folder; with a checkpoint present, training continues from
   it and ends with the parameters an uninterrupted run has (bit-identical on CPU).
 - Under torchrun, DistributedDataParallel: every rank draws the same global batch and takes its share; losses are
@@ -40,7 +41,7 @@ from torch import nn
 
 from vlprompt.common import dist
 from vlprompt.training.config import TrainConfig, stable_hash, train_identity
-from vlprompt.errors import CheckpointError, ConfigError, DatasetError, RunError
+from vlprompt.errors import CheckpointError, ConfigError, DatasetError, NonFiniteError, RunError
 from vlprompt.common.precision import autocast_for
 from vlprompt.common.vocab import derive_seed, seeded_torch
 
@@ -52,8 +53,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
 
-class TrainingDiverged(RunError):
-    """The training loss became NaN or infinite; the run stopped before applying that update."""
+class TrainingDiverged(RunError, NonFiniteError):
+    """The loss, the learned parameters or the logits became NaN or infinite; the run stopped without saving."""
 
 
 class FeatureData(Protocol):
@@ -197,8 +198,14 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
                 with seeded_torch(target, config.seed, "forward", epoch):
                     totals = _train_epoch(model, optimizer, scaler, view, labels, batches, target,
                                           config.precision, max_label)
-            except _NonFiniteLoss as bad:
-                raise _diverged(bad.value, epoch, bad.step, len(batches), lr, config, run_dir) from None
+            except _NonFinite as bad:
+                raise _diverged(bad.what, epoch, bad.step, len(batches), lr, config, run_dir,
+                                applied=bad.applied) from None
+            with seeded_torch(target, config.seed, "forward", epoch):
+                finite = _finite_logits(method, view, batches[0], target, config.precision)
+            if not finite:
+                raise _diverged("the logits are non-finite after the epoch's last update", epoch, len(batches) - 1,
+                                len(batches), lr, config, run_dir, applied=True)
             stats = EpochStats(epoch=epoch + 1, lr=lr, loss=float(totals[0] / totals[2]),
                                accuracy=float(100.0 * totals[1] / totals[2]),
                                seconds=time.perf_counter() - started)
@@ -222,10 +229,12 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
 # ------------------------------------------------------------------------------------------------ loop helpers
 
 
-class _NonFiniteLoss(Exception):
-    def __init__(self, step: int, value: float) -> None:
-        super().__init__(step, value)
-        self.step, self.value = step, value
+class _NonFinite(Exception):
+    """A non-finite loss (before the update of ``step``) or learned parameter (after it)."""
+
+    def __init__(self, step: int, what: str, applied: bool) -> None:
+        super().__init__(step, what, applied)
+        self.step, self.what, self.applied = step, what, applied
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -250,14 +259,39 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: tor
         count = torch.full((), float(local.numel()), device=device)
         step_totals = dist.all_reduce_sum(torch.stack([loss_sum.detach(), correct, count]).double()).cpu()
         if not math.isfinite(float(step_totals[0])):
-            raise _NonFiniteLoss(step, float(step_totals[0]))
+            raise _NonFinite(step, f"the loss is {float(step_totals[0])}", applied=False)
         totals += step_totals
         optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; this scale makes the result the mean over the whole global batch
         scaler.scale(loss_sum * (world / batch.numel())).backward()
         scaler.step(optimizer)
         scaler.update()
+        if not _finite_parameters(optimizer):
+            raise _NonFinite(step, "the learned parameters are non-finite", applied=True)
     return totals
+
+
+def _finite_parameters(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every learned parameter is finite after an update (the same on every rank: DDP keeps them equal).
+
+    A float64 sum is finite exactly when every element is (it cannot overflow), so no full-size mask is built.
+    """
+    sums = [p.detach().sum(dtype=torch.float64) for group in optimizer.param_groups for p in group["params"]]
+    return bool(torch.stack(sums).isfinite().all())
+
+
+def _finite_logits(method: nn.Module, view: torch.Tensor, batch: torch.Tensor, device: torch.device,
+                   precision: str) -> bool:
+    """Whether the method's logits on one training batch are finite after the epoch: parameters can stay finite yet
+    grow so large that the text tower overflows (a divergence in the last update shows here, not in any loss)."""
+    was_training = method.training
+    method.eval()
+    try:
+        with torch.no_grad(), autocast_for(device, precision):
+            logits = method(view[batch.to(view.device)].to(device))
+        return bool(logits.float().isfinite().all())
+    finally:
+        method.train(was_training)
 
 
 def _training_views(train_set: FeatureData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,14 +358,16 @@ def _progress(total: int, initial: int, show: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="epoch", disable=not show, leave=False)
 
 
-def _diverged(value: float, epoch: int, step: int, steps: int, lr: float, config: TrainConfig,
-              run_dir: RunDir | None) -> TrainingDiverged:
+def _diverged(what: str, epoch: int, step: int, steps: int, lr: float, config: TrainConfig,
+              run_dir: RunDir | None, *, applied: bool = False) -> TrainingDiverged:
     where = (f"the last good checkpoint (epoch {epoch}) is in {run_dir.path}" if run_dir is not None and epoch > 0
              else "no checkpoint was written")
+    update = "nothing of this epoch was saved" if applied else "the update was not applied"
     return TrainingDiverged(
-        f"training diverged: the loss is {value} at epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps} "
-        f"(lr {lr:g}, precision {config.precision}); the update was not applied and {where}. Lower --lr, or use "
-        "--precision fp32 if mixed precision overflowed")
+        f"training diverged: {what} at epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps} (lr {lr:g}, "
+        f"precision {config.precision}); {update}, no prompt or result was written and {where}. Lower --lr"
+        f"{'' if config.precision == 'fp32' else ' (or use --precision fp32: mixed precision may have overflowed)'} "
+        "and start the run again with --overwrite")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint state

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.common import locks
-from vlprompt.common.io import atomic_write_json
+from vlprompt.common.io import atomic_write_json, writing
 
 BENCH_DIR = ".bench"
 CLAIMS_DIR = "claims"
@@ -41,7 +41,8 @@ def error_path(out: Path, key: str) -> Path:
 
 def try_claim(out: Path, key: str) -> locks.FileLock | None:
     """Claim run ``key`` without waiting: the held lock, or None when another worker holds it."""
-    return locks.acquire(claim_path(out, key))
+    with writing(claim_path(out, key)):  # a read-only or full --out: one clear error for the whole bench
+        return locks.acquire(claim_path(out, key))
 
 
 @dataclass(frozen=True)

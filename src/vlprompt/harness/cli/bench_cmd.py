@@ -23,7 +23,14 @@ from typing import Any
 from vlprompt.errors import ConfigError
 
 ROOT_ENV = "VLPROMPT_DATA_ROOT"
-BUDGET_BANNER = "SMOKE TEST (--budget): 2 training epochs, at most 64 test images per dataset; results are not comparable to the papers"
+
+
+def budget_banner(epochs: int | None) -> str:
+    """The smoke-test banner, with the epochs the runs really train for (``--epochs``, else the budget's)."""
+    from vlprompt.harness.bench.protocols import BUDGET_EPOCHS, BUDGET_TEST_IMAGES
+
+    return (f"SMOKE TEST (--budget): {epochs if epochs is not None else BUDGET_EPOCHS} training epochs, at most "
+            f"{BUDGET_TEST_IMAGES} test images per dataset; results are not comparable to the papers")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -154,12 +161,13 @@ def options_from_args(args: argparse.Namespace) -> Any:
 # ------------------------------------------------------------------------------------------------------ commands
 
 
-def plan_lines(protocol: str, runs: Sequence[Any], out: Path, budget: bool) -> list[str]:
-    """The dry-run listing: one line per run (action, state, folder, what it is) and the totals."""
+def plan_lines(protocol: str, runs: Sequence[Any], out: Path, budget: bool, epochs: int | None = None) -> list[str]:
+    """The dry-run listing: one line per run (action, state, folder, what it is) and the totals (``epochs``: the
+    --epochs given, for the smoke-test banner)."""
     from vlprompt.harness.bench.status import RunState, count_states, inspect_run
 
     statuses = [inspect_run(run, out) for run in runs]
-    lines = [f"*** {BUDGET_BANNER} ***"] if budget else []
+    lines = [f"*** {budget_banner(epochs)} ***"] if budget else []
     lines.append(f"{protocol}: {len(runs)} run(s) under {out}")
     width = max((len(run.key) for run in runs), default=0)
     for run, status in zip(runs, statuses):
@@ -199,7 +207,7 @@ def run_bench(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     runs = build_plan(args.protocol, options)
     if args.dry_run:
-        print("\n".join(plan_lines(args.protocol, runs, options.out, options.budget)))
+        print("\n".join(plan_lines(args.protocol, runs, options.out, options.budget, options.train.epochs)))
         return 0
     if not options.root:
         raise ConfigError(f"give the data root with --root (or set ${ROOT_ENV}); it holds the dataset folders")
@@ -208,13 +216,14 @@ def run_bench(args: argparse.Namespace) -> int:
     from vlprompt.common.io import atomic_write_json
 
     devices, threads = _worker_setup(args.jobs, options.train.device)
-    banner = [f"*** {BUDGET_BANNER} ***"] if options.budget else []
+    banner_text = budget_banner(options.train.epochs)
+    banner = [f"*** {banner_text} ***"] if options.budget else []
     print("\n".join([*banner, f"{args.protocol}: {len(runs)} run(s) under {options.out}"
                      + (f" with {args.jobs} workers" if args.jobs > 1 else "")]), flush=True)
     runner = PipelineRunner(progress=None if args.jobs == 1 else False)
     result = execute_plan(runs, options.out, runner, jobs=args.jobs, devices=devices, threads=threads,
                           log=lambda line: print(line, flush=True))
-    record = {"protocol": args.protocol, "budget": options.budget, **({"banner": BUDGET_BANNER} if options.budget
+    record = {"protocol": args.protocol, "budget": options.budget, **({"banner": banner_text} if options.budget
                                                                        else {}), **result.to_dict()}
     written = atomic_write_json(summary_path(options.out, args.protocol, options.budget), record)
     print("\n".join([*banner, *result.lines(), f"summary: {written}"]))

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vlprompt.common.io import read_text
 from vlprompt.errors import ConfigError
 
 ROOT_ENV = "VLPROMPT_DATA_ROOT"
@@ -80,10 +81,7 @@ def read_templates(path: Path) -> tuple[str, ...]:
     """Prompt templates from a text file, one per line (blank lines and '#' comments ignored)."""
     if not path.is_file():
         raise ConfigError(f"--ensemble {str(path)!r} is neither a template set (coop7, clip80) nor a file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the template file {path}: {exc}") from None
+    lines = read_text(path, "the template file", ConfigError).splitlines()
     templates = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     if not templates:
         raise ConfigError(f"the template file {path} holds no templates (one per line, with '{{}}' for the class)")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import ConfigError
+from vlprompt.common.io import json_text
 
 ROOT_ENV = "VLPROMPT_DATA_ROOT"
 
@@ -97,7 +97,7 @@ def run_list(args: argparse.Namespace) -> int:
                  "template": info.template, "split_file": info.split_file, **info.expected.as_dict(),
                  **({"found": found[key]} if found is not None else {})}
                 for key, info in DATASETS.items()]
-        print(json.dumps(rows, indent=1))
+        print(json_text(rows, indent=1))
         return 0
     header = ("key", "name", "folder", "image folder", "classes", "train", "val", "test")
     if found is not None:

@@ -39,9 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` so that options may follow positional arguments (``predict RUN --top-k 2 IMAGE``), and so that
+    an error shows the usage of the command it concerns, not the top-level one.
+
+    argparse stops a subcommand's positionals at the first option and leaves what follows to the top-level parser,
+    which then rejects it; the command's own parser re-parses its arguments intermixed instead."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    args, extras = parser.parse_known_args(tokens)
+    if not extras:
+        return args
+    command, start = parser, 0
+    while True:  # the innermost (sub)command named on the line, and where its own arguments begin
+        action = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, action.dest, None) if action is not None else None
+        if action is None or name is None or name not in tokens[start:]:
+            break
+        start = tokens.index(name, start) + 1
+        command = action.choices[name]
+    if command is parser:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    try:
+        reparsed = command.parse_intermixed_args(tokens[start:])
+    except TypeError:  # a command group with sub-commands cannot be parsed intermixed
+        command.error(f"unrecognized arguments: {' '.join(extras)}")
+    for key, value in vars(args).items():  # the enclosing levels' choices (command, data_command, ...)
+        if not hasattr(reparsed, key):
+            setattr(reparsed, key, value)
+    return reparsed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

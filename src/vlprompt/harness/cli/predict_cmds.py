@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from vlprompt.common.vocab import DEFAULT_TEMPLATE, PRECISIONS
 from vlprompt.harness.cli.common import add_output_options, console_logging, read_templates
 from vlprompt.errors import ConfigError
+from vlprompt.common.io import json_text
 from vlprompt.harness.rundir import CONFIG_FILE
 
 
@@ -114,7 +114,7 @@ def run_predict(args: argparse.Namespace) -> int:
                                       batch_size=args.batch_size)
         report = predictor.predict_report(images, args.top_k, skip_bad=args.skip_bad)
     if args.json:
-        print(json.dumps({"classes": len(predictor.classnames), **report.to_dict()}, indent=2, ensure_ascii=False))
+        print(json_text({"classes": len(predictor.classnames), **report.to_dict()}))
     else:
         for prediction in report.predictions:
             print(prediction.source)
@@ -162,7 +162,7 @@ def run_interpret(args: argparse.Namespace) -> int:
                     "blocks": [{"class": name, "vectors": [
                         [{"word": n.word, "distance": n.distance, "token_id": n.token_id} for n in vector]
                         for vector in block]} for name, block in blocks]}
-        print(json.dumps(document, indent=2, ensure_ascii=False))
+        print(json_text(document))
         return 0
     print(f"{method} context of {args.run}: {int(ctx.shape[-2])} vector(s), nearest words by Euclidean distance")
     for name, block in blocks:

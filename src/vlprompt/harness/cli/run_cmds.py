@@ -14,12 +14,11 @@ eval-<name>.json where they apply): see :mod:`vlprompt.harness.pipeline`. Under 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from vlprompt.common.vocab import DEFAULT_MODEL, PRECISIONS, SUBSETS
+from vlprompt.common.vocab import PRECISIONS, SUBSETS
 from vlprompt.harness.cli.common import (
     add_cache_options,
     add_output_options,
@@ -31,6 +30,7 @@ from vlprompt.harness.cli.common import (
     read_templates,
 )
 from vlprompt.errors import ConfigError
+from vlprompt.common.io import json_text
 from vlprompt.harness.rundir import RESULTS_FILE, eval_file, eval_files, eval_name, read_result
 
 # TrainConfig fields that matter to methods that are not trained by SGD (feature extraction and evaluation)
@@ -248,7 +248,7 @@ def _print_run(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     folder = Path(args.out)
     evals = {name: read_result(path) for name, path in eval_files(folder).items()}
     if args.json:
-        print(json.dumps({"results": payload, "evals": evals}, indent=2))
+        print(json_text({"results": payload, "evals": evals}))
         return
     metrics = payload["metrics"]
     budget = " [budget smoke test]" if payload.get("budget") else ""
@@ -271,7 +271,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                feature_cache=feature_cache_arg(args), progress=False if args.quiet else None)
     out = Path(args.run) / eval_file(args.name or eval_name(payload["eval_dataset"], payload["subset"]))
     if args.json:
-        print(json.dumps(payload, indent=2))
+        print(json_text(payload))
     else:
         metrics = payload["metrics"]
         print(f"{payload['method']} run {args.run} on {payload['eval_dataset']} ({payload['subset']} classes): "

@@ -210,6 +210,20 @@ def find_result_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def model_label(model: str | None) -> str | None:
+    """A short, stable label of a backbone given as a path (results written before they recorded ``backbone``): the
+    file's or folder's name; model names ("ViT-B/16") and hub ids ("org/name") stay as they are."""
+    if model is None:
+        return None
+    if model.startswith(("/", "~", "./", "../", ".\\")) or "\\" in model or model.endswith(_CHECKPOINT_SUFFIXES):
+        path = Path(model.replace("\\", "/"))
+        return (path.stem if path.suffix in _CHECKPOINT_SUFFIXES else path.name) or model
+    return model
+
+
 def _optional_str(data: dict[str, Any], name: str, default: str | None = None) -> str | None:
     value = data.get(name, default)
     if value is None:
@@ -278,7 +292,7 @@ def parse_result(path: Path) -> ResultRecord:
         subset=subset,
         shots=shots,
         seed=seed,
-        model=_optional_str(data, "model"),
+        model=_optional_str(data, "backbone") or model_label(_optional_str(data, "model")),
         budget=budget,
         accuracy=float(accuracy),
     )
