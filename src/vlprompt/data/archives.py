@@ -26,12 +26,16 @@ from vlprompt.errors import DatasetError
 log = logging.getLogger(__name__)
 
 
+class UnsafeArchiveError(DatasetError):
+    """An archive holds a member that would land outside its destination (or a link, device or FIFO entry)."""
+
+
 def safe_member_name(name: str, archive: str) -> str:
     """The member's normalised relative POSIX path, or :class:`DatasetError` if it could leave the destination."""
     unix = name.replace("\\", "/")
     parts = PurePosixPath(unix).parts
     if (unix.startswith("/") or (len(unix) > 1 and unix[1] == ":") or ".." in parts):
-        raise DatasetError(f"{archive} holds the member {name!r}, whose path leads outside the folder it is "
+        raise UnsafeArchiveError(f"{archive} holds the member {name!r}, whose path leads outside the folder it is "
                            "extracted to; the archive was refused and nothing of it was kept.")
     normalised = posixpath.normpath(unix) if unix not in ("", ".") else "."
     return normalised
@@ -65,7 +69,7 @@ def _extract_tar(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> 
             if member.issym() or member.islnk():
                 _check_link(member, name)
             elif not (member.isfile() or member.isdir()):
-                raise DatasetError(f"{name} holds {member.name!r}, a device or FIFO entry; the archive was refused.")
+                raise UnsafeArchiveError(f"{name} holds {member.name!r}, a device or FIFO entry; the archive was refused.")
             tar.extract(member, destination, filter="data")
             bar.update(raw.tell() - position)
             position = raw.tell()
@@ -78,7 +82,7 @@ def _check_link(member: tarfile.TarInfo, archive: str) -> None:
     else:
         resolved = posixpath.normpath(target)
     if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
-        raise DatasetError(f"{archive} holds the link {member.name!r} -> {member.linkname!r}, which points outside "
+        raise UnsafeArchiveError(f"{archive} holds the link {member.name!r} -> {member.linkname!r}, which points outside "
                            "the folder it is extracted to; the archive was refused and nothing of it was kept.")
 
 
@@ -88,7 +92,7 @@ def _extract_zip(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> 
             safe_member_name(info.filename, name)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise DatasetError(f"{name} holds the link {info.filename!r}; links are not extracted from zip "
+                raise UnsafeArchiveError(f"{name} holds the link {info.filename!r}; links are not extracted from zip "
                                    "archives, so the archive was refused.")
             archive.extract(info, destination)
             bar.update(info.compress_size)

@@ -25,13 +25,14 @@ import hashlib
 import logging
 import os
 import shutil
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from vlprompt.common.io import atomic_write, atomic_write_bytes
-from vlprompt.data.archives import extract, place, remove_tree
+from vlprompt.data.archives import UnsafeArchiveError, extract, place, remove_tree
 from vlprompt.data.check import CheckReport, check_dataset
 from vlprompt.data.fetch import FetchError, Opener, fetch, file_digest, format_size
 from vlprompt.data.info import DatasetInfo
@@ -178,7 +179,12 @@ class _Session:
             building = staging / info.folder
             building.mkdir()
             for number, (file, path) in enumerate(zip(entry.files, paths)):
-                self._unpack(info, file, path, staging / f"extract-{number}", building)
+                try:
+                    self._unpack(info, file, path, staging / f"extract-{number}", building)
+                except UnsafeArchiveError:
+                    if path in fetched:   # it can never be used: do not keep it
+                        path.unlink(missing_ok=True)
+                    raise
             prepare_layout(info, building)
             if not info.images_in(building).is_dir():
                 raise DatasetError(f"after unpacking, {info.images_in(building).relative_to(building)} is missing: "
@@ -190,6 +196,8 @@ class _Session:
             remove_tree(staging)
         self.out(f"{info.title}: installed at {target}")
         notes = self._discard(fetched)
+        notes += [f"kept {plan.path} (it was there before this run; delete it if you no longer need it)"
+                  for plan in plans if plan.how == "placed"]
         return DownloadResult(info.key, info.title, "installed", target, self._check(info), notes)
 
     def manual(self, info: DatasetInfo, entry: DatasetSource) -> DownloadResult:
@@ -242,13 +250,13 @@ class _Session:
                       timeout=self.options.timeout, retries=self.options.retries, progress=self.options.progress)
             except FetchError as exc:
                 reasons.append(f"{source.url}: {exc.reason}")
-                log.warning("%s: %s", info.title, exc)
+                log.info("%s: %s", info.title, exc)
                 continue
             problem = self._verify(part, file)
             if problem is not None:
                 part.unlink(missing_ok=True)
                 reasons.append(f"{source.url}: {problem}; the file was deleted")
-                log.warning("%s: %s from %s: %s", info.title, file.name, source.url, problem)
+                log.info("%s: %s from %s: %s", info.title, file.name, source.url, problem)
                 continue
             os.replace(part, plan.path)
             fetched.append(plan.path)
@@ -272,7 +280,7 @@ class _Session:
             try:
                 decoded = file_digest(path, file.algorithm, label=file.name, progress=self.options.progress,
                                       decompress=True)
-            except (OSError, EOFError):
+            except (OSError, EOFError, zlib.error):   # not a valid gzip stream: the raw digest stands
                 decoded = None
             if decoded == file.digest:
                 log.info("%s: the published checksum is that of the decompressed archive; it matches", file.name)
