@@ -39,7 +39,8 @@ JPEG = jpeg()
 
 
 # ---- archives -----------------------------------------------------------------------------------------------------
-def tar_bytes(members: Mapping[str, bytes], *, compress: bool, links: Mapping[str, str] = MappingProxyType({})) -> bytes:
+def tar_bytes(members: Mapping[str, bytes], *, compress: bool,
+              links: Mapping[str, str] = MappingProxyType({})) -> bytes:
     """A tar (gzip-compressed with ``compress``) holding ``members`` (name -> bytes) and symbolic ``links``."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz" if compress else "w", **({"compresslevel": 1} if compress else {})) \

@@ -199,6 +199,16 @@ def test_an_archive_whose_members_leave_the_destination_is_refused(kind, tmp_pat
     assert not root.exists() and not (tmp_path / "evil.txt").exists()
 
 
+def test_a_damaged_archive_without_a_published_checksum_is_refused_and_deleted(tmp_path):
+    root = tmp_path / "data"
+    with FileServer() as server:
+        sources = local_sources(server, {"ucf101": Synthetic({"UCF-101-midframes.zip": b"PK\x03\x04 cut"}, {})},
+                                checksums=False)
+        with pytest.raises(DatasetError, match="cannot be unpacked"):
+            _download(["ucf101"], root, sources)
+    assert not root.exists()
+
+
 def test_the_published_checksum_of_the_decompressed_tar_is_accepted_for_a_gz_archive(tmp_path):
     data = synthetic("imagenetv2")
     root = tmp_path / "data"
@@ -339,12 +349,15 @@ def test_free_disk_space_is_checked_before_downloading(tmp_path, monkeypatch):
     from vlprompt.data import download
 
     with FileServer() as server:
-        sources = local_sources(server, {"dtd": synthetic("dtd")})
+        sources = local_sources(server, {"dtd": synthetic("dtd"), "eurosat": synthetic("eurosat")})
         usage = shutil.disk_usage(tmp_path)
         monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage._replace(free=10))
-        with pytest.raises(DatasetError, match="not enough free disk space"):
+        with pytest.raises(DatasetError, match="not enough free disk space: DTD needs about"):
             _download(["dtd"], tmp_path / "data", sources)
+        with pytest.raises(DatasetError, match="not enough free disk space: DTD, EuroSAT needs about"):
+            _download(["dtd", "eurosat"], tmp_path / "data", sources)   # all of them, before the first starts
         assert server.requests == []
+    assert not (tmp_path / "data").exists()
 
 
 # ---- ImageNet and its class names -----------------------------------------------------------------------------------

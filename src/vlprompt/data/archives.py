@@ -26,8 +26,8 @@ from vlprompt.errors import DatasetError
 log = logging.getLogger(__name__)
 
 
-class UnsafeArchiveError(DatasetError):
-    """An archive holds a member that would land outside its destination (or a link, device or FIFO entry)."""
+class UnusableArchiveError(DatasetError):
+    """An archive that cannot be used: damaged, or holding a member that would land outside its destination."""
 
 
 def safe_member_name(name: str, archive: str) -> str:
@@ -35,8 +35,8 @@ def safe_member_name(name: str, archive: str) -> str:
     unix = name.replace("\\", "/")
     parts = PurePosixPath(unix).parts
     if (unix.startswith("/") or (len(unix) > 1 and unix[1] == ":") or ".." in parts):
-        raise UnsafeArchiveError(f"{archive} holds the member {name!r}, whose path leads outside the folder it is "
-                           "extracted to; the archive was refused and nothing of it was kept.")
+        raise UnusableArchiveError(f"{archive} holds the member {name!r}, whose path leads outside the folder it is "
+                                 "extracted to; the archive was refused and nothing of it was kept.")
     normalised = posixpath.normpath(unix) if unix not in ("", ".") else "."
     return normalised
 
@@ -55,8 +55,9 @@ def extract(archive: Path, kind: str, destination: Path, *, label: str, progress
             else:
                 raise DatasetError(f"{archive.name}: unknown archive kind {kind!r}.")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetError(f"{archive} cannot be unpacked ({exc}): the archive is damaged or not a {kind} file. "
-                           "Delete it to download it again.") from None
+        raise UnusableArchiveError(f"{archive} cannot be unpacked ({exc}): the archive is damaged or not a {kind} "
+                                   "file (a file this run downloaded is deleted, one you provided is left as it "
+                                   "is).") from None
     finally:
         bar.close()
 
@@ -69,7 +70,8 @@ def _extract_tar(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> 
             if member.issym() or member.islnk():
                 _check_link(member, name)
             elif not (member.isfile() or member.isdir()):
-                raise UnsafeArchiveError(f"{name} holds {member.name!r}, a device or FIFO entry; the archive was refused.")
+                raise UnusableArchiveError(f"{name} holds {member.name!r}, a device or FIFO entry; the archive was "
+                                         "refused.")
             tar.extract(member, destination, filter="data")
             bar.update(raw.tell() - position)
             position = raw.tell()
@@ -82,8 +84,9 @@ def _check_link(member: tarfile.TarInfo, archive: str) -> None:
     else:
         resolved = posixpath.normpath(target)
     if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
-        raise UnsafeArchiveError(f"{archive} holds the link {member.name!r} -> {member.linkname!r}, which points outside "
-                           "the folder it is extracted to; the archive was refused and nothing of it was kept.")
+        raise UnusableArchiveError(f"{archive} holds the link {member.name!r} -> {member.linkname!r}, which points "
+                                 "outside the folder it is extracted to; the archive was refused and nothing of it "
+                                 "was kept.")
 
 
 def _extract_zip(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> None:
@@ -92,8 +95,8 @@ def _extract_zip(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> 
             safe_member_name(info.filename, name)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise UnsafeArchiveError(f"{name} holds the link {info.filename!r}; links are not extracted from zip "
-                                   "archives, so the archive was refused.")
+                raise UnusableArchiveError(f"{name} holds the link {info.filename!r}; links are not extracted from "
+                                         "zip archives, so the archive was refused.")
             archive.extract(info, destination)
             bar.update(info.compress_size)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from vlprompt.common.io import atomic_write, atomic_write_bytes
-from vlprompt.data.archives import UnsafeArchiveError, extract, place, remove_tree
+from vlprompt.data.archives import UnusableArchiveError, extract, place, remove_tree
 from vlprompt.data.check import CheckReport, check_dataset
 from vlprompt.data.fetch import FetchError, Opener, fetch, file_digest, format_size
 from vlprompt.data.info import DatasetInfo
@@ -121,6 +121,11 @@ def download_datasets(names: Sequence[str], root: str | Path, *, sources: Source
     results: list[DownloadResult] = []
     failures: list[str] = []
     try:
+        pending = [key for key in keys
+                   if sources.get(key).downloadable and not DATASETS[key].dataset_dir(root).exists()]
+        if len(pending) > 1:   # all of them before starting; each one is checked again before its own downloads
+            session.require_space(", ".join(DATASETS[key].title for key in pending),
+                                  [session.plan(f) for key in pending for f in sources.get(key).files])
         for key in keys:
             info, entry = DATASETS[key], sources.get(key)
             try:
@@ -168,8 +173,8 @@ class _Session:
                      "checking it")
             return DownloadResult(info.key, info.title, "present", target, self._check(info))
         self.out(f"{info.title}: terms: {entry.terms} ({entry.homepage})")
-        plans = [self._plan(f) for f in entry.files]
-        self._require_space(info, plans)
+        plans = [self.plan(f) for f in entry.files]
+        self.require_space(info.title, plans)
         fetched: list[Path] = []
         paths = [self._obtain(info, plan, fetched) for plan in plans]
         staging = self.root / f"{STAGING_PREFIX}{info.folder}"
@@ -181,7 +186,7 @@ class _Session:
             for number, (file, path) in enumerate(zip(entry.files, paths)):
                 try:
                     self._unpack(info, file, path, staging / f"extract-{number}", building)
-                except UnsafeArchiveError:
+                except UnusableArchiveError:
                     if path in fetched:   # it can never be used: do not keep it
                         path.unlink(missing_ok=True)
                     raise
@@ -216,14 +221,14 @@ class _Session:
             destination = dataset_dir / file.place[0][1]
             if destination.exists():
                 continue
-            path = self._obtain(info, self._plan(file), fetched)
+            path = self._obtain(info, self.plan(file), fetched)
             _copy_atomic(path, destination)
             self.out(f"{info.title}: added {destination}")
         notes = self._discard(fetched)
         return DownloadResult(info.key, info.title, "present", dataset_dir, self._check(info), notes)
 
     # ---- files -------------------------------------------------------------------------------------------------
-    def _plan(self, file: SourceFile) -> _Plan:
+    def plan(self, file: SourceFile) -> _Plan:
         if file.name in self.given:
             return _Plan(file, self.given[file.name], "given")
         if file.copy_from is not None and (self.root / file.copy_from).is_file():
@@ -300,7 +305,7 @@ class _Session:
                 f"Get the file by other means (from the URLs above or a copy you trust) and put it at "
                 f"{self.downloads / file.name}, or pass --from-file PATH; the next run verifies it and carries on.")
 
-    def _require_space(self, info: DatasetInfo, plans: Sequence[_Plan]) -> None:
+    def require_space(self, what: str, plans: Sequence[_Plan]) -> None:
         """Free disk space for the downloads still to do and for unpacking (estimated as the archives' size)."""
         download = 0
         unknown: list[str] = []
@@ -314,20 +319,19 @@ class _Session:
             have = max((p.stat().st_size for p in parts), default=0)
             download += max(0, plan.file.size - have)
         unpack = sum(plan.file.size or 0 for plan in plans if plan.file.archive_kind is not None)
-        needs = [(self.downloads, download, "downloads"), (self.root, unpack, "unpacking")]
         by_device: dict[int, list[tuple[Path, int, str]]] = {}
-        for folder, amount, what in needs:
-            by_device.setdefault(_device(folder), []).append((folder, amount, what))
+        for folder, amount, kind in ((self.downloads, download, "downloads"), (self.root, unpack, "unpacking")):
+            by_device.setdefault(_device(folder), []).append((folder, amount, kind))
         for group in by_device.values():
             total = sum(amount for _, amount, _ in group)
             free = shutil.disk_usage(_existing(group[0][0])).free
             if total > free:
-                parts = " + ".join(f"{format_size(amount)} for {what} in {folder}" for folder, amount, what in group)
-                raise DatasetError(f"not enough free disk space: {info.title} needs about {parts}, and "
+                needs = " + ".join(f"{format_size(amount)} for {kind} in {folder}" for folder, amount, kind in group)
+                raise DatasetError(f"not enough free disk space: {what} needs about {needs}, and "
                                    f"{format_size(free)} is free there. Free some space, or put the downloads on "
                                    "another disk with --downloads DIR.")
         if unknown:
-            log.info("%s: the size of %s is not known; it was not counted in the disk space check", info.title,
+            log.info("%s: the size of %s is not known; it was not counted in the disk space check", what,
                      ", ".join(unknown))
 
     def _unpack(self, info: DatasetInfo, file: SourceFile, path: Path, scratch: Path, building: Path) -> None:
