@@ -115,7 +115,10 @@ def download_datasets(names: Sequence[str], root: str | Path, *, sources: Source
     keys = resolve_names(names, sources)
     root = Path(root).expanduser().absolute()
     created_root = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create the data root {root}: {exc}") from None
     session = _Session(root, options.downloads_dir or root / DOWNLOADS_FOLDER, options, out,
                        _index_given(options.from_files, [sources.get(key) for key in keys]))
     results: list[DownloadResult] = []
@@ -129,8 +132,9 @@ def download_datasets(names: Sequence[str], root: str | Path, *, sources: Source
         for key in keys:
             info, entry = DATASETS[key], sources.get(key)
             try:
-                results.append(session.manual(info, entry) if not entry.downloadable else session.install(info, entry))
-            except DatasetError as exc:
+                run = session.install if entry.downloadable else session.manual
+                results.append(run(info, entry))
+            except (DatasetError, OSError) as exc:   # OSError: a folder not writable, the disk full, ...
                 failures.append(f"{info.title}: {exc}")
                 out(f"{info.title}: FAILED (details at the end)")
     finally:
@@ -209,9 +213,9 @@ class _Session:
         """ImageNet: print the steps and layout; once the images are there, add the small files and check."""
         assert entry.manual is not None
         self.out(f"{info.title}: {entry.terms}")
-        self.out(entry.manual.format(root=self.root).rstrip())
+        self.out(entry.manual.replace("{root}", str(self.root)).rstrip())
         if entry.layout:
-            self.out("Layout:\n" + entry.layout.format(root=self.root).strip("\n"))
+            self.out("Layout:\n" + entry.layout.replace("{root}", str(self.root)).strip("\n"))
         dataset_dir = info.dataset_dir(self.root)
         if not info.images_in(dataset_dir).is_dir():
             self.out(f"{info.title}: {info.images_in(dataset_dir)} does not exist yet; follow the steps above.")

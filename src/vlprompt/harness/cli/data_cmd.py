@@ -184,6 +184,8 @@ def run_download(args: argparse.Namespace) -> int:
                 print(f"  {line}")
         for note in result.notes:
             print(f"  {note}")
+    if any(name.strip().lower() == "all" for name in args.datasets):
+        print(f"\nImageNet needs your own account: `vlprompt data download imagenet --root {root}` prints the steps.")
     return 0 if all(result.ok for result in results) else 1
 
 
