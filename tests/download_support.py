@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import tarfile
 import threading
 import zipfile
@@ -21,7 +22,7 @@ from types import MappingProxyType
 from PIL import Image
 
 from vlprompt.data.registry import DATASETS
-from vlprompt.data.sources import SourceFile, SourceUrl, Sources, load_sources
+from vlprompt.data.sources import NO_CHECKSUM, SourceFile, SourceUrl, Sources, load_sources
 from vlprompt.data.splitfile import read_shipped_json
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
@@ -96,8 +97,6 @@ def _trimmed_split(split_file: str, per_class: int, classes: int) -> tuple[dict,
 
 
 def _split_json(split: dict) -> bytes:
-    import json
-
     return json.dumps(split).encode()
 
 
@@ -237,6 +236,27 @@ def local_sources(server: FileServer, served: Mapping[str, Synthetic], *, base: 
                                     ((".", target),), "test"))
         datasets[key] = replace(entry, files=tuple(files))
     return Sources(MappingProxyType(datasets), "test table")
+
+
+def sources_toml(sources: Sources) -> str:
+    """``sources`` in the TOML form of ``vlprompt/data/sources.toml`` (what ``--sources FILE`` reads)."""
+    q = json.dumps   # JSON strings are valid TOML basic strings
+    lines = ["schema = 1"]
+    for key, entry in sources.datasets.items():
+        lines += [f"[datasets.{key}]", f"homepage = {q(entry.homepage)}", f"terms = {q(entry.terms)}"]
+        lines += [f"{name} = {q(value)}" for name, value in (("manual", entry.manual), ("layout", entry.layout))
+                  if value is not None]
+        for file in entry.files:
+            lines += [f"[[datasets.{key}.files]]", f"name = {q(file.name)}",
+                      f"size = {file.size if file.size is not None else q('unknown')}",
+                      f"checksum = {q(file.checksum or NO_CHECKSUM)}",
+                      "place = [" + ", ".join(f"[{q(a)}, {q(b)}]" for a, b in file.place) + "]",
+                      f"source = {q(file.source)}"]
+            if file.copy_from is not None:
+                lines.append(f"copy_from = {q(file.copy_from)}")
+            lines.append("urls = [" + ", ".join(f"{{ url = {q(u.url)}, kind = {q(u.kind)}, note = {q(u.note)} }}"
+                                                for u in file.urls) + "]")
+    return "\n".join(lines) + "\n"
 
 
 # ---- the server ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from download_support import (
     jpeg,
     local_sources,
     sha256,
+    sources_toml,
     synthetic,
     tar_bytes,
     zip_bytes,
@@ -159,6 +160,24 @@ def test_dtd_with_every_image_of_its_shipped_split_passes_data_check_through_the
     assert "DTD: terms: test terms (https://example.org)" in out
     assert "counts: as expected" in out and "decoded: 5640 images, unreadable: 0" in out and "  OK" in out
     assert main(["data", "check", "dtd", "--root", str(root), "--no-decode"]) == 0
+
+
+def test_all_through_the_cli_with_a_mirror_table_installs_every_dataset(tmp_path, capsys):
+    assert parse_sources(tomllib.loads(sources_toml(load_sources())), "round trip") == \
+        replace(load_sources(), origin="round trip")
+    root = tmp_path / "data"
+    with FileServer() as server:
+        table = tmp_path / "mirror.toml"
+        table.write_text(sources_toml(local_sources(server, {key: synthetic(key) for key in NAMED})))
+        code = main(["data", "download", "all", "--root", str(root), "--sources", str(table), "--workers", "1",
+                     "-q"])
+    out = capsys.readouterr().out
+    assert code == 1, out      # 1: the synthetic copies are smaller than the reference datasets (the checks say so)
+    for key in NAMED:
+        assert f"{DATASETS[key].title}: installed at {root / DATASETS[key].folder}" in out
+    assert out.count("missing files: 0") == len(NAMED) and out.count("unreadable: 0") == len(NAMED)
+    assert "vlprompt data download imagenet" in out
+    assert sorted(p.name for p in root.iterdir()) == sorted(DATASETS[key].folder for key in NAMED)
 
 
 # ---- verification, safety, atomicity -----------------------------------------------------------------------------

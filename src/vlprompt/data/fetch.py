@@ -29,6 +29,7 @@ from vlprompt.errors import DatasetError
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+VERIFY_PROGRESS_FROM = 64 << 20   # files smaller than this are hashed without a progress display
 USER_AGENT = "vlprompt-data-download (Python urllib)"
 # An opener: ``opener(request, timeout=seconds)`` -> a context manager over a response with ``status``, ``headers``
 # and ``read(n)`` (``urllib.request.urlopen`` by default).
@@ -233,15 +234,17 @@ def file_digest(path: Path, algorithm: str, *, label: str, progress: bool | None
     """Hex digest of a file (of its gzip-decoded bytes with ``decompress``), with progress for large files."""
     digest = hashlib.new(algorithm)
     size = path.stat().st_size
-    bar = Progress(f"verifying {label}", size, bar=progress and size > (64 << 20))
+    bar = Progress(f"verifying {label}", size, bar=progress) if size > VERIFY_PROGRESS_FROM else None
     try:
         with open(path, "rb") as raw:
             handle: BinaryIO = gzip.GzipFile(fileobj=raw) if decompress else raw  # type: ignore[assignment]
             position = 0
             while chunk := handle.read(CHUNK):
                 digest.update(chunk)
-                bar.update(raw.tell() - position)
-                position = raw.tell()
+                if bar is not None:
+                    bar.update(raw.tell() - position)
+                    position = raw.tell()
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return digest.hexdigest()
