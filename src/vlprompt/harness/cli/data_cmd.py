@@ -50,7 +50,7 @@ def add_parser(subparsers: Any) -> None:
                              "'imagenet' prints the steps to follow with your ImageNet account")
     p_down.add_argument("--root", type=Path, default=None,
                         help=f"data root that receives the dataset folders (default: ${ROOT_ENV})")
-    p_down.add_argument("--downloads", type=Path, default=None,
+    p_down.add_argument("--downloads", type=Path, default=None, metavar="DIR",
                         help="folder for downloaded archives and partial downloads; files you put there are used "
                              "(default: <root>/.downloads)")
     p_down.add_argument("--from-file", type=Path, action="append", default=[], metavar="PATH",
@@ -62,7 +62,7 @@ def add_parser(subparsers: Any) -> None:
     p_down.add_argument("--dry-run", action="store_true",
                         help="print the terms, files, sizes, checksums, URLs and their sources; download nothing")
     p_down.add_argument("--no-decode", action="store_true", help="final check: presence and counts only")
-    p_down.add_argument("--workers", type=int, default=None,
+    p_down.add_argument("--workers", type=int, default=None, metavar="N",
                         help="decoding processes of the final check (default: CPUs, at most 8)")
     p_down.add_argument("--timeout", type=float, default=60.0,
                         help="seconds without data before a connection counts as failed (default: 60)")
