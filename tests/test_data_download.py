@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -360,6 +361,21 @@ def test_an_existing_dataset_folder_is_left_alone_and_checked(tmp_path):
         [result] = _download(["dtd"], root, sources)
         assert server.requests == []
     assert result.status == "present" and not result.ok and len(result.report.missing) == 5640
+
+
+def test_two_runs_never_build_the_same_dataset_at_once(tmp_path):
+    from vlprompt.common import locks
+
+    root = tmp_path / "data"
+    root.mkdir()
+    with FileServer() as server:
+        sources = local_sources(server, {"dtd": synthetic("dtd")})
+        with locks.acquire(root / ".vlprompt-partial-dtd.lock"):
+            with pytest.raises(DatasetError, match=f"another `vlprompt data download` \\(pid {os.getpid()}\\)"):
+                _download(["dtd"], root, sources)
+        assert server.requests == []
+        [result] = _download(["dtd"], root, sources)
+    assert result.status == "installed" and sorted(p.name for p in root.iterdir()) == ["dtd"]
 
 
 def test_free_disk_space_is_checked_before_downloading(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from vlprompt.common import locks
 from vlprompt.common.io import atomic_write, atomic_write_bytes
 from vlprompt.data.archives import UnusableArchiveError, extract, place, remove_tree
 from vlprompt.data.check import CheckReport, check_dataset
@@ -171,6 +172,22 @@ class _Session:
 
     # ---- one dataset -------------------------------------------------------------------------------------------
     def install(self, info: DatasetInfo, entry: DatasetSource) -> DownloadResult:
+        """One dataset, while holding ``<root>/.vlprompt-partial-<folder>.lock`` (two runs never build it at once)."""
+        lock_path = self.root / f"{STAGING_PREFIX}{info.folder}.lock"
+        lock = locks.acquire(lock_path)
+        if lock is None:
+            holder = locks.recorded_holder(lock_path)
+            raise DatasetError(f"another `vlprompt data download` (pid {holder or 'unknown'}) is installing "
+                               f"{info.title} into {self.root}; let it finish, or stop it first.")
+        try:
+            return self._install(info, entry)
+        finally:
+            # unlinked while still held, so nothing is left in the root; a run that opened the old file meanwhile
+            # either fails to lock it or locks it after us and then finds the dataset installed
+            lock_path.unlink(missing_ok=True)
+            lock.release()
+
+    def _install(self, info: DatasetInfo, entry: DatasetSource) -> DownloadResult:
         target = info.dataset_dir(self.root)
         if target.exists():
             self.out(f"{info.title}: {target} already exists: not downloaded again (delete it to start over); "
