@@ -142,7 +142,7 @@ def synthetic(key: str) -> Synthetic:
         partitions = {"ClassName.txt": "\n".join(classes).encode() + b"\n",
                       "Training_01.txt": "\n".join(training).encode() + b"\n",
                       "Testing_01.txt": "\n".join(testing).encode() + b"\n",
-                      "Training_02.txt": b"", "Testing_02.txt": b""}
+                      "Training_02.txt": b"", "Testing_02.txt": b"", "__MACOSX/._ClassName.txt": b"fork"}
         # 5 training images per class: round(1.0)=1 to val, 4 stay in train; 2 test each
         return Synthetic({"SUN397.tar.gz": tar_bytes(images, compress=True), "Partitions.zip": zip_bytes(partitions)},
                          _counts(12, 3, 6, 3))

@@ -104,13 +104,14 @@ def _extract_zip(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> 
 def place(extracted: Path, moves: Iterable[tuple[str, str]], dataset_dir: Path, *, archive: str) -> None:
     """Move ``extracted/<source>`` to ``dataset_dir/<target>`` for each pair (merging into existing folders).
 
-    A source with wildcards moves every match (``pathlib`` glob, ``**`` recursive) into the target folder; one that
-    matches nothing is an error naming what the archive holds at its top level.
+    A source with wildcards moves every match (``pathlib`` glob, ``**`` recursive; ``__MACOSX`` and hidden entries
+    skipped) into the target folder; one that matches nothing is an error naming what the archive holds at its top
+    level.
     """
     for source, target in moves:
         destination = dataset_dir if target == "." else dataset_dir / target
         if any(c in source for c in "*?["):
-            matches = sorted(p for p in extracted.glob(source) if p.exists())
+            matches = sorted(p for p in extracted.glob(source) if p.exists() and not _junk(p.relative_to(extracted)))
             if not matches:
                 raise DatasetError(f"{archive} holds nothing matching {source!r} ({_top_level(extracted)}); the "
                                    "archive's layout is not the expected one.")
@@ -123,6 +124,11 @@ def place(extracted: Path, moves: Iterable[tuple[str, str]], dataset_dir: Path, 
             raise DatasetError(f"{archive} has no {source!r} ({_top_level(extracted)}); the archive's layout is not "
                                "the expected one.")
         _merge(origin, destination)
+
+
+def _junk(relative: Path) -> bool:
+    """Entries archivers add beside the data (``__MACOSX/``, ``._name`` resource forks, hidden files)."""
+    return any(part == "__MACOSX" or part.startswith(".") for part in relative.parts)
 
 
 def _merge(origin: Path, destination: Path) -> None:
