@@ -36,7 +36,7 @@ def safe_member_name(name: str, archive: str) -> str:
     parts = PurePosixPath(unix).parts
     if (unix.startswith("/") or (len(unix) > 1 and unix[1] == ":") or ".." in parts):
         raise UnusableArchiveError(f"{archive} holds the member {name!r}, whose path leads outside the folder it is "
-                                 "extracted to; the archive was refused and nothing of it was kept.")
+                                   "extracted to; the archive was refused and nothing of it was kept.")
     normalised = posixpath.normpath(unix) if unix not in ("", ".") else "."
     return normalised
 
@@ -71,7 +71,7 @@ def _extract_tar(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> 
                 _check_link(member, name)
             elif not (member.isfile() or member.isdir()):
                 raise UnusableArchiveError(f"{name} holds {member.name!r}, a device or FIFO entry; the archive was "
-                                         "refused.")
+                                           "refused.")
             tar.extract(member, destination, filter="data")
             bar.update(raw.tell() - position)
             position = raw.tell()
@@ -85,8 +85,8 @@ def _check_link(member: tarfile.TarInfo, archive: str) -> None:
         resolved = posixpath.normpath(target)
     if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
         raise UnusableArchiveError(f"{archive} holds the link {member.name!r} -> {member.linkname!r}, which points "
-                                 "outside the folder it is extracted to; the archive was refused and nothing of it "
-                                 "was kept.")
+                                   "outside the folder it is extracted to; the archive was refused and nothing of it "
+                                   "was kept.")
 
 
 def _extract_zip(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> None:
@@ -96,7 +96,7 @@ def _extract_zip(raw: BinaryIO, name: str, destination: Path, bar: Progress) -> 
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise UnusableArchiveError(f"{name} holds the link {info.filename!r}; links are not extracted from "
-                                         "zip archives, so the archive was refused.")
+                                           "zip archives, so the archive was refused.")
             archive.extract(info, destination)
             bar.update(info.compress_size)
 
