@@ -285,6 +285,22 @@ def test_a_partial_download_left_by_an_earlier_run_is_continued_by_the_next_run(
     assert sorted(p.name for p in root.iterdir()) == ["dtd"]
 
 
+def test_a_complete_partial_file_is_recognised_from_the_servers_416_answer(tmp_path):
+    from vlprompt.data.download import partial_file
+
+    data = synthetic("dtd")
+    root = tmp_path / "data"
+    with FileServer() as server:
+        sources = local_sources(server, {"dtd": data})
+        path = "dtd/dtd-r1.0.1.tar.gz"
+        part = partial_file(root / ".downloads", "dtd-r1.0.1.tar.gz", server.url(path))
+        part.parent.mkdir(parents=True)
+        part.write_bytes(server.files[path])
+        [result] = _download(["dtd"], root, sources)
+        assert result.status == "installed" and server.served.get(path, 0) == 0
+        assert [r for p, r in server.requests if p == path] == [f"bytes={len(server.files[path])}-"]
+
+
 def test_a_server_without_range_support_sends_the_file_again_and_it_still_verifies(tmp_path):
     data = synthetic("dtd")
     root = tmp_path / "data"

@@ -269,7 +269,7 @@ class _Session:
             return plan.path
         reasons: list[str] = []
         for source in file.urls:
-            part = self.downloads / f"{file.name}.{_url_tag(source.url)}.part"
+            part = partial_file(self.downloads, file.name, source.url)
             self.out(f"{info.title}: downloading {file.name} ({format_size(file.size)}) from {source.url}")
             try:
                 fetch(source.url, part, label=file.name, size=file.size, opener=self.options.opener,
@@ -411,8 +411,10 @@ def _copy_atomic(source: Path, destination: Path) -> None:
     atomic_write(destination, write)
 
 
-def _url_tag(url: str) -> str:
-    return hashlib.sha1(url.encode("utf-8")).hexdigest()[:8]
+def partial_file(downloads: Path, name: str, url: str) -> Path:
+    """Where a download of ``name`` from ``url`` is kept until complete (one per URL, so resuming never mixes two
+    sources): ``<downloads>/<name>.<8 hex digits of the URL's SHA-1>.part``."""
+    return downloads / f"{name}.{hashlib.sha1(url.encode('utf-8')).hexdigest()[:8]}.part"
 
 
 def _is_gzip(path: Path) -> bool:
