@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 import subprocess
 import sys
 import tomllib
@@ -32,6 +31,7 @@ from download_support import (
     tar_bytes,
     zip_bytes,
 )
+from support import free_port
 
 from vlprompt.data.download import DownloadOptions, download_datasets, downloadable_keys
 from vlprompt.data.registry import DATASETS
@@ -48,12 +48,6 @@ QUIET = DownloadOptions(progress=False, workers=1, retries=3, timeout=10)
 def _download(keys, root, sources, **options):
     return download_datasets(list(keys), root, sources=sources, options=replace(QUIET, **options),
                              out=lambda line: None)
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _toml_table(key: str, name: str, url: str, data: bytes, place: str = '[["dtd", "."]]') -> str:
@@ -317,7 +311,7 @@ def test_a_server_without_range_support_sends_the_file_again_and_it_still_verifi
 # ---- offline, files placed by hand, mirrors ------------------------------------------------------------------------
 def test_offline_one_message_names_url_file_checksum_and_where_to_put_it_exit_2(tmp_path, capsys):
     archive = synthetic("dtd").files["dtd-r1.0.1.tar.gz"]
-    url = f"http://127.0.0.1:{_closed_port()}/dtd-r1.0.1.tar.gz"
+    url = f"http://127.0.0.1:{free_port()}/dtd-r1.0.1.tar.gz"
     table = tmp_path / "offline.toml"
     table.write_text(_toml_table("dtd", "dtd-r1.0.1.tar.gz", url, archive))
     root = tmp_path / "data"
