@@ -1,5 +1,5 @@
 """Fixtures shared by the test files (plain helpers, paths and skip markers: tests/support.py; checkpoint formats:
-tests/clip_formats.py)."""
+tests/clip_formats.py; a local HTTP file server and synthetic dataset archives: tests/download_support.py)."""
 
 from __future__ import annotations
 

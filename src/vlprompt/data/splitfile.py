@@ -54,12 +54,17 @@ def shipped_split_names() -> list[str]:
                   if p.name.startswith("split_") and p.name.endswith(".json.gz"))
 
 
-def read_shipped_json(file_name: str) -> Any:
-    """Parse the shipped ``<file_name>.gz`` (e.g. ``"split_zhou_EuroSAT.json"``)."""
+def read_shipped_bytes(file_name: str) -> bytes:
+    """The original bytes of the shipped ``<file_name>.gz`` (e.g. ``"cat_to_name_OxfordFlowers.json"``)."""
     resource = resources.files(_SHIPPED_PACKAGE).joinpath(_SHIPPED_FOLDER, file_name + ".gz")
     if not resource.is_file():
         raise DatasetError(f"no shipped file {file_name}; shipped split files: {', '.join(shipped_split_names())}")
-    return json.loads(gzip.decompress(resource.read_bytes()).decode("utf-8"))
+    return gzip.decompress(resource.read_bytes())
+
+
+def read_shipped_json(file_name: str) -> Any:
+    """Parse the shipped ``<file_name>.gz`` (e.g. ``"split_zhou_EuroSAT.json"``)."""
+    return json.loads(read_shipped_bytes(file_name).decode("utf-8"))
 
 
 def read_split_json(path: Path) -> Any:

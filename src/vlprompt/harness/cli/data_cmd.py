@@ -1,6 +1,7 @@
-"""``vlprompt data``: list the built-in datasets, check a dataset on disk, write split and few-shot files.
+"""``vlprompt data``: list, download and check the built-in datasets, write split and few-shot files.
 
     vlprompt data list [--root DIR] [--json]                              with a root: which datasets are there
+    vlprompt data download NAME [NAME ...]|all [--root DIR] [--dry-run]   fetch, verify, arrange, check
     vlprompt data check NAME [--root DIR] [--workers N] [--no-decode]      exit 0: all good, 1: problems found
     vlprompt data split SPEC [--root DIR] [--out FILE] [--force]           your own data: folder:PATH, csv:FILE, ...
     vlprompt data fewshot NAME --shots K --seed S [--root DIR] [--out FILE] [--json]
@@ -25,8 +26,8 @@ ROOT_ENV = "VLPROMPT_DATA_ROOT"
 
 def add_parser(subparsers: Any) -> None:
     """Register ``vlprompt data`` and its subcommands."""
-    parser = subparsers.add_parser("data", help="datasets: list, check, split, fewshot",
-                                   description="List, check and prepare datasets (built-in or your own).")
+    parser = subparsers.add_parser("data", help="datasets: list, download, check, split, fewshot",
+                                   description="List, download, check and prepare datasets (built-in or your own).")
     parser.set_defaults(func=_help_of(parser))
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
@@ -36,6 +37,39 @@ def add_parser(subparsers: Any) -> None:
                         help=f"also show which datasets have their image folder under this data root "
                              f"(default: ${ROOT_ENV})")
     p_list.set_defaults(func=run_list)
+
+    p_down = sub.add_parser(
+        "download", help="fetch built-in datasets, verify them, arrange them as the readers expect, check them",
+        description="Download built-in datasets from their sources (official first, then mirrors; shown with "
+                    "--dry-run), verify each file's published checksum before extracting, extract safely, arrange "
+                    "the files into the reader's layout and run `data check` on the result. Interrupted downloads "
+                    "resume. Exit status 0: all present and checked, 1: a check found problems (or ImageNet is not "
+                    "built yet), 2: something could not be downloaded (the message says where to put the file).")
+    p_down.add_argument("datasets", nargs="+", metavar="NAME",
+                        help="built-in datasets (e.g. dtd eurosat), or 'all' for every one that can be fetched; "
+                             "'imagenet' prints the steps to follow with your ImageNet account")
+    p_down.add_argument("--root", type=Path, default=None,
+                        help=f"data root that receives the dataset folders (default: ${ROOT_ENV})")
+    p_down.add_argument("--downloads", type=Path, default=None, metavar="DIR",
+                        help="folder for downloaded archives and partial downloads; files you put there are used "
+                             "(default: <root>/.downloads)")
+    p_down.add_argument("--from-file", type=Path, action="append", default=[], metavar="PATH",
+                        help="use this file instead of downloading it (matched by file name; repeatable)")
+    p_down.add_argument("--sources", type=Path, default=None, metavar="FILE",
+                        help="another sources table in the format of vlprompt/data/sources.toml (e.g. your own "
+                             "mirror's URLs)")
+    p_down.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives afterwards")
+    p_down.add_argument("--dry-run", action="store_true",
+                        help="print the terms, files, sizes, checksums, URLs and their sources; download nothing")
+    p_down.add_argument("--no-decode", action="store_true", help="final check: presence and counts only")
+    p_down.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="decoding processes of the final check (default: CPUs, at most 8)")
+    p_down.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds without data before a connection counts as failed (default: 60)")
+    p_down.add_argument("--retries", type=int, default=3,
+                        help="resumed attempts after a connection cut short (default: 3)")
+    p_down.add_argument("-q", "--quiet", action="store_true", help="no progress messages or bars on stderr")
+    p_down.set_defaults(func=run_download)
 
     p_check = sub.add_parser("check", help="presence, counts against the expected numbers, unreadable images")
     _dataset_args(p_check)
@@ -116,6 +150,43 @@ def run_list(args: argparse.Namespace) -> int:
     print("\nYour own data: folder:PATH (a folder per class, optionally under train/ val/ test/), csv:FILE or "
           "json:FILE (path,label[,split]).")
     return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    """Download the named datasets; exit 0 when every one is present and passes its check, 1 otherwise."""
+    from vlprompt.data.download import DownloadOptions, describe_sources, download_datasets, resolve_names
+    from vlprompt.data.sources import load_sources
+    from vlprompt.harness.cli.common import console_logging
+
+    root = _root(args)
+    if root is None:
+        raise ConfigError(f"give the data root with --root (or set ${ROOT_ENV}).")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}.")
+    if args.retries < 0 or args.timeout <= 0:
+        raise ConfigError("--retries must be >= 0 and --timeout > 0.")
+    sources = load_sources(args.sources)
+    if args.dry_run:
+        keys = resolve_names(args.datasets, sources)
+        for line in describe_sources(keys, sources, root.expanduser().absolute(), args.downloads):
+            print(line)
+        return 0
+    options = DownloadOptions(downloads_dir=args.downloads, from_files=tuple(args.from_file),
+                              keep_archives=args.keep_archives, decode=not args.no_decode, workers=args.workers,
+                              progress=False if args.quiet else None, timeout=args.timeout, retries=args.retries)
+    with console_logging(args.quiet):
+        results = download_datasets(args.datasets, root, sources=sources, options=options,
+                                    out=lambda line: print(line, flush=True))
+    for result in results:
+        if result.report is not None:
+            print(f"\n{result.title} ({result.status}):")
+            for line in result.report.lines():
+                print(f"  {line}")
+        for note in result.notes:
+            print(f"  {note}")
+    if any(name.strip().lower() == "all" for name in args.datasets):
+        print(f"\nImageNet needs your own account: `vlprompt data download imagenet --root {root}` prints the steps.")
+    return 0 if all(result.ok for result in results) else 1
 
 
 def run_check(args: argparse.Namespace) -> int:
