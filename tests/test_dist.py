@@ -42,7 +42,8 @@ def _coop(seed: int):
     method.rows_seen = 0
 
     def count(module, args):
-        module.rows_seen += args[0].shape[0]
+        if module.training:  # the training path only (the trainer's finite-logits check runs in eval mode)
+            module.rows_seen += args[0].shape[0]
 
     method.register_forward_pre_hook(count)
     return method
@@ -119,7 +120,8 @@ def _worker(out: Path) -> None:
             pass
         if run is not None:
             run.close()
-        run = RunDir.create_or_open(out / "resumed", {"method": "coop", "dataset": "dtd", "protocol": "ddp"}, resume=True) if main else None
+        run = RunDir.create_or_open(out / "resumed", {"method": "coop", "dataset": "dtd", "protocol": "ddp"},
+                                    resume=True) if main else None
         resumed = _coop(seed=10 + env.rank)  # both ranks must take the checkpoint (incl. momentum) of rank 0
         train(resumed, feats, DDP_CONFIG, run_dir=run)
         if run is not None:

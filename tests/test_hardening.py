@@ -26,7 +26,7 @@ import torch
 from clip_formats import save_openai_state_dict, write_hf_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_data_support import class_folders, write_image
+from support import class_folders, write_image
 
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.tiny import build_tiny_clip
@@ -210,7 +210,7 @@ def test_item17_leftovers_of_a_killed_checkpoint_write_are_cleared_on_resume(env
     argv = [*TRAIN, "--model", env["model"], "--out", out]
     from vlprompt.harness.rundir import RunDir
 
-    config = {"method": "x", "dataset": "y"}
+    config = {"method": "coop", "dataset": "dtd"}
     with RunDir.create_or_open(tmp_path / "plain", config) as run:
         run.save_checkpoint({"w": torch.zeros(2)}, {}, {"epoch": 1})
     for name in (".params.safetensors.next.k1ll3d.tmp", ".optim.safetensors.next.k1ll3d.tmp"):

@@ -102,7 +102,8 @@ class TinyPrompt(nn.Module):
         return F.normalize(self.clip.encode_text_embeddings(prompts, self._eot_index).float(), dim=-1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        self.rows_seen += features.shape[0]
+        if self.training:  # the training path only (the trainer's finite-logits check runs in eval mode)
+            self.rows_seen += features.shape[0]
         text = self.text_features()
         return self.clip.logit_scale.exp() * F.normalize(features, dim=-1) @ text.t()
 
