@@ -82,8 +82,9 @@ class LinearProbe(FrozenClipMethod):
         other.load_state_dict(self.state_dict())
         return other
 
-    def fit(self, train: Features, val: Features | None = None) -> dict[str, Any]:
-        """Fit on ``train`` (C searched on ``val`` unless ``config.c`` is set); returns the search record.
+    def fit(self, train: Features, val: Features | None = None, *, seed: int = 0) -> dict[str, Any]:
+        """Fit on ``train`` (C searched on ``val`` unless ``config.c`` is set); returns the search record. ``seed`` is
+        not used: the lbfgs fit is deterministic.
 
         The record: ``{"c": chosen C, "val_accuracy": percent or None, "coarse": [[C, acc], ...],
         "refine": [[C_left, acc_left, C_right, acc_right], ...], "converged": bool}``.
