@@ -88,6 +88,9 @@ def test_train_writes_results_and_a_portable_prompt_file(runs, env, method):
         assert fit["kind"] == "closed_form" and fit["iterations"] == 30 and fit["selected_on"].startswith("none")
     if method in ("clip_adapter", "clap"):
         assert fit["kind"] == "features" and fit["views"] == 2
+    if method == "clap":
+        assert fit["selected_on"].startswith("none") and fit["constraint"] == "l2"
+        assert 0 < fit["multipliers"]["min"] <= fit["multipliers"]["mean"] <= fit["multipliers"]["max"] <= 1
     config = read(out / "config.json")
     if method == "clap":
         assert (config["train"]["lr"], config["train"]["weight_decay"], config["train"]["crop_scale_min"]) == (
@@ -194,6 +197,27 @@ def test_tip_adapter_selection_is_blind_to_the_test_labels(env, method):
         assert torch.equal(value, states[1][key])
 
 
+def test_python_api_fits_evaluates_predicts_and_reloads(env, tmp_path):
+    import vlprompt.api as vp
+
+    clip = vp.load_clip(env["model"])
+    data = vp.load_dataset("dtd", str(FIXTURES))
+    images = sorted((FIXTURES / "dtd" / "images" / "banded").glob("*.jpg"))[:2]
+    for name, options in (("tip_adapter_f", {"finetune_epochs": 1, "grid_steps": (10, 4), "cache_views": 2}),
+                          ("clap", {})):
+        method = vp.build_method(name, clip, data, **options)
+        train = {"views": 2} if name == "tip_adapter_f" else {"epochs": 2, "views": 2, "batch_size": 4}
+        fitted = vp.fit(method, data, shots=2, seed=1, feature_cache=tmp_path / "cache", device="cpu", **train)
+        assert fitted.kind == ("closed_form" if name == "tip_adapter_f" else "features")
+        accuracy = vp.evaluate(method, data, feature_cache=tmp_path / "cache")["accuracy"]
+        path = vp.save_prompt(method, tmp_path / f"{name}.safetensors")
+        again = vp.load_prompt(path, clip)
+        assert vp.evaluate(again, data, feature_cache=tmp_path / "cache")["accuracy"] == accuracy
+        predictions = vp.Predictor(again).predict([str(p) for p in images], top_k=2)
+        assert len(predictions) == 2 and all(len(p.labels) == 2 for p in predictions)
+        assert all(label in data.classnames for p in predictions for label in p.labels)
+
+
 # ---------------------------------------------------------------------------------------------------------- bench
 
 
@@ -225,6 +249,11 @@ def test_budget_base2novel_runs_clip_adapter_and_refuses_the_class_bound_methods
     assert _bench("base2novel", *common, "--methods", "clip_adapter", "--no-baselines") == 0
     folder = out / "base2novel-budget/tiny/dtd/clip_adapter/shots16/seed1"
     assert read(folder / "eval-dtd-new.json")["metrics"]["num_samples"] == 6
+    assert _bench("crossdataset", "--out", str(out), "--root", str(FIXTURES), "--model", env["model"], "--methods",
+                  "clip_adapter", "--budget", "--source", "dtd", "--targets", "oxford_flowers", "--seeds", "1",
+                  "--device", "cpu") == 0
+    (cross,) = out.rglob("clip_adapter/shots16/seed1/eval-oxford_flowers.json")
+    assert read(cross)["protocol"] == "crossdataset" and read(cross)["metrics"]["num_samples"] == 15
     for method in ("tip_adapter", "tip_adapter_f", "lp_plus_plus", "clap"):
         capsys.readouterr()
         assert _bench("base2novel", *common, "--methods", method, "--no-baselines") == 2

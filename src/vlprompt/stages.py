@@ -257,7 +257,8 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_
                on_epoch_end: Callable[[EpochStats], None] | None = None, progress: bool | None = None) -> FitOutcome:
     """Fit ``method`` as its registry entry declares (``spec.training``): the SGD loop
     (:func:`vlprompt.training.loop.train`, ``train`` resolved; checkpoints into ``run_dir`` and resumes from one),
-    ``method.fit(train_set, val_set)`` for a closed-form fit, nothing otherwise."""
+    ``method.fit(train_set, val_set, seed=...)`` for a closed-form fit, nothing otherwise. An SGD-trained method may
+    add to the summary through ``method.fit_record()`` (optional, JSON-ready dict)."""
     from vlprompt.methods import Training
 
     kind = spec.training.value
@@ -281,6 +282,9 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_
                "resumed_after_epoch": result.start_epoch,
                "final_loss": last.loss if last else None, "final_train_accuracy": last.accuracy if last else None,
                "loss_history": [stats.loss for stats in result.history]}
+    record = getattr(method, "fit_record", None)  # optional: what the method itself reports (CLAP: no selection)
+    if record is not None:
+        summary.update(_jsonable(record()))
     return FitOutcome(kind, result.train_s, summary, list(result.history))
 
 

@@ -108,6 +108,16 @@ class CLAP(FrozenClipMethod):
                               "method.prepare(train_set) first (vlprompt.training.loop.train does)")
         return clap_penalty(self.prototypes, self._anchors, self._multipliers)
 
+    def fit_record(self) -> dict[str, Any]:
+        """What the results record about the fit: the constraint, the multipliers, and that nothing was selected."""
+        record: dict[str, Any] = {"constraint": self.config.constraint,
+                                  "selected_on": "none (fixed hyper-parameters, last epoch)"}
+        if self._multipliers is not None:
+            multipliers = self._multipliers.float().cpu()
+            record["multipliers"] = {"min": float(multipliers.min()), "mean": float(multipliers.mean()),
+                                     "max": float(multipliers.max())}
+        return record
+
     @torch.no_grad()
     def classifier(self) -> CosineClassifier:
         return CosineClassifier(F.normalize(self.prototypes.detach().float(), dim=-1), logit_scale_of(self.clip))
