@@ -121,7 +121,7 @@ def test_tip_adapter_refuses_other_classes_before_training(env, capsys):
 def test_an_interrupted_run_resumes_to_the_uninterrupted_state(env, method, monkeypatch):
     """SGD methods stop after an epoch's checkpoint, closed-form fits after fitting (before the results): the resumed
     run ends with the prompt file and the results of an uninterrupted one."""
-    import vlprompt.stages as stages
+    from vlprompt import stages
 
     options = {"clap": {}, "tip_adapter_f": {"finetune_epochs": 2, "finetune_batch_size": 4, "grid_steps": (10, 4),
                                              "cache_views": 2},

@@ -3,7 +3,8 @@
 Each method's defining formula is recomputed independently here (float64, written out from the papers' equations),
 the special cases the maths promises are checked (alpha / ratio 0 and the zero-shot initialisations give zero-shot
 CLIP's logits; Tip-Adapter-F without fine-tuning is Tip-Adapter). Tip-Adapter(-F)'s blindness to test labels is
-shown through the real pipeline in test_cli_adapters.py. fp32 comparisons use tolerances of a few fp32 ulps of the logit scale (100-ish): 1e-4.
+shown through the real pipeline in test_cli_adapters.py. fp32 comparisons use tolerances of a few fp32 ulps of the
+logit scale (100-ish): 1e-4.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from vlprompt.methods.configs import CLIPAdapterConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
 from vlprompt.methods.zeroshot import class_text_features
 
-__all__ = ["CLIPAdapter", "CLIPAdapterConfig", "bottleneck", "blend", "build_clip_adapter"]
+__all__ = ["CLIPAdapter", "CLIPAdapterConfig", "blend", "bottleneck", "build_clip_adapter"]
 
 
 def bottleneck(width: int, reduction: int, device: torch.device | None = None) -> nn.Sequential:

@@ -23,7 +23,8 @@ from vlprompt.methods.templates import DEFAULT_TEMPLATE, check_templates, fill, 
 
 __all__ = [
     "Ensemble", "EnsembleConfig", "TemplateClassifier", "ZeroShot", "ZeroShotConfig", "build_ensemble",
-    "build_zeroshot", "class_text_features", "encode_prompts", "encode_token_ids", "ensemble_templates", "tokenize_prompts",
+    "build_zeroshot", "class_text_features", "encode_prompts", "encode_token_ids", "ensemble_templates",
+    "tokenize_prompts",
 ]
 
 PROMPT_BATCH = 1024
