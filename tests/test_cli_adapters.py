@@ -20,7 +20,8 @@ from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.harness.cli.main import main
 from vlprompt.harness.pipeline import run_experiment
 from vlprompt.methods.prompt_file import load_prompt, read_prompt_header
-from vlprompt.training.config import RunConfig, TrainConfig
+from vlprompt.harness.config import RunConfig
+from vlprompt.training.config import TrainConfig
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
