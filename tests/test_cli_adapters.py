@@ -261,3 +261,21 @@ def test_budget_base2novel_runs_clip_adapter_and_refuses_the_class_bound_methods
         assert "cannot be evaluated on the novel classes" in capsys.readouterr().err
         assert _bench("crossdataset", "--out", str(out), "--root", str(FIXTURES), "--model", env["model"],
                       "--methods", method, "--budget", "--source", "dtd", "--targets", "oxford_flowers") == 2
+
+
+@pytest.mark.slow
+def test_budget_domainshift_evaluates_a_cache_on_the_imagenet_variants(env, tmp_path):
+    """ImageNet-V2 / -Sketch keep ImageNet's classes, -A / -R a subset: Tip-Adapter's cache is restricted to them.
+    (The synthetic ImageNet has too few images to leave a validation split, so the search is off here.)"""
+    from test_bench_pipeline import synthetic_imagenet
+
+    root, out = tmp_path / "data", tmp_path / "out"
+    synthetic_imagenet(root)
+    assert _bench("domainshift", "--out", str(out), "--root", str(root), "--model", env["model"], "--methods",
+                  "tip_adapter", "--seeds", "1", "--budget", "--device", "cpu",
+                  "--method-option", "tip_adapter.search=false") == 0
+    (run,) = out.rglob("tip_adapter/shots16/seed1")
+    labelled = {p.name: read(p) for p in run.glob("eval-*.json")}
+    assert labelled["eval-imagenet_a.json"]["metrics"]["num_samples"] == 2  # the fixture's 2-class subset
+    assert len(labelled["eval-imagenet_r.json"]["metrics"]["confusion_matrix"]) == 2
+    assert labelled["eval-imagenet-domainshift.json"]["metrics"] == read(run / "results.json")["metrics"]

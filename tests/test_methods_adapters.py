@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS, Training
-from vlprompt.methods.base import logit_scale_of
+from vlprompt.methods.base import class_positions, logit_scale_of
 from vlprompt.methods.clap import CLAP, CLAPConfig, clap_multipliers
 from vlprompt.methods.clip_adapter import CLIPAdapter, CLIPAdapterConfig
 from vlprompt.methods.configs import TIP_GRID_SCALE, TipAdapterFConfig
@@ -236,6 +236,11 @@ def test_tip_adapter_keeps_a_subset_of_its_classes_and_refuses_others(clip, tmp_
     torch.testing.assert_close(subset(x), tip(x)[:, [3, 0]], atol=ATOL, rtol=0)
     with pytest.raises(ConfigError, match="cannot classify 1 other class"):
         tip.with_classnames(["cat", "boat"])
+    # repeated names (ImageNet's two "crane"s) are matched in the training order
+    assert class_positions(["crane", "a", "crane", "b"], ["crane", "b"], "x") == [0, 3]
+    assert class_positions(["crane", "a", "crane", "b"], ["a", "crane"], "x") == [1, 2]
+    with pytest.raises(ConfigError, match="not in the training order"):
+        class_positions(["crane", "a", "crane", "b"], ["b", "crane"], "x")
     path = save_prompt(tip, tmp_path / "tip.safetensors")
     loaded = load_prompt(path, clip)
     assert torch.equal(loaded.cache_keys, tip.cache_keys) and float(loaded.alpha) == 2.0

@@ -281,7 +281,8 @@ def _transfer(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun,
         raise ConfigError(f"{protocol.name} trains on --source (default imagenet) and evaluates on --targets; "
                           "--datasets belongs to fewshot and base2novel")
     methods = _method_names(protocol, options)
-    _refuse_fixed_classifiers(methods, "evaluated on another dataset's classes")
+    if protocol.name == SOURCE_PROTOCOL:  # domain shift keeps the source's classes (or a subset: ImageNet-A / -R)
+        _refuse_fixed_classifiers(methods, "evaluated on another dataset's classes")
     source = _dataset_key(options.source or "imagenet", what="source dataset", trainable=True)
     targets = transfer_targets(protocol.name, source, options.targets)
 
@@ -300,7 +301,8 @@ def _transfer(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun,
 
 
 def _refuse_fixed_classifiers(methods: Sequence[str], why: str) -> None:
-    """A closed-form classifier (linear probe) knows only its training classes: no novel classes, no other dataset."""
+    """A classifier over its training classes (linear probe, Tip-Adapter's cache, LP++, CLAP) knows only those
+    classes: no novel classes, no other dataset (the domain-shift variants keep them, so it takes part there)."""
     bad = [m for m in methods if not METHODS[m].transfers]
     if bad:
         raise ConfigError(f"{', '.join(bad)} learns a classifier over the training classes only and cannot be {why}; "
