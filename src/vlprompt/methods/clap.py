@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone.model import CLIP
+from vlprompt.common.vocab import seeded_torch
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.methods.base import (
     CosineClassifier,
@@ -34,7 +35,6 @@ from vlprompt.methods.base import (
     class_positions,
     cosine_logits,
     logit_scale_of,
-    rng_untouched,
 )
 from vlprompt.methods.configs import CLAPConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
@@ -125,7 +125,7 @@ class CLAP(FrozenClipMethod):
     def with_classnames(self, classnames: Sequence[str]) -> CLAP:
         """The prototypes of a subset of the training classes (any order); other class lists raise ConfigError."""
         positions = torch.tensor(class_positions(self.classnames, classnames, "CLAP"), device=self.prototypes.device)
-        with rng_untouched(self.clip.device):
+        with seeded_torch(self.clip.device, None):
             other = CLAP(self.clip, classnames, self.config)
         other.load_state_dict({"prototypes": self.prototypes.detach()[positions].clone()})
         return other

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import ConfigError
-from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of, rng_untouched
+from vlprompt.common.vocab import seeded_torch
+from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of
 from vlprompt.methods.configs import CLIPAdapterConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
 from vlprompt.methods.zeroshot import class_text_features
@@ -106,7 +107,7 @@ class CLIPAdapter(FrozenClipMethod):
 
     def with_classnames(self, classnames: Sequence[str]) -> CLIPAdapter:
         """The same adapters on another class list (its zero-shot text features from the run's templates)."""
-        with rng_untouched(self.clip.device):  # the fresh initialisation is overwritten at once
+        with seeded_torch(self.clip.device, None):  # the fresh initialisation is overwritten at once
             other = CLIPAdapter(self.clip, classnames, self.config)
         other.load_state_dict(self.state_dict())
         return other

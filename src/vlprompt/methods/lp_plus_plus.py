@@ -37,7 +37,8 @@ from torch import Tensor
 
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import ConfigError, DatasetError
-from vlprompt.methods.base import FrozenClipMethod, class_positions, logit_scale_of, rng_untouched
+from vlprompt.common.vocab import seeded_torch
+from vlprompt.methods.base import FrozenClipMethod, class_positions, logit_scale_of
 from vlprompt.methods.configs import LPPlusPlusConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
 from vlprompt.methods.zeroshot import class_text_features
@@ -117,7 +118,7 @@ class LPPlusPlus(FrozenClipMethod):
     def with_classnames(self, classnames: Sequence[str]) -> LPPlusPlus:
         """The weights of a subset of the training classes (any order); other class lists raise ConfigError."""
         positions = torch.tensor(class_positions(self.classnames, classnames, "LP++"), device=self.weight.device)
-        with rng_untouched(self.clip.device):
+        with seeded_torch(self.clip.device, None):
             other = LPPlusPlus(self.clip, classnames, self.config)
         other.load_state_dict({"weight": self.weight[positions].clone(), "alpha": self.alpha[positions].clone()})
         return other

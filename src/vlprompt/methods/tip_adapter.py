@@ -39,7 +39,8 @@ from torch import Tensor
 
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import ConfigError, DatasetError
-from vlprompt.methods.base import FrozenClipMethod, class_positions, logit_scale_of, rng_untouched
+from vlprompt.common.vocab import seeded_torch
+from vlprompt.methods.base import FrozenClipMethod, class_positions, logit_scale_of
 from vlprompt.methods.configs import TIP_FALLBACK_INIT_ALPHA, TipAdapterConfig, TipAdapterFConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
 from vlprompt.methods.zeroshot import class_text_features
@@ -157,7 +158,7 @@ class TipAdapter(FrozenClipMethod):
     def with_classnames(self, classnames: Sequence[str]) -> TipAdapter:
         """The cache restricted to a subset of its classes (any order); other class lists raise ConfigError."""
         positions = class_positions(self.classnames, classnames, f"{self.method_name}'s cache")
-        with rng_untouched(self.clip.device):
+        with seeded_torch(self.clip.device, None):
             other = type(self)(self.clip, classnames, self.config)
         new_label = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.cache_labels.device)
         new_label[torch.tensor(positions, device=new_label.device)] = torch.arange(len(positions),
@@ -255,7 +256,8 @@ class TipAdapterF(TipAdapter):
         """Cache, fine-tuning (epoch chosen on ``val``), then the alpha / beta search on ``val``; ``seed`` draws the
         batch order and each image's view sequence. Returns the record (per-epoch loss and validation accuracy,
         the chosen epoch, and the search as :meth:`TipAdapter.fit`)."""
-        from vlprompt.training.loop import derive_seed, epoch_view_indices
+        from vlprompt.common.vocab import derive_seed
+        from vlprompt.training.loop import epoch_view_indices
 
         config: TipAdapterFConfig = self.config
         features, labels = self._check_training_set(train)
