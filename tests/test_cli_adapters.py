@@ -18,9 +18,9 @@ from clip_formats import save_openai_state_dict
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.harness.cli.main import main
+from vlprompt.harness.config import RunConfig
 from vlprompt.harness.pipeline import run_experiment
 from vlprompt.methods.prompt_file import load_prompt, read_prompt_header
-from vlprompt.harness.config import RunConfig
 from vlprompt.training.config import TrainConfig
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from vlprompt.backbone.model import CLIP
-from vlprompt.errors import ConfigError
 from vlprompt.common.vocab import seeded_torch
+from vlprompt.errors import ConfigError
 from vlprompt.methods.base import FrozenClipMethod, cosine_logits, logit_scale_of
 from vlprompt.methods.configs import CLIPAdapterConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE

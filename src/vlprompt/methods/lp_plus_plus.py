@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.backbone.model import CLIP
-from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.common.vocab import seeded_torch
+from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.methods.base import FrozenClipMethod, class_positions, logit_scale_of
 from vlprompt.methods.configs import LPPlusPlusConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
