@@ -367,9 +367,10 @@ def make_step(clip: CLIP, method: FrozenClipMethod, *, images: Tensor | None, fe
     ``images`` given: the frozen image tower runs on them first (fp32, no grad) as in the reference; else the cached
     ``features`` are used. The method's forward runs under ``precision`` autocast, as :func:`vlprompt.training.loop.train`.
     """
-    recipe = TrainConfig()
+    recipe = TrainConfig().completed()
     optimizer = torch.optim.SGD(method.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
+    regularizer = getattr(method, "regularizer", None)  # as the training loop: CLAP's penalty
 
     def step() -> None:
         if images is not None:
@@ -380,6 +381,8 @@ def make_step(clip: CLIP, method: FrozenClipMethod, *, images: Tensor | None, fe
         with autocast_for(CPU, precision):
             logits = method(batch_features)
         loss = F.cross_entropy(logits.float(), labels)
+        if regularizer is not None:
+            loss = loss + regularizer()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -536,6 +539,110 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# feature methods: CLIP-Adapter, Tip-Adapter-F, LP++, CLAP
+
+
+def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One training step of each method that learns on cached features, K = ``--adapter-classes`` classes,
+    ``--shots`` images per class, each at its official batch (CLIP-Adapter 32, CLAP and Tip-Adapter-F 256, LP++ the
+    full set). plain = what the official code computes per step: the frozen image tower on the step's images (fp32)
+    and, for CLIP-Adapter, the K class prompts through the 77-token text tower (its forward encodes them every
+    step); ours = the same step on cached features with the class text features computed once. LP++'s official
+    code also caches its features (one augmented pass), so its plain row is the image-tower-every-step variant for
+    comparison only. Tip-Adapter itself has no training step (a cache and a grid search)."""
+    from vlprompt.backbone.fast_text import encode_full
+    from vlprompt.backbone.tokenizer import get_tokenizer
+    from vlprompt.methods.clap import CLAP, CLAPConfig
+    from vlprompt.methods.clip_adapter import CLIPAdapter, CLIPAdapterConfig, blend
+    from vlprompt.methods.lp_plus_plus import LPPlusPlus, LPPlusPlusConfig, lp_plus_plus_logits
+    from vlprompt.methods.tip_adapter import tip_logits
+
+    classes, shots = args.adapter_classes, args.shots
+    names, source = class_names(classes)
+    dim, resolution = clip.config.embed_dim, clip.config.image_resolution
+    generator = torch.Generator().manual_seed(classes)
+    scale = logit_scale_of(clip)
+    rows: list[dict[str, Any]] = []
+
+    def batch_of(size: int) -> tuple[Tensor, Tensor, Tensor]:
+        return (torch.randn(size, dim, generator=generator), torch.randint(0, classes, (size,), generator=generator),
+                torch.randn(size, 3, resolution, resolution, generator=generator))
+
+    def tower(images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return clip.encode_image(images).float()
+
+    # CLIP-Adapter: SGD, batch 32; the official forward re-encodes the K prompts (77 tokens) every step
+    features, labels, images = batch_of(32)
+    adapter = CLIPAdapter(clip, names, CLIPAdapterConfig(templates=("a photo of a {}.",)))
+    ids = get_tokenizer()([f"a photo of a {n}." for n in names], context_length=clip.context_length)
+    plain_opt = torch.optim.SGD(adapter.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+
+    def clip_adapter_plain() -> None:
+        with torch.no_grad():
+            text = encode_full(clip, clip.token_embedding(ids), ids.argmax(dim=-1)).float()
+        logits = cosine_logits(blend(adapter.visual, tower(images), 0.2), text, scale)
+        plain_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(logits, labels).backward()
+        plain_opt.step()
+
+    groups = [("clip_adapter", 32, clip_adapter_plain,
+               make_step(clip, adapter, images=None, features=features, labels=labels, precision=args.precision))]
+
+    # CLAP: SGD with its penalty, batch 256
+    features, labels, images = batch_of(256)
+    clap = CLAP(clip, names, CLAPConfig(templates=("a photo of a {}.",)))
+    clap.prepare(type("Views", (), {"features": features, "labels": labels})())
+    groups.append(("clap", 256, make_step(clip, clap, images=images, features=features, labels=labels,
+                                          precision="fp32"),
+                   make_step(clip, clap, images=None, features=features, labels=labels, precision=args.precision)))
+
+    # Tip-Adapter-F: AdamW on the cache keys (N = K x shots), batch 256
+    n = classes * shots
+    keys = F.normalize(torch.randn(n, dim, generator=generator), dim=-1).requires_grad_(True)
+    values = F.one_hot(torch.arange(n) % classes, classes).float()
+    text = F.normalize(torch.randn(classes, dim, generator=generator), dim=-1)
+    tip_opt = torch.optim.AdamW([keys], lr=0.001, eps=1e-4)
+    features, labels, images = batch_of(256)
+
+    def tip_step(image_features: Tensor) -> None:
+        logits = tip_logits(F.normalize(image_features, dim=-1), text, keys, values, 1.0, 1.0, scale)
+        tip_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(logits, labels).backward()
+        tip_opt.step()
+
+    groups.append(("tip_adapter_f", 256, lambda: tip_step(tower(images)), lambda: tip_step(features)))
+
+    # LP++: one full-batch iteration on all N features
+    lp = LPPlusPlus(clip, names, LPPlusPlusConfig(templates=("a photo of a {}.",)))
+    lp_features, lp_labels, lp_images = batch_of(n)
+    lp_text = lp.zero_shot_features()
+    weight = torch.zeros(classes, dim, requires_grad=True)
+    alpha = torch.ones(classes, requires_grad=True)
+
+    def lp_step(image_features: Tensor) -> None:
+        image = F.normalize(image_features, dim=-1)
+        loss = F.cross_entropy(lp_plus_plus_logits(image, weight, alpha, lp_text), lp_labels)
+        grad_w, grad_alpha = torch.autograd.grad(loss, (weight, alpha))
+        with torch.no_grad():
+            weight.sub_(0.1 * grad_w)
+            alpha.sub_(0.1 * grad_alpha)
+
+    groups.append(("lp_plus_plus", n, lambda: lp_step(tower(lp_images)), lambda: lp_step(lp_features)))
+
+    for method, batch, plain_step, ours_step in groups:
+        paths = [Measured("plain", f"{method} plain (image tower every step, fp32)", plain_step, memory=False),
+                 Measured("ours", f"{method} ours (cached features, {args.precision})", ours_step, memory=False)]
+        log(f"  {method} K={classes} ({source}), batch {batch}")
+        measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+        plain_s, ours_s = paths[0].median, paths[1].median
+        rows.append({"method": method, "classes": classes, "batch": batch, "plain_s": plain_s, "ours_s": ours_s,
+                     "speedup": plain_s / ours_s if plain_s and ours_s else None})
+        gc.collect()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # evaluation
 
 
@@ -664,7 +771,7 @@ def bench_full_run(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
 
         # plain: the reference loop (decode + augment + image tower + 77-token text, fp32), a few epochs
         plain = build_method("coop", clip, names, fast=False)
-        recipe = TrainConfig()
+        recipe = TrainConfig().completed()
         optimizer = torch.optim.SGD(plain.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                     weight_decay=recipe.weight_decay)
         transform = TrainTransform(clip.config.image_resolution)
@@ -850,7 +957,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--classes", help="comma-separated K values of the step benchmark (quick: 10,102; "
                                           "full: 10,102,1000)")
     parser.add_argument("--methods", default="coop,cocoop", help="comma-separated: coop, cocoop")
-    parser.add_argument("--sections", default="steps,eval,fullrun", help="comma-separated: steps, eval, fullrun")
+    parser.add_argument("--sections", default="steps,adapters,eval,fullrun",
+                        help="comma-separated: steps, adapters (CLIP-Adapter, CLAP, Tip-Adapter-F, LP++), eval, fullrun")
+    parser.add_argument("--adapter-classes", type=int, default=10, help="classes of the adapters section (with "
+                                                                        "--shots images each)")
     parser.add_argument("--reps", type=int, help="timed runs per path (median reported); quick 3, full 5")
     parser.add_argument("--reps-slow", type=int, help="runs in all for a path whose first call exceeds --slow-s "
                                                       "(quick 1, full 2)")
@@ -896,7 +1006,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in ("coop", "cocoop"):
             parser.error(f"unknown method {name!r}")
     for name in args.sections:
-        if name not in ("steps", "eval", "fullrun"):
+        if name not in ("steps", "adapters", "eval", "fullrun"):
             parser.error(f"unknown section {name!r}")
     return args
 
@@ -973,6 +1083,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             out(f"  {name:<24} {ms:8.1f} ms  {100 * ms / profiled['total_ms']:5.1f}%")
         out(profiled["table"])
         results["profile"] = {k: v for k, v in profiled.items()}
+
+    if "adapters" in args.sections:
+        out(f"\n== Training steps of the feature methods (median seconds per step), K={args.adapter_classes}, "
+            f"{args.shots} shots ==")
+        out("plain = the official step: image tower (fp32) on the step's images (CLIP-Adapter: + the K prompts "
+            "through the 77-token text tower); ours = cached image features, text features computed once")
+        adapters = bench_adapters(clip, args, log)
+        out(f"  {'method':<14} {'batch':>6} {'plain s':>9} {'ours s':>9} {'speed-up':>9}")
+        for row in adapters:
+            out(f"  {row['method']:<14} {row['batch']:>6} {fmt_s(row['plain_s']):>9} {fmt_s(row['ours_s']):>9} "
+                f"{fmt_x(row['speedup']):>9}")
+        results["adapters"] = adapters
 
     evals: list[dict[str, Any]] = []
     if "eval" in args.sections:

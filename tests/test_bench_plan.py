@@ -176,7 +176,10 @@ def test_transfer_options(tmp_path):
     with pytest.raises(ConfigError, match="--datasets belongs to fewshot"):
         plan("crossdataset", tmp_path, datasets=("dtd",))
     with pytest.raises(ConfigError, match="another dataset's classes"):
-        plan("domainshift", tmp_path, methods=("linear_probe",))
+        plan("crossdataset", tmp_path, methods=("linear_probe",))
+    # the domain-shift variants keep ImageNet's classes (or a subset): class-bound classifiers take part
+    assert {run.config.method for run in plan("domainshift", tmp_path, methods=("linear_probe", "tip_adapter"))} == {
+        "linear_probe", "tip_adapter"}
 
 
 # ------------------------------------------------------------------------------------------------------ naming

@@ -37,13 +37,16 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
     results = bench.main([
         "--model", "tiny", "--classes", "3,5", "--reps", "1", "--reps-slow", "1", "--slow-s", "60",
         "--plain-max-classes", "4",  # K=5 takes the extrapolation path (plain measured at K=2, 4)
+        "--adapter-classes", "3",
         "--matmul-size", "64", "--eval-images", "120", "--eval-batch-sizes", "40,60",
         "--eval-plain-max-batches", "1", "--shots", "2", "--fullrun-classes", "3", "--fullrun-epochs", "3",
         "--fullrun-ours-epochs", "2", "--fullrun-plain-epochs", "1", "--views", "1", "--profile",
         "--json", str(report),
     ])
     saved = json.loads(report.read_text())
-    assert {"env", "steps", "eval", "fullrun", "targets", "profile"} <= saved.keys()
+    assert {"env", "steps", "adapters", "eval", "fullrun", "targets", "profile"} <= saved.keys()
+    assert [row["method"] for row in saved["adapters"]] == ["clip_adapter", "clap", "tip_adapter_f", "lp_plus_plus"]
+    assert all(row["plain_s"] > 0 and row["ours_s"] > 0 for row in saved["adapters"])
     assert len(results["steps"]) == 4  # coop and cocoop at K = 3, 5
     for group in saved["steps"]:
         assert {"plain", "ours", "text_fast_fp32"} <= group["paths"].keys()

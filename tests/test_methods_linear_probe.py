@@ -129,5 +129,5 @@ def test_bad_input(clip):
         LinearProbe(clip, [])
     with pytest.raises(ConfigError, match="positive"):
         LinearProbeConfig(c=-1.0)
-    with pytest.raises(ConfigError, match="fitted on"):
+    with pytest.raises(ConfigError, match="cannot classify"):
         method.with_classnames(["x", "y", "z"])

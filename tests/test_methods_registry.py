@@ -20,11 +20,13 @@ from vlprompt.methods.configs import (
 from vlprompt.common.options import config_from_dict, config_to_dict
 
 
-def test_registry_lists_the_five_methods_with_their_kinds():
+def test_registry_lists_the_methods_with_their_kinds():
     assert {name: spec.training.value for name, spec in METHODS.items()} == {
         "zeroshot": "none", "ensemble": "none", "linear_probe": "closed_form", "coop": "features",
-        "cocoop": "features"}
-    assert [name for name, spec in METHODS.items() if not spec.transfers] == ["linear_probe"]
+        "cocoop": "features", "clip_adapter": "features", "tip_adapter": "closed_form",
+        "tip_adapter_f": "closed_form", "lp_plus_plus": "closed_form", "clap": "features"}
+    assert [name for name, spec in METHODS.items() if not spec.transfers] == [
+        "linear_probe", "tip_adapter", "tip_adapter_f", "lp_plus_plus", "clap"]
     assert all(spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TypeError):
         METHODS["mine"] = METHODS["coop"]  # type: ignore[index]

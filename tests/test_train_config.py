@@ -19,10 +19,26 @@ from vlprompt.errors import ConfigError
 
 def test_defaults_are_the_reference_recipe():
     config = TrainConfig()
-    assert (config.lr, config.momentum, config.weight_decay) == (0.002, 0.9, 5e-4)
-    assert (config.warmup_epochs, config.warmup_lr) == (1, 1e-5)
-    assert (config.precision, config.device, config.seed, config.views) == ("fp32", "auto", 1, "epochs")
-    assert config.epochs is None and config.batch_size is None and not config.is_resolved
+    assert (config.lr, config.weight_decay, config.views, config.crop_scale_min) == (None, None, None, None)
+    assert config.epochs is None and config.batch_size is None and not config.is_resolved  # the method's
+    assert (config.momentum, config.warmup_epochs, config.warmup_lr) == (0.9, 1, 1e-5)
+    assert (config.precision, config.device, config.seed) == ("fp32", "auto", 1)
+    bare = config.completed()  # what the loop runs with when nothing resolved them: CoOp's Dassl recipe
+    assert (bare.lr, bare.weight_decay, bare.views, bare.crop_scale_min) == (0.002, 5e-4, "epochs", 0.08)
+    coop = resolve_train_config(config, method="coop", shots=16, dataset="dtd")
+    assert (coop.lr, coop.weight_decay, coop.views, coop.crop_scale_min) == (0.002, 5e-4, "epochs", 0.08)
+
+
+def test_methods_name_their_own_recipe_and_explicit_values_win():
+    clap = resolve_train_config(TrainConfig(), method="clap", shots=4, dataset="dtd")
+    assert (clap.lr, clap.weight_decay, clap.batch_size, clap.epochs, clap.views) == (0.1, 0.0, 256, 300, 20)
+    tip = resolve_train_config(TrainConfig(), method="tip_adapter", shots=4, dataset="dtd")
+    assert (tip.views, tip.crop_scale_min, tip.epochs, tip.lr) == (10, 0.5, None, 0.002)
+    mine = resolve_train_config(TrainConfig(lr=0.5, views=3, crop_scale_min=0.2), method="clap", shots=4,
+                                dataset="dtd")
+    assert (mine.lr, mine.views, mine.crop_scale_min, mine.weight_decay) == (0.5, 3, 0.2, 0.0)
+    with pytest.raises(ConfigError, match="crop_scale_min"):
+        TrainConfig(crop_scale_min=0.0)
 
 
 @pytest.mark.parametrize(("shots", "epochs"), [(1, 50), (2, 100), (4, 100), (8, 200), (16, 200)])
@@ -34,8 +50,9 @@ def test_coop_epochs_follow_shots(shots, epochs):
 
 def test_imagenet_cocoop_and_untrained_defaults():
     assert method_train_defaults("coop", 16, "ImageNet")["epochs"] == 50
-    assert method_train_defaults("cocoop", 16, "imagenet") == {"epochs": 10, "batch_size": 1}
-    assert method_train_defaults("cocoop", 1, "dtd") == {"epochs": 10, "batch_size": 1}
+    recipe = {"epochs": 10, "batch_size": 1}
+    assert method_train_defaults("cocoop", 16, "imagenet") == recipe
+    assert method_train_defaults("cocoop", 1, "dtd") == recipe
     assert method_train_defaults("zeroshot", 0, "dtd") == {}
     assert not resolve_train_config(TrainConfig(), method="zeroshot", shots=0, dataset="dtd").is_resolved
     # explicit values win over the method defaults
@@ -47,7 +64,7 @@ def test_imagenet_cocoop_and_untrained_defaults():
 
 def test_train_defaults_are_the_reference_sgd_recipe():
     # CoOp's Dassl configs: SGD lr 0.002, momentum 0.9, weight decay 5e-4, 1 constant warm-up epoch at 1e-5
-    config = TrainConfig()
+    config = TrainConfig().completed()
     assert (config.lr, config.momentum, config.weight_decay, config.warmup_epochs, config.warmup_lr) == (
         0.002, 0.9, 5e-4, 1, 1e-5)
 
@@ -103,11 +120,11 @@ def test_resolved_run_config_saves_concrete_epochs():
 def test_config_hash_is_stable_and_ignores_paths_and_devices():
     base = RunConfig(method="coop", dataset="dtd")
     # pinned: a change here silently makes every existing run folder "different"; update only on purpose. (The
-    # method config is now the typed, complete one from the start, so the unresolved hash moved; the resolved one,
-    # what run folders record, is 0ec7ceab40bdd3a7 as before.)
-    assert base.config_hash() == "92043c0405d17319"
-    assert base.resolved().config_hash() != "" and dataclasses.replace(base, train=TrainConfig(
-        epochs=200, batch_size=32)).config_hash() == "0ec7ceab40bdd3a7"
+    # method config is now the typed, complete one from the start, so the unresolved hash moved. The resolved one,
+    # what run folders record, was 0ec7ceab40bdd3a7 until issue 10 added train.crop_scale_min (Tip-Adapter's and
+    # LP++'s crop scale): every resolved training config now records it.)
+    assert base.config_hash() == "ab0e0a99372ac500"
+    assert base.resolved().config_hash() == "fb4c1dd9f7fbcde6"
     canonical = json.dumps(base.identity_dict(), sort_keys=True, separators=(",", ":"))
     assert base.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert "root" not in base.identity_dict() and "device" not in base.identity_dict()["train"]
@@ -151,7 +168,8 @@ def test_help_text_comes_from_the_fields():
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, TrainConfig, exclude=("seed",))
     text = " ".join(parser.format_help().split())
-    assert "base learning rate of SGD (default: 0.002)" in text
+    assert "base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1) (default: method default)" \
+        in text
     assert "epoch e shows image i its view (e + offset_i) % V" in text
     assert "--seed" not in text
 

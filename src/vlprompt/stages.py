@@ -191,15 +191,20 @@ def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, option
 
     The views form one pool per image, drawn from :data:`AUGMENTATION_POOL_SEED` rather than the run's seed, so the
     feature cache serves them to every run, method and seed; the run's seed decides which view each image shows in
-    each epoch (:func:`vlprompt.training.loop.epoch_view_indices`)."""
+    each epoch (:func:`vlprompt.training.loop.epoch_view_indices`). The crop's smallest area fraction is
+    ``train.crop_scale_min`` (CoOp 0.08; a pool per value)."""
+    from vlprompt.backbone.transforms import TrainTransform
     from vlprompt.features.extract import augmented_views
 
     views = train.num_views
     if views == 0:
         return eval_features(clip, splits, "train", options)
+    scale = train.completed().crop_scale_min
+    assert scale is not None
+    transform = TrainTransform(clip.config.image_resolution, scale=(scale, 1.0))
     with options.timed():
         return options.note_skipped(augmented_views(
-            clip, splits.image_dir, splits.train, views=views, seed=AUGMENTATION_POOL_SEED,
+            clip, splits.image_dir, splits.train, views=views, seed=AUGMENTATION_POOL_SEED, transform=transform,
             device=options.device, precision=options.precision,  # type: ignore[arg-type]
             batch_size=options.batch_size, num_workers=options.num_workers, cache=options.cache,
             progress=options.progress, on_error=options.on_error))  # type: ignore[arg-type]
@@ -230,15 +235,18 @@ class FitOutcome:
 def training_sets(spec: MethodSpec, clip: CLIP, data: DatasetSplits, train: TrainConfig,
                   options: FeatureOptions) -> tuple[FeatureSet | None, FeatureSet | None]:
     """``(train_set, val_set)`` a method learns from, as its registry entry declares: augmented views for the SGD loop
-    on cached features (``train.views``), eval-transform train and validation features for a closed-form fit, nothing
-    for methods without training images."""
+    on cached features (``train.views``), eval-transform validation features and eval-transform train features (or,
+    with ``spec.fit_views``, augmented views as the SGD loop gets them) for a closed-form fit, nothing for methods
+    without training images."""
     from vlprompt.methods import Training
 
     if spec.training is Training.FEATURES:
         return train_features(clip, data, train, options), None
     if spec.training is Training.CLOSED_FORM:
         val = eval_features(clip, data, "val", options) if data.val else None
-        return eval_features(clip, data, "train", options), val
+        fitted = train_features(clip, data, train, options) if spec.fit_views else eval_features(clip, data, "train",
+                                                                                                 options)
+        return fitted, val
     if spec.training is Training.IMAGES:
         raise ConfigError(f"method {spec.name} trains with images through the towers, which this version cannot do")
     return None, None
@@ -249,7 +257,8 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_
                on_epoch_end: Callable[[EpochStats], None] | None = None, progress: bool | None = None) -> FitOutcome:
     """Fit ``method`` as its registry entry declares (``spec.training``): the SGD loop
     (:func:`vlprompt.training.loop.train`, ``train`` resolved; checkpoints into ``run_dir`` and resumes from one),
-    ``method.fit(train_set, val_set)`` for a closed-form fit, nothing otherwise."""
+    ``method.fit(train_set, val_set, seed=...)`` for a closed-form fit, nothing otherwise. An SGD-trained method may
+    add to the summary through ``method.fit_record()`` (optional, JSON-ready dict)."""
     from vlprompt.methods import Training
 
     kind = spec.training.value
@@ -259,7 +268,7 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_
         raise ConfigError(f"method {spec.name} learns from training images: give training features")
     started = time.perf_counter()
     if spec.training is Training.CLOSED_FORM:
-        info = method.fit(train_set, val_set)
+        info = method.fit(train_set, val_set, seed=train.seed if train is not None else 0)
         seconds = time.perf_counter() - started
         return FitOutcome(kind, seconds, {"num_train": len(train_set), **_jsonable(info)})
     if train is None or not train.is_resolved:
@@ -273,6 +282,9 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_
                "resumed_after_epoch": result.start_epoch,
                "final_loss": last.loss if last else None, "final_train_accuracy": last.accuracy if last else None,
                "loss_history": [stats.loss for stats in result.history]}
+    record = getattr(method, "fit_record", None)  # optional: what the method itself reports (CLAP: no selection)
+    if record is not None:
+        summary.update(_jsonable(record()))
     return FitOutcome(kind, result.train_s, summary, list(result.history))
 
 

@@ -184,7 +184,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
         else:
             default = dataclasses.MISSING
         if default is not dataclasses.MISSING and kwargs.get("action") is not argparse.BooleanOptionalAction:
-            shown = "method default" if default is None and f.name in ("epochs", "batch_size") else default
+            # None that stands for the method's value (TrainConfig's resolved fields say so in their help)
+            method_default = default is None and "default: the method's" in help_text
+            shown = "method default" if method_default else default
             shown = "''" if shown == "" else ("none" if shown is None else shown)
             help_text = f"{help_text} (default: {shown})".strip()
         flag = "--" + (prefix + f.name).replace("_", "-")

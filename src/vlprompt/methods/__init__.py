@@ -1,4 +1,5 @@
-"""The methods: zero-shot CLIP, prompt ensembling, linear probe, CoOp, CoCoOp; one explicit registry dict.
+"""The methods: zero-shot CLIP, prompt ensembling, linear probe, CoOp, CoCoOp, CLIP-Adapter, Tip-Adapter(-F), LP++,
+CLAP; one explicit registry dict.
 
 Every method works on image features (``clip.encode_image`` output, float32, not normalised) and is an ``nn.Module``
 whose parameters and buffers are only its learned state (see "Method contract" in docs/architecture.md).
@@ -19,14 +20,23 @@ from typing import TYPE_CHECKING, Any
 
 from vlprompt.errors import ConfigError
 from vlprompt.methods.configs import (
+    CLAPConfig,
+    CLIPAdapterConfig,
     CoCoOpConfig,
     CoOpConfig,
     EnsembleConfig,
     LinearProbeConfig,
+    LPPlusPlusConfig,
+    TipAdapterConfig,
+    TipAdapterFConfig,
     ZeroShotConfig,
+    clap_train_defaults,
     cocoop_train_defaults,
     coop_train_defaults,
+    lp_plus_plus_train_defaults,
     no_train_defaults,
+    tip_adapter_f_train_defaults,
+    tip_adapter_train_defaults,
 )
 
 if TYPE_CHECKING:
@@ -43,7 +53,8 @@ class Training(enum.StrEnum):
     NONE = "none"
     """nothing to fit: the method is complete when built (zero-shot CLIP, prompt ensembling)"""
     CLOSED_FORM = "closed_form"
-    """``method.fit(train, val)`` once on frozen eval-transform features (linear probe)"""
+    """``method.fit(train, val, seed=...)`` once on frozen features: the method's own deterministic fit (linear probe;
+    Tip-Adapter(-F)'s cache, fine-tuning and validation search; LP++'s full-batch optimiser), redone on resume"""
     FEATURES = "features"
     """the SGD loop (:func:`vlprompt.training.loop.train`) on cached frozen image features (CoOp, CoCoOp)"""
     IMAGES = "images"
@@ -90,7 +101,11 @@ class MethodSpec:
     description: str
     transfers: bool = True
     """its learned state can classify another class list (base-to-novel "new" classes, another dataset) through
-    ``method.with_classnames``; False for a classifier over the training classes only (linear probe)"""
+    ``method.with_classnames``; False for a classifier over the training classes only (linear probe, Tip-Adapter's
+    cache of training-class keys, LP++, CLAP)"""
+    fit_views: bool = False
+    """a closed-form fit on augmented training views ``[V, N, D]`` (``train.views``, ``train.crop_scale_min``, the
+    pool the SGD loop reads) instead of eval-transform train features (Tip-Adapter's cache, LP++)"""
 
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({
@@ -119,6 +134,38 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType({
         name="cocoop", config_cls=CoCoOpConfig, training=Training.FEATURES,
         build=LazyBuild("vlprompt.methods.cocoop:build_cocoop"), train_defaults=cocoop_train_defaults,
         description="CoCoOp: CoOp's context plus a per-image token from a small meta-net",
+    ),
+    "clip_adapter": MethodSpec(
+        name="clip_adapter", config_cls=CLIPAdapterConfig, training=Training.FEATURES,
+        build=LazyBuild("vlprompt.methods.clip_adapter:build_clip_adapter"), train_defaults=coop_train_defaults,
+        description="CLIP-Adapter: a residual bottleneck MLP blended into the image (and/or text) features",
+    ),
+    "tip_adapter": MethodSpec(
+        name="tip_adapter", config_cls=TipAdapterConfig, training=Training.CLOSED_FORM,
+        build=LazyBuild("vlprompt.methods.tip_adapter:build_tip_adapter"),
+        train_defaults=tip_adapter_train_defaults,
+        description="Tip-Adapter: a training-free cache of the few-shot features, alpha / beta chosen on validation",
+        transfers=False, fit_views=True,
+    ),
+    "tip_adapter_f": MethodSpec(
+        name="tip_adapter_f", config_cls=TipAdapterFConfig, training=Training.CLOSED_FORM,
+        build=LazyBuild("vlprompt.methods.tip_adapter:build_tip_adapter_f"),
+        train_defaults=tip_adapter_f_train_defaults,
+        description="Tip-Adapter-F: Tip-Adapter with fine-tuned keys; epoch and alpha / beta chosen on validation",
+        transfers=False, fit_views=True,
+    ),
+    "lp_plus_plus": MethodSpec(
+        name="lp_plus_plus", config_cls=LPPlusPlusConfig, training=Training.CLOSED_FORM,
+        build=LazyBuild("vlprompt.methods.lp_plus_plus:build_lp_plus_plus"),
+        train_defaults=lp_plus_plus_train_defaults,
+        description="LP++: linear probe blending visual prototypes and text features, data-driven step sizes",
+        transfers=False, fit_views=True,
+    ),
+    "clap": MethodSpec(
+        name="clap", config_cls=CLAPConfig, training=Training.FEATURES,
+        build=LazyBuild("vlprompt.methods.clap:build_clap"), train_defaults=clap_train_defaults,
+        description="CLAP: zero-shot-initialised linear probe with a class-adaptive penalty to the zero-shot weights",
+        transfers=False,
     ),
 })
 """Every method, by name."""
@@ -160,12 +207,17 @@ def config_for_dataset(config: Any, dataset: str | None, template: str) -> Any:
 
 __all__ = [
     "METHODS",
+    "CLAPConfig",
+    "CLIPAdapterConfig",
     "CoCoOpConfig",
     "CoOpConfig",
     "EnsembleConfig",
     "LazyBuild",
+    "LPPlusPlusConfig",
     "LinearProbeConfig",
     "MethodSpec",
+    "TipAdapterConfig",
+    "TipAdapterFConfig",
     "Training",
     "ZeroShotConfig",
     "config_for_dataset",

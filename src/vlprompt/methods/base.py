@@ -32,6 +32,40 @@ def check_classnames(classnames: Sequence[str]) -> list[str]:
     return names
 
 
+def class_positions(source: Sequence[str], target: Sequence[str], what: str) -> list[int]:
+    """Where each class of ``target`` sits in ``source``: a classifier learned over ``source``'s classes (a cache of
+    their keys, class-wise weights) moved to a subset of them in any order (ImageNet-A / -R keep 200 of ImageNet's
+    classes; names repeated in ``source`` are matched in order). A :class:`ConfigError` names the classes ``what``
+    cannot classify."""
+    source, target = list(source), list(target)
+    if target == source:
+        return list(range(len(source)))
+    where: dict[str, list[int]] = {}
+    for index, name in enumerate(source):
+        where.setdefault(name, []).append(index)
+    unknown = [name for name in target if name not in where]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ConfigError(f"{what} was learned on {len(source)} classes and cannot classify {len(unknown)} other "
+                          f"class(es) ({shown}): it classifies only (a subset of) its training classes; novel classes "
+                          "and other datasets need a method that transfers (zero-shot, CoOp, CLIP-Adapter, ...)")
+    if all(len(where[name]) == 1 for name in target):
+        return [where[name][0] for name in target]
+    # a repeated name (ImageNet's two "crane" classes): match the target as an ordered subsequence of the source, as
+    # ImageNet-A / -R keep ImageNet's (sorted-wnid) class order
+    positions, start = [], 0
+    for name in target:
+        found = next((index for index in where[name] if index >= start), None)
+        if found is None:
+            repeated = sorted({n for n in target if len(where[n]) > 1})
+            raise ConfigError(f"{what}: the class name(s) {', '.join(map(repr, repeated))} occur more than once among "
+                              "its training classes and the classes asked for are not in the training order, so "
+                              "they cannot be matched by name")
+        positions.append(found)
+        start = found + 1
+    return positions
+
+
 def cosine_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
     """``logit_scale * normalize(image) @ normalize(text).T`` in fp32 (also under autocast): [B, D] x [K, D] -> [B, K].
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from vlprompt.common.options import check_choice, option
 from vlprompt.errors import ConfigError
 from vlprompt.data.registry import key_of
-from vlprompt.methods.templates import TEMPLATE_SETS, check_template, check_templates
+from vlprompt.methods.templates import TEMPLATE_SETS, check_template, check_templates, template_set
 
 CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("end", "middle", "front")
 
@@ -182,6 +184,217 @@ class CoCoOpConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# feature adapters and linear probes on the zero-shot classifier (issue 10): CLIP-Adapter, Tip-Adapter(-F), LP++, CLAP
+
+FEATURE_BRANCHES: tuple[str, ...] = ("visual", "text", "both")
+CLAP_CONSTRAINTS: tuple[str, ...] = ("l2", "none")
+
+# Tip-Adapter's official per-dataset search grid [beta max, alpha max] and initial alpha (gaopengcuhk/Tip-Adapter
+# configs/<dataset>.yaml: search_scale, init_alpha; init_beta is 1 and search_step [200, 20] in every file)
+TIP_GRID_SCALE: Mapping[str, tuple[float, float]] = types.MappingProxyType({
+    "caltech101": (12.0, 5.0), "dtd": (13.0, 13.0), "eurosat": (12.0, 10.0), "fgvc_aircraft": (30.0, 30.0),
+    "food101": (10.0, 10.0), "imagenet": (7.0, 3.0), "oxford_flowers": (50.0, 50.0), "oxford_pets": (7.0, 3.0),
+    "stanford_cars": (20.0, 10.0), "sun397": (12.0, 10.0), "ucf101": (7.0, 3.0),
+})
+TIP_INIT_ALPHA: Mapping[str, float] = types.MappingProxyType({
+    "caltech101": 3.0, "dtd": 2.0, "eurosat": 2.0, "fgvc_aircraft": 5.0, "food101": 1.17, "imagenet": 1.17,
+    "oxford_flowers": 10.0, "oxford_pets": 1.17, "stanford_cars": 3.0, "sun397": 1.17, "ucf101": 3.0,
+})
+# datasets without an official Tip-Adapter config: the dataset-independent grid and init of LP++'s reimplementation
+# (FereshteShakeri/FewShot-CLIP-Strong-Baseline configs/base.yaml: search_scale [50, 50], init_alpha 1)
+TIP_FALLBACK_GRID_SCALE: tuple[float, float] = (50.0, 50.0)
+TIP_FALLBACK_INIT_ALPHA = 1.0
+
+
+def _dataset_templates(templates: tuple[str, ...], dataset: str | None, template: str, *,
+                       imagenet: tuple[str, ...]) -> tuple[str, ...]:
+    """``templates`` if given, else ImageNet's set (``imagenet``, when not empty) or the dataset's own template."""
+    if templates:
+        return templates
+    if imagenet and _is_imagenet(dataset):
+        return imagenet
+    return (template,)
+
+
+def _check_templates_field(config: Any) -> None:
+    if isinstance(config.templates, str):
+        raise ConfigError("templates must be a sequence of template strings, not one string")
+    object.__setattr__(config, "templates", tuple(config.templates))
+    if config.templates:
+        check_templates(config.templates)
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_positive(name: str, value: Any, *, zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{name} must be a {'non-negative' if zero else 'positive'} number, got {value!r}")
+
+
+TEMPLATES_HELP = ("hand-crafted templates of the frozen zero-shot classifier (each with one '{}'; their normalised "
+                  "text features are averaged per class); empty = the dataset's template, as the official code (for "
+                  "ImageNet Tip-Adapter and LP++ use CoOp's 7 selected templates, CLIP-Adapter the one template)")
+
+
+@dataclass(frozen=True)
+class CLIPAdapterConfig:
+    """CLIP-Adapter: a residual bottleneck MLP on the frozen image feature (and/or the class text features)."""
+
+    templates: tuple[str, ...] = option((), TEMPLATES_HELP)
+    ratio: float = option(0.2, "residual ratio alpha: adapted = ratio * MLP(x) + (1 - ratio) * x "
+                               "(official clip_adapter.py: 0.2)")
+    reduction: int = option(4, "bottleneck width = feature width / this (official Adapter(c_in, reduction=4))")
+    branch: str = option("visual", "where the adapter goes: 'visual' (image feature, the paper's default and the "
+                                   "official code), 'text' (class text features) or 'both'", choices=FEATURE_BRANCHES)
+
+    def __post_init__(self) -> None:
+        _check_templates_field(self)
+        _check_fraction("ratio", self.ratio)
+        _check_positive_int("reduction", self.reduction)
+        check_choice("branch", self.branch, FEATURE_BRANCHES)
+
+    def for_dataset(self, dataset: str | None, template: str) -> CLIPAdapterConfig:
+        """The dataset's hand-crafted template where no templates are set (ImageNet too, as the official code)."""
+        return dataclasses.replace(self, templates=_dataset_templates(self.templates, dataset, template, imagenet=()))
+
+
+@dataclass(frozen=True)
+class TipAdapterConfig:
+    """Tip-Adapter: a key-value cache of the few-shot training features added to zero-shot CLIP, training-free.
+
+    ``alpha`` / ``beta`` are the values used when ``search`` is off and where a search starts; with ``search`` they
+    are chosen on the validation split (never on the test split, unlike the official code for ImageNet).
+    """
+
+    templates: tuple[str, ...] = option((), TEMPLATES_HELP)
+    cache_views: int = option(10, "augmented views averaged into each cache key (official augment_epoch: 10)")
+    alpha: float | None = option(None, "residual ratio alpha of the cache logits; default: the dataset's official "
+                                       "init_alpha (configs/<dataset>.yaml), 1 for other datasets")
+    beta: float = option(1.0, "sharpness beta of the affinity exp(-beta (1 - f K^T)) (official init_beta: 1)")
+    search: bool = option(True, "search alpha and beta on the validation split (official search_hp: True)")
+    grid_scale: tuple[float, ...] = option(
+        (), "largest beta and alpha of the search grid; default: the dataset's official search_scale, (50, 50) for "
+            "other datasets (LP++'s reimplementation)")
+    grid_steps: tuple[int, ...] = option((200, 20), "grid points for beta and alpha: value_i = i * (max - 0.1) / "
+                                                      "steps + 0.1, i < steps (official search_step: [200, 20])")
+
+    def __post_init__(self) -> None:
+        _check_templates_field(self)
+        _check_positive_int("cache_views", self.cache_views)
+        if self.alpha is not None:
+            _check_positive("alpha", self.alpha, zero=True)
+        _check_positive("beta", self.beta, zero=True)
+        if not isinstance(self.search, bool):
+            raise ConfigError(f"search must be true or false, got {self.search!r}")
+        object.__setattr__(self, "grid_scale", tuple(float(v) for v in self.grid_scale))
+        if len(self.grid_scale) not in (0, 2) or any(not (math.isfinite(v) and v > 0.1)
+                                                       for v in self.grid_scale):
+            raise ConfigError(f"grid_scale must be two numbers above 0.1 (beta max, alpha max), got "
+                              f"{self.grid_scale!r}")
+        object.__setattr__(self, "grid_steps", tuple(self.grid_steps))
+        if len(self.grid_steps) != 2:
+            raise ConfigError(f"grid_steps must be two positive integers (beta, alpha), got {self.grid_steps!r}")
+        for steps in self.grid_steps:
+            _check_positive_int("grid_steps", steps)
+
+    def for_dataset(self, dataset: str | None, template: str) -> TipAdapterConfig:
+        """Templates, initial alpha and search grid from the dataset's official Tip-Adapter config."""
+        key = key_of(dataset) if dataset else ""
+        return dataclasses.replace(
+            self,
+            templates=_dataset_templates(self.templates, dataset, template, imagenet=template_set("coop7")),
+            alpha=self.alpha if self.alpha is not None else TIP_INIT_ALPHA.get(key, TIP_FALLBACK_INIT_ALPHA),
+            grid_scale=self.grid_scale or TIP_GRID_SCALE.get(key, TIP_FALLBACK_GRID_SCALE),
+        )
+
+
+@dataclass(frozen=True)
+class TipAdapterFConfig(TipAdapterConfig):
+    """Tip-Adapter-F: Tip-Adapter whose cache keys are fine-tuned (AdamW, cosine per step); the epoch and then alpha
+    and beta are chosen on the validation split."""
+
+    finetune_epochs: int | None = option(None, "fine-tuning epochs; default: the official train_epoch (20; "
+                                               "EuroSAT 100); 0 = no fine-tuning (Tip-Adapter)")
+    finetune_lr: float = option(0.001, "AdamW learning rate of the keys (official lr: 0.001), cosine-annealed to 0 "
+                                       "over all steps")
+    finetune_batch_size: int = option(256, "fine-tuning batch size (official loader: 256, last batch kept)")
+    finetune_eps: float = option(1e-4, "AdamW epsilon (official: 1e-4)")
+    finetune_weight_decay: float = option(0.01, "AdamW weight decay (the official code keeps PyTorch's 0.01)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.finetune_epochs is not None and (isinstance(self.finetune_epochs, bool) or
+                                                 not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0):
+            raise ConfigError(f"finetune_epochs must be an integer >= 0, got {self.finetune_epochs!r}")
+        _check_positive("finetune_lr", self.finetune_lr)
+        _check_positive_int("finetune_batch_size", self.finetune_batch_size)
+        _check_positive("finetune_eps", self.finetune_eps)
+        _check_positive("finetune_weight_decay", self.finetune_weight_decay, zero=True)
+
+    def for_dataset(self, dataset: str | None, template: str) -> TipAdapterFConfig:
+        base = super().for_dataset(dataset, template)
+        epochs = self.finetune_epochs if self.finetune_epochs is not None else _tip_f_epochs(dataset)
+        return dataclasses.replace(base, finetune_epochs=epochs)  # type: ignore[return-value]
+
+
+def _tip_f_epochs(dataset: str | None) -> int:
+    """Tip-Adapter-F's official train_epoch: 100 for EuroSAT (configs/eurosat.yaml), 20 for every other dataset."""
+    return 100 if dataset is not None and key_of(dataset) == "eurosat" else 20
+
+
+@dataclass(frozen=True)
+class LPPlusPlusConfig:
+    """LP++: a linear probe whose class weights blend a visual prototype and the class text feature,
+    ``l_ik = f_i . (w_k + alpha_k t_k)``, fitted full-batch with data-driven step sizes (no validation)."""
+
+    templates: tuple[str, ...] = option((), TEMPLATES_HELP)
+    iterations: int = option(300, "full-batch iterations (official train_epoch: 300)")
+    alpha_every: int = option(10, "update the blending multipliers every this many iterations (official: 10)")
+    alpha_init_scale: float = option(250.0, "alpha_0 = this * mean over classes of the mean text similarity of the "
+                                            "class's samples (official constant: 250)")
+    prototype_momentum: float = option(0.9, "momentum of the visual prototypes' gradient steps (official SGD: 0.9)")
+
+    def __post_init__(self) -> None:
+        _check_templates_field(self)
+        _check_positive_int("iterations", self.iterations)
+        _check_positive_int("alpha_every", self.alpha_every)
+        _check_positive("alpha_init_scale", self.alpha_init_scale)
+        momentum = self.prototype_momentum
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"prototype_momentum must be in [0, 1), got {momentum!r}")
+
+    def for_dataset(self, dataset: str | None, template: str) -> LPPlusPlusConfig:
+        return dataclasses.replace(
+            self, templates=_dataset_templates(self.templates, dataset, template, imagenet=template_set("coop7")))
+
+
+@dataclass(frozen=True)
+class CLAPConfig:
+    """CLAP: a linear probe on normalised features initialised with the zero-shot prototypes, plus a class-wise
+    penalty keeping each prototype near its zero-shot one (multipliers from the zero-shot confidence)."""
+
+    templates: tuple[str, ...] = option((), "hand-crafted templates of the zero-shot prototypes (the UNnormalised "
+                                            "text features are averaged, as the official code); empty = the "
+                                            "dataset's template (ImageNet: CoOp's 7 selected templates plus it)")
+    constraint: str = option("l2", "'l2': CLAP's class-adaptive penalty mean_k lambda_k ||w_k - t_k||^2; 'none': the "
+                                   "zero-shot-initialised linear probe ZS-LP (official TRAINER.ADAPTER.CONSTRAINT)",
+                             choices=CLAP_CONSTRAINTS)
+
+    def __post_init__(self) -> None:
+        _check_templates_field(self)
+        check_choice("constraint", self.constraint, CLAP_CONSTRAINTS)
+
+    def for_dataset(self, dataset: str | None, template: str) -> CLAPConfig:
+        imagenet = (*template_set("coop7"), template)
+        return dataclasses.replace(
+            self, templates=_dataset_templates(self.templates, dataset, template, imagenet=imagenet))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # training defaults (the reference's per-method recipe)
 
 
@@ -209,3 +422,27 @@ def cocoop_train_defaults(shots: int | None = None, dataset: str | None = None) 
     return {"batch_size": 1, "epochs": 10}
 
 
+def clap_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """CLAP's official recipe (configs/trainers/SGD_lr1e-1_B256_ep300.yaml, trainers/adapters.py): SGD lr 0.1,
+    weight decay 0, batch 256, 300 epochs (momentum 0.9, cosine with 1 constant warm-up epoch at 1e-5: TrainConfig's
+    defaults, Dassl's); 20 augmented views of every training image (epochs_aumentation = 20) with Dassl's random
+    resized crop (scale 0.08-1) and flip."""
+    return {"batch_size": 256, "epochs": 300, "lr": 0.1, "weight_decay": 0.0, "views": 20,
+            "crop_scale_min": 0.08}
+
+
+def tip_adapter_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """Tip-Adapter's cache: 10 augmented views (augment_epoch) with RandomResizedCrop scale 0.5-1 + flip (main.py)."""
+    return {"views": 10, "crop_scale_min": 0.5}
+
+
+def tip_adapter_f_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """Tip-Adapter-F: a pool of one augmented view per fine-tuning epoch (20; EuroSAT 100), crop scale 0.5-1; the
+    cache averages the first 10 of them."""
+    return {"views": _tip_f_epochs(dataset), "crop_scale_min": 0.5}
+
+
+def lp_plus_plus_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """LP++: one augmented view of each training image (the official loader's single pass, RandomResizedCrop scale
+    0.5-1 + flip)."""
+    return {"views": 1, "crop_scale_min": 0.5}

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import ConfigError, DatasetError
-from vlprompt.methods.base import FrozenClipMethod
+from vlprompt.methods.base import FrozenClipMethod, class_positions
 from vlprompt.methods.configs import LinearProbeConfig
 
 __all__ = ["LinearProbe", "LinearProbeConfig", "build_linear_probe", "search_c"]
@@ -75,15 +75,17 @@ class LinearProbe(FrozenClipMethod):
         return classify
 
     def with_classnames(self, classnames: Sequence[str]) -> LinearProbe:
-        if list(classnames) != self.classnames:
-            raise ConfigError("a linear probe's weights belong to the classes it was fitted on; it cannot classify "
-                              "other class names (use zero-shot, ensemble, CoOp or CoCoOp for cross-dataset transfer)")
+        """The rows of a subset of the fitted classes (ImageNet-A / -R); other class lists raise ConfigError."""
+        positions = torch.tensor(class_positions(self.classnames, classnames, "a linear probe"))
         other = LinearProbe(self.clip, classnames, self.config)
-        other.load_state_dict(self.state_dict())
+        state = self.state_dict()
+        other.load_state_dict({"linear.weight": state["linear.weight"][positions.to(state["linear.weight"].device)],
+                               "linear.bias": state["linear.bias"][positions.to(state["linear.bias"].device)]})
         return other
 
-    def fit(self, train: Features, val: Features | None = None) -> dict[str, Any]:
-        """Fit on ``train`` (C searched on ``val`` unless ``config.c`` is set); returns the search record.
+    def fit(self, train: Features, val: Features | None = None, *, seed: int = 0) -> dict[str, Any]:
+        """Fit on ``train`` (C searched on ``val`` unless ``config.c`` is set); returns the search record. ``seed`` is
+        not used: the lbfgs fit is deterministic.
 
         The record: ``{"c": chosen C, "val_accuracy": percent or None, "coarse": [[C, acc], ...],
         "refine": [[C_left, acc_left, C_right, acc_right], ...], "converged": bool}``.

@@ -1,7 +1,8 @@
 """Learned prompts as one small safetensors file that knows which backbone it belongs to.
 
 The file holds the method's ``state_dict()`` (only the learned state: CoOp's context, CoCoOp's context and meta-net, the
-linear probe's layer; nothing for zero-shot) and string metadata:
+linear probe's layer, CLIP-Adapter's adapters, Tip-Adapter(-F)'s cache keys / labels and chosen alpha, beta, LP++'s
+prototypes and multipliers, CLAP's prototypes; nothing for zero-shot) and string metadata:
 
 ``format`` ("vlprompt-prompt"), ``format_version``, ``method`` (registry name), ``config`` (JSON of the method's config),
 ``classnames`` (JSON list), ``backbone`` (the CLIP's name), ``backbone_fingerprint`` (``clip.fingerprint()``: SHA-256

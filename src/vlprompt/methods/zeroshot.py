@@ -23,7 +23,8 @@ from vlprompt.methods.templates import DEFAULT_TEMPLATE, check_templates, fill, 
 
 __all__ = [
     "Ensemble", "EnsembleConfig", "TemplateClassifier", "ZeroShot", "ZeroShotConfig", "build_ensemble",
-    "build_zeroshot", "encode_prompts", "encode_token_ids", "ensemble_templates", "tokenize_prompts",
+    "build_zeroshot", "class_text_features", "encode_prompts", "encode_token_ids", "ensemble_templates",
+    "tokenize_prompts",
 ]
 
 PROMPT_BATCH = 1024
@@ -40,13 +41,28 @@ def tokenize_prompts(texts: Sequence[str], context_length: int, tokenizer: ClipT
 
 
 @torch.no_grad()
-def encode_token_ids(clip: CLIP, ids: Tensor, batch_size: int = PROMPT_BATCH) -> Tensor:
-    """L2-normalised fp32 text features [N, D] of token ids [N, L], on the CLIP's device (batches trimmed)."""
+def encode_token_ids(clip: CLIP, ids: Tensor, batch_size: int = PROMPT_BATCH, *, normalize: bool = True) -> Tensor:
+    """L2-normalised (``normalize``, else raw) fp32 text features [N, D] of token ids [N, L], on the CLIP's device
+    (batches trimmed)."""
     chunks = []
     for start in range(0, ids.shape[0], batch_size):
         chunk = ids[start : start + batch_size].to(clip.device)
         chunks.append(encode_trimmed(clip, clip.token_embedding(chunk), chunk.argmax(dim=-1)).float())
-    return F.normalize(torch.cat(chunks), dim=-1)
+    features = torch.cat(chunks)
+    return F.normalize(features, dim=-1) if normalize else features
+
+
+@torch.no_grad()
+def class_text_features(clip: CLIP, classnames: Sequence[str], templates: Sequence[str], *,
+                        tokenizer: ClipTokenizer | None = None, raw: bool = False) -> Tensor:
+    """The zero-shot classifier's class features [K, D] (fp32, CLIP's device) from ``templates``: each template's
+    normalised features averaged and normalised again (:class:`TemplateClassifier`'s; one template = zero-shot
+    CLIP's), or with ``raw`` the mean of the unnormalised features (CLAP's prototypes)."""
+    templates = check_templates(templates)
+    texts = [fill(template, name) for template in templates for name in classnames]
+    ids = tokenize_prompts(texts, clip.context_length, tokenizer)
+    features = encode_token_ids(clip, ids, normalize=not raw).view(len(templates), len(classnames), -1).mean(dim=0)
+    return features if raw else F.normalize(features, dim=-1)
 
 
 def encode_prompts(clip: CLIP, texts: Sequence[str], tokenizer: ClipTokenizer | None = None,

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,12 +38,14 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class TrainConfig:
     """How a gradient-trained method (CoOp, CoCoOp, ...) is optimised; defaults are the reference recipe.
 
-    ``epochs`` / ``batch_size`` = None stand for the method's defaults (:func:`resolve_train_config`).
+    Fields left at None (:data:`RESOLVED_KEYS`: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``views``,
+    ``crop_scale_min``) stand for the method's defaults (:func:`resolve_train_config`).
     """
 
-    lr: float = option(0.002, "base learning rate of SGD")
+    lr: float | None = option(None, "base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1)")
     momentum: float = option(0.9, "SGD momentum (dampening 0, no Nesterov)")
-    weight_decay: float = option(5e-4, "SGD weight decay (L2) on the learned parameters")
+    weight_decay: float | None = option(None, "SGD weight decay (L2) on the learned parameters; default: the "
+                                              "method's (CoOp family 5e-4, CLAP 0)")
     epochs: int | None = option(None, "training epochs; default: the method's (CoOp 50/100/100/200/200 for "
                                     "1/2/4/8/16 shots, ImageNet 50; CoCoOp 10)")
     batch_size: int | None = option(None, "training batch size (the global batch under torchrun); "
@@ -53,18 +56,28 @@ class TrainConfig:
                                         "(learned parameters stay fp32; fp16 uses loss scaling)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     seed: int = option(1, "the one seed of a run: few-shot sampling, initialisation, augmentation, data order")
-    views: int | Literal["epochs"] = option("epochs", "augmented views of each training image, a pool shared by all "
-                                                    "runs and cached (epoch e shows image i its view "
-                                                    "(e + offset_i) % V, offsets drawn from the seed); 'epochs' (the "
-                                                    "default) = a fresh augmentation every epoch as in the reference; "
-                                                    "fewer views extract faster; 0 = no augmentation")
+    views: int | Literal["epochs"] | None = option(None, "augmented views of each training image, a pool shared by "
+                                                         "all runs and cached (epoch e shows image i its view "
+                                                         "(e + offset_i) % V, offsets drawn from the seed); 'epochs' "
+                                                         "= a fresh augmentation every epoch as in the reference; "
+                                                         "fewer views extract faster; 0 = no augmentation; default: "
+                                                         "the method's ('epochs' for the CoOp family; CLAP 20, "
+                                                         "Tip-Adapter 10, Tip-Adapter-F 20, LP++ 1)")
+    crop_scale_min: float | None = option(None, "smallest area fraction of the training views' random resized crop "
+                                                "(the largest is 1); default: the method's (CoOp family and CLAP "
+                                                "0.08; Tip-Adapter(-F) and LP++ 0.5)")
     num_workers: int = option(0, "image loading worker processes for feature extraction")
     tensorboard: bool = option(False, "also write TensorBoard scalars into the run folder")
 
     def __post_init__(self) -> None:
-        check_number("lr", self.lr, minimum=0.0, strict=True, prefix="train.")
+        if self.lr is not None:
+            check_number("lr", self.lr, minimum=0.0, strict=True, prefix="train.")
         check_number("momentum", self.momentum, minimum=0.0, maximum=1.0, maximum_open=True, prefix="train.")
-        check_number("weight_decay", self.weight_decay, minimum=0.0, prefix="train.")
+        if self.weight_decay is not None:
+            check_number("weight_decay", self.weight_decay, minimum=0.0, prefix="train.")
+        if self.crop_scale_min is not None:
+            check_number("crop_scale_min", self.crop_scale_min, minimum=0.0, maximum=1.0, strict=True,
+                         prefix="train.")
         check_int("epochs", self.epochs, minimum=1, optional=True, prefix="train.")
         check_int("batch_size", self.batch_size, minimum=1, optional=True, prefix="train.")
         check_int("warmup_epochs", self.warmup_epochs, minimum=0, prefix="train.")
@@ -73,7 +86,7 @@ class TrainConfig:
         if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check_int("seed", self.seed, minimum=0, prefix="train.")
-        if self.views != "epochs":
+        if self.views is not None and self.views != "epochs":
             if isinstance(self.views, str):
                 raise ConfigError(f"train.views must be a non-negative integer or 'epochs', got {self.views!r}")
             check_int("views", self.views, minimum=0, prefix="train.")
@@ -89,11 +102,20 @@ class TrainConfig:
         """True once ``epochs`` and ``batch_size`` are concrete numbers."""
         return self.epochs is not None and self.batch_size is not None
 
+    def completed(self) -> TrainConfig:
+        """This config with the fields still left to the method's default (:data:`RESOLVED_KEYS` other than epochs and
+        batch size) set to the reference recipe (:data:`REFERENCE_RECIPE`): what the loop runs when called with a
+        bare config."""
+        missing = {key: value for key, value in REFERENCE_RECIPE.items() if getattr(self, key) is None}
+        return dataclasses.replace(self, **missing) if missing else self
+
     @property
     def num_views(self) -> int:
-        """The number of augmented views to extract (``views`` with 'epochs' resolved); needs ``epochs``."""
-        if self.views != "epochs":
-            return int(self.views)
+        """The number of augmented views to extract (``views`` with 'epochs' resolved; unset = 'epochs'); needs
+        ``epochs`` for 'epochs'."""
+        views = self.completed().views
+        if views != "epochs":
+            return int(views)  # type: ignore[arg-type]
         if self.epochs is None:
             raise ConfigError("train.views='epochs' needs train.epochs: resolve the configuration first")
         return self.epochs
@@ -110,30 +132,44 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- method defaults
 
 
+RESOLVED_KEYS: tuple[str, ...] = ("epochs", "batch_size", "lr", "weight_decay", "views", "crop_scale_min")
+"""The TrainConfig fields whose None means "the method's default" (:func:`resolve_train_config`)."""
+
+REFERENCE_RECIPE: Mapping[str, Any] = types.MappingProxyType({
+    "lr": 0.002, "weight_decay": 5e-4, "views": "epochs", "crop_scale_min": 0.08,
+})
+"""What the resolved keys other than epochs / batch size fall back to when the method names no default: CoOp's
+Dassl recipe (SGD lr 0.002, weight decay 5e-4, a fresh view every epoch, random resized crop scale 0.08-1)."""
+
+
 def method_train_defaults(method: str, shots: int, dataset: str) -> dict[str, Any]:
-    """The method's reference ``epochs`` / ``batch_size`` (from its MethodSpec in ``vlprompt.methods.METHODS``).
+    """The method's reference values of the :data:`RESOLVED_KEYS` (from its MethodSpec in
+    ``vlprompt.methods.METHODS``).
 
     CoOp: batch 32, epochs 50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16 shots, ImageNet 50; CoCoOp: batch 1,
-    10 epochs. Empty for methods that are not trained by SGD.
+    10 epochs; CLAP: lr 0.1, weight decay 0, batch 256, 300 epochs, 20 views; Tip-Adapter(-F) and LP++: their views
+    and crop scale. Empty for methods without training images.
     """
     from vlprompt.methods import get_method  # light: the registry module imports no torch
 
     defaults = get_method(method).train_defaults(shots, dataset)
-    return {key: defaults[key] for key in ("epochs", "batch_size") if key in defaults}
+    return {key: defaults[key] for key in RESOLVED_KEYS if key in defaults}
 
 
 def resolve_train_config(train: TrainConfig, *, method: str, shots: int, dataset: str) -> TrainConfig:
-    """``train`` with ``epochs`` / ``batch_size`` that were left at None replaced by the method's defaults.
+    """``train`` with the :data:`RESOLVED_KEYS` left at None replaced by the method's defaults, then by the
+    reference recipe (:data:`REFERENCE_RECIPE`).
 
-    Methods without SGD training (no defaults) keep None there.
+    ``epochs`` / ``batch_size`` of methods without SGD training (no defaults) stay None.
     """
     defaults = method_train_defaults(method, shots, dataset)
-    epochs = train.epochs if train.epochs is not None else defaults.get("epochs")
-    batch_size = train.batch_size if train.batch_size is not None else defaults.get("batch_size")
+    values = {key: getattr(train, key) if getattr(train, key) is not None else defaults.get(key)
+              for key in RESOLVED_KEYS}
+    epochs = values["epochs"]
     if epochs is not None and train.warmup_epochs >= epochs:
         raise ConfigError(f"train.warmup_epochs ({train.warmup_epochs}) must be smaller than the {epochs} epochs of "
                           f"{method}; lower --warmup-epochs or raise --epochs")
-    return dataclasses.replace(train, epochs=epochs, batch_size=batch_size)
+    return dataclasses.replace(train, **values).completed()
 
 
 TRAIN_NON_IDENTITY_FIELDS: tuple[str, ...] = ("device", "num_workers", "tensorboard")

@@ -12,7 +12,12 @@ One flat function, :func:`train`, plus small pure helpers:
   batch), as Dassl's loader. In epoch ``e`` image ``i`` uses view ``(e + offset_i) % V`` of features [V, N, D], the
   offsets drawn from the seed (:func:`epoch_view_indices`). Randomness inside the method's
   forward (if any) is seeded per (seed, epoch) too, so a resumed run needs no RNG replay.
-- Cross-entropy on the logits; the last epoch is the final model.
+- Cross-entropy on the logits; the last epoch is the final model. A method may add a term to the objective:
+  ``method.regularizer()`` (optional) returns a scalar added to the batch-mean cross-entropy of each step, computed
+  from the learned state (CLAP's class-wise penalty); the logged loss is the cross-entropy. A method may also define
+  ``method.prepare(train_set)`` (optional), called once before the first epoch of every session with the training
+  features (CLAP's multipliers from the zero-shot predictions); it must not depend on the learned state, so a resumed
+  run prepares exactly as an uninterrupted one.
 - Precision: fp32, or autocast bf16 / fp16 (fp16 with gradient scaling); learned parameters and optimiser state stay
   fp32. A non-finite loss raises :class:`TrainingDiverged` before the update, non-finite learned parameters after
   an update, and non-finite logits (on one batch) after an epoch, before its checkpoint: naming epoch, step and lr.
@@ -97,7 +102,9 @@ def lr_at_epoch(epoch: int, config: TrainConfig) -> float:
         raise ConfigError("train.epochs is not set: resolve the configuration (resolve_train_config) first")
     if epoch < config.warmup_epochs:
         return config.warmup_lr
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs))
+    lr = config.completed().lr
+    assert lr is not None
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs))
 
 
 def lr_schedule(config: TrainConfig) -> list[float]:
@@ -147,10 +154,14 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
     if not config.is_resolved:
         raise ConfigError("train.epochs and train.batch_size must be set: call resolve_train_config() or set them")
     assert config.epochs is not None and config.batch_size is not None
+    config = config.completed()  # lr / weight decay left to the method's default: the reference recipe
     features, labels = _training_views(train_set)
     params = _learned_parameters(method)
     target = _training_device(method, config, device)
     method.to(target)
+    prepare = getattr(method, "prepare", None)
+    if prepare is not None:
+        prepare(train_set)
     rank, world = dist.rank(), dist.world_size()
     is_main = rank == 0
     smallest_batch = min(config.batch_size, labels.numel())
@@ -197,7 +208,7 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
             try:
                 with seeded_torch(target, config.seed, "forward", epoch):
                     totals = _train_epoch(model, optimizer, scaler, view, labels, batches, target,
-                                          config.precision, max_label)
+                                          config.precision, max_label, getattr(method, "regularizer", None))
             except _NonFinite as bad:
                 raise _diverged(bad.what, epoch, bad.step, len(batches), lr, config, run_dir,
                                 applied=bad.applied) from None
@@ -239,9 +250,11 @@ class _NonFinite(Exception):
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  view: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor], device: torch.device,
-                 precision: str, max_label: int) -> torch.Tensor:
-    """One pass over ``batches``; returns the global (loss sum, correct, count). Each rank takes its share of every
-    batch; a non-finite loss raises :class:`_NonFiniteLoss` on every rank before that step's update."""
+                 precision: str, max_label: int,
+                 regularizer: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """One pass over ``batches``; returns the global (cross-entropy sum, correct, count). Each rank takes its share of
+    every batch; a non-finite loss raises :class:`_NonFinite` on every rank before that step's update.
+    ``regularizer()`` (the method's optional term) is added to each step's batch-mean cross-entropy."""
     rank, world = dist.rank(), dist.world_size()
     totals = torch.zeros(3, dtype=torch.float64)
     for step, batch in enumerate(batches):
@@ -258,12 +271,18 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: tor
         correct = (logits.argmax(dim=1) == y).sum().to(loss_sum.dtype)
         count = torch.full((), float(local.numel()), device=device)
         step_totals = dist.all_reduce_sum(torch.stack([loss_sum.detach(), correct, count]).double()).cpu()
+        # DDP averages gradients over ranks; this scale makes the result the mean over the whole global batch
+        objective = loss_sum * (world / batch.numel())
+        if regularizer is not None:  # the same batch-independent term on every rank: DDP's average keeps it
+            extra = regularizer()
+            if not math.isfinite(float(extra.detach())):
+                raise _NonFinite(step, f"the method's regularizer is {float(extra.detach())}", applied=False)
+            objective = objective + extra
         if not math.isfinite(float(step_totals[0])):
             raise _NonFinite(step, f"the loss is {float(step_totals[0])}", applied=False)
         totals += step_totals
         optimizer.zero_grad(set_to_none=True)
-        # DDP averages gradients over ranks; this scale makes the result the mean over the whole global batch
-        scaler.scale(loss_sum * (world / batch.numel())).backward()
+        scaler.scale(objective).backward()
         scaler.step(optimizer)
         scaler.update()
         if not _finite_parameters(optimizer):

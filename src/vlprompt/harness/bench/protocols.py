@@ -66,9 +66,13 @@ BUDGET_TEST_IMAGES = 64
 """Test images per evaluated dataset of a smoke-test run (a fixed subset, ``RunConfig.max_test_images``)."""
 BUDGET_METHOD_OPTIONS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "linear_probe": MappingProxyType({"c_grid": (1e-2, 1.0, 1e2), "search_steps": 0, "max_iter": 100}),
+    "tip_adapter": MappingProxyType({"grid_steps": (20, 5)}),
+    "tip_adapter_f": MappingProxyType({"grid_steps": (20, 5), "finetune_epochs": 2}),
+    "lp_plus_plus": MappingProxyType({"iterations": 20}),
 })
 """Method options of a smoke-test run (the user's ``--method-option`` still wins): the linear probe's C search is
-a 3-value sweep with short lbfgs fits (its "fewer epochs")."""
+a 3-value sweep with short lbfgs fits (its "fewer epochs"); Tip-Adapter(-F) search a 20 x 5 grid (and fine-tune 2
+epochs), LP++ runs 20 iterations."""
 
 # CoCoOp paper, section 4: "we fix the context length to 4 and initialize the context vectors using the pre-trained
 # word embeddings of 'a photo of a' for both CoOp and CoCoOp" (base-to-novel, cross-dataset, domain generalisation)
@@ -277,7 +281,8 @@ def _transfer(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun,
         raise ConfigError(f"{protocol.name} trains on --source (default imagenet) and evaluates on --targets; "
                           "--datasets belongs to fewshot and base2novel")
     methods = _method_names(protocol, options)
-    _refuse_fixed_classifiers(methods, "evaluated on another dataset's classes")
+    if protocol.name == SOURCE_PROTOCOL:  # domain shift keeps the source's classes (or a subset: ImageNet-A / -R)
+        _refuse_fixed_classifiers(methods, "evaluated on another dataset's classes")
     source = _dataset_key(options.source or "imagenet", what="source dataset", trainable=True)
     targets = transfer_targets(protocol.name, source, options.targets)
 
@@ -296,7 +301,8 @@ def _transfer(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun,
 
 
 def _refuse_fixed_classifiers(methods: Sequence[str], why: str) -> None:
-    """A closed-form classifier (linear probe) knows only its training classes: no novel classes, no other dataset."""
+    """A classifier over its training classes (linear probe, Tip-Adapter's cache, LP++, CLAP) knows only those
+    classes: no novel classes, no other dataset (the domain-shift variants keep them, so it takes part there)."""
     bad = [m for m in methods if not METHODS[m].transfers]
     if bad:
         raise ConfigError(f"{', '.join(bad)} learns a classifier over the training classes only and cannot be {why}; "

@@ -50,6 +50,11 @@ METHOD_NAMES: dict[str, str] = {
     "prograd": "ProGrad",
     "maple": "MaPLe",
     "promptsrc": "PromptSRC",
+    "clip_adapter": "CLIP-Adapter",
+    "tip_adapter": "Tip-Adapter",
+    "tip_adapter_f": "Tip-Adapter-F",
+    "lp_plus_plus": "LP++",
+    "clap": "CLAP",
 }
 
 RESULT_FILE_PATTERN = re.compile(rf"^({re.escape(RESULTS_FILE[:-5])}|{re.escape(EVAL_PREFIX)}.+)\.json$")

@@ -8,7 +8,10 @@ values that mean different things in different protocols (the cross-dataset mean
 (cross-dataset, as evaluation dataset). ``HARMONIC`` is the subset of published base-to-novel harmonic means.
 
 Source: /work/shared/reference/prompt-learning.md ("Reported results"). Numbers the reference marks as recalled
-carry ``recalled=True`` and are labelled so in every table.
+carry ``recalled=True`` and are labelled so in every table. Tip-Adapter, Tip-Adapter-F and CLIP-Adapter few-shot
+numbers (ResNet-50, per dataset, 1 / 2 / 4 / 8 / 16 shots): the official Tip-Adapter repository's ``exp.log``
+(gaopengcuhk/Tip-Adapter @ d0e2d6f; its README: the numbers of the paper's Figures 4 and 5; CLIP-Adapter issue #7:
+the "CLIP-A" rows are CLIP-Adapter's). Tip-Adapter(-F)'s were chosen on the test set by the official code.
 """
 
 from __future__ import annotations
@@ -71,6 +74,56 @@ def _fewshot_rn50_recalled() -> list[PublishedValue]:
     return values
 
 
+_TIP_EXP_LOG = ("Tip-Adapter repo exp.log (paper Fig. 4/5; RN50; alpha, beta and the -F epoch chosen on the test "
+                "set)")
+_CLIP_ADAPTER_EXP_LOG = "Tip-Adapter repo exp.log, row CLIP-A (RN50; CLIP-Adapter issue #7)"
+
+# exp.log: dataset -> {method: accuracies at 16, 8, 4, 2, 1 shots}
+_TIP_FEWSHOT: dict[str, dict[str, tuple[float, float, float, float, float]]] = {
+    "imagenet": {"tip_adapter": (62.01, 61.45, 60.98, 60.96, 60.70),
+                 "tip_adapter_f": (65.51, 64.00, 62.52, 61.69, 61.13),
+                 "clip_adapter": (63.59, 62.68, 61.84, 61.52, 61.20)},
+    "sun397": {"tip_adapter": (66.85, 65.62, 64.15, 62.70, 61.30),
+               "tip_adapter_f": (71.47, 68.87, 66.21, 63.64, 62.50),
+               "clip_adapter": (69.55, 67.50, 65.96, 63.29, 61.30)},
+    "oxford_pets": {"tip_adapter": (88.14, 87.03, 86.45, 87.03, 86.10),
+                    "tip_adapter_f": (89.70, 88.09, 87.54, 87.03, 87.00),
+                    "clip_adapter": (87.84, 87.65, 87.46, 86.73, 85.99)},
+    "eurosat": {"tip_adapter": (70.54, 67.95, 65.32, 61.68, 54.38),
+                "tip_adapter_f": (84.54, 77.93, 74.12, 66.15, 59.53),
+                "clip_adapter": (84.43, 77.93, 73.38, 63.90, 61.40)},
+    "caltech101": {"tip_adapter": (90.18, 89.83, 89.39, 88.44, 87.18),
+                   "tip_adapter_f": (92.86, 91.44, 90.56, 89.74, 89.33),
+                   "clip_adapter": (92.49, 91.40, 89.98, 89.37, 88.60)},
+    "dtd": {"tip_adapter": (60.93, 58.63, 53.96, 49.47, 46.22),
+            "tip_adapter_f": (66.55, 62.71, 57.39, 53.72, 49.65),
+            "clip_adapter": (65.96, 61.00, 56.86, 51.48, 45.80)},
+    "fgvc_aircraft": {"tip_adapter": (29.76, 25.59, 22.41, 21.21, 19.05),
+                      "tip_adapter_f": (35.55, 30.21, 25.80, 23.19, 20.22),
+                      "clip_adapter": (32.10, 26.25, 22.59, 20.10, 17.49)},
+    "food101": {"tip_adapter": (77.83, 77.76, 77.54, 77.52, 77.42),
+                "tip_adapter_f": (79.43, 78.64, 78.24, 77.81, 77.51),
+                "clip_adapter": (78.25, 78.04, 77.92, 77.22, 76.82)},
+    "oxford_flowers": {"tip_adapter": (89.89, 87.98, 83.80, 79.13, 73.12),
+                       "tip_adapter_f": (94.80, 91.51, 88.83, 82.30, 79.98),
+                       "clip_adapter": (93.90, 91.72, 87.17, 81.61, 73.49)},
+    "ucf101": {"tip_adapter": (70.58, 68.68, 66.46, 64.74, 62.60),
+               "tip_adapter_f": (78.03, 74.25, 70.55, 66.43, 64.87),
+               "clip_adapter": (76.76, 73.30, 69.05, 67.12, 62.20)},
+    "stanford_cars": {"tip_adapter": (66.77, 62.93, 61.45, 57.93, 57.54),
+                      "tip_adapter_f": (75.74, 69.25, 64.57, 61.50, 58.86),
+                      "clip_adapter": (74.01, 67.89, 62.45, 58.74, 55.13)},
+}
+
+
+def _tip_fewshot() -> list[PublishedValue]:
+    return [
+        _same(method, dataset, shots, "RN50", acc, _CLIP_ADAPTER_EXP_LOG if method == "clip_adapter" else _TIP_EXP_LOG)
+        for dataset, rows in _TIP_FEWSHOT.items() for method, accuracies in rows.items()
+        for shots, acc in zip((16, 8, 4, 2, 1), accuracies, strict=True)
+    ]
+
+
 PUBLISHED: tuple[PublishedValue, ...] = (
     # ImageNet, 16 shots (CoOp Table 1); CoOp with M = 16 context tokens
     _same("zeroshot", "imagenet", None, "RN50", 58.18, _COOP_T1),
@@ -102,6 +155,8 @@ PUBLISHED: tuple[PublishedValue, ...] = (
     # cross-dataset transfer, ImageNet 16 shots -> mean of the 10 other datasets
     PublishedValue("coop", "imagenet", AVERAGE, "all", 16, "ViT-B/16", 63.88, _COCOOP_T2, protocol="crossdataset"),
     PublishedValue("cocoop", "imagenet", AVERAGE, "all", 16, "ViT-B/16", 65.74, _COCOOP_T2, protocol="crossdataset"),
+    # few-shot, ResNet-50, per dataset: Tip-Adapter, Tip-Adapter-F, CLIP-Adapter (Tip-Adapter repo exp.log)
+    *_tip_fewshot(),
 )
 
 # squashed spelling -> canonical backbone name
