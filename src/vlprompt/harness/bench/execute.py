@@ -35,7 +35,7 @@ from vlprompt.common import locks
 from vlprompt.harness.bench.claims import ErrorRecord, clear_error, error_path, try_claim, write_error
 from vlprompt.harness.bench.plan import PlannedRun
 from vlprompt.harness.bench.status import PlannedRunStatus, RunState, inspect_run
-from vlprompt.harness.rundir import LOCK_FILE, EvalSpec
+from vlprompt.harness.rundir import LOCK_FILE, RESULTS_FILE, EvalSpec
 
 Log = Callable[[str], None]
 
@@ -121,7 +121,7 @@ def _execute_one(run: PlannedRun, status: PlannedRunStatus, out: Path, runner: R
         runner(request)
         after = inspect_run(run, out, check_busy=False)
         if after.state is not RunState.FINISHED:
-            missing = ", ".join(e.filename for e in after.missing_evals) or "results.json"
+            missing = ", ".join(e.filename for e in after.missing_evals) or RESULTS_FILE
             raise RuntimeError(f"the runner returned without writing {missing}")
     except Exception as exc:  # a failing run never stops the others
         seconds = time.monotonic() - start
