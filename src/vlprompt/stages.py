@@ -31,14 +31,12 @@ if TYPE_CHECKING:
     import torch
 
     from vlprompt.backbone.model import CLIP
-    from vlprompt.harness.config import RunConfig
     from vlprompt.training.config import TrainConfig
     from vlprompt.data import DatasetSplits
     from vlprompt.features.cache import FeatureCache
     from vlprompt.features.extract import FeatureSet
     from vlprompt.methods import MethodSpec
-    from vlprompt.harness.rundir import RunDir
-    from vlprompt.training.loop import EpochStats
+    from vlprompt.training.loop import CheckpointStore, EpochStats
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +251,7 @@ def training_sets(spec: MethodSpec, clip: CLIP, data: DatasetSplits, train: Trai
 
 
 def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_set: FeatureSet | None, *,
-               train: TrainConfig | None = None, run_dir: RunDir | None = None, device: torch.device | None = None,
+               train: TrainConfig | None = None, run_dir: CheckpointStore | None = None, device: torch.device | None = None,
                on_epoch_end: Callable[[EpochStats], None] | None = None, progress: bool | None = None) -> FitOutcome:
     """Fit ``method`` as its registry entry declares (``spec.training``): the SGD loop
     (:func:`vlprompt.training.loop.train`, ``train`` resolved; checkpoints into ``run_dir`` and resumes from one),
@@ -311,12 +309,3 @@ def score(method: Any, features: FeatureSet, classnames: list[str], options: Fea
     metrics = evaluate(classifier, features.features, features.labels, classnames, device=options.device,
                        precision=options.precision, progress=options.progress)
     return metrics, time.perf_counter() - started
-
-
-def run_summary(config: RunConfig) -> str:
-    """One line naming a run: method, dataset (subset), shots, seed, backbone."""
-    subset = f" ({config.subset} classes)" if config.subset != "all" else ""
-    return (f"{config.method} on {config.dataset}{subset}, {config.shots} shots, seed {config.seed}, "
-            f"backbone {config.model}")
-
-

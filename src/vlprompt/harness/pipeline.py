@@ -127,6 +127,13 @@ Targets = list[tuple[EvalSpec, "DatasetSplits"]]
 """Evaluations with their loaded datasets."""
 
 
+def run_summary(config: RunConfig) -> str:
+    """One line naming a run: method, dataset (subset), shots, seed, backbone."""
+    subset = f" ({config.subset} classes)" if config.subset != "all" else ""
+    return (f"{config.method} on {config.dataset}{subset}, {config.shots} shots, seed {config.seed}, "
+            f"backbone {config.model}")
+
+
 def _named_targets(targets: Targets, config: RunConfig) -> Targets:
     """The evaluations with their result names set; the run's own dataset and subset are dropped (results.json)."""
     named: Targets = []
@@ -156,7 +163,6 @@ def _execute(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets
         load_backbone,
         open_feature_cache,
         resolve_device,
-        run_summary,
     )
 
     logger.info("run %s: %s", run_dir.path if run_dir is not None else "(rank > 0)", run_summary(config))

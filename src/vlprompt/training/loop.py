@@ -36,9 +36,10 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,22 @@ from vlprompt.errors import CheckpointError, ConfigError, DatasetError, NonFinit
 from vlprompt.common.precision import autocast_for
 from vlprompt.common.vocab import derive_seed, seeded_torch
 
-if TYPE_CHECKING:
-    from vlprompt.harness.rundir import RunDir
-
 logger = logging.getLogger(__name__)
+
+
+class CheckpointStore(Protocol):
+    """Where :func:`train` keeps its checkpoints and log (the harness's run folder, ``harness.rundir.RunDir``)."""
+
+    path: Path
+
+    def save_checkpoint(self, params: Mapping[str, torch.Tensor], optim: Mapping[str, torch.Tensor],
+                        state: Mapping[str, Any]) -> None: ...
+
+    def load_checkpoint(self) -> Any: ...
+
+    def capture_logs(self) -> contextlib.AbstractContextManager[Any]: ...
+
+    def tensorboard(self) -> Any: ...
 
 CHECKPOINT_FORMAT = 1
 
@@ -141,7 +154,7 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
 # --------------------------------------------------------------------------------------------------------- train
 
 
-def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run_dir: RunDir | None = None,
+def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run_dir: CheckpointStore | None = None,
           device: str | torch.device | None = None, on_epoch_end: Callable[[EpochStats], None] | None = None,
           progress: bool | None = None) -> TrainResult:
     """Train ``method``'s parameters on ``train_set`` with SGD; checkpoint into ``run_dir`` after every epoch.
@@ -378,7 +391,7 @@ def _progress(total: int, initial: int, show: bool):
 
 
 def _diverged(what: str, epoch: int, step: int, steps: int, lr: float, config: TrainConfig,
-              run_dir: RunDir | None, *, applied: bool = False) -> TrainingDiverged:
+              run_dir: CheckpointStore | None, *, applied: bool = False) -> TrainingDiverged:
     where = (f"the last good checkpoint (epoch {epoch}) is in {run_dir.path}" if run_dir is not None and epoch > 0
              else "no checkpoint was written")
     update = "nothing of this epoch was saved" if applied else "the update was not applied"
