@@ -31,10 +31,10 @@ def test_readme_workflow(clip, photos, tmp_path):
     assert data.classnames == ["banded", "blotchy", "braided", "bubbly", "bumpy"]
     coop = vp.build_method("coop", clip, data, n_ctx=4)
     before = coop.ctx.detach().clone()
-    result = vp.fit(coop, data, shots=2, seed=1, epochs=3, lr=0.05, device="cpu")
+    result = vp.fit(coop, data, shots=2, seed=1, epochs=3, lr=0.05, device="cpu", precision="fp32")
     assert result.kind == "features" and result.num_train == 10 and [s.epoch for s in result.history] == [1, 2, 3]
     assert result.history[-1].loss < result.history[0].loss and not torch.equal(coop.ctx.detach(), before)
-    metrics = vp.evaluate(coop, data)
+    metrics = vp.evaluate(coop, data, precision="fp32")
     assert metrics["num_samples"] == len(data.test) and 0.0 <= metrics["accuracy"] <= 100.0
 
     new_image = photos / "bumpy" / sorted(p.name for p in (photos / "bumpy").iterdir())[0]
@@ -48,7 +48,8 @@ def test_readme_workflow(clip, photos, tmp_path):
     again = vp.Predictor(loaded).predict([new_image], top_k=3)
     assert [(p.source, p.labels) for p in again] == [(p.source, p.labels) for p in predictions]
     assert_fp32_close(torch.tensor([p.probs for p in again]), torch.tensor([p.probs for p in predictions]))
-    assert vp.evaluate(loaded, data) == metrics  # counts of argmax hits: rounding order moves one only at a near-tie
+    # counts of argmax hits: rounding order moves one only at a near-tie
+    assert vp.evaluate(loaded, data, precision="fp32") == metrics
     with pytest.raises(CheckpointError, match="fingerprint"):
         vp.load_prompt(path, build_tiny_clip("vit", seed=5))
 
@@ -58,7 +59,7 @@ def test_fit_is_deterministic_for_a_seed(clip, photos):
     contexts = []
     for _ in range(2):
         coop = vp.build_method("coop", clip, data, n_ctx=2, seed=7)
-        vp.fit(coop, data, shots=1, seed=7, epochs=2, lr=0.05, device="cpu")
+        vp.fit(coop, data, shots=1, seed=7, epochs=2, lr=0.05, device="cpu", precision="fp32")
         contexts.append(coop.ctx.detach().clone())
     assert torch.equal(contexts[0], contexts[1])
     other = vp.build_method("coop", clip, data, n_ctx=2, seed=8)
@@ -68,7 +69,7 @@ def test_fit_is_deterministic_for_a_seed(clip, photos):
 def test_linear_probe_and_zero_shot_through_fit(clip):
     data = vp.load_dataset("dtd", FIXTURES)
     probe = vp.build_method("linear_probe", clip, data, c_grid=(1.0, 0.01), search_steps=1)
-    result = vp.fit(probe, data, shots=2, seed=1)
+    result = vp.fit(probe, data, shots=2, seed=1, precision="fp32")
     assert result.kind == "closed_form" and result.num_train == 10 and result.info["c"] > 0
     assert len(result.info["coarse"]) == 2 and len(result.info["refine"]) == 1
     assert result.history == [] and "val_accuracy" in result.info
@@ -94,8 +95,8 @@ def test_api_errors(clip):
     with pytest.raises(ConfigError, match="unknown training option"):
         vp.fit(coop, dtd, shots=1, learning_rate=0.1)
     with pytest.raises(ConfigError, match="not both"):
-        vp.fit(coop, dtd, train=vp.TrainConfig(), epochs=2)
+        vp.fit(coop, dtd, train=vp.TrainConfig(precision="fp32"), epochs=2)
     with pytest.raises(ConfigError, match="expected a method"):
         vp.fit(object(), dtd)
     transferred = coop.with_classnames(flowers.classnames)  # the documented way to evaluate across datasets
-    assert vp.evaluate(transferred, flowers)["num_samples"] == 15
+    assert vp.evaluate(transferred, flowers, precision="fp32")["num_samples"] == 15

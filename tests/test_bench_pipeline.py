@@ -32,7 +32,7 @@ pytestmark = [needs_fixtures, pytest.mark.usefixtures("private_cache")]
 
 
 def bench(*args: str) -> int:
-    return main(["bench", *args])
+    return main(["bench", *args, "--precision", "fp32"])
 
 
 def results(out: Path) -> list[dict]:
@@ -95,7 +95,7 @@ class CountingRunner:
 def test_killed_protocol_completes_only_what_was_missing(tmp_path, tiny_model_file):
     out = tmp_path / "out"
     args = ["fewshot", "--out", str(out), "--root", str(FIXTURES), "--model", str(tiny_model_file), "--datasets", "dtd",
-            "--shots", "1", "--seeds", "1", "2", "--budget", "--epochs", "3"]
+            "--shots", "1", "--seeds", "1", "2", "--budget", "--epochs", "3", "--precision", "fp32"]
     command = [sys.executable, "-c", "import sys; from vlprompt.harness.cli.main import main; sys.exit(main(sys.argv[1:]))",
                "bench", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -112,7 +112,7 @@ def test_killed_protocol_completes_only_what_was_missing(tmp_path, tiny_model_fi
 
     runs = build_plan("fewshot", ProtocolOptions(out=out, root=str(FIXTURES), model=str(tiny_model_file), budget=True,
                                                  datasets=("dtd",), shots=(1,), seeds=(1, 2),
-                                                 train=TrainConfig(epochs=3)))
+                                                 train=TrainConfig(epochs=3, precision="fp32")))
     states = {run.key: inspect_run(run, out).state for run in runs}
     finished = [key for key, state in states.items() if state is RunState.FINISHED]
     assert len(runs) == 5 and 2 <= len(finished) < len(runs)

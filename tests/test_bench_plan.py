@@ -79,7 +79,7 @@ def test_budget_runs_have_their_own_tree_and_two_epochs(tmp_path):
     probe = next(run.config for run in runs if run.config.method == "linear_probe")
     assert probe.method_config == LinearProbeConfig(c_grid=(0.01, 1.0, 100.0), search_steps=0, max_iter=100)
     given = plan("fewshot", tmp_path, datasets=("dtd",), shots=(1,), seeds=(1,), budget=True,
-                 train=TrainConfig(epochs=3))
+                 train=TrainConfig(epochs=3, precision="fp32"))
     assert {run.config.train.epochs for run in given} == {3}  # --epochs wins over the budget's 2
 
 

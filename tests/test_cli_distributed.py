@@ -25,7 +25,7 @@ pytestmark = needs_fixtures
 def test_torchrun_training_matches_one_process(tmp_path, monkeypatch, tiny_model_file):
     model = tiny_model_file
     args = ["train", "--method", "coop", "--dataset", "dtd", "--root", str(FIXTURES), "--shots", "2", "--epochs", "3",
-            "--lr", "0.05", "--n-ctx", "2", "--model", str(model), "--device", "cpu", "-q"]
+            "--lr", "0.05", "--n-ctx", "2", "--model", str(model), "--device", "cpu", "--precision", "fp32", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "VLPROMPT_CACHE": str(tmp_path / "cache")}
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"

@@ -32,7 +32,7 @@ pytestmark = needs_fixtures
 
 DTD_CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy"]
 TRAIN_ARGS = ["--method", "coop", "--dataset", "dtd", "--shots", "2", "--seed", "1", "--epochs", "4", "--lr", "0.05",
-              "--n-ctx", "4", "--device", "cpu", "-q"]
+              "--n-ctx", "4", "--device", "cpu", "--precision", "fp32", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +296,7 @@ def test_untrained_coop_equals_zero_shot_through_the_pipeline(env, capsys):
     # initialised from "a photo of a", where CoOp's logits equal zero-shot CLIP's
     code, _, _ = run_cli(capsys, "train", "--method", "coop", "--dataset", "dtd", "--shots", "1", "--epochs", "2",
                          "--lr", "1e-12", "--warmup-lr", "1e-12", "--ctx-init", "a photo of a", "--model",
-                         env["model"], "--out", runs / "coop-untrained", "-q")
+                         env["model"], "--out", runs / "coop-untrained", "--precision", "fp32", "-q")
     assert code == 0
     zs, coop = read_json(runs / "zs-photo" / "results.json"), read_json(runs / "coop-untrained" / "results.json")
     assert coop["metrics"]["confusion_matrix"] == zs["metrics"]["confusion_matrix"]
@@ -323,7 +323,7 @@ def test_linear_probe_run(env, capsys):
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(trained, env, capsys):
     out = env["base"] / "runs" / "interrupted"
     config = RunConfig(method="coop", dataset="dtd", method_config={"n_ctx": 4}, root=str(FIXTURES), shots=2, seed=1,
-                       model=env["model"], train=TrainConfig(epochs=4, lr=0.05, device="cpu"))
+                       model=env["model"], train=TrainConfig(epochs=4, lr=0.05, device="cpu", precision="fp32"))
 
     def stop_after_two(stats):
         if stats.epoch == 2:

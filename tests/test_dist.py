@@ -26,7 +26,7 @@ from vlprompt.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DDP_CONFIG = TrainConfig(epochs=4, batch_size=8, lr=0.01)
+DDP_CONFIG = TrainConfig(epochs=4, batch_size=8, lr=0.01, precision="fp32")
 CLASSNAMES = ["banded", "dotted", "striped", "zigzagged", "woven"]
 
 
@@ -92,7 +92,7 @@ def test_batch_must_be_shareable_by_all_processes(monkeypatch):
     monkeypatch.setattr(dist, "world_size", lambda: 4)
     feats = clustered_features(per_class=2)
     with pytest.raises(ConfigError, match="a batch of 2 cannot be shared by 4 processes"):
-        train(LinearHead(64, 5), feats, TrainConfig(epochs=2, batch_size=2))
+        train(LinearHead(64, 5), feats, TrainConfig(epochs=2, batch_size=2, precision="fp32"))
 
 
 # ----------------------------------------------------------------------------------------------------- 2 processes

@@ -116,26 +116,3 @@ def test_bad_input_is_reported():
         evaluate(lambda f: f, torch.zeros(2, 3, 4), torch.tensor([0, 1]), NAMES)
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         evaluate(lambda f: f, logits, torch.tensor([0, 1]), NAMES, batch_size=0)
-
-
-def test_preferred_precision_follows_the_hardware(monkeypatch):
-    from vlprompt.common import precision
-
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
-    assert precision.preferred_precision("cpu") == "bf16"
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
-    assert precision.preferred_precision("cpu") == "fp32"
-
-
-def test_cpu_has_fast_bf16_reads_the_amx_flag():
-    from pathlib import Path
-
-    from vlprompt.common.precision import cpu_has_fast_bf16
-
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        assert cpu_has_fast_bf16() is False
-        return
-    flags = next((line.split() for line in cpuinfo.read_text(errors="replace").splitlines()
-                  if line.startswith("flags")), [])
-    assert cpu_has_fast_bf16() is ("amx_bf16" in flags)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 
 def config_of(method: str, **kwargs) -> RunConfig:
     defaults = {"dataset": "dtd", "root": str(FIXTURES), "shots": 2, "seed": 1, "model": "tiny-test",
-                "train": TrainConfig(epochs=2, device="cpu")}
+                "train": TrainConfig(epochs=2, device="cpu", precision="fp32")}
     return RunConfig(method=method, **{**defaults, **kwargs})
 
 
@@ -108,7 +108,7 @@ def test_zero_shot_uses_the_target_template_across_datasets(clip, tmp_path):
 @needs_fixtures
 def test_sgd_run_and_evaluate_run(clip, tmp_path):
     out = tmp_path / "coop"
-    config = config_of("coop", method_config={"n_ctx": 2}, train=TrainConfig(epochs=2, lr=0.05, device="cpu"))
+    config = config_of("coop", method_config={"n_ctx": 2}, train=TrainConfig(epochs=2, lr=0.05, device="cpu", precision="fp32"))
     seen = []
     payload = run_experiment(config, out, clip=clip, on_epoch_end=seen.append)
     assert [stats.epoch for stats in seen] == [1, 2]
@@ -134,7 +134,7 @@ def test_sgd_run_and_evaluate_run(clip, tmp_path):
 @needs_fixtures
 def test_a_failure_after_training_keeps_the_parameters_and_resume_only_evaluates(clip, tmp_path, monkeypatch):
     out = tmp_path / "coop"
-    config = config_of("coop", method_config={"n_ctx": 2}, train=TrainConfig(epochs=2, lr=0.05, device="cpu"))
+    config = config_of("coop", method_config={"n_ctx": 2}, train=TrainConfig(epochs=2, lr=0.05, device="cpu", precision="fp32"))
     real_score = vlprompt.stages.score
 
     def broken_score(*args, **kwargs):
@@ -254,7 +254,7 @@ def _photo_folder(root: Path, broken: str) -> Path:
 def test_unreadable_images_stop_the_run_or_are_skipped_and_counted(clip, tmp_path):
     data = _photo_folder(tmp_path / "photos", "test/bumpy/broken.jpg")
     config = RunConfig(method="zeroshot", dataset=f"folder:{data}", model="tiny-test",
-                       train=TrainConfig(device="cpu"))
+                       train=TrainConfig(device="cpu", precision="fp32"))
     with pytest.raises(DatasetError, match="broken.jpg"):
         run_experiment(config, tmp_path / "strict", clip=clip)
     assert not (tmp_path / "strict" / "results.json").exists()

@@ -19,7 +19,7 @@ from vlprompt.common.vocab import derive_seed
 from vlprompt.training.loop import (TrainingDiverged, epoch_batches, epoch_view_indices, lr_at_epoch, lr_schedule,
                             train)
 
-CONFIG = TrainConfig(epochs=4, batch_size=8)
+CONFIG = TrainConfig(epochs=4, batch_size=8, precision="fp32")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -97,7 +97,7 @@ def test_same_seed_gives_identical_parameters_and_another_seed_does_not():
     runs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         method = tiny_prompt()
-        train(method, feats, TrainConfig(epochs=3, batch_size=8, seed=seed))
+        train(method, feats, TrainConfig(epochs=3, batch_size=8, seed=seed, precision="fp32"))
         runs[name] = method.ctx.detach()
     assert torch.equal(runs["a"], runs["b"])
     assert not torch.equal(runs["a"], runs["c"])  # a different seed changes the data order
@@ -117,7 +117,7 @@ def test_each_image_cycles_through_its_views_in_a_seeded_order():
                 seen[-1][value % 1000] = value // 1000
             return super().forward(features)
 
-    config = TrainConfig(epochs=6, batch_size=4, lr=1e-6, seed=3)
+    config = TrainConfig(epochs=6, batch_size=4, lr=1e-6, seed=3, precision="fp32")
     train(Recorder(8, 2), feats, config, on_epoch_end=lambda s: seen.append({}))
     epochs = seen[:-1]
     assert all(len(epoch) == n for epoch in epochs)
@@ -181,14 +181,14 @@ def test_checkpoint_of_other_training_options_is_refused(tmp_path):
             train(LinearHead(64, 5), feats, CONFIG, run_dir=run, on_epoch_end=interrupt_after(1))
     with _open(tmp_path / "run", resume=True) as run:
         with pytest.raises(CheckpointError, match="different training options"):
-            train(LinearHead(64, 5), feats, TrainConfig(epochs=4, batch_size=8, lr=0.1), run_dir=run)
+            train(LinearHead(64, 5), feats, TrainConfig(epochs=4, batch_size=8, lr=0.1, precision="fp32"), run_dir=run)
 
 
 def test_run_folder_gets_log_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     feats = clustered_features(per_class=2)
     with _open(tmp_path / "run") as run:
-        train(LinearHead(64, 5), feats, TrainConfig(epochs=2, batch_size=8, tensorboard=True), run_dir=run)
+        train(LinearHead(64, 5), feats, TrainConfig(epochs=2, batch_size=8, tensorboard=True, precision="fp32"), run_dir=run)
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "epoch 1/2: loss" in log and "epoch 2/2: loss" in log
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -22,7 +22,7 @@ def test_defaults_are_the_reference_recipe():
     assert (config.lr, config.weight_decay, config.views, config.crop_scale_min) == (None, None, None, None)
     assert config.epochs is None and config.batch_size is None and not config.is_resolved  # the method's
     assert (config.momentum, config.warmup_epochs, config.warmup_lr) == (0.9, 1, 1e-5)
-    assert (config.precision, config.device, config.seed) == ("fp32", "auto", 1)
+    assert (config.precision, config.device, config.seed, config.num_workers) == ("auto", "auto", 1, "auto")
     bare = config.completed()  # what the loop runs with when nothing resolved them: CoOp's Dassl recipe
     assert (bare.lr, bare.weight_decay, bare.views, bare.crop_scale_min) == (0.002, 5e-4, "epochs", 0.08)
     coop = resolve_train_config(config, method="coop", shots=16, dataset="dtd")
@@ -76,7 +76,9 @@ def test_train_defaults_are_the_reference_sgd_recipe():
     ({"weight_decay": -1e-4}, "train.weight_decay must be at least 0"),
     ({"epochs": 0}, "train.epochs must be at least 1"),
     ({"batch_size": 2.5}, "train.batch_size must be an integer or null"),
-    ({"precision": "fp8"}, "train.precision must be one of fp32, bf16, fp16"),
+    ({"precision": "fp8"}, "train.precision must be one of auto, fp32, bf16, fp16"),
+    ({"num_workers": "many"}, "train.num_workers must be a non-negative integer or 'auto'"),
+    ({"num_workers": -1}, "train.num_workers must be at least 0"),
     ({"device": "tpu"}, "train.device must be auto, cpu, cuda or cuda:N"),
     ({"views": "many"}, "train.views must be a non-negative integer or 'epochs'"),
     ({"seed": True}, "train.seed must be an integer"),

@@ -32,8 +32,8 @@ def _loss(method, feats) -> float:
 
 
 @pytest.mark.parametrize(("name", "config", "train_config", "per_class"), [
-    ("coop", {"n_ctx": 4}, TrainConfig(epochs=4, batch_size=8, lr=0.01), 6),
-    ("cocoop", {"n_ctx": 2}, TrainConfig(epochs=3, batch_size=1, lr=0.01), 2),
+    ("coop", {"n_ctx": 4}, TrainConfig(epochs=4, batch_size=8, lr=0.01, precision="fp32"), 6),
+    ("cocoop", {"n_ctx": 2}, TrainConfig(epochs=3, batch_size=1, lr=0.01, precision="fp32"), 2),
 ])
 def test_real_method_trains_resumes_exactly_and_changes_only_its_parameters(tmp_path, name, config, train_config,
                                                                            per_class):

@@ -141,7 +141,7 @@ def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, tra
     return FitResult(outcome.kind, len(train_set), outcome.seconds, options.seconds, outcome.history, info)
 
 
-def evaluate(method: Any, data: DatasetSplits, *, split: str = "test", precision: str = "fp32",
+def evaluate(method: Any, data: DatasetSplits, *, split: str = "test", precision: str = "auto",
              feature_cache: Any = None, progress: bool | None = None) -> dict[str, Any]:
     """Metrics of ``method`` on ``split`` of ``data``: accuracy and macro F1 in percent, per-class accuracy,
     confusion matrix, number of images (see :func:`vlprompt.evaluation.metrics.evaluate`).

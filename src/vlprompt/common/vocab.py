@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 Precision = Literal["fp32", "bf16", "fp16"]
 """Compute precisions: fp32, or bf16 / fp16 autocast (weights and learned parameters stay fp32)."""
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
+"""What a user may ask for: a compute precision, or ``auto`` (measured per machine:
+:func:`vlprompt.common.precision.resolve_precision`)."""
+PRECISION_CHOICES: tuple[str, ...] = typing.get_args(PrecisionChoice)
 
 Subset = Literal["all", "base", "new"]
 """Class subsets of the base-to-novel protocol: all classes, the first half (base) or the second half (new)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -37,14 +36,16 @@ def find_unreadable(image_dir: str | Path, paths: Sequence[str], *, workers: int
     """Fully decode every image of ``paths`` (relative to ``image_dir``); the ones that fail, in input order.
 
     ``workers`` > 1 decodes in a process pool, ``chunk_size`` images per task (default: up to 8 workers, one per
-    CPU); ``progress`` shows a tqdm bar (default: only when stderr is a terminal).
+    CPU); ``progress`` shows a tqdm bar (default: only when stderr is a terminal); progress lines
+    go to the ``vlprompt.progress`` logger either way.
     """
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    show = sys.stderr.isatty() if progress is None else progress
     tasks = [(str(image_dir), start, list(paths[start : start + chunk_size]))
              for start in range(0, len(paths), chunk_size)]
     bad: list[tuple[int, str, str]] = []
-    with _progress(len(paths), show) as bar:
+    from vlprompt.common.progress import progress as make_progress
+
+    with make_progress(len(paths), "decoding", "img", show=progress) as bar:
         for result, size in _run(tasks, workers):
             bad.extend(result)
             bar.update(size)
@@ -59,25 +60,6 @@ def _run(tasks: list[tuple[str, int, list[str]]], workers: int) -> Iterator[tupl
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for task, result in zip(tasks, pool.map(_check_chunk, tasks)):
             yield result, len(task[2])
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: int) -> None:
-        return None
-
-
-def _progress(total: int, show: bool):  # type: ignore[no-untyped-def]
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc="decoding", file=sys.stderr)
 
 
 @dataclass

@@ -10,7 +10,6 @@ the classes that occur in the labels or the predictions (a class in neither has 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -139,7 +138,8 @@ def _run_batches(classifier: Classifier, features: torch.Tensor, num_classes: in
                  reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply ``classifier`` batch by batch and collect ``reduce(logits)`` on the CPU."""
     import torch
-    from tqdm.auto import tqdm
+
+    from vlprompt.common.progress import progress as make_progress
 
     if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.dtype.is_floating_point:
         raise DatasetError(f"features must be a float tensor [N, D], got {_describe(features)}")
@@ -152,11 +152,11 @@ def _run_batches(classifier: Classifier, features: torch.Tensor, num_classes: in
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     target = torch.device(device)
-    show = sys.stderr.isatty() if progress is None else progress
     outputs = []
     starts = range(0, features.shape[0], batch_size)
-    with torch.inference_mode(), autocast_for(target, precision):
-        for start in tqdm(starts, desc="evaluate", unit="batch", disable=not show, leave=False):
+    with torch.inference_mode(), autocast_for(target, precision), \
+            make_progress(features.shape[0], "evaluate", "img", show=progress) as shown:
+        for start in starts:
             logits = classifier(features[start:start + batch_size].to(target, non_blocking=True))
             if logits.ndim != 2 or logits.shape[1] != num_classes:
                 raise ConfigError(f"the classifier returned logits of shape {tuple(logits.shape)} for "
@@ -167,4 +167,5 @@ def _run_batches(classifier: Classifier, features: torch.Tensor, num_classes: in
                     f"{features.shape[0]}), so no score or prediction can be computed: its learned state is unusable "
                     "(a training that diverged, or a damaged prompt file); train it again, e.g. with a lower --lr")
             outputs.append(reduce(logits).cpu())
+            shown.update(logits.shape[0])
     return torch.cat(outputs)

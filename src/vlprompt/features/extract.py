@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +42,12 @@ from torch import Tensor
 from vlprompt.common import dist as dist_helpers
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.transforms import EvalTransform, TrainTransform, view_generator
-from vlprompt.common.vocab import PRECISIONS, Precision
 from vlprompt.data.images import ON_ERROR_CHOICES, SKIP_HINT, BadImage, ImageDataset, OnError
 from vlprompt.data.listing import format_offenders
 from vlprompt.data.types import Item
 from vlprompt.errors import ConfigError, DatasetError, RunError
-from vlprompt.common.precision import autocast_for
+from vlprompt.common.precision import autocast_for, check_precision, resolve_precision
+from vlprompt.common.progress import Progress, progress as make_progress
 from vlprompt.features.cache import FeatureCache, FeatureKeyer
 
 logger = logging.getLogger(__name__)
@@ -114,9 +113,9 @@ def extract_features(
     *,
     transform: Callable[[Any], Tensor] | None = None,
     device: str | torch.device | None = None,
-    precision: Precision = "fp32",
+    precision: str = "fp32",
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
     cache: FeatureCache | None = None,
     on_error: OnError = "raise",
     progress: bool | None = None,
@@ -126,9 +125,14 @@ def extract_features(
 
     ``transform`` maps an RGB PIL image to ``[3, R, R]`` (default: CLIP's eval transform at the model's resolution;
     it needs ``describe()`` when a cache is used). ``device`` defaults to the model's (the model is not moved).
-    ``precision`` "bf16"/"fp16" runs the tower under autocast (bf16 on CPU uses AMX where present). ``progress``:
-    a tqdm bar on stderr, by default only when stderr is a terminal. ``distributed``: split the work over the ranks
-    of the initialised process group (default: whenever one is initialised).
+    ``precision`` "bf16"/"fp16" runs the tower under autocast, "auto" resolves by
+    :func:`~vlprompt.common.precision.resolve_precision` (the cache keys hold the concrete precision, so features of
+    different precisions are never confused). ``batch_size``: images per tower call (every call but the last is
+    full, whatever the views per image). ``num_workers``: DataLoader processes decoding and augmenting while the
+    tower runs; "auto" = :func:`default_num_workers`. ``progress``: a tqdm bar on stderr, by default only when stderr
+    is a terminal; progress lines go to the ``vlprompt.progress`` logger either way
+    (:mod:`vlprompt.common.progress`). ``distributed``: split the work over the ranks of the initialised process
+    group (default: whenever one is initialised).
     """
     transform = transform if transform is not None else EvalTransform(clip.config.image_resolution)
     return _extract(clip, image_dir, items, transform=transform, views=None, seed=0, device=device,
@@ -145,9 +149,9 @@ def augmented_views(
     seed: int,
     transform: Callable[[Any, torch.Generator], Tensor] | None = None,
     device: str | torch.device | None = None,
-    precision: Precision = "fp32",
+    precision: str = "fp32",
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
     cache: FeatureCache | None = None,
     on_error: OnError = "raise",
     progress: bool | None = None,
@@ -229,10 +233,11 @@ def _collate(samples: Sequence[tuple[Tensor, int, int] | BadImage]) -> _Batch:
 
 def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item], *, transform: Callable[..., Tensor],
              views: list[int] | None, seed: int, device: str | torch.device | None, precision: str, batch_size: int,
-             num_workers: int, cache: FeatureCache | None, on_error: str, progress: bool | None,
+             num_workers: int | str, cache: FeatureCache | None, on_error: str, progress: bool | None,
              distributed: bool | None) -> FeatureSet:
     _check_options(precision, batch_size, num_workers, on_error)
     target = _resolve_device(clip, device)
+    precision = resolve_precision(precision, target)
     items = list(items)
     image_dir = Path(image_dir)
     rank, world = _rank_world(distributed)
@@ -250,9 +255,9 @@ def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item
         encoded = _compute(clip, image_dir, local, todo, rows, keys, cache, transform=transform, views=views,
                            seed=seed, device=target, precision=precision, batch_size=batch_size,
                            num_workers=num_workers, bad=bad, stop_encoding_on_error=on_error == "raise",
-                           show=_show_progress(progress, rank))
-        logger.info("image features (rank %d of %d): %d images x %d view(s), %d rows from the cache, %d encoded",
-                    rank, world, len(local), num_views, served, encoded)
+                           progress=progress, rank=rank)
+        logger.info("image features (rank %d of %d): %d images x %d view(s), %d rows from the cache, %d encoded "
+                    "(%s)", rank, world, len(local), num_views, served, encoded, precision)
     except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
         if world == 1:
             raise
@@ -274,15 +279,34 @@ def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item
     return FeatureSet(features.contiguous(), labels, [items[i].path for i in keep], [items[i].path for i in sorted(bad)])
 
 
-def _check_options(precision: str, batch_size: int, num_workers: int, on_error: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+def _check_options(precision: str, batch_size: int, num_workers: int | str, on_error: str) -> None:
+    check_precision(precision)
     if on_error not in ON_ERROR_CHOICES:
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                  or num_workers < 0):
+        raise ConfigError(f"num_workers must be an int >= 0 or 'auto', got {num_workers!r}")
+
+
+AUTO_WORKERS_MIN_IMAGES = 32
+"""Below this many images to decode, ``num_workers="auto"`` decodes in the main process (starting a worker costs
+more than it saves)."""
+
+
+def default_num_workers(device: torch.device | str, images: int, cores: int | None = None) -> int:
+    """Decoding workers for ``num_workers="auto"``: 0 for fewer than :data:`AUTO_WORKERS_MIN_IMAGES` images or a
+    single core; on CUDA ``min(8, cores - 1)`` (the GPU encodes far faster than one core decodes); on a CPU 1 (the
+    tower needs the cores: decoding and augmenting one image takes a few ms against ~150 ms of ViT-B/16 tower, so one
+    worker keeps ahead of it, and more would only take threads from the tower)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if images < AUTO_WORKERS_MIN_IMAGES or cores < 2:
+        return 0
+    if torch.device(device).type == "cuda":
+        return min(8, cores - 1)
+    return 1
 
 
 def _resolve_device(clip: CLIP, device: str | torch.device | None) -> torch.device:
@@ -304,12 +328,6 @@ def _rank_world(distributed: bool | None) -> tuple[int, int]:
     if distributed is False or not running:
         return 0, 1
     return dist_helpers.rank(), dist_helpers.world_size()
-
-
-def _show_progress(progress: bool | None, rank: int) -> bool:
-    if rank != 0:
-        return False
-    return sys.stderr.isatty() if progress is None else bool(progress)
 
 
 def _local_keys(clip: CLIP, image_dir: Path, local: list[Item], transform: Any, views: list[int] | None, seed: int,
@@ -362,13 +380,14 @@ def _fill_from_cache(rows: Tensor, keys: list[list[str]] | None, cache: FeatureC
 def _compute(clip: CLIP, image_dir: Path, local: list[Item], todo: list[tuple[int, tuple[int, ...]]], rows: Tensor,
              keys: list[list[str]] | None, cache: FeatureCache | None, *, transform: Callable[..., Tensor],
              views: list[int] | None, seed: int, device: torch.device, precision: str, batch_size: int,
-             num_workers: int, bad: dict[int, str], stop_encoding_on_error: bool, show: bool) -> int:
+             num_workers: int | str, bad: dict[int, str], stop_encoding_on_error: bool, progress: bool | None,
+             rank: int) -> int:
     """Decode and encode the images of ``todo`` into ``rows`` (and the cache); bad files go to ``bad``.
 
-    Returns the number of rows encoded."""
+    Decoded rows are gathered into tower batches of exactly ``batch_size`` (the last one excepted), whatever the views
+    per image, so the tower always runs at its full-batch rate. Returns the number of rows encoded."""
     if not todo:
         return 0
-    encoded = 0
     num_views = rows.shape[0]
     job_items = torch.tensor([j for j, _ in todo])
     slot_table = torch.zeros(len(todo), num_views, dtype=torch.int64)  # [job, n-th row of the job] -> view slot
@@ -376,26 +395,69 @@ def _compute(clip: CLIP, image_dir: Path, local: list[Item], todo: list[tuple[in
         slot_table[n, :len(slots)] = torch.tensor(slots)
     dataset = _DecodeDataset([local[j] for j, _ in todo], image_dir, transform,
                              None if views is None else [tuple(views[k] for k in slots) for _, slots in todo], seed)
+    workers = default_num_workers(device, len(todo)) if num_workers == "auto" else int(num_workers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // num_views), shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate,
+                                         num_workers=workers, collate_fn=_collate,
                                          pin_memory=device.type == "cuda")
-    with _progress_bar(len(todo), show) as bar, _eval_mode(clip), torch.inference_mode():
+    total_rows = sum(len(slots) for _, slots in todo)
+    unit = "view" if views is not None else "img"
+    encoder = _BatchedEncoder(clip, rows, keys, cache, device=device, precision=precision, batch_size=batch_size)
+    with make_progress(total_rows, "image features", unit, show=progress if rank == 0 else False,
+                       lines=rank == 0) as shown, _eval_mode(clip), torch.inference_mode():
+        encoder.progress = shown
         for batch in loader:
             for b in batch.bad:
                 bad[int(job_items[b.index])] = b.reason
-            if batch.pixels.shape[0] and not (bad and stop_encoding_on_error):
-                items = job_items[batch.jobs]
-                slots = slot_table[batch.jobs, batch.slots]
-                for start in range(0, batch.pixels.shape[0], batch_size):
-                    part = slice(start, start + batch_size)
-                    features = _encode(clip, batch.pixels[part], device, precision)
-                    rows[slots[part], items[part]] = features
-                    encoded += features.shape[0]
-                    if cache is not None and keys is not None:
-                        cache.put_many((keys[int(k)][int(j)], f) for k, j, f in
-                                       zip(slots[part], items[part], features.numpy()))
-            bar.update(len(batch.jobs.unique()) + len(batch.bad))
-    return encoded
+            if bad and stop_encoding_on_error:
+                encoder.drop()  # nothing more is encoded: the call fails once every bad file is listed
+                continue
+            if batch.pixels.shape[0]:
+                encoder.add(batch.pixels, slot_table[batch.jobs, batch.slots], job_items[batch.jobs])
+        if not (bad and stop_encoding_on_error):
+            encoder.flush()
+    return encoder.encoded
+
+
+class _BatchedEncoder:
+    """Collects decoded rows and encodes them ``batch_size`` at a time into ``rows`` and the cache."""
+
+    def __init__(self, clip: CLIP, rows: Tensor, keys: list[list[str]] | None, cache: FeatureCache | None, *,
+                 device: torch.device, precision: str, batch_size: int) -> None:
+        self.clip, self.rows, self.keys, self.cache = clip, rows, keys, cache
+        self.device, self.precision, self.batch_size = device, precision, batch_size
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (pixels, view slots, local items)
+        self.count = 0
+        self.encoded = 0
+        self.progress: Progress | None = None
+
+    def add(self, pixels: Tensor, slots: Tensor, items: Tensor) -> None:
+        self.pending.append((pixels, slots, items))
+        self.count += pixels.shape[0]
+        while self.count >= self.batch_size:
+            self._encode(self.batch_size)
+
+    def flush(self) -> None:
+        if self.count:
+            self._encode(self.count)
+
+    def drop(self) -> None:
+        self.pending, self.count = [], 0
+
+    def _encode(self, size: int) -> None:
+        if len(self.pending) == 1 and self.pending[0][0].shape[0] == size:
+            (pixels, slots, items), self.pending = self.pending[0], []
+        else:
+            pixels, slots, items = (torch.cat(parts) for parts in zip(*self.pending))
+            self.pending = [] if pixels.shape[0] == size else [(pixels[size:], slots[size:], items[size:])]
+            pixels, slots, items = pixels[:size], slots[:size], items[:size]
+        self.count -= size
+        features = _encode(self.clip, pixels, self.device, self.precision)
+        self.rows[slots, items] = features
+        self.encoded += size
+        if self.cache is not None and self.keys is not None:
+            self.cache.put_many((self.keys[int(k)][int(j)], f) for k, j, f in zip(slots, items, features.numpy()))
+        if self.progress is not None:
+            self.progress.update(size)
 
 
 def _encode(clip: CLIP, pixels: Tensor, device: torch.device, precision: str) -> Tensor:
@@ -415,14 +477,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int, show: bool) -> Iterator[Any]:
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, desc="image features", unit="img", disable=not show, leave=False) as bar:
-        yield bar
 
 
 # ----------------------------------------------------------------------------------------------------------------------

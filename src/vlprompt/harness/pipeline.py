@@ -172,6 +172,8 @@ def _execute(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets
     options = FeatureOptions(device=device, precision=config.train.precision, num_workers=config.train.num_workers,
                              cache=open_feature_cache(feature_cache), progress=progress,
                              on_error="skip" if config.skip_bad_images else "raise")
+    logger.info("precision %s%s (features and evaluation)", options.precision,
+                " (auto: measured on this machine)" if config.train.precision == "auto" else "")
     method = build_method_for(spec, clip, data.classnames, config.method_config, dataset=data.name,
                               template=data.template, seed=config.seed)
     for eval_spec, target in eval_data:  # refuse impossible transfers (class-specific context ...) before training
@@ -235,6 +237,7 @@ def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfi
     timing = {"feature_s": options.seconds, "train_s": fit.seconds, "eval_s": eval_s}
     payload = result_payload(config, metrics, eval_dataset=data.name, subset=config.subset, timing=timing,
                              backbone=clip.config.name)
+    payload["precision"] = options.precision
     payload["fit"] = {"kind": fit.kind, **fit.summary}
     _record_skipped(payload, options.skipped)
     if run_dir is not None:
@@ -263,6 +266,7 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
                        f"{eval_spec.dataset} --subset {eval_spec.subset}`") from exc
     payload = result_payload(config, metrics, eval_dataset=target.name, subset=eval_spec.subset,
                              timing={"feature_s": options.seconds, "eval_s": seconds}, backbone=clip.config.name)
+    payload["precision"] = options.precision
     if eval_spec.protocol is not None:
         payload["protocol"] = eval_spec.protocol
     _record_skipped(payload, options.skipped)
@@ -434,6 +438,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
         payload = result_payload(config, metrics, eval_dataset=target.name, subset=subset,
                                  timing={"feature_s": options.seconds, "eval_s": eval_s},
                                  backbone=trained.clip.config.name)
+        payload["precision"] = options.precision
         if protocol is not None:  # labelled for another protocol than the run's (see EvalSpec.protocol)
             payload["protocol"] = protocol
         _record_skipped(payload, options.skipped)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from vlprompt.common.options import check_choice, check_int, check_number, known_fields, option
-from vlprompt.common.vocab import PRECISIONS, Precision
+from vlprompt.common.vocab import PRECISION_CHOICES, PrecisionChoice
 from vlprompt.errors import ConfigError
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -52,8 +52,12 @@ class TrainConfig:
                                         "default: the method's (CoOp 32, CoCoOp 1)")
     warmup_epochs: int = option(1, "epochs at the constant warm-up learning rate before the cosine schedule")
     warmup_lr: float = option(1e-5, "constant learning rate of the warm-up epochs")
-    precision: Precision = option("fp32", "compute precision of training: fp32, or bf16/fp16 autocast "
-                                        "(learned parameters stay fp32; fp16 uses loss scaling)")
+    precision: PrecisionChoice = option("auto", "compute precision of feature extraction and training: auto = "
+                                                "bf16 autocast where a one-time measurement on this machine finds "
+                                                "it faster than fp32 (CUDA: where the GPU supports bf16), else fp32; "
+                                                "fp32 = exact; bf16 / fp16 = autocast (learned parameters stay fp32; "
+                                                "fp16 uses loss scaling). The precision used is recorded in "
+                                                "results.json and log.txt")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     seed: int = option(1, "the one seed of a run: few-shot sampling, initialisation, augmentation, data order")
     views: int | Literal["epochs"] | None = option(None, "augmented views of each training image, a pool shared by "
@@ -66,7 +70,10 @@ class TrainConfig:
     crop_scale_min: float | None = option(None, "smallest area fraction of the training views' random resized crop "
                                                 "(the largest is 1); default: the method's (CoOp family and CLAP "
                                                 "0.08; Tip-Adapter(-F) and LP++ 0.5)")
-    num_workers: int = option(0, "image loading worker processes for feature extraction")
+    num_workers: int | Literal["auto"] = option("auto", "image decoding / augmentation worker processes of feature "
+                                                        "extraction, overlapped with the image tower; auto = chosen "
+                                                        "from the machine (CPU: 1 when there are 2+ cores, CUDA: "
+                                                        "up to 8), 0 = decode in the main process")
     tensorboard: bool = option(False, "also write TensorBoard scalars into the run folder")
 
     def __post_init__(self) -> None:
@@ -82,7 +89,7 @@ class TrainConfig:
         check_int("batch_size", self.batch_size, minimum=1, optional=True, prefix="train.")
         check_int("warmup_epochs", self.warmup_epochs, minimum=0, prefix="train.")
         check_number("warmup_lr", self.warmup_lr, minimum=0.0, strict=True, prefix="train.")
-        check_choice("precision", self.precision, PRECISIONS, prefix="train.")
+        check_choice("precision", self.precision, PRECISION_CHOICES, prefix="train.")
         if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check_int("seed", self.seed, minimum=0, prefix="train.")
@@ -90,7 +97,11 @@ class TrainConfig:
             if isinstance(self.views, str):
                 raise ConfigError(f"train.views must be a non-negative integer or 'epochs', got {self.views!r}")
             check_int("views", self.views, minimum=0, prefix="train.")
-        check_int("num_workers", self.num_workers, minimum=0, prefix="train.")
+        if self.num_workers != "auto":
+            if isinstance(self.num_workers, str):
+                raise ConfigError(f"train.num_workers must be a non-negative integer or 'auto', got "
+                                  f"{self.num_workers!r}")
+            check_int("num_workers", self.num_workers, minimum=0, prefix="train.")
         if not isinstance(self.tensorboard, bool):
             raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
         if self.epochs is not None and self.warmup_epochs >= self.epochs:

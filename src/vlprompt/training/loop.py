@@ -19,7 +19,9 @@ One flat function, :func:`train`, plus small pure helpers:
   features (CLAP's multipliers from the zero-shot predictions); it must not depend on the learned state, so a resumed
   run prepares exactly as an uninterrupted one.
 - Precision: fp32, or autocast bf16 / fp16 (fp16 with gradient scaling); learned parameters and optimiser state stay
-  fp32. A non-finite loss raises :class:`TrainingDiverged` before the update, non-finite learned parameters after
+  fp32. ``auto`` is resolved by :func:`vlprompt.common.precision.resolve_precision` (measured once per machine); the
+  concrete precision is logged, kept in each checkpoint, and a resumed ``auto`` run continues in its checkpoint's
+  precision. A non-finite loss raises :class:`TrainingDiverged` before the update, non-finite learned parameters after
   an update, and non-finite logits (on one batch) after an epoch, before its checkpoint: naming epoch, step and lr.
 - A checkpoint after every epoch (rank 0 only) in the run folder; with a checkpoint present, training continues from
   it and ends with the parameters an uninterrupted run has (bit-identical on CPU).
@@ -33,7 +35,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -48,8 +49,9 @@ from torch import nn
 from vlprompt.common import dist
 from vlprompt.training.config import TrainConfig, stable_hash, train_identity
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, NonFiniteError, RunError
-from vlprompt.common.precision import autocast_for
-from vlprompt.common.vocab import derive_seed, seeded_torch
+from vlprompt.common.precision import autocast_for, resolve_precision
+from vlprompt.common.progress import progress as make_progress
+from vlprompt.common.vocab import PRECISIONS, derive_seed, seeded_torch
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class TrainResult:
 
     history: list[EpochStats] = field(default_factory=list)
     start_epoch: int = 0  # epochs already done when this call started (non-zero when resumed)
+    precision: str = "fp32"  # the concrete precision the epochs of this call ran in (``auto`` resolved)
 
     @property
     def train_s(self) -> float:
@@ -183,19 +186,20 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
                           f"to at least {world} or use fewer processes")
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, dampening=0.0,
                                 weight_decay=config.weight_decay, nesterov=False)
-    scaler = _grad_scaler(target, config.precision)
     train_hash = stable_hash(train_identity(config))
     writer = run_dir if is_main else None
 
     max_label = int(labels.max())
-    show = (sys.stderr.isatty() if progress is None else progress) and is_main
     with contextlib.ExitStack() as stack:
         if writer is not None:
             stack.enter_context(writer.capture_logs())
         checkpoint = dist.broadcast_object(run_dir.load_checkpoint() if run_dir is not None else None)
-        result = TrainResult()
+        precision = dist.broadcast_object(_run_precision(config, target, checkpoint))  # every rank as rank 0
+        scaler = _grad_scaler(target, precision)
+        result = TrainResult(precision=precision)
         if checkpoint is not None:
             result = _restore(checkpoint, method, optimizer, scaler, train_hash, config)
+            result.precision = precision
             logger.info("resuming after epoch %d of %d", result.start_epoch, config.epochs)
         model: nn.Module = method
         if world > 1:
@@ -204,10 +208,12 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
         board = writer.tensorboard() if writer is not None and config.tensorboard else None
         if board is not None:
             stack.callback(board.close)
-        bar = stack.enter_context(_progress(config.epochs, result.start_epoch, show))
+        bar = stack.enter_context(make_progress(config.epochs, "train", "epoch", show=progress if is_main else False,
+                                                lines=is_main, initial=result.start_epoch))
         logger.info("training %d learned tensor(s) (%d values) on %d images x %d view(s), %d epochs, batch %d, "
-                    "%s, %s%s", len(params), sum(p.numel() for p in params), labels.numel(), features.shape[0],
-                    config.epochs, config.batch_size, config.precision, target,
+                    "precision %s%s, %s%s", len(params), sum(p.numel() for p in params), labels.numel(),
+                    features.shape[0], config.epochs, config.batch_size, precision,
+                    " (auto)" if config.precision == "auto" else "", target,
                     f", {world} processes" if world > 1 else "")
         method.train()
         for epoch in range(result.start_epoch, config.epochs):
@@ -221,28 +227,29 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
             try:
                 with seeded_torch(target, config.seed, "forward", epoch):
                     totals = _train_epoch(model, optimizer, scaler, view, labels, batches, target,
-                                          config.precision, max_label, getattr(method, "regularizer", None))
+                                          precision, max_label, getattr(method, "regularizer", None))
             except _NonFinite as bad:
-                raise _diverged(bad.what, epoch, bad.step, len(batches), lr, config, run_dir,
+                raise _diverged(bad.what, epoch, bad.step, len(batches), lr, config, precision, run_dir,
                                 applied=bad.applied) from None
             with seeded_torch(target, config.seed, "forward", epoch):
-                finite = _finite_logits(method, view, batches[0], target, config.precision)
+                finite = _finite_logits(method, view, batches[0], target, precision)
             if not finite:
                 raise _diverged("the logits are non-finite after the epoch's last update", epoch, len(batches) - 1,
-                                len(batches), lr, config, run_dir, applied=True)
+                                len(batches), lr, config, precision, run_dir, applied=True)
             stats = EpochStats(epoch=epoch + 1, lr=lr, loss=float(totals[0] / totals[2]),
                                accuracy=float(100.0 * totals[1] / totals[2]),
                                seconds=time.perf_counter() - started)
             result.history.append(stats)
             if writer is not None:
                 writer.save_checkpoint(method.state_dict(), *_optimizer_tensors(optimizer, scaler, stats, result,
-                                                                                train_hash, config, world))
+                                                                                train_hash, config, world,
+                                                                                precision))
             if board is not None:
                 for name in ("loss", "accuracy", "lr"):
                     board.add_scalar(f"train/{name}", getattr(stats, name), stats.epoch)
             logger.info("epoch %d/%d: loss %.4f, accuracy %.2f%%, lr %.3g, %.2fs", stats.epoch, config.epochs,
                         stats.loss, stats.accuracy, lr, stats.seconds)
-            bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.1f}", lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.1f}", lr=f"{lr:.2e}")
             bar.update(1)
             if on_epoch_end is not None:
                 on_epoch_end(stats)
@@ -384,21 +391,25 @@ def _grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
-def _progress(total: int, initial: int, show: bool):
-    from tqdm.auto import tqdm
+def _run_precision(config: TrainConfig, device: torch.device, checkpoint: Any) -> str:
+    """The concrete precision of this training: ``config.precision``, with ``auto`` resolved, except that a resumed
+    ``auto`` run keeps the precision its checkpoint was written in (a run continues as it began)."""
+    if config.precision == "auto" and checkpoint is not None:
+        saved = checkpoint.state.get("precision")
+        if saved in PRECISIONS:
+            return str(saved)
+    return resolve_precision(config.precision, device)
 
-    return tqdm(total=total, initial=initial, desc="train", unit="epoch", disable=not show, leave=False)
 
-
-def _diverged(what: str, epoch: int, step: int, steps: int, lr: float, config: TrainConfig,
+def _diverged(what: str, epoch: int, step: int, steps: int, lr: float, config: TrainConfig, precision: str,
               run_dir: CheckpointStore | None, *, applied: bool = False) -> TrainingDiverged:
     where = (f"the last good checkpoint (epoch {epoch}) is in {run_dir.path}" if run_dir is not None and epoch > 0
              else "no checkpoint was written")
     update = "nothing of this epoch was saved" if applied else "the update was not applied"
     return TrainingDiverged(
         f"training diverged: {what} at epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps} (lr {lr:g}, "
-        f"precision {config.precision}); {update}, no prompt or result was written and {where}. Lower --lr"
-        f"{'' if config.precision == 'fp32' else ' (or use --precision fp32: mixed precision may have overflowed)'} "
+        f"precision {precision}); {update}, no prompt or result was written and {where}. Lower --lr"
+        f"{'' if precision == 'fp32' else ' (or use --precision fp32: mixed precision may have overflowed)'} "
         "and start the run again with --overwrite")
 
 
@@ -406,8 +417,8 @@ def _diverged(what: str, epoch: int, step: int, steps: int, lr: float, config: T
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, stats: EpochStats,
-                       result: TrainResult, train_hash: str, config: TrainConfig,
-                       world: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                       result: TrainResult, train_hash: str, config: TrainConfig, world: int,
+                       precision: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(optimiser tensors, JSON state)`` of the epoch just finished, for :meth:`RunDir.save_checkpoint`."""
     saved = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -425,6 +436,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradS
         "train_config_hash": train_hash,
         "train_config": train_identity(config),
         "world_size": world,
+        "precision": precision,
         "optimizer": {"param_groups": saved["param_groups"], "state": scalars},
         "scaler": scaler.state_dict(),
         "history": [dataclasses.asdict(s) for s in result.history],

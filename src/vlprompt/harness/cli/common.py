@@ -61,11 +61,17 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def console_logging(quiet: bool) -> Iterator[None]:
-    """Show vlprompt's INFO messages on stderr during a command (warnings only with ``quiet``)."""
+    """Show vlprompt's INFO messages on stderr during a command (warnings only with ``quiet``).
+
+    Progress lines written while a terminal bar shows the same progress are left out here (they still reach
+    ``log.txt``); off a terminal, the lines are the progress display."""
+    from vlprompt.common.progress import BESIDE_BAR
+
     logger = logging.getLogger("vlprompt")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.addFilter(lambda record: not getattr(record, BESIDE_BAR, False))
     old_level = logger.level
     logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:
