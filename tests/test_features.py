@@ -19,7 +19,7 @@ from vlprompt.backbone.transforms import EvalTransform, TrainTransform, load_ima
 from vlprompt.data.types import Item
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.features.cache import FeatureCache
-from vlprompt.features.extract import FeatureSet, augmented_views, extract_features
+from vlprompt.features.extract import FeatureSet, augmented_views, default_num_workers, extract_features
 
 DTD = FIXTURES / "dtd"
 
@@ -52,8 +52,11 @@ class EncodeCounter:
         self.rows = 0
         real = clip.encode_image
 
+        self.batches: list[int] = []
+
         def counted(images: torch.Tensor) -> torch.Tensor:
             self.rows += images.shape[0]
+            self.batches.append(images.shape[0])
             return real(images)
 
         monkeypatch.setattr(clip, "encode_image", counted)
@@ -340,3 +343,34 @@ def test_feature_set_helpers():
         FeatureSet(features, torch.tensor([0, 1]), ["a", "b", "c"])
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         FeatureSet(torch.zeros(3), torch.zeros(3, dtype=torch.int64), ["a", "b", "c"])
+
+
+def test_the_tower_gets_full_batches_whatever_the_views_per_image(dtd, vit, monkeypatch):
+    root, items = dtd  # 7 images
+    counter = EncodeCounter(monkeypatch, vit)
+    augmented_views(vit, root, items, views=3, seed=0, batch_size=4)  # 21 rows, 1 image per decoding batch
+    assert counter.batches == [4, 4, 4, 4, 4, 1]
+    counter.batches.clear()
+    augmented_views(vit, root, items, views=5, seed=0, batch_size=4)  # 5 views of one image overflow a batch
+    assert counter.batches == [4] * 8 + [3]
+    counter.batches.clear()
+    extract_features(vit, root, items, batch_size=3)
+    assert counter.batches == [3, 3, 1]
+
+
+def test_auto_workers_follow_the_machine_and_the_work():
+    assert default_num_workers("cpu", 10, cores=16) == 0  # a handful of images: not worth a process
+    assert default_num_workers("cpu", 500, cores=1) == 0
+    assert default_num_workers("cpu", 500, cores=2) == 1  # the tower keeps the cores; one worker keeps ahead
+    assert default_num_workers("cpu", 500, cores=64) == 1
+    assert default_num_workers("cuda", 500, cores=4) == 3
+    assert default_num_workers("cuda", 500, cores=64) == 8
+
+
+def test_a_decoding_worker_gives_the_same_features(dtd, vit):
+    root, items = dtd
+    many = items * 5  # 35 images: enough for "auto" to start a worker
+    assert default_num_workers("cpu", len(many), cores=2) == 1
+    inline = augmented_views(vit, root, many, views=2, seed=4, batch_size=8, num_workers=0).features
+    assert torch.equal(augmented_views(vit, root, many, views=2, seed=4, batch_size=8, num_workers=1).features,
+                       inline)
