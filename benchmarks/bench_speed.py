@@ -66,6 +66,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -110,9 +111,11 @@ MLP 4w in/out of QuickGELU ...), in units of the width: used only to keep runs i
 
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "quick": {"classes": "10,102", "reps": 3, "reps_slow": 1, "slow_s": 4.0, "matmul_size": 2048,
-              "eval_plain_max_batches": 3, "fullrun_ours_epochs": 10, "fullrun_plain_epochs": 1, "views": 1},
+              "eval_plain_max_batches": 3, "fullrun_ours_epochs": 10, "fullrun_plain_epochs": 1, "views": 1,
+              "fullrun_measured_views": 2},
     "full": {"classes": "10,102,1000", "reps": 5, "reps_slow": 2, "slow_s": 20.0, "matmul_size": 4096,
-             "eval_plain_max_batches": 0, "fullrun_ours_epochs": 0, "fullrun_plain_epochs": 2, "views": 2},
+             "eval_plain_max_batches": 0, "fullrun_ours_epochs": 0, "fullrun_plain_epochs": 2, "views": 2,
+             "fullrun_measured_views": 0},
 }
 """Defaults of ``--quick`` and of the full mode; every one can be overridden by its own option."""
 
@@ -255,8 +258,11 @@ def image_tower_flops(config: CLIPConfig, images: int) -> float:
 # measurement helpers
 
 
-def available_memory() -> int:
-    """MemAvailable of /proc/meminfo in bytes (a large number where it cannot be read)."""
+def available_memory(device: torch.device = CPU) -> int:
+    """Free memory of ``device`` in bytes: the GPU's free memory on CUDA, else MemAvailable of /proc/meminfo (a large
+    number where it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -269,9 +275,23 @@ def activation_bytes(shape: TextShape, tokens: int) -> int:
     return tokens * shape.layers * ACTIVATION_FLOATS_PER_TOKEN_LAYER * shape.width * 4
 
 
-def peak_step_memory(fn: Callable[[], None]) -> int:
-    """Run ``fn`` once under the torch profiler with ``profile_memory=True``; the peak bytes allocated by torch's CPU
-    allocator during the call, counted from its start (the profiler's running "Total Allocated")."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously; a CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_step_memory(fn: Callable[[], None], device: torch.device = CPU) -> int:
+    """Run ``fn`` once and return the peak bytes allocated during the call, counted from its start: on a CPU the torch
+    profiler's running "Total Allocated" (``profile_memory=True``) of torch's CPU allocator; on CUDA the allocator's
+    peak (``torch.cuda.max_memory_allocated``) minus what was allocated before."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -285,19 +305,21 @@ def peak_step_memory(fn: Callable[[], None]) -> int:
     return max([0, *totals])
 
 
-def timed(fn: Callable[[], None]) -> float:
-    """Wall seconds of one call."""
+def timed(fn: Callable[[], None], device: torch.device = CPU) -> float:
+    """Wall seconds of one call (the device's queued work included)."""
+    synchronize(device)
     start = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def matmul_probe(size: int, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
-    """A ``[size x size] @ [size x size]`` product in ``dtype`` and its FLOPs (2 size^3)."""
+def matmul_probe(size: int, dtype: torch.dtype, device: torch.device = CPU) -> tuple[Callable[[], None], float]:
+    """A ``[size x size] @ [size x size]`` product in ``dtype`` on ``device`` and its FLOPs (2 size^3)."""
     generator = torch.Generator().manual_seed(size)
-    a = torch.randn(size, size, generator=generator).to(dtype)
-    b = torch.randn(size, size, generator=generator).to(dtype)
-    out = torch.empty(size, size, dtype=dtype)
+    a = torch.randn(size, size, generator=generator).to(device, dtype)
+    b = torch.randn(size, size, generator=generator).to(device, dtype)
+    out = torch.empty(size, size, dtype=dtype, device=device)
 
     def run() -> None:
         torch.mm(a, b, out=out)
@@ -324,7 +346,8 @@ class Measured:
         return statistics.median(self.times) if self.times else None
 
 
-def measure(paths: Sequence[Measured], reps: int, reps_slow: int, slow_s: float, log: Callable[[str], None]) -> None:
+def measure(paths: Sequence[Measured], reps: int, reps_slow: int, slow_s: float, log: Callable[[str], None],
+            device: torch.device = CPU) -> None:
     """First call of every path (peak memory, warm-up), then interleaved timed rounds (order rotated each round).
 
     A path whose first call exceeds ``slow_s`` keeps that call as a timed run and gets ``reps_slow`` runs in all.
@@ -332,11 +355,13 @@ def measure(paths: Sequence[Measured], reps: int, reps_slow: int, slow_s: float,
     wanted: dict[str, int] = {}
     for path in paths:
         assert path.run is not None
+        synchronize(device)
         start = time.perf_counter()
         if path.memory:
-            path.peak_bytes = peak_step_memory(path.run)
+            path.peak_bytes = peak_step_memory(path.run, device)
         else:
             path.run()
+        synchronize(device)
         first = time.perf_counter() - start
         if not path.timed:
             wanted[path.key] = 0
@@ -352,7 +377,7 @@ def measure(paths: Sequence[Measured], reps: int, reps_slow: int, slow_s: float,
         order = list(paths[r % len(paths):]) + list(paths[: r % len(paths)])
         for path in order:
             if wanted[path.key] > 0:
-                path.times.append(timed(path.run))  # type: ignore[arg-type]
+                path.times.append(timed(path.run, device))  # type: ignore[arg-type]
                 wanted[path.key] -= 1
 
 
@@ -361,12 +386,15 @@ def measure(paths: Sequence[Measured], reps: int, reps_slow: int, slow_s: float,
 
 
 def make_step(clip: CLIP, method: FrozenClipMethod, *, images: Tensor | None, features: Tensor, labels: Tensor,
-              precision: str) -> Callable[[], None]:
+              precision: str, device: torch.device = CPU) -> Callable[[], None]:
     """One SGD step of ``method`` (the reference recipe's SGD; learned parameters fp32).
 
     ``images`` given: the frozen image tower runs on them first (fp32, no grad) as in the reference; else the cached
     ``features`` are used. The method's forward runs under ``precision`` autocast, as :func:`vlprompt.training.loop.train`.
+    Every tensor is moved to ``device`` (the model's) first.
     """
+    images = images.to(device) if images is not None else None
+    features, labels = features.to(device), labels.to(device)
     recipe = TrainConfig().completed()
     optimizer = torch.optim.SGD(method.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
@@ -378,7 +406,7 @@ def make_step(clip: CLIP, method: FrozenClipMethod, *, images: Tensor | None, fe
                 batch_features = clip.encode_image(images).float()
         else:
             batch_features = features
-        with autocast_for(CPU, precision):
+        with autocast_for(device, precision):
             logits = method(batch_features)
         loss = F.cross_entropy(logits.float(), labels)
         if regularizer is not None:
@@ -461,7 +489,8 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
     prefixes = 1 if kind == "coop" else batch
     floor_flops = minimal_text_flops(shape, prefix_len, eot, prefixes, batch)
     fast_flops = fast_text_flops(shape, prefix_len, eot, prefixes, batch)
-    budget = available_memory() // 2
+    device = args.device
+    budget = available_memory(device) // 2
     fast_tokens = prefixes * (prefix_len + classes * padded)
     if activation_bytes(shape, fast_tokens) > budget:
         raise MemoryError(f"{kind} K={classes}: the fast path needs ~{activation_bytes(shape, fast_tokens) / GIB:.1f}"
@@ -472,8 +501,9 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
     while plain_cap > 2 and activation_bytes(shape, prefixes * plain_cap * shape.context_length) > budget * 0.8:
         plain_cap //= 2
     plain_ks = [classes] if classes <= plain_cap else [max(1, plain_cap // 2), plain_cap]
-    mm_bf16, mm_flops = matmul_probe(args.matmul_size, torch.bfloat16)
-    mm_fp32, _ = matmul_probe(args.matmul_size, torch.float32)
+    mm_bf16, mm_flops = matmul_probe(args.matmul_size, torch.bfloat16, device)
+    mm_fp32, _ = matmul_probe(args.matmul_size, torch.float32, device)
+    on_device = images.to(device)
 
     paths: list[Measured] = []
     plain_runs: dict[int, list[Measured]] = {}
@@ -481,7 +511,7 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
 
         def tower() -> None:
             with torch.no_grad():
-                clip.encode_image(images)
+                clip.encode_image(on_device)
 
         paths.append(Measured("image_tower", f"image tower only (fp32, {batch} images)", tower,
                               flops=image_tower_flops(clip.config, batch), memory=False))
@@ -493,29 +523,30 @@ def bench_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
         img_flops = image_tower_flops(clip.config, batch)
         text_flops = plain_text_flops(shape, prefixes * k, batch, k)
         runs = [Measured(f"plain{suffix}", f"plain (image tower + 77-token text, fp32){suffix}",
-                      make_step(clip, plain, images=images, features=features, labels=sub_labels, precision="fp32"),
+                      make_step(clip, plain, images=images, features=features, labels=sub_labels, precision="fp32",
+                                device=device),
                       flops=img_flops + text_flops)]
         if kind == "coop":
             runs.append(Measured(f"text_plain_fp32{suffix}", f"text only: plain 77 tokens fp32{suffix}",
                               make_step(clip, plain, images=None, features=features, labels=sub_labels,
-                                        precision="fp32"), flops=text_flops))
+                                        precision="fp32", device=device), flops=text_flops))
         if k != plain_ks[-1]:  # the smaller class count serves the memory fit only
             for run in runs:
                 run.timed = False
         plain_runs[k] = runs
         paths.extend(runs)
     paths.append(Measured("text_fast_fp32", "text only: fast fp32",
-                       make_step(clip, fast, images=None, features=features, labels=labels, precision="fp32"),
-                       flops=fast_flops))
+                       make_step(clip, fast, images=None, features=features, labels=labels, precision="fp32",
+                                 device=device), flops=fast_flops))
     paths.append(Measured("ours", f"ours: cached features + fast text, {args.precision}",
-                       make_step(clip, fast, images=None, features=features, labels=labels, precision=args.precision),
-                       flops=fast_flops))
+                       make_step(clip, fast, images=None, features=features, labels=labels, precision=args.precision,
+                                 device=device), flops=fast_flops))
     paths.append(Measured("matmul_bf16", f"matmul bf16 {args.matmul_size}^2", mm_bf16, flops=mm_flops, memory=False))
     paths.append(Measured("matmul_fp32", f"matmul fp32 {args.matmul_size}^2", mm_fp32, flops=mm_flops, memory=False))
 
     log(f"  {kind} K={classes} ({source}): prefix {prefix_len}, padded suffix {padded}, "
         f"plain measured at K={plain_ks}")
-    measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+    measure(paths, args.reps, args.reps_slow, args.slow_s, log, device)
 
     if len(plain_ks) > 1:  # extrapolate the plain rows to K (see scale_plain)
         tower_s = next(p for p in paths if p.key == "image_tower").median or 0.0
@@ -664,6 +695,7 @@ def bench_eval(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None])
     total = args.eval_images
     features = torch.randn(total, clip.config.embed_dim, generator=generator)
     labels = torch.randint(0, len(names), (total,), generator=generator)
+    device = args.device
     plain = build_method("coop", clip, names, fast=False)
     fast = build_method("coop", clip, names, fast=True)
     fast.load_state_dict(plain.state_dict())
@@ -674,10 +706,12 @@ def bench_eval(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None])
         # ours: text features once, then the cached classifier for every batch
         with count_text_encodings(clip) as calls:
             start = time.perf_counter()
-            with torch.no_grad(), autocast_for(CPU, args.precision):
+            with torch.no_grad(), autocast_for(device, args.precision):
                 classifier = fast.classifier()
+            synchronize(device)
             text_s = time.perf_counter() - start
-            evaluate(classifier, features, labels, names, batch_size=batch_size, progress=False)
+            evaluate(classifier, features, labels, names, batch_size=batch_size, device=device,
+                     precision=args.precision, progress=False)
             eval_s = time.perf_counter() - start
         rows.append({"path": "ours", "batch_size": batch_size, "batches": batches, "text_encodings": calls[0],
                      "text_s": text_s, "eval_s": eval_s, "note": ""})
@@ -689,6 +723,7 @@ def bench_eval(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None])
         def plain_classifier(image_features: Tensor) -> Tensor:
             start_text = time.perf_counter()
             text = plain.text_features()  # type: ignore[operator]
+            synchronize(device)
             text_time[0] += time.perf_counter() - start_text
             return cosine_logits(image_features, text, scale)
 
@@ -696,7 +731,7 @@ def bench_eval(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None])
         with count_text_encodings(clip) as calls:
             start = time.perf_counter()
             evaluate(plain_classifier, features[:subset], labels[:subset], names, batch_size=batch_size,
-                     progress=False)
+                     device=device, progress=False)
             eval_s = time.perf_counter() - start
         factor = batches / run_batches
         rows.append({"path": "plain", "batch_size": batch_size, "batches": batches,
@@ -734,40 +769,150 @@ def write_images(folder: Path, classes: int, shots: int, seed: int = 0) -> list[
     return items
 
 
+def _best(fn: Callable[[], None], reps: int, device: torch.device) -> float:
+    """Fastest of ``reps`` timed calls after one warm-up call."""
+    fn()
+    return min(timed(fn, device) for _ in range(max(1, reps)))
+
+
+def bench_components(clip: CLIP, root: Path, items: list[Item], args: argparse.Namespace,
+                     log: Callable[[str], None]) -> dict[str, Any]:
+    """Seconds per unit of each part of feature extraction, measured alone: decoding an image, drawing one augmented
+    view, the image tower per view (at the extraction batch size, with its GFLOP/s against the matmul rate in the same
+    precision), and a cache write per row."""
+    from vlprompt.backbone.transforms import TrainTransform, load_image, view_generator
+    from vlprompt.features.cache import FeatureCache
+
+    device, reps = args.device, max(1, args.reps)
+    sample = items[: min(len(items), 16)]
+    start = time.perf_counter()
+    decoded = [load_image(root / item.path) for item in sample]
+    decode_s = (time.perf_counter() - start) / len(sample)
+    transform = TrainTransform(clip.config.image_resolution)
+    start = time.perf_counter()
+    for i, image in enumerate(decoded):
+        transform(image, view_generator(0, sample[i].path, 0))
+    augment_s = (time.perf_counter() - start) / len(decoded)
+
+    batch = args.feature_batch
+    resolution = clip.config.image_resolution
+    pixels = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def tower() -> None:
+        with torch.inference_mode(), autocast_for(device, args.precision):
+            clip.encode_image(pixels)
+
+    tower_s = _best(tower, reps, device)
+    tower_flops = image_tower_flops(clip.config, batch)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16 if args.precision == "fp16" else torch.float32
+    matmul, matmul_flops = matmul_probe(args.matmul_size, dtype, device)
+    matmul_rate = matmul_flops / _best(matmul, reps, device)
+
+    rows = np.random.default_rng(0).standard_normal((batch, clip.config.embed_dim)).astype("float32")
+    with tempfile.TemporaryDirectory(prefix="vlprompt-bench-cache-") as folder:
+        cache = FeatureCache(folder)
+        counter = iter(range(1 << 30))
+
+        def write() -> None:
+            base = next(counter) * batch
+            cache.put_many((f"k{base + i}", row) for i, row in enumerate(rows))
+
+        write_s = _best(write, reps, CPU) / batch
+        cache.close()
+    result = {"decode_s_per_image": decode_s, "augment_s_per_view": augment_s, "tower_s_per_view": tower_s / batch,
+              "tower_batch": batch, "tower_gflops": tower_flops / tower_s / 1e9,
+              "matmul_gflops": matmul_rate / 1e9, "matmul_dtype": str(dtype).replace("torch.", ""),
+              "tower_vs_matmul": (tower_flops / tower_s) / matmul_rate, "cache_write_s_per_row": write_s}
+    log(f"  components: decode {decode_s * 1e3:.1f} ms/image, augment {augment_s * 1e3:.1f} ms/view, tower "
+        f"{tower_s / batch * 1e3:.1f} ms/view ({result['tower_gflops']:.0f} GFLOP/s), cache write "
+        f"{write_s * 1e6:.0f} us/row")
+    return result
+
+
 def bench_full_run(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    """Wall time of a full few-shot CoOp run, ours (measured end to end) and plain (a few epochs, extrapolated)."""
-    from vlprompt.backbone.transforms import TrainTransform, load_image
+    """A full few-shot CoOp run: the default recipe (``--views epochs``: one augmented view per image and epoch) and
+    ``--views N``, each as extraction + training, against the plain reference loop; with where the time goes.
+
+    Extraction is measured end to end (:func:`augmented_views` into a fresh feature cache, decoding workers as the
+    pipeline chooses them) on ``--fullrun-measured-views`` views (0 = every view the recipe needs); a recipe needing
+    more views is extrapolated at that measured rate (rows per second; labelled ``~``). Training is measured for
+    ``--fullrun-ours-epochs`` epochs and scaled to all (the per-epoch cost does not depend on the number of views).
+    The components (decode, augment, tower, cache write) are measured alone, so "overlap / other" is what the end to
+    end time differs from their sum (negative: decoding overlapped with the tower in the workers)."""
     from vlprompt.features.extract import augmented_views
+    from vlprompt.backbone.transforms import TrainTransform, load_image
+    from vlprompt.features.cache import FeatureCache
     from vlprompt.training.loop import epoch_batches, train
 
+    device = args.device
     names, source = class_names(args.fullrun_classes)
     epochs, batch_size = args.fullrun_epochs, 32
+    recipes = {"default (--views epochs)": epochs, f"--views {args.views}": args.views}
     result: dict[str, Any] = {"classes": len(names), "names_from": source, "shots": args.shots, "epochs": epochs,
-                              "batch_size": batch_size, "views": args.views, "precision": args.precision}
+                              "batch_size": batch_size, "views": args.views, "precision": args.precision,
+                              "feature_batch": args.feature_batch, "device": str(device)}
     with tempfile.TemporaryDirectory(prefix="vlprompt-bench-") as tmp:
-        root = Path(tmp)
+        root = Path(tmp) / "images"
         items = write_images(root, len(names), args.shots)
-        result["images"] = len(items)
-        steps_per_epoch = len(epoch_batches(len(items), batch_size, 1, 0))
+        images = len(items)
+        result["images"] = images
+        steps_per_epoch = len(epoch_batches(images, batch_size, 1, 0))
         result["steps"] = steps_per_epoch * epochs
+        parts = bench_components(clip, root, items, args, log)
+        result["components"] = parts
 
-        # ours: features once (V augmented views), then the training loop on cached features
+        # extraction end to end for each recipe, each into a fresh cache (its writes included)
+        extractions: dict[str, dict[str, Any]] = {}
+        train_set = None
+        for label, views in recipes.items():
+            measured = views if args.fullrun_measured_views <= 0 else min(views, args.fullrun_measured_views)
+            cache = FeatureCache(Path(tmp) / f"cache-{len(extractions)}")
+            synchronize(device)
+            start = time.perf_counter()
+            pool = augmented_views(clip, root, items, views=measured, seed=1, precision=args.precision,
+                                   batch_size=args.feature_batch, cache=cache, progress=False)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            cache.close()
+            train_set = train_set or pool
+            rate = images * measured / seconds
+            extractions[label] = {"views": measured, "rows": images * measured, "seconds": seconds,
+                                  "views_per_s": rate, "vs_bare_tower": (1.0 / rate) / parts["tower_s_per_view"]}
+            log(f"  extraction ({label}): {measured} view(s) x {images} images in {seconds:.1f} s ({rate:.1f} "
+                f"views/s, {extractions[label]['vs_bare_tower']:.2f}x the bare tower's time)")
+        result["extraction"] = extractions
+
+        # training on the cached features (the epoch cost does not depend on the pool size)
         ours_epochs = epochs if args.fullrun_ours_epochs <= 0 else min(epochs, max(2, args.fullrun_ours_epochs))
-        start = time.perf_counter()
-        train_set = augmented_views(clip, root, items, views=args.views, seed=1, precision=args.precision,
-                                    batch_size=64, progress=False)
-        extract_s = time.perf_counter() - start
         method = build_method("coop", clip, names, fast=True)
-        config = TrainConfig(epochs=ours_epochs, batch_size=batch_size, precision=args.precision, device="cpu",
-                             seed=1)
+        config = TrainConfig(epochs=ours_epochs, batch_size=batch_size, precision=args.precision,
+                             device=str(device), seed=1)
+        synchronize(device)
         start = time.perf_counter()
-        train(method, train_set, config, device="cpu", progress=False)
-        train_s = time.perf_counter() - start
-        log(f"  full run, ours: extraction {extract_s:.1f} s, {ours_epochs} epochs {train_s:.1f} s")
-        result["ours"] = {"extract_s": extract_s, "train_s": train_s * epochs / ours_epochs,
-                          "total_s": extract_s + train_s * epochs / ours_epochs, "measured_epochs": ours_epochs,
-                          "note": "" if ours_epochs == epochs else
-                          f"~ training extrapolated from {ours_epochs} epochs (extraction measured)"}
+        train(method, train_set, config, device=device, progress=False)
+        synchronize(device)
+        train_s = (time.perf_counter() - start) * epochs / ours_epochs
+        log(f"  training: {ours_epochs} epochs in {train_s * ours_epochs / epochs:.1f} s")
+        result["training"] = {"measured_epochs": ours_epochs, "seconds": train_s,
+                              "note": "" if ours_epochs == epochs else f"~ scaled from {ours_epochs} epochs"}
+
+        result["recipes"] = {}
+        for label, views in recipes.items():
+            measured = extractions[label]
+            rows = images * views
+            extraction = measured["seconds"] * views / measured["views"]
+            components = {"decode_s": images * parts["decode_s_per_image"],  # each image decoded once
+                          "augment_s": rows * parts["augment_s_per_view"],
+                          "tower_s": rows * parts["tower_s_per_view"],
+                          "cache_write_s": rows * parts["cache_write_s_per_row"]}
+            components["overlap_other_s"] = extraction - sum(components.values())
+            notes = [] if views == measured["views"] else [
+                f"~ extraction scaled from {measured['views']} measured view(s)"]
+            if result["training"]["note"]:
+                notes.append(result["training"]["note"])
+            result["recipes"][label] = {"views": views, "extract_s": extraction, "train_s": train_s,
+                                        "total_s": extraction + train_s, "where": components,
+                                        "note": "; ".join(notes)}
 
         # plain: the reference loop (decode + augment + image tower + 77-token text, fp32), a few epochs
         plain = build_method("coop", clip, names, fast=False)
@@ -775,25 +920,28 @@ def bench_full_run(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
         optimizer = torch.optim.SGD(plain.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                     weight_decay=recipe.weight_decay)
         transform = TrainTransform(clip.config.image_resolution)
-        labels = torch.tensor([item.label for item in items])
+        labels = torch.tensor([item.label for item in items], device=device)
         plain_epochs = min(epochs, max(1, args.fullrun_plain_epochs))
+        synchronize(device)
         start = time.perf_counter()
         for epoch in range(plain_epochs):
             for step, batch in enumerate(epoch_batches(len(items), batch_size, 1, epoch)):
                 generator = torch.Generator().manual_seed(epoch * 1000 + step)
                 pixels = torch.stack([transform(load_image(root / items[i].path), generator)
-                                      for i in batch.tolist()])
+                                      for i in batch.tolist()]).to(device)
                 with torch.no_grad():
                     image_features = clip.encode_image(pixels).float()
-                loss = F.cross_entropy(plain(image_features).float(), labels[batch])
+                loss = F.cross_entropy(plain(image_features).float(), labels[batch.to(device)])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+        synchronize(device)
         plain_s = time.perf_counter() - start
         log(f"  full run, plain: {plain_epochs} epoch(s) {plain_s:.1f} s")
         result["plain"] = {"total_s": plain_s * epochs / plain_epochs, "measured_epochs": plain_epochs,
                            "note": f"~ extrapolated from {plain_epochs} epoch(s)" if plain_epochs < epochs else ""}
-    result["speedup"] = result["plain"]["total_s"] / result["ours"]["total_s"]
+    for entry in result["recipes"].values():
+        entry["speedup"] = result["plain"]["total_s"] / entry["total_s"]
     return result
 
 
@@ -843,6 +991,8 @@ def fmt_s(value: float | None) -> str:
     """Seconds with their unit: "512 s", "12.34 s", "85.1 ms"."""
     if value is None or not math.isfinite(value):
         return "-"
+    if value < 0:
+        return "-" + fmt_s(-value)
     if value >= 100:
         return f"{value:.0f} s"
     if value >= 1:
@@ -969,7 +1119,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="above this K the plain path is measured at K/2 and K of this cap and extrapolated "
                              "linearly (it needs ~40 KB per token and layer); default 128")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="precision of 'ours'; auto: bf16 where it is faster (CUDA, CPUs with AMX), else fp32")
+                        help="precision of 'ours'; auto: what vlprompt's --precision auto picks on this machine (bf16 "
+                             "where a cached matmul probe finds it faster, CUDA: where supported; else fp32)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--feature-batch", type=int, help="images per image-tower call in the full run's extraction "
+                                                          "(default: the pipeline's, 64 on a CPU, 256 on CUDA)")
     parser.add_argument("--matmul-size", type=int, help="square matmul of the rate probe (quick 2048, full 4096)")
     parser.add_argument("--eval-classes", type=int, default=10, help="classes of the evaluation section")
     parser.add_argument("--eval-images", type=int, default=10_000, help="test-set size of the evaluation section")
@@ -983,8 +1137,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="epochs ours really trains (0 = all; fewer = extrapolated; quick 10)")
     parser.add_argument("--fullrun-plain-epochs", type=int, help="epochs the plain loop runs before extrapolating "
                                                                  "(quick 1, full 2)")
-    parser.add_argument("--views", type=int, help="augmented views extracted for ours in the full run (quick 1, "
-                                                  "full 2)")
+    parser.add_argument("--views", type=int, help="the --views N recipe of the full run, measured beside the default "
+                                                  "--views epochs (quick 1, full 2)")
+    parser.add_argument("--fullrun-measured-views", type=int,
+                        help="views the full run's extraction really computes; recipes needing more are "
+                             "extrapolated at that rate (0 = all; quick 2, full 0)")
     parser.add_argument("--profile", action="store_true", help="profile ours' CoOp step at the target K (102, or the "
                                                                "first K) and print where the time goes")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -994,10 +1151,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.precision == "auto":
-        from vlprompt.common.precision import preferred_precision
+    from vlprompt.common.precision import resolve_precision
+    from vlprompt.stages import FEATURE_BATCH_SIZE, FEATURE_BATCH_SIZE_CUDA
 
-        args.precision = preferred_precision("cpu")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"unknown device {args.device!r}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    args.precision = resolve_precision(args.precision, args.device)
+    if args.feature_batch is None:
+        args.feature_batch = FEATURE_BATCH_SIZE_CUDA if args.device.type == "cuda" else FEATURE_BATCH_SIZE
     args.classes = [int(k) for k in str(args.classes).split(",") if k.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -1037,11 +1202,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = print
     config = MODELS[args.model]
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description(),
+    gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description(), "gpu": gpu,
+           "device": str(args.device),
            "loadavg_start": list(load), "model": config.name, "mode": "quick" if args.quick else "full",
            "precision_ours": args.precision, "reps": args.reps, "reps_slow": args.reps_slow, "slow_s": args.slow_s}
     out(f"vlprompt speed benchmark: {config.name}, {env['mode']} mode")
     out(f"torch {torch.__version__}, {env['threads']} threads, {env['cpu']}, load average {load[0]:.1f} at start")
+    if gpu:
+        out(f"device {args.device}: {gpu}")
     out("times are medians of interleaved runs; ratios compare paths measured in the same rounds")
     cores = os.cpu_count() or 1
     if env["threads"] > 1 and load[0] > cores - env["threads"] + 0.5:
@@ -1053,6 +1222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(0)
         clip = CLIP(config).eval()
     clip.requires_grad_(False)
+    clip.to(args.device)
     log(f"model built in {time.perf_counter() - start:.1f} s")
     results: dict[str, Any] = {"env": env, "args": {k: (str(v) if isinstance(v, Path) else v)
                                                     for k, v in vars(args).items()}}
@@ -1075,7 +1245,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         names, _ = class_names(target_k)
         method = build_method("coop", clip, names, fast=True)
         step = make_step(clip, method, images=None, features=torch.randn(32, clip.config.embed_dim),
-                         labels=torch.randint(0, target_k, (32,)), precision=args.precision)
+                         labels=torch.randint(0, target_k, (32,)), precision=args.precision, device=args.device)
         profiled = profile_step(step)
         out(f"\n== Profile of ours' CoOp step, K={target_k} ({args.precision}), self CPU time "
             f"{profiled['total_ms']:.0f} ms (profiled, so slower than the timed runs) ==")
@@ -1110,12 +1280,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out(f"\n== Full {args.shots}-shot CoOp run: {args.fullrun_classes} classes, {args.fullrun_epochs} epochs, "
             f"batch 32 ==")
         full = bench_full_run(clip, args, log)
-        ours, plain = full["ours"], full["plain"]
-        out(f"  images {full['images']}, {full['steps']} steps; ours extracts {full['views']} augmented view(s) once")
-        out(f"  ours : extraction {fmt_s(ours['extract_s'])} + training {fmt_s(ours['train_s'])} = "
-            f"{fmt_s(ours['total_s'])}  {ours['note']}")
-        out(f"  plain: {fmt_s(plain['total_s'])}  {plain['note']}")
-        out(f"  speed-up {fmt_x(full['speedup'])}")
+        parts = full["components"]
+        out(f"  {full['images']} images, {full['steps']} steps, device {full['device']}, {full['precision']}, tower "
+            f"batch {full['feature_batch']}")
+        out(f"  image tower: {parts['tower_gflops']:.1f} GFLOP/s = {parts['tower_vs_matmul']:.2f} of the "
+            f"{parts['matmul_dtype']} matmul rate ({parts['matmul_gflops']:.1f} GFLOP/s); "
+            f"{1.0 / parts['tower_s_per_view']:.1f} views/s bare")
+        for label, extraction in full["extraction"].items():
+            out(f"  extraction end to end, {label}: {extraction['views_per_s']:.1f} views/s = "
+                f"{extraction['vs_bare_tower']:.2f}x the bare tower's time ({extraction['views']} view(s) measured)")
+        out(f"  {'recipe':<26} {'views':>6} {'extract':>9} {'train':>9} {'total':>9} {'vs plain':>9}  where the "
+            "extraction time goes (decode / augment / tower / cache writes / overlap+other)")
+        for label, entry in full["recipes"].items():
+            where = entry["where"]
+            out(f"  {label:<26} {entry['views']:>6} {fmt_s(entry['extract_s']):>9} {fmt_s(entry['train_s']):>9} "
+                f"{fmt_s(entry['total_s']):>9} {fmt_x(entry['speedup']):>9}  "
+                + " / ".join(fmt_s(where[k]) for k in ("decode_s", "augment_s", "tower_s", "cache_write_s",
+                                                       "overlap_other_s")) + (f"  {entry['note']}" if entry["note"]
+                                                                              else ""))
+        out(f"  plain reference loop: {fmt_s(full['plain']['total_s'])}  {full['plain']['note']}")
         results["fullrun"] = full
 
     checks = targets(groups, evals)

@@ -40,7 +40,8 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
         "--adapter-classes", "3",
         "--matmul-size", "64", "--eval-images", "120", "--eval-batch-sizes", "40,60",
         "--eval-plain-max-batches", "1", "--shots", "2", "--fullrun-classes", "3", "--fullrun-epochs", "3",
-        "--fullrun-ours-epochs", "2", "--fullrun-plain-epochs", "1", "--views", "1", "--profile",
+        "--fullrun-ours-epochs", "2", "--fullrun-plain-epochs", "1", "--views", "1", "--fullrun-measured-views", "2",
+        "--precision", "fp32", "--profile",
         "--json", str(report),
     ])
     saved = json.loads(report.read_text())
@@ -60,7 +61,17 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
     # once, whatever the number of batches (ln_final runs once per length bucket of that one encoding: <= 4)
     assert ours_calls[0] == ours_calls[1] and 1 <= ours_calls[0] <= 4
     assert [row["text_encodings"] for row in plain_eval] == [row["batches"] for row in plain_eval]
-    assert saved["fullrun"]["images"] == 6
+    full = saved["fullrun"]
+    assert set(full["recipes"]) == set(full["extraction"]) == {"default (--views epochs)", "--views 1"}
+    measured = full["extraction"]["default (--views epochs)"]
+    assert full["images"] == 6 and measured["views"] == 2  # --fullrun-measured-views 2 of the 3 needed
+    assert full["extraction"]["--views 1"]["views"] == 1  # measured itself
+    default, one = full["recipes"]["default (--views epochs)"], full["recipes"]["--views 1"]
+    assert default["views"] == 3 and one["views"] == 1
+    assert "extraction scaled" in default["note"] and "extraction scaled" not in one["note"]
+    assert set(default["where"]) == {"decode_s", "augment_s", "tower_s", "cache_write_s", "overlap_other_s"}
+    assert default["extract_s"] == pytest.approx(1.5 * measured["seconds"])  # 3 views at the rate of 2
+    assert full["components"]["tower_gflops"] > 0 and full["components"]["matmul_gflops"] > 0
     out = capsys.readouterr().out
     assert "Training steps" in out and "Targets" in out and "floor" in out
 
