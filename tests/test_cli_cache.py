@@ -25,3 +25,20 @@ def test_cache_clear_needs_confirmation_when_not_interactive(tmp_path, capsys, m
     assert "--yes" in capsys.readouterr().err
     with FeatureCache(tmp_path) as cache:
         assert cache.stats().rows == 1
+
+
+def test_cache_options_open_a_read_only_cache(tmp_path):
+    import argparse
+
+    import pytest
+
+    from vlprompt.errors import ConfigError
+    from vlprompt.harness.cli.common import add_cache_options, feature_cache_arg
+
+    parser = argparse.ArgumentParser()
+    add_cache_options(parser)
+    cache = feature_cache_arg(parser.parse_args(["--cache-dir", str(tmp_path), "--cache-read-only"]))
+    assert isinstance(cache, FeatureCache) and cache.read_only and cache.root == tmp_path
+    assert feature_cache_arg(parser.parse_args(["--cache-dir", str(tmp_path)])) == tmp_path
+    with pytest.raises(ConfigError, match="--no-cache excludes"):
+        feature_cache_arg(parser.parse_args(["--no-cache", "--cache-read-only"]))

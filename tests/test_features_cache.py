@@ -201,3 +201,68 @@ def test_processes_opening_a_new_cache_together_all_succeed(tmp_path):
         assert [process.exitcode for process in processes] == [0] * workers
         with FeatureCache(root) as cache:
             assert sorted(cache.get_many([f"k{i}" for i in range(workers)], dim=4)) == [f"k{i}" for i in range(workers)]
+
+
+# ------------------------------------------------------------------------------------------------ cluster safety
+
+MOUNTS = """\
+/dev/nvme0n1p2 / ext4 rw,relatime 0 0
+tmpfs /tmp tmpfs rw,nosuid,nodev 0 0
+fileserver:/export/home /home nfs4 rw,relatime,vers=4.2 0 0
+10.0.0.1@o2ib:/scratch /lustre/scratch lustre rw,flock 0 0
+/dev/nvme1n1 /lustre/scratch/local xfs rw 0 0
+gpfs0 /gpfs gpfs rw 0 0
+//nas/share /mnt/my\\040share cifs rw 0 0
+"""
+
+
+def test_network_filesystems_are_found_in_the_mounts_table():
+    assert feature_cache.network_filesystem("/home/ada/.cache/vlprompt/features", MOUNTS) == "nfs4"
+    assert feature_cache.network_filesystem("/lustre/scratch/ada/cache", MOUNTS) == "lustre"
+    assert feature_cache.network_filesystem("/lustre/scratch/local/cache", MOUNTS) is None  # the longest mount wins
+    assert feature_cache.network_filesystem("/gpfs/projects/x", MOUNTS) == "gpfs"
+    assert feature_cache.network_filesystem("/mnt/my share/cache", MOUNTS) == "cifs"
+    assert feature_cache.network_filesystem("/tmp/cache", MOUNTS) is None
+    assert feature_cache.network_filesystem("/homework/cache", MOUNTS) is None  # a prefix of the name is not a parent
+    assert feature_cache.network_filesystem("/anything", "") is None
+
+
+def test_a_read_write_cache_on_a_network_filesystem_warns(tmp_path, monkeypatch, caplog):
+    table = f"server:/export {tmp_path} nfs rw 0 0\n"
+    monkeypatch.setattr(feature_cache, "_read_mounts", lambda: table)
+    with caplog.at_level("WARNING", logger="vlprompt.features.cache"), FeatureCache(tmp_path / "c") as cache:
+        cache.put_many([("a", np.ones(4, np.float32))])
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "network file system (nfs)" in warning and "VLPROMPT_CACHE=$TMPDIR" in warning
+    assert "--cache-read-only" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlprompt.features.cache"), \
+            FeatureCache(tmp_path / "c", read_only=True) as reader:
+        assert set(reader.get_many(["a"])) == {"a"}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # read-only is the safe way: no warning
+
+
+def test_a_read_only_cache_serves_rows_and_writes_nothing(tmp_path):
+    rng = np.random.default_rng(1)
+    row = rng.standard_normal(8).astype(np.float32)
+    image = tmp_path / "img.bin"
+    image.write_bytes(b"pixels")
+    with FeatureCache(tmp_path / "c") as writer:
+        writer.put_many([("kept", row)])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir() if p.is_file()}
+    os.chmod(tmp_path / "c", 0o555)  # nothing may be created beside the database either
+    try:
+        with FeatureCache(tmp_path / "c", read_only=True) as reader:
+            assert reader.get_many(["kept", "new"])["kept"].tobytes() == row.tobytes()
+            assert reader.put_many([("new", row)]) == 0 and reader.unstored == 1
+            digests, errors = reader.file_digests([image])
+            assert digests == [hashlib.sha256(b"pixels").hexdigest()] and not errors
+            assert reader.stats().rows == 1 and reader.stats().hashed_files == 0
+            with pytest.raises(FeatureCacheError, match="read-only"):
+                reader.clear()
+    finally:
+        os.chmod(tmp_path / "c", 0o755)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir() if p.is_file()}
+    assert after == before
+    with pytest.raises(FeatureCacheError, match="does not exist"):
+        FeatureCache(tmp_path / "none", read_only=True).get_many(["a"])

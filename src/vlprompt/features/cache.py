@@ -15,8 +15,17 @@ for augmented views) and the SHA-256 of the image file's bytes. A changed image,
 gives a new key; nothing is ever invalidated in place.
 
 Concurrency: several processes (ranks of one job, or separate runs) may read and write the same cache at once; SQLite
-serialises writers, and each connection waits up to ``timeout`` seconds for a lock. WAL needs a local file system
-(not NFS). A :class:`FeatureCache` object opens one connection per process, lazily, and may be pickled to workers.
+serialises writers, and each connection waits up to ``timeout`` seconds for a lock. A :class:`FeatureCache` object
+opens one connection per process, lazily, and may be pickled to workers.
+
+Clusters: WAL's shared memory and SQLite's locks do not work across nodes on a network file system (NFS, Lustre,
+GPFS, CIFS, ...), so a read-write cache must not be shared by processes of *several nodes* there. Opening one
+read-write on such a file system logs a warning (:func:`network_filesystem` reads ``/proc/mounts``). Safe schemes
+(docs/cluster.md): a per-node cache on local scratch (``VLPROMPT_CACHE=$TMPDIR/vlprompt``), or one extraction job
+that fills a shared cache, then jobs that open it *read-only* (``FeatureCache(root, read_only=True)``,
+``--cache-read-only``): SQLite opens the file ``immutable`` (no locks, no WAL files, nothing written), rows it lacks are
+computed and used but not stored, and unchanged image hashes are not remembered. A read-only cache must not be
+written by anyone while it is open.
 
 This module does not import torch: vectors go in and come out as float32 numpy arrays.
 """
@@ -58,6 +67,39 @@ CREATE TABLE IF NOT EXISTS file_hashes (path TEXT PRIMARY KEY, size INTEGER NOT 
                                         ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, digest TEXT NOT NULL,
                                         hashed_at_ns INTEGER NOT NULL);
 """
+
+
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "beegfs", "panfs", "afs", "9p",
+    "fuse.glusterfs", "fuse.sshfs", "fuse.cephfs", "fuse.beegfs", "fuse.gcsfuse", "fuse.s3fs",
+})
+"""File system types (``/proc/mounts``, third column) on which SQLite's WAL must not be shared across nodes."""
+
+
+def _read_mounts() -> str:
+    try:
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def network_filesystem(path: str | os.PathLike[str], mounts: str | None = None) -> str | None:
+    """The network file system type ``path`` lies on (``"nfs4"``, ``"lustre"`` ...), or None (local, or unknown).
+
+    ``mounts`` is the text of a mounts table (``/proc/mounts`` format: device, mount point, type, ...; default: this
+    machine's); the mount point that is the longest prefix of the resolved path decides.
+    """
+    target = Path(os.path.realpath(Path(path).expanduser()))
+    best, kind = -1, ""
+    for line in (mounts if mounts is not None else _read_mounts()).splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind if kind in NETWORK_FILESYSTEMS else None
 
 
 class FeatureCacheError(VlpromptError):
@@ -124,12 +166,15 @@ class CacheStats:
 class FeatureCache:
     """SQLite-backed feature cache; see the module docstring for the format and guarantees."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 120.0) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 120.0,
+                 read_only: bool = False) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
         self.timeout = timeout
+        self.read_only = bool(read_only)
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
+        self.unstored = 0  # rows a read-only cache was given and did not store
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
 
@@ -139,7 +184,7 @@ class FeatureCache:
         return self.root / DB_NAME
 
     def __repr__(self) -> str:
-        return f"FeatureCache({str(self.root)!r})"
+        return f"FeatureCache({str(self.root)!r}{', read_only=True' if self.read_only else ''})"
 
     # -- connection ---------------------------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -151,6 +196,17 @@ class FeatureCache:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
+        if self.read_only:
+            conn = self._open_read_only()
+            self._conn, self._pid = conn, os.getpid()
+            return conn
+        kind = network_filesystem(self.root)
+        if kind is not None:
+            logger.warning(
+                "the feature cache %s is on a network file system (%s): SQLite's WAL mode is not safe there when "
+                "processes on several nodes write to it. Give each node its own cache on local scratch "
+                "(VLPROMPT_CACHE=$TMPDIR/vlprompt), or fill it with one job and open it read-only in the others "
+                "(--cache-read-only); see docs/cluster.md", self.root, kind)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             # Opening sets the journal mode and creates the schema; SQLite answers "database is locked" at once
@@ -189,6 +245,23 @@ class FeatureCache:
         logger.warning("waiting up to %g s for the feature cache %s, which %s %s (--no-cache skips the cache)",
                        self.timeout, self.path, who, activity)
 
+    def _open_read_only(self) -> sqlite3.Connection:
+        """The database opened ``mode=ro&immutable=1``: no locks, no WAL or shared-memory files, no writes."""
+        if not self.path.is_file():
+            raise FeatureCacheError(f"the read-only feature cache {self.path} does not exist: fill it first with a "
+                                    "job that opens it read-write, or drop --cache-read-only")
+        try:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
+                                   timeout=self.timeout, isolation_level=None)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise FeatureCacheError(f"cannot read the feature cache {self.path}: {exc}") from None
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise FeatureCacheError(f"the feature cache {self.path} has format version {version}, this vlprompt reads "
+                                    f"version {SCHEMA_VERSION}")
+        return conn
+
     def close(self) -> None:
         """Close this process's connection (it reopens on next use)."""
         if self._conn is not None and self._pid == os.getpid():
@@ -216,7 +289,7 @@ class FeatureCache:
         conn.execute("BEGIN IMMEDIATE")
 
     def _write(self, sql: str, rows: Sequence[tuple]) -> None:
-        if not rows:
+        if not rows or self.read_only:
             return
         conn = self._connection()
         try:
@@ -266,7 +339,8 @@ class FeatureCache:
     def put_many(self, items: Iterable[tuple[str, Any]]) -> int:
         """Store ``(key, vector)`` pairs (anything :func:`numpy.asarray` turns into 1-D float32) in one transaction.
 
-        Existing rows with the same keys are replaced. Returns the number of rows written.
+        Existing rows with the same keys are replaced. Returns the number of rows written (0 for a read-only cache,
+        which counts them in :attr:`unstored`).
         """
         rows = []
         for key, vector in items:
@@ -275,6 +349,11 @@ class FeatureCache:
                 raise ValueError(f"a cached feature must be a non-empty 1-D vector, got shape {array.shape}")
             data = array.tobytes()
             rows.append((key, array.size, zlib.crc32(data), data))
+        if self.read_only:
+            if rows and not self.unstored:
+                logger.info("read-only feature cache %s: new rows are used but not stored", self.root)
+            self.unstored += len(rows)
+            return 0
         self._write("INSERT OR REPLACE INTO features (key, dim, crc, data) VALUES (?, ?, ?, ?)", rows)
         return len(rows)
 
@@ -347,6 +426,8 @@ class FeatureCache:
 
     def clear(self) -> int:
         """Delete every stored feature and file hash, then compact the file. Returns the number of features deleted."""
+        if self.read_only:
+            raise FeatureCacheError(f"the feature cache {self.path} is open read-only: it cannot be cleared")
         conn = self._connection()
         try:
             self._begin(conn)

@@ -41,14 +41,23 @@ def add_cache_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
                         help="feature cache folder (default: $VLPROMPT_CACHE/features, else the user cache folder)")
     parser.add_argument("--no-cache", action="store_true",
                         help="do not read or write the feature cache (features are computed every time)")
+    parser.add_argument("--cache-read-only", action="store_true",
+                        help="read the feature cache without writing to it (missing features are computed, not "
+                             "stored): for a cache on a shared network file system that one job filled, see "
+                             "docs/cluster.md")
 
 
 def feature_cache_arg(args: argparse.Namespace) -> Any:
-    """What ``run_experiment(feature_cache=...)`` takes for the cache options: False, a folder, or None."""
+    """What ``run_experiment(feature_cache=...)`` takes for the cache options: False, a folder, a read-only
+    :class:`~vlprompt.features.cache.FeatureCache`, or None (the default cache)."""
     if args.no_cache:
-        if args.cache_dir is not None:
-            raise ConfigError("--cache-dir and --no-cache exclude each other")
+        if args.cache_dir is not None or args.cache_read_only:
+            raise ConfigError("--no-cache excludes --cache-dir and --cache-read-only")
         return False
+    if args.cache_read_only:
+        from vlprompt.features.cache import FeatureCache
+
+        return FeatureCache(args.cache_dir, read_only=True)
     return args.cache_dir
 
 
