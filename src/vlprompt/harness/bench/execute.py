@@ -98,9 +98,9 @@ def _request_for(run: PlannedRun, status: PlannedRunStatus, device: str | None) 
     return RunRequest(run, run.evals, train=True, device=device)
 
 
-def _execute_one(run: PlannedRun, status: PlannedRunStatus, out: Path, runner: Runner, *, session: str, worker: int,
-                 device: str | None, log: Log) -> Outcome:
-    """Run ``run`` (already claimed) and record how it went."""
+def execute_one(run: PlannedRun, status: PlannedRunStatus, out: Path, runner: Runner, *, session: str, worker: int,
+                device: str | None, log: Log) -> Outcome:
+    """Run ``run`` (claimed by this worker, or assigned to this array task) and record how it went."""
     action = status.action
     if status.state is RunState.CONFLICT:
         message = (f"{run.run_dir} {status.detail}; move that folder away (or choose another --out) to run this "
@@ -161,7 +161,7 @@ def work(runs: Sequence[PlannedRun], out: Path, runner: Runner, *, session: str,
                 status = inspect_run(run, out, check_busy=False)
                 if _settled(status, session):
                     continue
-                outcome = _execute_one(run, status, out, runner, session=session, worker=worker, device=device,
+                outcome = execute_one(run, status, out, runner, session=session, worker=worker, device=device,
                                        log=log)
             outcomes.append(outcome)
             if on_outcome is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlprompt.harness.bench.execute import BenchResult, Log, Runner, new_session, work
+from vlprompt.common.progress import Progress
+from vlprompt.harness.bench.execute import BenchResult, Log, Outcome, Runner, new_session, work
 from vlprompt.harness.bench.plan import PlannedRun
 from vlprompt.harness.bench.status import RunState, inspect_run
 from vlprompt.harness.bench.workers import run_workers
@@ -35,16 +36,21 @@ def execute_plan(runs: Sequence[PlannedRun], out: Path, runner: Runner, *, jobs:
         else:
             pending.append(run)
     if pending:
-        if jobs <= 1:
-            device = devices[0] if devices else None
-            try:
-                work(pending, out, runner, session=session, device=device, log=log, poll=poll,
-                     on_outcome=result.outcomes.append)
-            except KeyboardInterrupt:
-                result.interrupted = True
-        else:
-            run_workers(pending, out, runner, jobs=min(jobs, len(pending)), devices=devices, threads=threads,
-                        session=session, log=log, poll=poll, result=result)
+        with Progress(len(pending), "bench", "run", emit=log) as shown:  # a line per 30 s / 10 % of the runs
+            if jobs <= 1:
+                device = devices[0] if devices else None
+
+                def done(outcome: Outcome) -> None:
+                    result.outcomes.append(outcome)
+                    shown.update(1)
+
+                try:
+                    work(pending, out, runner, session=session, device=device, log=log, poll=poll, on_outcome=done)
+                except KeyboardInterrupt:
+                    result.interrupted = True
+            else:
+                run_workers(pending, out, runner, jobs=min(jobs, len(pending)), devices=devices, threads=threads,
+                            session=session, log=log, poll=poll, result=result, on_outcome=lambda _: shown.update(1))
     result.unfinished = [run.key for run in runs
                          if inspect_run(run, out, check_busy=False).state is not RunState.FINISHED]
     return result

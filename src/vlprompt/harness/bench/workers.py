@@ -19,7 +19,7 @@ import queue as queue_module
 import signal
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,7 +102,7 @@ def _worker_main(job: WorkerJob, messages: Any) -> None:
 
 def run_workers(runs: Sequence[PlannedRun], out: Path, runner: Runner, *, jobs: int,
                 devices: Sequence[str | None] | None, threads: int | None, session: str, log: Log, poll: float,
-                result: BenchResult) -> None:
+                result: BenchResult, on_outcome: Callable[[Outcome], None] | None = None) -> None:
     """Run ``runs`` with ``jobs`` worker processes; outcomes and problems are added to ``result``."""
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
@@ -120,6 +120,8 @@ def run_workers(runs: Sequence[PlannedRun], out: Path, runner: Runner, *, jobs: 
             log(f"[worker {index}] {payload}")
         elif kind == "outcome":
             result.outcomes.append(Outcome(**payload))
+            if on_outcome is not None:
+                on_outcome(result.outcomes[-1])
         elif kind == "interrupted":
             ended.add(index)
             result.interrupted = True

@@ -5,15 +5,20 @@
     vlprompt bench crossdataset --root DATA --out runs --jobs 4         4 worker processes, one GPU each
     vlprompt bench domainshift --root DATA --out runs                   reuses the ImageNet runs of crossdataset
     vlprompt bench fewshot --budget ...                                 smoke test: 2 epochs, 64 test images, marked everywhere
+    vlprompt bench fewshot ... --executor slurm --slurm-partition gpu --slurm-gpus-per-task 1
+                                                                        one Slurm job array, one task per run
+    vlprompt bench fewshot ... --status                                 where each run (and its array task) stands
 
 Re-running the same command skips finished runs, resumes interrupted ones and reruns failed ones. Exit status: 0 when
-every run of the plan is finished, 1 when some failed (listed at the end), 130 after Ctrl-C, 2 for bad options.
-Only the runs import torch; ``--help`` and ``--dry-run`` never do.
+every run of the plan is finished (``--executor slurm``: when the array was submitted, or nothing was left to
+submit), 1 when some failed (listed at the end), 130 after Ctrl-C, 2 for bad options. Only the runs import torch;
+``--help``, ``--dry-run`` and ``--status`` never do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -31,6 +36,9 @@ def budget_banner(epochs: int | None) -> str:
 
     return (f"SMOKE TEST (--budget): {epochs if epochs is not None else BUDGET_EPOCHS} training epochs, at most "
             f"{BUDGET_TEST_IMAGES} test images per dataset; results are not comparable to the papers")
+
+
+EXECUTORS = ("slurm", "local")  # = vlprompt.harness.bench.arrays.EXECUTORS (kept here so --help imports nothing)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -80,6 +88,9 @@ def add_parser(subparsers: Any) -> None:
     how = parser.add_argument_group("how to run")
     how.add_argument("--dry-run", action="store_true",
                      help="print the plan with each run's state and what would happen; run nothing")
+    how.add_argument("--status", action="store_true",
+                     help="print where each run stands (finished, running / pending array task, failed, lost, not "
+                          "submitted) with its job id; run and submit nothing")
     how.add_argument("--jobs", type=int, default=1,
                      help="worker processes, one run each at a time, each on its own GPU when several exist "
                           "(default: 1, in this process)")
@@ -89,6 +100,23 @@ def add_parser(subparsers: Any) -> None:
     how.add_argument("--budget", action="store_true",
                      help="smoke test: 2 training epochs (unless --epochs), at most 64 test images per dataset; runs go to <protocol>-budget/ and "
                           "every output (results, report, summaries) is marked as such")
+    cluster = parser.add_argument_group(
+        "job arrays (submitit; pip install 'vlprompt[slurm]'): one task per unfinished run, see docs/cluster.md")
+    cluster.add_argument("--executor", choices=EXECUTORS, default=None,
+                         help="slurm: submit the unfinished runs as one Slurm job array and return (run the same "
+                              "command again, or with --status, to see progress, collect and resubmit what failed "
+                              "or was lost); local: the same array as processes of this machine, waited for "
+                              "(default: run here, or in --jobs workers)")
+    cluster.add_argument("--slurm-partition", default=None, help="partition of the array's tasks")
+    cluster.add_argument("--slurm-gpus-per-task", type=int, default=None,
+                         help="GPUs of each task (local: GPUs made visible to each task; default: none)")
+    cluster.add_argument("--slurm-time", default="24:00:00",
+                         help="wall-clock limit of each task: minutes, HH:MM:SS or D-HH:MM:SS (default: 24:00:00)")
+    cluster.add_argument("--slurm-array-parallelism", type=int, default=None,
+                         help="tasks running at once (Slurm: --array=...%%P, default all; local: default 1)")
+    cluster.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="another #SBATCH option of every task, e.g. account=abc, qos=high, mem=32G, "
+                              "cpus_per_task=8 (repeatable)")
     train = parser.add_argument_group("training options (every run; defaults: the methods' reference recipes)")
     add_dataclass_arguments(train, TrainConfig, exclude=("seed",))
     parser.set_defaults(func=run_bench)
@@ -206,11 +234,20 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     options = options_from_args(args)
     runs = build_plan(args.protocol, options)
+    if args.status:
+        from vlprompt.harness.bench.arrays import array_statuses, status_lines
+
+        banner = [f"*** {budget_banner(options.train.epochs)} ***"] if options.budget else []
+        print("\n".join([*banner, f"{args.protocol}: {len(runs)} run(s) under {options.out}",
+                         *status_lines(array_statuses(runs, options.out))]))
+        return 0
     if args.dry_run:
         print("\n".join(plan_lines(args.protocol, runs, options.out, options.budget, options.train.epochs)))
         return 0
     if not options.root:
         raise ConfigError(f"give the data root with --root (or set ${ROOT_ENV}); it holds the dataset folders")
+    if args.executor is not None:
+        return _run_array(args, options, runs)
     from vlprompt.harness.bench.launch import execute_plan
     from vlprompt.harness.bench.runner import PipelineRunner
     from vlprompt.common.io import atomic_write_json
@@ -220,11 +257,78 @@ def run_bench(args: argparse.Namespace) -> int:
     banner = [f"*** {banner_text} ***"] if options.budget else []
     print("\n".join([*banner, f"{args.protocol}: {len(runs)} run(s) under {options.out}"
                      + (f" with {args.jobs} workers" if args.jobs > 1 else "")]), flush=True)
+    from vlprompt.harness.cli.common import console_logging
+
     runner = PipelineRunner(progress=None if args.jobs == 1 else False)
-    result = execute_plan(runs, options.out, runner, jobs=args.jobs, devices=devices, threads=threads,
-                          log=lambda line: print(line, flush=True))
+    with console_logging(quiet=False) if args.jobs == 1 else contextlib.nullcontext():  # the runs' own lines
+        result = execute_plan(runs, options.out, runner, jobs=args.jobs, devices=devices, threads=threads,
+                              log=lambda line: print(line, flush=True))
     record = {"protocol": args.protocol, "budget": options.budget, **({"banner": banner_text} if options.budget
                                                                        else {}), **result.to_dict()}
     written = atomic_write_json(summary_path(options.out, args.protocol, options.budget), record)
     print("\n".join([*banner, *result.lines(), f"summary: {written}"]))
     return result.exit_code
+
+
+def array_options(args: argparse.Namespace) -> Any:
+    """The :class:`~vlprompt.harness.bench.arrays.ArrayOptions` of the parsed command line."""
+    from vlprompt.harness.bench.arrays import ArrayOptions, parse_slurm_options, parse_time
+
+    return ArrayOptions(executor=args.executor, partition=args.slurm_partition,
+                        gpus_per_task=args.slurm_gpus_per_task, time_min=parse_time(args.slurm_time),
+                        array_parallelism=args.slurm_array_parallelism,
+                        extra=parse_slurm_options(args.slurm_option))
+
+
+def _run_array(args: argparse.Namespace, options: Any, runs: Sequence[Any]) -> int:
+    """``--executor slurm|local``: submit the runs that need a task as one array (local: and wait for it)."""
+    from vlprompt.common.io import atomic_write_json
+    from vlprompt.common.progress import Progress
+    from vlprompt.harness.bench.arrays import array_statuses, outcome_of, status_lines, submit_array
+    from vlprompt.harness.bench.execute import new_session
+    from vlprompt.harness.bench.runner import PipelineRunner
+
+    if args.jobs != 1:
+        raise ConfigError("--jobs and --executor exclude each other: an array runs one task per run (use "
+                          "--slurm-array-parallelism for how many run at once)")
+    settings = array_options(args)
+    out = options.out
+    before = array_statuses(runs, out)
+    todo = [s.run for s in before if s.to_submit]
+    active = [s for s in before if s.active]
+    banner = [f"*** {BUDGET_BANNER} ***"] if options.budget else []
+    counts = f"{sum(s.label == 'finished' for s in before)} finished, {len(active)} pending or running"
+    print("\n".join([*banner, f"{args.protocol}: {len(runs)} run(s) under {out}: {counts}, {len(todo)} to submit "
+                     f"({settings.executor})"]), flush=True)
+    for s in before:
+        if s.label in ("failed", "lost"):
+            print(f"  resubmitting {s.run.key} ({s.label}{': job ' + s.job_id if s.job_id else ''})", flush=True)
+        elif s.label == "conflict":
+            print(f"  not submitted: {s.run.key} {s.status.detail}", flush=True)
+    session = new_session()
+    runner = PipelineRunner(progress=False)
+    with Progress(len(todo), "bench", "run", emit=lambda line: print(line, flush=True)) as shown:
+        result = submit_array(todo, out, runner, settings, session=session,
+                              log=lambda line: print(line, flush=True), on_task_end=lambda _: shown.update(1))
+    after = array_statuses(runs, out)
+    unfinished = [s.run.key for s in after if s.label != "finished"]
+    record = {"protocol": args.protocol, "budget": options.budget, "executor": settings.executor,
+              **({"banner": banner_text} if options.budget else {}), "session": session,
+              "runs": [run.key for run in runs], "submitted": result.submitted, "job_ids": result.job_ids,
+              "outcomes": result.outcomes, "states": {s.run.key: s.label for s in after}, "unfinished": unfinished}
+    written = atomic_write_json(summary_path(out, args.protocol, options.budget), record)
+    if settings.executor == "slurm":
+        if result.job_ids:
+            array_id = result.job_ids[0].split("_")[0]
+            print(f"submitted job array {array_id}: {len(result.job_ids)} task(s), one per run")
+        print("\n".join([*status_lines(after), f"summary: {written}",
+                         "see progress with the same command and --status; run the same command again to collect "
+                         "and resubmit what failed or was lost"]))
+        return 1 if any(s.label == "conflict" for s in after) else 0
+    failed = [outcome_of(o) for o in result.outcomes if not o.get("ok")]
+    lines = [*status_lines(after)]
+    lines += [f"  FAILED {o.key}: {o.error}" for o in failed if o.key in unfinished]
+    if unfinished:
+        lines.append("run the same command again to rerun the failed runs and resume the others")
+    print("\n".join([*banner, *lines, f"summary: {written}"]))
+    return 1 if unfinished else 0

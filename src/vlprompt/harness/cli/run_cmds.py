@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlprompt.common.vocab import PRECISIONS, SUBSETS
+from vlprompt.common.vocab import PRECISION_CHOICES, SUBSETS
 from vlprompt.harness.cli.common import (
     add_cache_options,
     add_output_options,
@@ -89,8 +89,9 @@ def _add_eval(subparsers: Any) -> None:
                         help="backbone (name or checkpoint) instead of the one recorded in the run; it must be the "
                              "same weights (the prompt file's fingerprint is checked)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's)")
-    parser.add_argument("--precision", default=None, choices=list(PRECISIONS),
-                        help="autocast precision of the evaluation (default: the run's)")
+    parser.add_argument("--precision", default=None, choices=list(PRECISION_CHOICES),
+                        help="autocast precision of the evaluation; auto = measured on this machine (default: the "
+                             "run's)")
     add_cache_options(parser)
     add_output_options(parser)
     parser.set_defaults(func=run_eval)
