@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("submitit")
 
+from run_folders import fake_run_folder  # noqa: E402
+
 from vlprompt.errors import ConfigError  # noqa: E402
 from vlprompt.harness.bench.arrays import (  # noqa: E402
     ArrayOptions,
@@ -91,8 +93,7 @@ def test_slurm_submits_one_array_with_the_requested_resources_and_resubmits_only
     keys = {entry["job_id"]: key for key, entry in recorded.items()}
     (fake_slurm / "states.txt").write_text("4242_0|COMPLETED|n1\n4242_1|RUNNING|n2\n4242_2|TIMEOUT|n3\n")
     finished = next(run for run in runs if run.key == keys["4242_0"])
-    finished.run_dir.mkdir(parents=True)
-    (finished.run_dir / "config.json").write_text(json.dumps(finished.config.to_dict()))
+    fake_run_folder(finished.run_dir, finished.config.to_dict())
     (finished.run_dir / "results.json").write_text("{}")
     states = {s.run.key: s for s in array_statuses(runs, out)}
     assert states[keys["4242_0"]].label == "finished"
@@ -135,8 +136,7 @@ class KillingRunner:
         run = request.run
         with open(self.log, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"key": run.key, "pid": os.getpid()}) + "\n")
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()), encoding="utf-8")
+        fake_run_folder(run.run_dir, run.config.to_dict(), progress=True)  # a run that finished an epoch
         marker = self.log.with_suffix(".killed")
         if run.key == self.kill and not marker.exists():
             marker.touch()

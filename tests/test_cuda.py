@@ -96,7 +96,7 @@ def test_training_on_the_gpu_is_close_to_the_cpu():
 
 def test_a_whole_run_on_the_gpu(tmp_path, monkeypatch):
     from vlprompt.harness.pipeline import evaluate_run, run_experiment
-    from vlprompt.training.config import RunConfig
+    from vlprompt.harness.config import RunConfig
 
     dtd_items()
     monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))

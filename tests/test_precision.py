@@ -14,10 +14,12 @@ from test_train_standins import LinearHead, clustered_features
 
 from vlprompt.common import precision as prec
 from vlprompt.errors import ConfigError
+from vlprompt.harness.config import RunConfig
 from vlprompt.harness.rundir import RunDir
 from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import train
 
+RUN = RunConfig(method="coop", dataset="dtd").to_dict()  # a run folder needs a run configuration
 BF16_FASTER = {"fp32_s": 2.0, "bf16_s": 1.0}
 BF16_SLOWER = {"fp32_s": 1.0, "bf16_s": 2.0}
 
@@ -95,7 +97,7 @@ def test_auto_is_the_default_and_resolves_to_a_recorded_precision_in_training(tm
     prec.measured_choice("cpu", probe=probe_returning(BF16_FASTER))  # this "machine" measured bf16 as faster
     assert TrainConfig().precision == "auto"
     feats = clustered_features(per_class=2)
-    with RunDir.create_or_open(tmp_path / "run", {"run": "t"}) as run:
+    with RunDir.create_or_open(tmp_path / "run", RUN) as run:
         result = train(LinearHead(64, 5), feats, TrainConfig(epochs=2, batch_size=8), run_dir=run)
     assert result.precision == "bf16"
     assert json.loads((tmp_path / "run" / "state.json").read_text())["precision"] == "bf16"
@@ -119,11 +121,11 @@ def test_resumed_auto_run_keeps_its_checkpoint_precision(tmp_path, monkeypatch):
     prec.measured_choice("cpu", probe=probe_returning(BF16_FASTER))
     feats = clustered_features(per_class=2)
     config = TrainConfig(epochs=3, batch_size=8)
-    with RunDir.create_or_open(tmp_path / "run", {"run": "t"}) as run, pytest.raises(_Interrupt):
+    with RunDir.create_or_open(tmp_path / "run", RUN) as run, pytest.raises(_Interrupt):
         train(LinearHead(64, 5), feats, config, run_dir=run, on_epoch_end=_stop_after(1))
     monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "second"))  # now the machine would say fp32
     prec.measured_choice("cpu", probe=probe_returning(BF16_SLOWER))
-    with RunDir.create_or_open(tmp_path / "run", {"run": "t"}, resume=True) as run:
+    with RunDir.create_or_open(tmp_path / "run", RUN, resume=True) as run:
         result = train(LinearHead(64, 5), feats, config, run_dir=run)
     assert result.start_epoch == 1 and result.precision == "bf16"
     # a new run on this machine gets the new answer
@@ -158,7 +160,7 @@ def test_feature_cache_keys_hold_the_concrete_precision(tmp_path, monkeypatch):
 def test_a_run_records_the_precision_auto_resolved_to(tmp_path, monkeypatch):
     from vlprompt.backbone.tiny import build_tiny_clip
     from vlprompt.harness.pipeline import evaluate_run, run_experiment
-    from vlprompt.training.config import RunConfig
+    from vlprompt.harness.config import RunConfig
 
     root = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
     if not root.is_dir():

@@ -8,6 +8,7 @@ from test_train_standins import LinearHead, clustered_features
 
 from vlprompt.common.progress import Progress, format_duration, format_rate, progress
 from vlprompt.harness.cli.common import console_logging
+from vlprompt.harness.config import RunConfig
 from vlprompt.harness.rundir import RunDir
 from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import train
@@ -67,7 +68,7 @@ def test_a_resumed_step_counts_its_rate_from_what_it_did():
 
 def test_lines_reach_a_non_terminal_stderr_and_log_txt(tmp_path, capsys):
     clock = Clock()
-    with RunDir.create_or_open(tmp_path / "run", {"run": "t"}) as run, console_logging(quiet=False), \
+    with RunDir.create_or_open(tmp_path / "run", RunConfig(method="coop", dataset="dtd").to_dict()) as run, console_logging(quiet=False), \
             run.capture_logs():
         with progress(4, "evaluate", "img", clock=clock) as shown:  # show=None: stderr here is not a terminal
             assert shown._bar is None
@@ -85,7 +86,7 @@ def test_lines_reach_a_non_terminal_stderr_and_log_txt(tmp_path, capsys):
 
 def test_beside_a_terminal_bar_lines_go_to_log_txt_only(tmp_path, capsys):
     clock = Clock()
-    with RunDir.create_or_open(tmp_path / "run", {"run": "t"}) as run, console_logging(quiet=False), \
+    with RunDir.create_or_open(tmp_path / "run", RunConfig(method="coop", dataset="dtd").to_dict()) as run, console_logging(quiet=False), \
             run.capture_logs():
         with progress(2, "train", "epoch", show=True, clock=clock) as shown:
             clock.now += 31.0
@@ -105,7 +106,7 @@ def test_no_lines_from_other_ranks():
 @pytest.mark.parametrize("epochs", [2])
 def test_training_writes_its_progress_into_log_txt(tmp_path, epochs):
     feats = clustered_features(per_class=2)
-    with RunDir.create_or_open(tmp_path / "run", {"run": "t"}) as run:
+    with RunDir.create_or_open(tmp_path / "run", RunConfig(method="coop", dataset="dtd").to_dict()) as run:
         train(LinearHead(64, 5), feats, TrainConfig(epochs=epochs, batch_size=8, precision="fp32"), run_dir=run,
               progress=False)
     log = (tmp_path / "run" / "log.txt").read_text()

@@ -167,9 +167,8 @@ def measured_choice(device: torch.device | str, *, probe: Probe | None = None,
     this machine's speed). An unwritable cache folder only costs a new measurement next time (logged).
     """
     import torch
-    from filelock import FileLock
-    from filelock import Timeout as FileLockTimeout
 
+    from vlprompt.common import locks
     from vlprompt.common.io import atomic_write_json
 
     device = torch.device(device)
@@ -180,8 +179,8 @@ def measured_choice(device: torch.device | str, *, probe: Probe | None = None,
     if isinstance(record, dict) and record.get("precision") in PRECISIONS:
         return record
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{path}.lock", timeout=60):  # one process measures; the others wait and read its answer
+        # one process measures; the others wait and read its answer
+        with locks.acquire(f"{path}.lock", timeout=60):  # type: ignore[union-attr] # a timeout raises, never None
             machines = _read_probes(path)
             record = machines.get(key)
             if isinstance(record, dict) and record.get("precision") in PRECISIONS:
@@ -192,9 +191,9 @@ def measured_choice(device: torch.device | str, *, probe: Probe | None = None,
             except OSError as exc:
                 logger.warning("cannot keep the precision probe in %s (%s); it will be measured again", path, exc)
             return record
-    except FileLockTimeout:
-        raise ConfigError(f"the precision probe file {path} stayed locked for 60 s by another process; retry, or "
-                          "give --precision fp32 / bf16") from None
+    except locks.LockTimeout as exc:
+        raise ConfigError(f"the precision probe file {path} stayed locked for 60 s by process {exc.holder}; retry, "
+                          "or give --precision fp32 / bf16") from None
     except OSError as exc:  # the cache folder cannot be created or locked: measure, keep nothing
         logger.warning("cannot keep the precision probe in %s (%s); it will be measured again", path, exc)
         return _measure(device, identity, probe)

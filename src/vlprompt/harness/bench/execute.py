@@ -162,7 +162,7 @@ def work(runs: Sequence[PlannedRun], out: Path, runner: Runner, *, session: str,
                 if _settled(status, session):
                     continue
                 outcome = execute_one(run, status, out, runner, session=session, worker=worker, device=device,
-                                       log=log)
+                                      log=log)
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
