@@ -108,7 +108,8 @@ def test_zero_shot_uses_the_target_template_across_datasets(clip, tmp_path):
 @needs_fixtures
 def test_sgd_run_and_evaluate_run(clip, tmp_path):
     out = tmp_path / "coop"
-    config = config_of("coop", method_config={"n_ctx": 2}, train=TrainConfig(epochs=2, lr=0.05, device="cpu", precision="fp32"))
+    config = config_of("coop", method_config={"n_ctx": 2},
+                       train=TrainConfig(epochs=2, lr=0.05, device="cpu", precision="fp32"))
     seen = []
     payload = run_experiment(config, out, clip=clip, on_epoch_end=seen.append)
     assert [stats.epoch for stats in seen] == [1, 2]
@@ -134,7 +135,8 @@ def test_sgd_run_and_evaluate_run(clip, tmp_path):
 @needs_fixtures
 def test_a_failure_after_training_keeps_the_parameters_and_resume_only_evaluates(clip, tmp_path, monkeypatch):
     out = tmp_path / "coop"
-    config = config_of("coop", method_config={"n_ctx": 2}, train=TrainConfig(epochs=2, lr=0.05, device="cpu", precision="fp32"))
+    config = config_of("coop", method_config={"n_ctx": 2},
+                       train=TrainConfig(epochs=2, lr=0.05, device="cpu", precision="fp32"))
     real_score = vlprompt.stages.score
 
     def broken_score(*args, **kwargs):

@@ -188,7 +188,8 @@ def test_run_folder_gets_log_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     feats = clustered_features(per_class=2)
     with _open(tmp_path / "run") as run:
-        train(LinearHead(64, 5), feats, TrainConfig(epochs=2, batch_size=8, tensorboard=True, precision="fp32"), run_dir=run)
+        train(LinearHead(64, 5), feats, TrainConfig(epochs=2, batch_size=8, tensorboard=True, precision="fp32"),
+              run_dir=run)
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "epoch 1/2: loss" in log and "epoch 2/2: loss" in log
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import ConfigError
+from vlprompt.harness.cli.common import add_cache_options, feature_cache_arg
 
 ROOT_ENV = "VLPROMPT_DATA_ROOT"
 
@@ -94,6 +95,7 @@ def add_parser(subparsers: Any) -> None:
     how.add_argument("--jobs", type=int, default=1,
                      help="worker processes, one run each at a time, each on its own GPU when several exist "
                           "(default: 1, in this process)")
+    add_cache_options(how)
     how.add_argument("--skip-bad-images", action="store_true",
                      help="leave out unreadable images in every run (counted and listed in its results) instead of "
                           "failing that run")
@@ -259,7 +261,7 @@ def run_bench(args: argparse.Namespace) -> int:
                      + (f" with {args.jobs} workers" if args.jobs > 1 else "")]), flush=True)
     from vlprompt.harness.cli.common import console_logging
 
-    runner = PipelineRunner(progress=None if args.jobs == 1 else False)
+    runner = PipelineRunner(progress=None if args.jobs == 1 else False, feature_cache=feature_cache_arg(args))
     with console_logging(quiet=False) if args.jobs == 1 else contextlib.nullcontext():  # the runs' own lines
         result = execute_plan(runs, options.out, runner, jobs=args.jobs, devices=devices, threads=threads,
                               log=lambda line: print(line, flush=True))
@@ -306,7 +308,7 @@ def _run_array(args: argparse.Namespace, options: Any, runs: Sequence[Any]) -> i
         elif s.label == "conflict":
             print(f"  not submitted: {s.run.key} {s.status.detail}", flush=True)
     session = new_session()
-    runner = PipelineRunner(progress=False)
+    runner = PipelineRunner(progress=False, feature_cache=feature_cache_arg(args))
     with Progress(len(todo), "bench", "run", emit=lambda line: print(line, flush=True)) as shown:
         result = submit_array(todo, out, runner, settings, session=session,
                               log=lambda line: print(line, flush=True), on_task_end=lambda _: shown.update(1))
