@@ -148,7 +148,8 @@ def evaluate(method: Any, data: DatasetSplits, *, split: str = "test", precision
 
     ``data`` must have the method's classes; for another dataset (cross-dataset transfer) evaluate
     ``method.with_classnames(other.classnames)``, and for the novel classes of base-to-novel pass
-    ``vlprompt.data.subsample_classes(data, "new")``.
+    ``vlprompt.data.subsample_classes(data, "new")``. ``precision``: "auto" (bf16 where this machine's cached probe
+    finds it faster, CUDA: where supported), "fp32" (exact), "bf16" or "fp16".
     """
     from vlprompt.stages import FeatureOptions, eval_features, open_feature_cache, require_images, score
 
