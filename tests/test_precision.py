@@ -175,5 +175,8 @@ def test_a_run_records_the_precision_auto_resolved_to(tmp_path, monkeypatch):
     assert payload["precision"] == "bf16" and payload["fit"]["precision"] == "bf16"  # ... and what ran
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["precision"] == "bf16"
-    assert "precision bf16 (auto: measured on this machine)" in (tmp_path / "run" / "log.txt").read_text()
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "precision bf16 (auto: measured on this machine)" in log
+    for step in ("image features: ", "train: 2/2 epoch in ", "evaluate: "):  # every long step's progress line
+        assert f"vlprompt.progress: {step}" in log, step
     assert evaluate_run(tmp_path / "run", dataset="oxford_flowers", clip=clip, precision="fp32")["precision"] == "fp32"
