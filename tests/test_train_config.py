@@ -124,9 +124,12 @@ def test_config_hash_is_stable_and_ignores_paths_and_devices():
     # pinned: a change here silently makes every existing run folder "different"; update only on purpose. (The
     # method config is now the typed, complete one from the start, so the unresolved hash moved. The resolved one,
     # what run folders record, was 0ec7ceab40bdd3a7 until issue 10 added train.crop_scale_min (Tip-Adapter's and
-    # LP++'s crop scale): every resolved training config now records it.)
-    assert base.config_hash() == "ab0e0a99372ac500"
-    assert base.resolved().config_hash() == "fb4c1dd9f7fbcde6"
+    # LP++'s crop scale): every resolved training config now records it. Issue 13 made the default precision "auto":
+    # the default hashes moved, and the configuration stating precision fp32 keeps the earlier default's.)
+    assert base.config_hash() == "0e209b9a4d112596"
+    assert base.resolved().config_hash() == "0690403d8528d442"
+    fp32 = RunConfig(method="coop", dataset="dtd", train=TrainConfig(precision="fp32"))
+    assert (fp32.config_hash(), fp32.resolved().config_hash()) == ("ab0e0a99372ac500", "fb4c1dd9f7fbcde6")
     canonical = json.dumps(base.identity_dict(), sort_keys=True, separators=(",", ":"))
     assert base.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert "root" not in base.identity_dict() and "device" not in base.identity_dict()["train"]
