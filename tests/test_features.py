@@ -345,16 +345,16 @@ def test_feature_set_helpers():
         FeatureSet(torch.zeros(3), torch.zeros(3, dtype=torch.int64), ["a", "b", "c"])
 
 
-def test_the_tower_gets_full_batches_whatever_the_views_per_image(dtd, vit, monkeypatch):
+def test_the_tower_gets_full_batches_whatever_the_views_per_image(dtd, clip, monkeypatch):
     root, items = dtd  # 7 images
-    counter = EncodeCounter(monkeypatch, vit)
-    augmented_views(vit, root, items, views=3, seed=0, batch_size=4)  # 21 rows, 1 image per decoding batch
+    counter = EncodeCounter(monkeypatch, clip)
+    augmented_views(clip, root, items, views=3, seed=0, batch_size=4)  # 21 rows, 1 image per decoding batch
     assert counter.batches == [4, 4, 4, 4, 4, 1]
     counter.batches.clear()
-    augmented_views(vit, root, items, views=5, seed=0, batch_size=4)  # 5 views of one image overflow a batch
+    augmented_views(clip, root, items, views=5, seed=0, batch_size=4)  # 5 views of one image overflow a batch
     assert counter.batches == [4] * 8 + [3]
     counter.batches.clear()
-    extract_features(vit, root, items, batch_size=3)
+    extract_features(clip, root, items, batch_size=3)
     assert counter.batches == [3, 3, 1]
 
 
@@ -367,10 +367,10 @@ def test_auto_workers_follow_the_machine_and_the_work():
     assert default_num_workers("cuda", 500, cores=64) == 8
 
 
-def test_a_decoding_worker_gives_the_same_features(dtd, vit):
+def test_a_decoding_worker_gives_the_same_features(dtd, clip):
     root, items = dtd
     many = items * 5  # 35 images: enough for "auto" to start a worker
     assert default_num_workers("cpu", len(many), cores=2) == 1
-    inline = augmented_views(vit, root, many, views=2, seed=4, batch_size=8, num_workers=0).features
-    assert torch.equal(augmented_views(vit, root, many, views=2, seed=4, batch_size=8, num_workers=1).features,
+    inline = augmented_views(clip, root, many, views=2, seed=4, batch_size=8, num_workers=0).features
+    assert torch.equal(augmented_views(clip, root, many, views=2, seed=4, batch_size=8, num_workers=1).features,
                        inline)
