@@ -298,7 +298,8 @@ def _run_array(args: argparse.Namespace, options: Any, runs: Sequence[Any]) -> i
     before = array_statuses(runs, out)
     todo = [s.run for s in before if s.to_submit]
     active = [s for s in before if s.active]
-    banner = [f"*** {BUDGET_BANNER} ***"] if options.budget else []
+    banner_text = budget_banner(options.train.epochs)
+    banner = [f"*** {banner_text} ***"] if options.budget else []
     counts = f"{sum(s.label == 'finished' for s in before)} finished, {len(active)} pending or running"
     print("\n".join([*banner, f"{args.protocol}: {len(runs)} run(s) under {out}: {counts}, {len(todo)} to submit "
                      f"({settings.executor})"]), flush=True)
