@@ -28,6 +28,12 @@ cost does not depend on them):
   name): time = image tower + (time(K') - image tower) * K / K', the image tower timed on its own; peak memory = the
   straight line through K'/2 and K' (allocation counts are exact). Such rows are marked ``~``.
 
+* **Successor training steps** (section ``successors``): one row per method (KgCoOp, ProGrad, TCP with their official
+  defaults, batch 32) and K: ``plain`` (image tower on 224 px images every step + the 77-token text path, fp32) vs
+  ``ours`` (cached features, fast text, the chosen precision), each step as the training loop takes it (the
+  method's loss terms, ProGrad's gradient alignment, TCP's Adam), measured interleaved; ratio = plain / ours. The
+  plain path is not measured above ``--plain-max-classes``.
+
 * **Floor**: FLOPs of the minimal computation of ours (see :func:`minimal_text_flops`) over the bf16 matrix-product
   rate measured in the same group (a square bf16 matmul timed between the steps); "x floor" = time / floor time.
 
@@ -416,6 +422,93 @@ def make_step(clip: CLIP, method: FrozenClipMethod, *, images: Tensor | None, fe
         optimizer.step()
 
     return step
+
+
+SUCCESSORS: tuple[str, ...] = ("kgcoop", "prograd", "tcp")
+"""The CoOp successors of the ``successors`` section (one training-step row each per K)."""
+
+
+def build_successor(name: str, clip: CLIP, names: list[str], fast: bool) -> FrozenClipMethod:
+    """KgCoOp / ProGrad / TCP with their official defaults (TCP's tokens at layer 8, or the last block of a smaller
+    text tower), fast or plain text path."""
+    from vlprompt.methods import METHODS
+
+    spec = METHODS[name]
+    options: dict[str, Any] = {"fast_text": fast}
+    if name == "tcp":
+        options["class_token_layer"] = min(8, clip.config.transformer_layers - 1)
+    return spec.build(clip, names, spec.config_cls(**options))
+
+
+def make_successor_step(clip: CLIP, method: FrozenClipMethod, name: str, *, images: Tensor | None,
+                        features: Tensor, labels: Tensor, precision: str) -> Callable[[], None]:
+    """One training step of a successor exactly as :func:`vlprompt.training.loop.train` takes it: the method's
+    recipe optimiser (TCP: Adam), cross-entropy plus the method's regulariser (KgCoOp, TCP), ProGrad's gradient
+    alignment (:func:`~vlprompt.training.loop.step_objective`, :func:`~vlprompt.training.loop.apply_update`).
+
+    ``images`` given: the frozen image tower runs on them first (fp32, no grad); the reference ProGrad runs a second,
+    fp32, image tower for its zero-shot teacher, which the plain path here leaves out (so its plain time is a lower
+    bound of the reference's)."""
+    from vlprompt.training.config import resolve_train_config
+    from vlprompt.training.loop import apply_update, build_optimizer, step_objective
+
+    recipe = resolve_train_config(TrainConfig(), method=name, shots=16, dataset="bench")
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, recipe)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    method.train()
+
+    def step() -> None:
+        if images is not None:
+            with torch.no_grad():
+                batch_features = clip.encode_image(images).float()
+        else:
+            batch_features = features
+        with autocast_for(CPU, precision):
+            logits = method(batch_features)
+        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        scale = 1.0 / labels.numel()
+        objective, _ = step_objective(method, loss_sum, scale)
+        apply_update(method, params, optimizer, scaler, batch_features, logits, objective, scale, 1)
+
+    return step
+
+
+def bench_successors(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One training-step row per successor and K: plain (image tower + 77-token text, fp32) vs ours (cached features,
+    fast text, ``args.precision``), batch 32 (their few-shot recipes), measured interleaved."""
+    rows = []
+    batch = 32
+    resolution = clip.config.image_resolution
+    for name in SUCCESSORS:
+        for classes in args.classes:
+            names, source = class_names(classes)
+            generator = torch.Generator().manual_seed(classes)
+            features = torch.randn(batch, clip.config.embed_dim, generator=generator)
+            labels = torch.randint(0, classes, (batch,), generator=generator)
+            images = torch.randn(batch, 3, resolution, resolution, generator=generator)
+            plain = make_successor_step(clip, build_successor(name, clip, names, fast=False), name, images=images,
+                                        features=features, labels=labels, precision="fp32")
+            ours = make_successor_step(clip, build_successor(name, clip, names, fast=True), name, images=None,
+                                       features=features, labels=labels, precision=args.precision)
+            paths = [Measured("plain", "plain", plain), Measured("ours", f"ours ({args.precision})", ours)]
+            if classes > args.plain_max_classes:  # 77 tokens x K prompts of backward activations do not fit
+                paths[0].note = f"plain not measured above --plain-max-classes {args.plain_max_classes}"
+                paths = paths[1:]
+            log(f"  {name} K={classes} ({source})")
+            measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+            by_key = {p.key: p for p in paths}
+            plain_s = by_key["plain"].median if "plain" in by_key else None
+            ours_s = by_key["ours"].median
+            rows.append({"method": name, "classes": classes, "names_from": source, "batch": batch,
+                         "plain_s": plain_s, "ours_s": ours_s,
+                         "speedup": plain_s / ours_s if plain_s and ours_s else None,
+                         "plain_peak_bytes": by_key["plain"].peak_bytes if "plain" in by_key else None,
+                         "ours_peak_bytes": by_key["ours"].peak_bytes,
+                         "note": "; ".join(p.note for p in paths if p.note) or ("" if "plain" in by_key else
+                                                                                 "plain not measured")})
+            gc.collect()
+    return rows
 
 
 @dataclass
@@ -1107,8 +1200,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--classes", help="comma-separated K values of the step benchmark (quick: 10,102; "
                                           "full: 10,102,1000)")
     parser.add_argument("--methods", default="coop,cocoop", help="comma-separated: coop, cocoop")
-    parser.add_argument("--sections", default="steps,adapters,eval,fullrun",
-                        help="comma-separated: steps, adapters (CLIP-Adapter, CLAP, Tip-Adapter-F, LP++), eval, fullrun")
+    parser.add_argument("--sections", default="steps,successors,adapters,eval,fullrun",
+                        help="comma-separated: steps, successors (KgCoOp, ProGrad, TCP steps), adapters (CLIP-Adapter, "
+                             "CLAP, Tip-Adapter-F, LP++), eval, fullrun")
     parser.add_argument("--adapter-classes", type=int, default=10, help="classes of the adapters section (with "
                                                                         "--shots images each)")
     parser.add_argument("--reps", type=int, help="timed runs per path (median reported); quick 3, full 5")
@@ -1171,7 +1265,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in ("coop", "cocoop"):
             parser.error(f"unknown method {name!r}")
     for name in args.sections:
-        if name not in ("steps", "adapters", "eval", "fullrun"):
+        if name not in ("steps", "successors", "adapters", "eval", "fullrun"):
             parser.error(f"unknown section {name!r}")
     return args
 
@@ -1253,6 +1347,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             out(f"  {name:<24} {ms:8.1f} ms  {100 * ms / profiled['total_ms']:5.1f}%")
         out(profiled["table"])
         results["profile"] = {k: v for k, v in profiled.items()}
+
+    if "successors" in args.sections:
+        out("\n== Training steps of the CoOp successors, batch 32 (median seconds per step) ==")
+        out("plain = image tower (fp32) + 77-token text (fp32) every step; ours = cached image features + fast text "
+            f"({args.precision}); each with the method's loss terms, gradient rule and recipe optimiser")
+        successors = bench_successors(clip, args, log)
+        out(f"  {'method':<8} {'K':>5} {'plain s':>9} {'ours s':>9} {'speed-up':>9}  note")
+        for row in successors:
+            out(f"  {row['method']:<8} {row['classes']:>5} {fmt_s(row['plain_s']):>9} {fmt_s(row['ours_s']):>9} "
+                f"{fmt_x(row['speedup']):>9}  {row['note']}")
+        results["successors"] = successors
 
     if "adapters" in args.sections:
         out(f"\n== Training steps of the feature methods (median seconds per step), K={args.adapter_classes}, "

@@ -45,9 +45,13 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
         "--json", str(report),
     ])
     saved = json.loads(report.read_text())
-    assert {"env", "steps", "adapters", "eval", "fullrun", "targets", "profile"} <= saved.keys()
+    assert {"env", "steps", "successors", "adapters", "eval", "fullrun", "targets", "profile"} <= saved.keys()
     assert [row["method"] for row in saved["adapters"]] == ["clip_adapter", "clap", "tip_adapter_f", "lp_plus_plus"]
     assert all(row["plain_s"] > 0 and row["ours_s"] > 0 for row in saved["adapters"])
+    assert [(row["method"], row["classes"]) for row in saved["successors"]] == [
+        (m, k) for m in ("kgcoop", "prograd", "tcp") for k in (3, 5)]
+    for row in saved["successors"]:
+        assert row["ours_s"] > 0 and (row["plain_s"] is None) == (row["classes"] > 4)  # --plain-max-classes 4
     assert len(results["steps"]) == 4  # coop and cocoop at K = 3, 5
     for group in saved["steps"]:
         assert {"plain", "ours", "text_fast_fp32"} <= group["paths"].keys()

@@ -361,3 +361,27 @@ def test_coop_with_very_different_name_lengths_equals_plain(clip, csc):
 
 def test_cocoop_with_very_different_name_lengths_equals_plain(clip):
     _assert_cocoop_fast_equals_plain(clip, MIXED_NAMES, [0, 3, 6], (10, 11))
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_shared_prefix_with_replaced_positions_equals_the_plain_path(clip, layer):
+    """TCP's path: the shared prefix once before ``layer``, then positions 1..T replaced per prompt; against the
+    plain 77-token encoding with the same replacement (fp32 rounding only), gradients included."""
+    from vlprompt.backbone.fast_text import encode_replacing, encode_shared_prefix_replacing
+
+    generator = torch.Generator().manual_seed(layer)
+    width, prompts, prefix_len = clip.config.transformer_width, 5, 4
+    eot = torch.tensor([6, 9, 4, 12, 7])
+    prefix = torch.randn(1, prefix_len, width, generator=generator).requires_grad_(True)
+    suffix = torch.randn(1, prompts, 77 - prefix_len, width, generator=generator)
+    tokens = torch.randn(prompts, prefix_len - 1, width, generator=generator).requires_grad_(True)
+    fast = encode_shared_prefix_replacing(clip, prefix, suffix, eot, tokens, layer=layer)
+    full = torch.cat([prefix.expand(prompts, -1, -1), suffix[0]], dim=1)
+    plain = encode_replacing(clip, full, eot, tokens, layer=layer, trim=False)
+    assert fast.shape == (prompts, clip.config.embed_dim)
+    assert (fast - plain).abs().max() < 1e-5
+    grads = [torch.autograd.grad(out.square().sum(), [prefix, tokens]) for out in (fast, plain)]
+    for ours, reference in zip(*grads, strict=True):
+        assert (ours - reference).abs().max() < 1e-4 * max(1.0, float(reference.abs().max()))
+    with pytest.raises(ValueError, match="inside the shared prefix"):
+        encode_shared_prefix_replacing(clip, prefix, suffix, eot, torch.zeros(prompts, prefix_len, width), layer=1)

@@ -14,7 +14,10 @@ from vlprompt.methods.configs import (
     CoCoOpConfig,
     CoOpConfig,
     EnsembleConfig,
+    KgCoOpConfig,
     LinearProbeConfig,
+    ProGradConfig,
+    TCPConfig,
     ZeroShotConfig,
 )
 from vlprompt.common.options import config_from_dict, config_to_dict
@@ -23,8 +26,9 @@ from vlprompt.common.options import config_from_dict, config_to_dict
 def test_registry_lists_the_methods_with_their_kinds():
     assert {name: spec.training.value for name, spec in METHODS.items()} == {
         "zeroshot": "none", "ensemble": "none", "linear_probe": "closed_form", "coop": "features",
-        "cocoop": "features", "clip_adapter": "features", "tip_adapter": "closed_form",
-        "tip_adapter_f": "closed_form", "lp_plus_plus": "closed_form", "clap": "features"}
+        "cocoop": "features", "kgcoop": "features", "prograd": "features", "tcp": "features",
+        "clip_adapter": "features", "tip_adapter": "closed_form", "tip_adapter_f": "closed_form",
+        "lp_plus_plus": "closed_form", "clap": "features"}
     assert [name for name, spec in METHODS.items() if not spec.transfers] == [
         "linear_probe", "tip_adapter", "tip_adapter_f", "lp_plus_plus", "clap"]
     assert all(spec.name == name for name, spec in METHODS.items())
@@ -42,6 +46,38 @@ def test_defaults_are_the_papers():
     assert probe.c is None and probe.c_grid == (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
     assert probe.search_steps == 8 and probe.max_iter == 1000 and probe.normalize is False
     assert EnsembleConfig().template_set == "coop7"
+    # KgCoOp: official base2new_train.sh (NCTX 4, W 8.0) and kgcoop.py ("a photo of a")
+    assert KgCoOpConfig() == KgCoOpConfig(n_ctx=4, ctx_init="a photo of a", csc=False, class_token_position="end",
+                                          fast_text=True, kg_weight=8.0, template="")
+    # ProGrad: official prograd.sh (NCTX 16, LAMBDA 1.0), LOSS.T 1.0, CTX_INIT from the template
+    assert ProGradConfig() == ProGradConfig(n_ctx=16, ctx_init="", csc=False, class_token_position="end",
+                                            fast_text=True, prograd_lambda=1.0, temperature=1.0, template="")
+    # TCP: official tcp.py / clip_text/model.py (4 tokens at layer 8, reduction 4, weight 8.0, random context)
+    assert TCPConfig() == TCPConfig(n_ctx=4, ctx_init="", class_token_layer=8, reduction=4, kg_weight=8.0,
+                                    template="", prompt_template="", fast_text=True)
+
+
+def test_successor_configs_take_the_official_templates_of_the_dataset():
+    assert KgCoOpConfig().for_dataset("dtd", "{} texture.").template == "a photo of a {}, a type of texture."
+    assert KgCoOpConfig().for_dataset("oxford_pets", "a photo of a {}, a type of pet.").template == \
+        "a photo of a {}, a type of pet."
+    assert KgCoOpConfig().for_dataset("folder:mine", "a photo of a {}.").template == "a photo of a {}."
+    assert ProGradConfig().for_dataset("oxford_flowers", "x {}").template == "a type of flower, a photo of a {}."
+    tcp = TCPConfig().for_dataset("fgvc_aircraft", "a photo of a {}, a type of aircraft.")
+    assert (tcp.template, tcp.prompt_template) == ("a photo of an aircraft {}.", "{}, a type of aircraft.")
+    other = TCPConfig().for_dataset(None, "a photo of a {}.")
+    assert (other.template, other.prompt_template) == ("a photo of a {}.", "{}.")
+    mine = KgCoOpConfig(template="a {} here.").for_dataset("dtd", "{} texture.")
+    assert mine.template == "a {} here."  # an explicit template wins
+    for bad in (dict(kg_weight=-1.0), dict(template="no placeholder")):
+        with pytest.raises(ConfigError):
+            KgCoOpConfig(**bad)
+    for bad in (dict(prograd_lambda=float("nan")), dict(temperature=0.0)):
+        with pytest.raises(ConfigError):
+            ProGradConfig(**bad)
+    for bad in (dict(class_token_layer=-1), dict(reduction=0), dict(prompt_template="{} {}")):
+        with pytest.raises(ConfigError):
+            TCPConfig(**bad)
 
 
 @pytest.mark.parametrize(("shots", "dataset", "epochs"), [

@@ -120,7 +120,8 @@ def test_base2novel_harmonic_mean_from_averaged_accuracies(tmp_path):
     assert summary.title == "Base-to-novel: Average (2 datasets)"
     labels = [r.label for r in summary.rows]
     assert labels == ["CoOp", "Zero-shot CLIP (published)", "CoOp (published)", "CoCoOp (published)",
-                      "KgCoOp (published)", "MaPLe (published)", "PromptSRC (published)"]
+                      "KgCoOp (published)", "ProGrad (published)", "TCP (published)", "MaPLe (published)",
+                      "PromptSRC (published)"]
     assert [c.markdown() for c in summary.rows[3].cells] == ["80.47", "71.69", "75.83"]
     assert csv_rows(summary)[4][-3:] == ["ViT-B/16", "CoCoOp (CVPR 2022) Table 1, mean of 11 datasets", ""]
 
@@ -245,8 +246,23 @@ def test_published_lookup():
     # the published base-to-novel H values agree with H of the published base and novel means (to rounding)
     bases = pub.dataset_averages("ViT-B/16", "base")
     assert [(v.method, v.shots) for v in bases] == [
-        ("zeroshot", None), ("coop", 16), ("cocoop", 16), ("kgcoop", 16), ("maple", 16), ("promptsrc", 16)]
+        ("zeroshot", None), ("coop", 16), ("cocoop", 16), ("kgcoop", 16), ("prograd", 16), ("tcp", 16), ("maple", 16),
+        ("promptsrc", 16)]
     for base in bases:
         n, h = (pub.lookup(base.method, pub.AVERAGE, pub.AVERAGE, subset, base.shots, "ViT-B/16")
                 for subset in ("new", pub.HARMONIC))
         assert abs(2 * base.accuracy * n.accuracy / (base.accuracy + n.accuracy) - h.accuracy) < 0.015, base.method
+
+
+@pytest.mark.parametrize("method", ["kgcoop", "prograd", "tcp"])
+def test_published_base2novel_tables_of_the_successors_are_consistent(method):
+    """Each per-dataset row's H is the harmonic mean of its base and novel; the rows' means are the published means."""
+    rows = [[pub.lookup(method, d, d, subset, 16, "ViT-B/16") for subset in ("base", "new", pub.HARMONIC)]
+            for d in pub.B2N_DATASETS]
+    assert all(v is not None and v.recalled for row in rows for v in row)
+    for base, new, h in rows:
+        assert abs(2 * base.accuracy * new.accuracy / (base.accuracy + new.accuracy) - h.accuracy) < 0.015
+    for column, subset in enumerate(("base", "new")):
+        mean = pub.lookup(method, pub.AVERAGE, pub.AVERAGE, subset, 16, "ViT-B/16")
+        assert not mean.recalled
+        assert abs(sum(row[column].accuracy for row in rows) / 11 - mean.accuracy) < 0.015

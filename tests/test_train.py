@@ -267,3 +267,21 @@ def test_bad_input_gives_clear_errors():
         train(LinearHead(64, 3), feats, CONFIG)
     with pytest.raises(DatasetError, match="empty"):
         train(LinearHead(64, 5), Features(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), CONFIG)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-8])
+def test_adam_step_is_the_written_out_update_with_the_configured_epsilon(eps):
+    """One Adam step (TCP's optimiser): p - lr * m_hat / (sqrt(v_hat) + eps), with L2 weight decay in the gradient."""
+    feats = clustered_features(num_classes=5, per_class=4, dim=64)
+    head = LinearHead(64, 5)
+    start = {name: p.detach().clone() for name, p in head.named_parameters()}
+    weight, bias = (t.clone().requires_grad_(True) for t in (start["weight"], start["bias"]))
+    loss = F.cross_entropy(feats.features @ weight.t() + bias, feats.labels)
+    grads = dict(zip(("weight", "bias"), torch.autograd.grad(loss, [weight, bias]), strict=True))
+    config = TrainConfig(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, optimizer="adam", adam_eps=eps)
+    train(head, feats, config)
+    for name, param in head.named_parameters():
+        g = grads[name] + 5e-4 * start[name]
+        m_hat, v_hat = g, g * g  # first step: the bias corrections undo (1 - beta)
+        expected = start[name] - 0.01 * m_hat / (v_hat.sqrt() + eps)
+        assert (param.detach() - expected).abs().max() < 1e-6, name

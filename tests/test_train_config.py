@@ -62,6 +62,38 @@ def test_imagenet_cocoop_and_untrained_defaults():
         resolve_train_config(TrainConfig(), method="coopp", shots=16, dataset="dtd")
 
 
+@pytest.mark.parametrize(("method", "subset", "shots", "dataset", "expected"), [
+    # KgCoOp: official vit_b16_ep100_ctxv1.yaml (base-to-novel, batch 128); batch 32 elsewhere
+    ("kgcoop", "base", 16, "dtd", {"epochs": 100, "batch_size": 128}),
+    ("kgcoop", "all", 4, "dtd", {"epochs": 100, "batch_size": 32}),
+    # ProGrad: CoOp's few-shot schedule; base-to-novel 100 epochs (ImageNet 50)
+    ("prograd", "all", 1, "dtd", {"epochs": 50, "batch_size": 32}),
+    ("prograd", "all", 16, "dtd", {"epochs": 200, "batch_size": 32}),
+    ("prograd", "base", 16, "dtd", {"epochs": 100, "batch_size": 32}),
+    ("prograd", "base", 16, "imagenet", {"epochs": 50, "batch_size": 32}),
+    # TCP: Adam with epsilon 1e-3, batch 32, 50 epochs
+    ("tcp", "base", 16, "dtd", {"epochs": 50, "batch_size": 32, "optimizer": "adam", "adam_eps": 1e-3}),
+])
+def test_successor_recipes(method, subset, shots, dataset, expected):
+    assert method_train_defaults(method, shots, dataset, subset) == expected
+    resolved = resolve_train_config(TrainConfig(), method=method, shots=shots, dataset=dataset, subset=subset)
+    assert {key: getattr(resolved, key) for key in expected} == expected
+    assert resolved.lr == 0.002 and resolved.weight_decay == 5e-4
+
+
+def test_optimizer_options_resolve_and_validate():
+    adam = resolve_train_config(TrainConfig(optimizer="adam"), method="coop", shots=16, dataset="dtd")
+    assert (adam.optimizer, adam.adam_eps) == ("adam", 1e-8)  # PyTorch's epsilon without a method default
+    sgd = resolve_train_config(TrainConfig(optimizer="sgd"), method="tcp", shots=16, dataset="dtd")
+    assert sgd.optimizer == "sgd"
+    mine = resolve_train_config(TrainConfig(adam_eps=1e-6), method="tcp", shots=16, dataset="dtd")
+    assert (mine.optimizer, mine.adam_eps) == ("adam", 1e-6)
+    with pytest.raises(ConfigError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ConfigError, match="adam_eps"):
+        TrainConfig(adam_eps=0.0)
+
+
 def test_train_defaults_are_the_reference_sgd_recipe():
     # CoOp's Dassl configs: SGD lr 0.002, momentum 0.9, weight decay 5e-4, 1 constant warm-up epoch at 1e-5
     config = TrainConfig().completed()

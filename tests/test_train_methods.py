@@ -34,6 +34,10 @@ def _loss(method, feats) -> float:
 @pytest.mark.parametrize(("name", "config", "train_config", "per_class"), [
     ("coop", {"n_ctx": 4}, TrainConfig(epochs=4, batch_size=8, lr=0.01, precision="fp32"), 6),
     ("cocoop", {"n_ctx": 2}, TrainConfig(epochs=3, batch_size=1, lr=0.01, precision="fp32"), 2),
+    ("kgcoop", {"template": "a {} pattern."}, TrainConfig(epochs=4, batch_size=8, lr=0.01, precision="fp32"), 6),
+    ("prograd", {"n_ctx": 6}, TrainConfig(epochs=4, batch_size=8, lr=0.01, precision="fp32"), 6),
+    ("tcp", {"class_token_layer": 1}, TrainConfig(epochs=4, batch_size=8, lr=0.01, optimizer="adam", adam_eps=1e-3,
+                                                  precision="fp32"), 6),
 ])
 def test_real_method_trains_resumes_exactly_and_changes_only_its_parameters(tmp_path, name, config, train_config,
                                                                            per_class):

@@ -187,8 +187,10 @@ def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: 
 
 
 def _run_layers(clip: CLIP, hidden: Tensor, batch: int, prefix_len: int,
-                buckets: list[tuple[int, int, Tensor]]) -> Tensor:
-    """All layers over the row matrix ``hidden`` ``[B*P + sum_b B*n_b*S_b, w]``; returns the final suffix rows.
+                buckets: list[tuple[int, int, Tensor]], blocks: Sequence[torch.nn.Module] | None = None,
+                keep_prefix: bool = False) -> Tensor:
+    """All layers (or ``blocks``) over the row matrix ``hidden`` ``[B*P + sum_b B*n_b*S_b, w]``; returns the final
+    suffix rows (``keep_prefix``: all rows, the prefix's first).
 
     Every linear layer (and layer norm) runs once per layer over all rows, prefix and every bucket together, so each
     weight is read once per layer forward and once backward whatever the number of buckets; only attention is split:
@@ -196,7 +198,7 @@ def _run_layers(clip: CLIP, hidden: Tensor, batch: int, prefix_len: int,
     their own positions (:func:`_attend_suffix`). The last layer's prefix rows are never read afterwards (only their
     keys and values), so that layer's output projection and MLP run on the suffix rows only.
     """
-    blocks = list(clip.transformer.resblocks)
+    blocks = list(clip.transformer.resblocks) if blocks is None else list(blocks)
     prefix_rows = batch * prefix_len
     sizes = [prefix_rows] + [batch * count * length for count, length, _ in buckets]
     for layer, block in enumerate(blocks):
@@ -210,7 +212,7 @@ def _run_layers(clip: CLIP, hidden: Tensor, batch: int, prefix_len: int,
         parts = qkv.split(sizes)
         # [B, P, 3, H, d] -> 3 x [B, H, P, d]
         q, k_prefix, v_prefix = parts[0].view(batch, prefix_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        last = layer + 1 == len(blocks)
+        last = layer + 1 == len(blocks) and not keep_prefix
         outputs = []
         if not last:
             out = F.scaled_dot_product_attention(q, k_prefix, v_prefix, is_causal=True)  # [B, H, P, d]
@@ -257,3 +259,75 @@ def _attend_suffix(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: 
     from_prefix = (w_prefix @ v_prefix).view(batch, heads, num_prompts, length, head_dim).transpose(1, 2)
     from_self = weights[..., prefix_len:] @ v
     return from_prefix.reshape(rows, heads, length, head_dim) + from_self
+
+
+def encode_replacing(clip: CLIP, x: Tensor, eot_index: Tensor, tokens: Tensor, *, layer: int, start: int = 1,
+                     trim: bool = True) -> Tensor:
+    """Text features ``[N, D]`` of token embeddings ``x`` ``[N, L, width]`` whose hidden states at positions
+    ``start .. start + T - 1`` are replaced by ``tokens`` ``[N, T, width]`` at the input of text block ``layer``
+    (0-based; ``layer = 0`` replaces the embeddings after the positional embedding is added).
+
+    This is the deep-prompt pattern of TCP (class-aware tokens entering the text tower at one layer): the replaced
+    positions' earlier hidden states only influence the later positions through the layers before ``layer``.
+    ``trim`` runs only the positions up to the last EOT (exact, as :func:`encode_trimmed`); ``trim=False`` runs all L.
+    """
+    blocks = list(clip.transformer.resblocks)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is not a text block of this CLIP (0 .. {len(blocks) - 1})")
+    count = tokens.shape[1]
+    if tokens.shape[0] != x.shape[0] or tokens.shape[-1] != x.shape[-1] or start < 1 \
+            or start + count > int(eot_index.min()):
+        raise ValueError(f"tokens {tuple(tokens.shape)} at position {start} do not fit prompts {tuple(x.shape)} "
+                         f"with EOT positions from {int(eot_index.min())}")
+    if trim:
+        x = x[:, : trimmed_length(eot_index)]
+    length = x.shape[1]
+    hidden = x.to(clip.dtype) + clip.positional_embedding[:length].to(clip.dtype)
+    for index, block in enumerate(blocks):
+        if index == layer:
+            hidden = torch.cat([hidden[:, :start], tokens.to(hidden.dtype), hidden[:, start + count :]], dim=1)
+        hidden = block(hidden, causal=True)
+    return clip.text_features_from_hidden(hidden, eot_index)
+
+
+def encode_shared_prefix_replacing(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: Tensor, tokens: Tensor, *,
+                                   layer: int) -> Tensor:
+    """:func:`encode_replacing` (``start = 1``) of the K prompts ``prefix + suffix[0, k]``, the shared prefix computed
+    once in the blocks before ``layer``: text features ``[K, D]``.
+
+    ``prefix`` ``[1, P, width]`` (e.g. SOT and a unified context), ``suffix`` ``[1, K, S, width]``, ``tokens``
+    ``[K, T, width]`` with T <= P - 1 (they replace prefix positions 1..T, which makes the sequences differ per prompt
+    from ``layer`` on). Blocks before ``layer`` run the prefix once and the suffixes attending to it (one length
+    bucket, cut after the last EOT); from ``layer`` on, each prompt's whole sequence runs on its own. Exact up to
+    floating-point rounding, like :func:`encode_shared_prefix`.
+    """
+    blocks = list(clip.transformer.resblocks)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is not a text block of this CLIP (0 .. {len(blocks) - 1})")
+    if prefix.ndim != 3 or prefix.shape[0] != 1 or suffix.ndim != 4 or suffix.shape[0] != 1:
+        raise ValueError(f"prefix must be [1, P, width] and suffix [1, K, S, width], got {tuple(prefix.shape)} and "
+                         f"{tuple(suffix.shape)}")
+    prefix_len, width = prefix.shape[1], prefix.shape[2]
+    num_prompts, count = suffix.shape[1], tokens.shape[1]
+    if tokens.shape[0] != num_prompts or count > prefix_len - 1 or int(eot_index.min()) < prefix_len:
+        raise ValueError(f"tokens {tuple(tokens.shape)} must replace positions inside the shared prefix of "
+                         f"{prefix_len} positions of {num_prompts} prompts, whose EOTs come after it")
+    length = trimmed_length(eot_index) - prefix_len
+    dtype = clip.dtype
+    if layer == 0:
+        prompts = torch.cat([prefix.expand(num_prompts, -1, -1), suffix[0, :, :length]], dim=1)
+        return encode_replacing(clip, prompts, eot_index, tokens, layer=0)
+    positions = clip.positional_embedding.to(dtype)
+    rows = torch.cat([
+        (prefix[0].to(dtype) + positions[:prefix_len]),
+        (suffix[0, :, :length].to(dtype) + positions[prefix_len : prefix_len + length]).reshape(-1, width),
+    ])
+    causal = torch.ones(length, length, dtype=torch.bool, device=rows.device).tril()
+    hidden = _run_layers(clip, rows, 1, prefix_len, [(num_prompts, length, causal)], blocks=blocks[:layer],
+                         keep_prefix=True)
+    shared, own = hidden[:prefix_len], hidden[prefix_len:].view(num_prompts, length, width)
+    x = torch.cat([shared[None, :1].expand(num_prompts, 1, width), tokens.to(hidden.dtype),
+                   shared[None, 1 + count :].expand(num_prompts, -1, width), own], dim=1)
+    for block in blocks[layer:]:
+        x = block(x, causal=True)
+    return clip.text_features_from_hidden(x, eot_index)

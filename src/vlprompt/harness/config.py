@@ -15,7 +15,13 @@ from typing import Any
 from vlprompt.common.vocab import DEFAULT_MODEL, SUBSETS, Subset
 from vlprompt.errors import ConfigError
 from vlprompt.common.options import check_choice, check_int, config_to_dict, json_values, known_fields, option
-from vlprompt.training.config import TRAIN_NON_IDENTITY_FIELDS, TrainConfig, resolve_train_config, stable_hash
+from vlprompt.training.config import (
+    TRAIN_NON_IDENTITY_FIELDS,
+    TrainConfig,
+    drop_later_defaults,
+    resolve_train_config,
+    stable_hash,
+)
 
 # --------------------------------------------------------------------------------------------------------- RunConfig
 
@@ -75,7 +81,8 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """This configuration with the method's default epochs and batch size filled in."""
-        train = resolve_train_config(self.train, method=self.method, shots=self.shots, dataset=self.dataset)
+        train = resolve_train_config(self.train, method=self.method, shots=self.shots, dataset=self.dataset,
+                                     subset=self.subset)
         return dataclasses.replace(self, train=train)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,8 +103,11 @@ class RunConfig:
         return cls(**kwargs)
 
     def identity_dict(self) -> dict[str, Any]:
-        """:meth:`to_dict` without :data:`NON_IDENTITY_KEYS` (paths and devices): what makes two runs the same."""
-        return _drop_keys(self.to_dict(), NON_IDENTITY_KEYS)
+        """:meth:`to_dict` without :data:`NON_IDENTITY_KEYS` (paths and devices) and without the training options
+        that hold their :data:`~vlprompt.training.config.LATER_DEFAULTS`: what makes two runs the same."""
+        data = _drop_keys(self.to_dict(), NON_IDENTITY_KEYS)
+        data["train"] = drop_later_defaults(data["train"])
+        return data
 
     def config_hash(self) -> str:
         """Stable 16-hex-digit SHA-256 of :meth:`identity_dict` (canonical JSON, sorted keys)."""

@@ -52,6 +52,7 @@ from vlprompt.common import locks
 from vlprompt.common.io import atomic_write_bytes, atomic_write_json, safetensors_bytes, writing
 from vlprompt.errors import CheckpointError, ConfigError, RunError
 from vlprompt.harness.config import NON_IDENTITY_KEYS
+from vlprompt.training.config import RESOLVED_KEYS
 from vlprompt.common.vocab import SUBSETS
 from vlprompt.training.config import RESOLVED_KEYS
 
@@ -83,7 +84,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RESULT_SCHEMA = 1
 """Version of the result files' layout (docs/architecture.md "Results"); the report reads this version."""
 DEFAULTED_KEYS: tuple[str, ...] = tuple(f"train.{key}" for key in RESOLVED_KEYS)
-"""Keys a planned configuration may leave at None ("the method's default"); a run folder saves them resolved."""
+"""Keys a planned configuration may leave at None ("the method's default": epochs, batch size, optimiser); a run
+folder saves them resolved."""
 
 FolderState = Literal["absent", "partial", "finished"]
 

@@ -1,5 +1,5 @@
-"""The methods: zero-shot CLIP, prompt ensembling, linear probe, CoOp, CoCoOp, CLIP-Adapter, Tip-Adapter(-F), LP++,
-CLAP; one explicit registry dict.
+"""The methods: zero-shot CLIP, prompt ensembling, linear probe, CoOp, CoCoOp, KgCoOp, ProGrad, TCP, CLIP-Adapter,
+Tip-Adapter(-F), LP++, CLAP; one explicit registry dict.
 
 Every method works on image features (``clip.encode_image`` output, float32, not normalised) and is an ``nn.Module``
 whose parameters and buffers are only its learned state (see "Method contract" in docs/architecture.md).
@@ -25,10 +25,13 @@ from vlprompt.methods.configs import (
     CoCoOpConfig,
     CoOpConfig,
     EnsembleConfig,
+    KgCoOpConfig,
     LinearProbeConfig,
     LPPlusPlusConfig,
     TipAdapterConfig,
     TipAdapterFConfig,
+    ProGradConfig,
+    TCPConfig,
     ZeroShotConfig,
     clap_train_defaults,
     cocoop_train_defaults,
@@ -37,6 +40,10 @@ from vlprompt.methods.configs import (
     no_train_defaults,
     tip_adapter_f_train_defaults,
     tip_adapter_train_defaults,
+    kgcoop_train_defaults,
+    no_train_defaults,
+    prograd_train_defaults,
+    tcp_train_defaults,
 )
 
 if TYPE_CHECKING:
@@ -89,15 +96,16 @@ class LazyBuild:
 class MethodSpec:
     """A registered method.
 
-    ``training``: what the method needs to learn (:class:`Training`). ``train_defaults(shots, dataset)`` gives the reference's training recipe for the
-    trainer (batch size, epochs, optimiser settings; empty for methods that are not trained by SGD).
+    ``training``: what the method needs to learn (:class:`Training`). ``train_defaults(shots, dataset, subset)`` gives
+    the reference's training recipe for the trainer (batch size, epochs, optimiser settings; ``subset="base"`` is
+    base-to-novel training; empty for methods that are not trained by SGD).
     """
 
     name: str
     config_cls: type
     training: Training
     build: Callable[[CLIP, list[str], Any], nn.Module]
-    train_defaults: Callable[[int | None, str | None], dict[str, Any]]
+    train_defaults: Callable[[int | None, str | None, str], dict[str, Any]]
     description: str
     transfers: bool = True
     """its learned state can classify another class list (base-to-novel "new" classes, another dataset) through
@@ -167,6 +175,21 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType({
         description="CLAP: zero-shot-initialised linear probe with a class-adaptive penalty to the zero-shot weights",
         transfers=False,
     ),
+    "kgcoop": MethodSpec(
+        name="kgcoop", config_cls=KgCoOpConfig, training=Training.FEATURES,
+        build=LazyBuild("vlprompt.methods.kgcoop:build_kgcoop"), train_defaults=kgcoop_train_defaults,
+        description="KgCoOp: CoOp plus a term keeping the learned class text features near the hand-crafted ones",
+    ),
+    "prograd": MethodSpec(
+        name="prograd", config_cls=ProGradConfig, training=Training.FEATURES,
+        build=LazyBuild("vlprompt.methods.prograd:build_prograd"), train_defaults=prograd_train_defaults,
+        description="ProGrad: CoOp with its gradient projected off the conflicting KL-to-zero-shot direction",
+    ),
+    "tcp": MethodSpec(
+        name="tcp", config_cls=TCPConfig, training=Training.FEATURES,
+        build=LazyBuild("vlprompt.methods.tcp:build_tcp"), train_defaults=tcp_train_defaults,
+        description="TCP: class-aware tokens from the hand-crafted class embeddings enter the text tower at one layer",
+    ),
 })
 """Every method, by name."""
 
@@ -212,12 +235,15 @@ __all__ = [
     "CoCoOpConfig",
     "CoOpConfig",
     "EnsembleConfig",
+    "KgCoOpConfig",
     "LazyBuild",
     "LPPlusPlusConfig",
     "LinearProbeConfig",
     "MethodSpec",
     "TipAdapterConfig",
     "TipAdapterFConfig",
+    "ProGradConfig",
+    "TCPConfig",
     "Training",
     "ZeroShotConfig",
     "config_for_dataset",

@@ -18,7 +18,17 @@ from typing import Any
 from vlprompt.common.options import check_choice, option
 from vlprompt.errors import ConfigError
 from vlprompt.data.registry import key_of
-from vlprompt.methods.templates import TEMPLATE_SETS, check_template, check_templates, template_set
+from vlprompt.methods.templates import (
+    KGCOOP_TEMPLATES,
+    PROGRAD_TEMPLATES,
+    TCP_PROMPT_TEMPLATES,
+    TCP_TEMPLATES,
+    TEMPLATE_SETS,
+    check_template,
+    check_templates,
+    method_template,
+    template_set,
+)
 
 CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("end", "middle", "front")
 
@@ -181,6 +191,139 @@ class CoCoOpConfig:
         check_choice("class_token_position", self.class_token_position, CLASS_TOKEN_POSITIONS)
         if not isinstance(self.ctx_init, str):
             raise ConfigError(f"ctx_init must be a string, got {self.ctx_init!r}")
+
+
+def _check_weight(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_optional_template(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    if value:
+        check_template(value)
+
+
+@dataclass(frozen=True)
+class KgCoOpConfig(CoOpConfig):
+    """KgCoOp: CoOp plus a loss term keeping each class's learned text feature close to its hand-crafted one."""
+
+    n_ctx: int = option(  # official scripts/base2new_train.sh NCTX=4
+        4, "number of context vectors M (ignored with ctx_init: M = the phrase's token count)")
+    ctx_init: str = option(
+        "a photo of a",  # official kgcoop.py: CTX_INIT=True always initialises from "a photo of a"
+        "initialise the context from this phrase's word embeddings; empty = random N(0, 0.02^2)",
+    )
+    kg_weight: float = option(
+        8.0,  # official scripts/run.sh and README: base2new_train.sh <dataset> 8.0 (TRAINER.COOP.W)
+        "weight lambda of the knowledge-guided term 1 - mean_k cos(learned text feature k, hand-crafted feature k)",
+    )
+    template: str = option(
+        "",
+        "hand-crafted template of the knowledge-guided term; empty = KgCoOp's template of the dataset (CoOp's, "
+        "but 'a photo of a {}, a type of texture.' for DTD), or the dataset's own for other datasets",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_weight("kg_weight", self.kg_weight)
+        _check_optional_template("template", self.template)
+
+    def for_dataset(self, dataset: str | None, template: str) -> KgCoOpConfig:
+        if self.template:
+            return self
+        return dataclasses.replace(self, template=method_template(KGCOOP_TEMPLATES, dataset, template))
+
+
+@dataclass(frozen=True)
+class ProGradConfig(CoOpConfig):
+    """ProGrad: CoOp whose cross-entropy gradient is projected to not conflict with the KL-to-zero-shot gradient."""
+
+    n_ctx: int = option(16, "number of context vectors M (official scripts: 16)")  # scripts/prograd.sh NCTX
+    ctx_init: str = option(
+        "",
+        "initialise the last context vectors from this phrase (zeros before it); empty = the zero-shot template's "
+        "words before the class name when it ends with '{}.' (official CTX_INIT=True), else random N(0, 0.02^2)",
+    )
+    prograd_lambda: float = option(
+        1.0,  # official scripts/prograd.sh LOSS.LAMBDA=1.0 (README: 0.8 for 8/16 shots on Flowers102, DTD, EuroSAT)
+        "lambda of the projection g - lambda (g . u) u of a conflicting cross-entropy gradient g (u: the unit "
+        "KL gradient); official 1.0 (the paper's 8- and 16-shot Flowers102 / DTD / EuroSAT results use 0.8)",
+    )
+    temperature: float = option(1.0, "temperature T of the KL term to the zero-shot prediction (official LOSS.T: 1.0)")
+    template: str = option(
+        "",
+        "zero-shot template of the KL term's teacher; empty = ProGrad's template of the dataset (class name last, "
+        "e.g. 'a type of pet, a photo of a {}.'), or the dataset's own for other datasets",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_weight("prograd_lambda", self.prograd_lambda)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) \
+                or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ConfigError(f"temperature must be a number > 0, got {self.temperature!r}")
+        _check_optional_template("template", self.template)
+
+    def for_dataset(self, dataset: str | None, template: str) -> ProGradConfig:
+        if self.template:
+            return self
+        return dataclasses.replace(self, template=method_template(PROGRAD_TEMPLATES, dataset, template))
+
+
+@dataclass(frozen=True)
+class TCPConfig:
+    """TCP: class-aware tokens generated from the hand-crafted class embeddings replace the context vectors' hidden
+    states at one text layer; CoOp's unified context (class name at the end) plus KgCoOp's loss term."""
+
+    n_ctx: int = option(4, "number of context vectors M and of class-aware tokens (official: 4)")  # base2new_train.sh
+    ctx_init: str = option(
+        "",  # official configs/trainers/TCP/vit_b16_ep100_ctxv1.yaml: CTX_INIT False
+        "initialise the context from this phrase's word embeddings; empty = random N(0, 0.02^2) (official)",
+    )
+    class_token_layer: int = option(
+        8,  # official clip_text/model.py ResidualAttentionBlock_MaPLe: layers=[8]
+        "text block (0-based) at whose input the class-aware tokens replace the context positions (official: 8 of "
+        "ViT-B/16's 12)",
+    )
+    reduction: int = option(4, "class-token generator hidden width = feature width / this (official: 4)")  # tcp.py
+    kg_weight: float = option(
+        8.0,  # official trainers/tcp.py CustomCLIP.forward: loss = CE + 8.0 * score
+        "weight lambda of the knowledge-guided term 1 - mean_k cos(learned text feature k, hand-crafted feature k)",
+    )
+    template: str = option(
+        "",
+        "hand-crafted template of the class embeddings (class-aware tokens, knowledge term); empty = TCP's template "
+        "of the dataset, or the dataset's own for other datasets",
+    )
+    prompt_template: str = option(
+        "",
+        "the prompt text after the context, with '{}' for the class name; empty = TCP's for the dataset (e.g. "
+        "'{}, a type of pet.'), '{}.' for other datasets",
+    )
+    fast_text: bool = option(
+        True, "exact fast text encoding (positions up to the last end token only); off = the plain 77-token path"
+    )
+
+    def __post_init__(self) -> None:
+        _check_positive_int("n_ctx", self.n_ctx)
+        _check_positive_int("reduction", self.reduction)
+        if isinstance(self.class_token_layer, bool) or not isinstance(self.class_token_layer, int) \
+                or self.class_token_layer < 0:
+            raise ConfigError(f"class_token_layer must be an integer >= 0, got {self.class_token_layer!r}")
+        if not isinstance(self.ctx_init, str):
+            raise ConfigError(f"ctx_init must be a string, got {self.ctx_init!r}")
+        _check_weight("kg_weight", self.kg_weight)
+        _check_optional_template("template", self.template)
+        _check_optional_template("prompt_template", self.prompt_template)
+
+    def for_dataset(self, dataset: str | None, template: str) -> TCPConfig:
+        return dataclasses.replace(
+            self,
+            template=self.template or method_template(TCP_TEMPLATES, dataset, template),
+            prompt_template=self.prompt_template or method_template(TCP_PROMPT_TEMPLATES, dataset, "{}."),
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -398,15 +541,15 @@ class CLAPConfig:
 # training defaults (the reference's per-method recipe)
 
 
-def no_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def no_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all") -> dict[str, Any]:
     """Methods without SGD training have no training defaults."""
     return {}
 
 
-def coop_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def coop_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all") -> dict[str, Any]:
     """CoOp's reference schedule: batch 32; epochs 50 (1 shot), 100 (2, 4 shots), 200 (8, 16 shots, or all data),
     50 on ImageNet whatever the shots; the rest of the recipe is :class:`~vlprompt.training.config.TrainConfig`'s
-    defaults."""
+    defaults (SGD)."""
     if _is_imagenet(dataset) or shots == 1:
         epochs = 50
     elif shots is not None and 1 < shots <= 4:
@@ -416,13 +559,43 @@ def coop_train_defaults(shots: int | None = None, dataset: str | None = None) ->
     return {"batch_size": 32, "epochs": epochs}
 
 
-def cocoop_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def cocoop_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
+                          ) -> dict[str, Any]:
     """CoCoOp's reference schedule: batch 1, 10 epochs; the rest of the recipe is
     :class:`~vlprompt.training.config.TrainConfig`'s defaults."""
     return {"batch_size": 1, "epochs": 10}
 
 
-def clap_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def kgcoop_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
+                          ) -> dict[str, Any]:
+    """KgCoOp's schedule: 100 epochs (official configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml); batch 128 in
+    base-to-novel training (``subset="base"``, the same official config), 32 otherwise (few-shot and transfer:
+    /work/shared/reference/prompt-learning.md, "few-shot uses 32"; the repository has no few-shot config); SGD lr
+    0.002, momentum 0.9, weight decay 5e-4, 1 constant warm-up epoch at 1e-5 (the same config = TrainConfig's
+    defaults)."""
+    return {"batch_size": 128 if subset == "base" else 32, "epochs": 100}
+
+
+def prograd_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
+                           ) -> dict[str, Any]:
+    """ProGrad's schedule: CoOp's (batch 32, epochs by shots; official README configs rn50_ep50 / rn50_ep100 / rn50),
+    and in base-to-novel training (``subset="base"``) 100 epochs, 50 on ImageNet (official
+    scripts/base2new_train_prograd.sh CFG=rn50_ep100; README: rn50_ep50 for ImageNet); SGD as TrainConfig's
+    defaults."""
+    if subset != "base":
+        return coop_train_defaults(shots, dataset)
+    return {"batch_size": 32, "epochs": 50 if _is_imagenet(dataset) else 100}
+
+
+def tcp_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all") -> dict[str, Any]:
+    """TCP's schedule (official configs/trainers/TCP/vit_b16_ep100_ctxv1.yaml): Adam with epsilon 1e-3 (the
+    official README's edit of Dassl's optimiser, against NaN in fp16), batch 32, 50 epochs; lr 0.002, weight decay
+    5e-4 (Dassl's default), cosine with 1 constant warm-up epoch at 1e-5 (TrainConfig's defaults)."""
+    return {"batch_size": 32, "epochs": 50, "optimizer": "adam", "adam_eps": 1e-3}
+
+
+def clap_train_defaults(shots: int | None = None, dataset: str | None = None,
+        subset: str = "all") -> dict[str, Any]:
     """CLAP's official recipe (configs/trainers/SGD_lr1e-1_B256_ep300.yaml, trainers/adapters.py): SGD lr 0.1,
     weight decay 0, batch 256, 300 epochs (momentum 0.9, cosine with 1 constant warm-up epoch at 1e-5: TrainConfig's
     defaults, Dassl's); 20 augmented views of every training image (epochs_aumentation = 20) with Dassl's random
@@ -431,18 +604,21 @@ def clap_train_defaults(shots: int | None = None, dataset: str | None = None) ->
             "crop_scale_min": 0.08}
 
 
-def tip_adapter_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def tip_adapter_train_defaults(shots: int | None = None, dataset: str | None = None,
+        subset: str = "all") -> dict[str, Any]:
     """Tip-Adapter's cache: 10 augmented views (augment_epoch) with RandomResizedCrop scale 0.5-1 + flip (main.py)."""
     return {"views": 10, "crop_scale_min": 0.5}
 
 
-def tip_adapter_f_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def tip_adapter_f_train_defaults(shots: int | None = None, dataset: str | None = None,
+        subset: str = "all") -> dict[str, Any]:
     """Tip-Adapter-F: a pool of one augmented view per fine-tuning epoch (20; EuroSAT 100), crop scale 0.5-1; the
     cache averages the first 10 of them."""
     return {"views": _tip_f_epochs(dataset), "crop_scale_min": 0.5}
 
 
-def lp_plus_plus_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def lp_plus_plus_train_defaults(shots: int | None = None, dataset: str | None = None,
+        subset: str = "all") -> dict[str, Any]:
     """LP++: one augmented view of each training image (the official loader's single pass, RandomResizedCrop scale
     0.5-1 + flip)."""
     return {"views": 1, "crop_scale_min": 0.5}

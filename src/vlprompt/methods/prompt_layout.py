@@ -25,6 +25,7 @@ from torch import Tensor
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer
 from vlprompt.errors import ConfigError
+from vlprompt.methods.templates import PLACEHOLDER, fill
 
 PLACEHOLDER_WORD = "X"
 
@@ -153,9 +154,14 @@ def context_phrase(ctx_init: str, n_ctx: int, tokenizer: ClipTokenizer) -> tuple
 
 @torch.no_grad()
 def build_layout(clip: CLIP, classnames: Sequence[str], phrase: str, n_ctx: int, position: str,
-                 tokenizer: ClipTokenizer) -> PromptLayout:
-    """Tokenise ``phrase + " " + name + "."`` for every class and keep the frozen pieces (on the CLIP's device)."""
-    prompts = [f"{phrase} {name}." for name in classnames]
+                 tokenizer: ClipTokenizer, template: str = "{}.") -> PromptLayout:
+    """Tokenise ``phrase + " " + template(name)`` (CoOp: ``"{}."``) for every class and keep the frozen pieces (on the
+    CLIP's device). Text of ``template`` around the name stays fixed; with the middle / front layouts the name must
+    open the template (the layouts move the name tokens, counted from right after the context)."""
+    if position != "end" and not template.startswith(PLACEHOLDER):
+        raise ConfigError(f"the {position!r} class position needs a prompt template starting with the class name, "
+                          f"got {template!r}")
+    prompts = [f"{phrase} {fill(template, name)}" for name in classnames]
     try:
         ids = tokenizer(prompts, context_length=clip.context_length)
     except ConfigError as exc:
@@ -198,8 +204,8 @@ def initial_context(clip: CLIP, phrase: str, n_ctx: int, ctx_init: str, shape: t
 
 
 def prepare_prompts(clip: CLIP, classnames: Sequence[str], ctx_init: str, n_ctx: int, position: str,
-                    tokenizer: ClipTokenizer) -> tuple[str, int, PromptLayout]:
-    """What CoOp and CoCoOp build first: the context phrase, M (its token count, or ``n_ctx`` for a random context)
-    and the frozen prompt layout of every class."""
+                    tokenizer: ClipTokenizer, template: str = "{}.") -> tuple[str, int, PromptLayout]:
+    """What the CoOp family builds first: the context phrase, M (its token count, or ``n_ctx`` for a random context)
+    and the frozen prompt layout of every class (``template``: the text after the context, ``"{}."`` for CoOp)."""
     phrase, count = context_phrase(ctx_init, n_ctx, tokenizer)
-    return phrase, count, build_layout(clip, classnames, phrase, count, position, tokenizer)
+    return phrase, count, build_layout(clip, classnames, phrase, count, position, tokenizer, template)

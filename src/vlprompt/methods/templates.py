@@ -124,6 +124,54 @@ TEMPLATE_SETS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 })
 
 
+# Per-method template tables of the official code of the CoOp successors, as overrides of the datasets' own
+# hand-crafted templates (registry key -> template); datasets not listed use their own. Sources: the official
+# trainers' CUSTOM_TEMPLATES dicts.
+
+KGCOOP_TEMPLATES: Mapping[str, str] = MappingProxyType({
+    "dtd": "a photo of a {}, a type of texture.",
+})
+"""KgCoOp's hand-crafted templates (htyao89/KgCoOp trainers/kgcoop.py): CoOp's, except DTD."""
+
+PROGRAD_TEMPLATES: Mapping[str, str] = MappingProxyType({
+    "oxford_pets": "a type of pet, a photo of a {}.",
+    "oxford_flowers": "a type of flower, a photo of a {}.",
+    "fgvc_aircraft": "a type of aircraft, a photo of a {}.",
+    "dtd": "a texture of {}.",
+    "food101": "a type of food, a photo of {}.",
+})
+"""ProGrad's zero-shot templates, class name last (BeierZhu/Prompt-align trainers/prograd.py)."""
+
+TCP_TEMPLATES: Mapping[str, str] = MappingProxyType({
+    "fgvc_aircraft": "a photo of an aircraft {}.",
+    "dtd": "a photo of a {}, a type of texture.",
+    "food101": "a photo of a {}, a type of food.",
+})
+"""TCP's hand-crafted templates for the class-aware tokens and the knowledge loss (TCP trainers/tcp.py
+``CUSTOM_TEMPLATES_ori``)."""
+
+TCP_PROMPT_TEMPLATES: Mapping[str, str] = MappingProxyType({
+    "oxford_pets": "{}, a type of pet.",
+    "oxford_flowers": "{}, a type of flower.",
+    "fgvc_aircraft": "{}, a type of aircraft.",
+    "dtd": "{} texture.",
+    "stanford_cars": "{}, a type of car",
+    "food101": "{}, a type of food.",
+    "ucf101": "person doing {}.",
+})
+"""What follows TCP's learned context in its prompts (TCP trainers/tcp.py ``CUSTOM_TEMPLATES`` with the four
+context words removed); "{}." for the datasets not listed. StanfordCars has no final period in the official table."""
+
+
+def method_template(table: Mapping[str, str], dataset: str | None, fallback: str) -> str:
+    """``table``'s template for ``dataset`` (any spelling the dataset registry knows), else ``fallback``."""
+    if dataset is None:
+        return fallback
+    from vlprompt.data.registry import key_of
+
+    return table.get(key_of(dataset), fallback)
+
+
 def dataset_template(name: str) -> str:
     """The hand-crafted template of a built-in dataset (any spelling the dataset registry knows)."""
     from vlprompt.data.registry import DATASETS, lookup

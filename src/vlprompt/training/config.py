@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import typing
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from typing import Any, Literal
 from vlprompt.common.options import check_choice, check_int, check_number, known_fields, option
 from vlprompt.common.vocab import PRECISION_CHOICES, PrecisionChoice
 from vlprompt.errors import ConfigError
+
+Optimizer = Literal["sgd", "adam"]
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -39,13 +43,17 @@ class TrainConfig:
     """How a gradient-trained method (CoOp, CoCoOp, ...) is optimised; defaults are the reference recipe.
 
     Fields left at None (:data:`RESOLVED_KEYS`: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``views``,
-    ``crop_scale_min``) stand for the method's defaults (:func:`resolve_train_config`).
+    ``crop_scale_min``, ``optimizer``, ``adam_eps``) stand for the method's defaults (:func:`resolve_train_config`).
     """
 
     lr: float | None = option(None, "base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1)")
     momentum: float = option(0.9, "SGD momentum (dampening 0, no Nesterov)")
-    weight_decay: float | None = option(None, "SGD weight decay (L2) on the learned parameters; default: the "
-                                              "method's (CoOp family 5e-4, CLAP 0)")
+    weight_decay: float | None = option(None, "weight decay (L2, added to the gradient) on the learned parameters; "
+                                              "default: the method's (CoOp family 5e-4, CLAP 0)")
+    optimizer: Optimizer | None = option(None, "optimiser: sgd or adam (betas 0.9, 0.999, as Dassl); default: the "
+                                               "method's (SGD, but Adam for TCP)")
+    adam_eps: float | None = option(None, "Adam's epsilon; default: the method's (TCP 1e-3, as its official code), "
+                                          "else PyTorch's 1e-8")
     epochs: int | None = option(None, "training epochs; default: the method's (CoOp 50/100/100/200/200 for "
                                     "1/2/4/8/16 shots, ImageNet 50; CoCoOp 10)")
     batch_size: int | None = option(None, "training batch size (the global batch under torchrun); "
@@ -80,6 +88,10 @@ class TrainConfig:
         if self.lr is not None:
             check_number("lr", self.lr, minimum=0.0, strict=True, prefix="train.")
         check_number("momentum", self.momentum, minimum=0.0, maximum=1.0, maximum_open=True, prefix="train.")
+        if self.optimizer is not None:
+            check_choice("optimizer", self.optimizer, OPTIMIZERS, prefix="train.")
+        if self.adam_eps is not None:
+            check_number("adam_eps", self.adam_eps, minimum=0.0, strict=True, prefix="train.")
         if self.weight_decay is not None:
             check_number("weight_decay", self.weight_decay, minimum=0.0, prefix="train.")
         if self.crop_scale_min is not None:
@@ -143,8 +155,13 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- method defaults
 
 
-RESOLVED_KEYS: tuple[str, ...] = ("epochs", "batch_size", "lr", "weight_decay", "views", "crop_scale_min")
-"""The TrainConfig fields whose None means "the method's default" (:func:`resolve_train_config`)."""
+RESOLVED_KEYS: tuple[str, ...] = ("epochs", "batch_size", "lr", "weight_decay", "views", "crop_scale_min", "optimizer",
+                                  "adam_eps")
+"""The TrainConfig fields whose None means "the method's default" (:func:`resolve_train_config`); ``optimizer`` /
+``adam_eps`` left at None mean SGD (the loop's default) / PyTorch's epsilon."""
+
+DEFAULT_ADAM_EPS = 1e-8
+"""PyTorch's Adam epsilon, used when neither the options nor the method set one."""
 
 REFERENCE_RECIPE: Mapping[str, Any] = types.MappingProxyType({
     "lr": 0.002, "weight_decay": 5e-4, "views": "epochs", "crop_scale_min": 0.08,
@@ -153,29 +170,32 @@ REFERENCE_RECIPE: Mapping[str, Any] = types.MappingProxyType({
 Dassl recipe (SGD lr 0.002, weight decay 5e-4, a fresh view every epoch, random resized crop scale 0.08-1)."""
 
 
-def method_train_defaults(method: str, shots: int, dataset: str) -> dict[str, Any]:
+def method_train_defaults(method: str, shots: int, dataset: str, subset: str = "all") -> dict[str, Any]:
     """The method's reference values of the :data:`RESOLVED_KEYS` (from its MethodSpec in
-    ``vlprompt.methods.METHODS``).
+    ``vlprompt.methods.METHODS``; ``subset="base"`` is base-to-novel training, where some recipes differ: KgCoOp).
 
     CoOp: batch 32, epochs 50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16 shots, ImageNet 50; CoCoOp: batch 1,
     10 epochs; CLAP: lr 0.1, weight decay 0, batch 256, 300 epochs, 20 views; Tip-Adapter(-F) and LP++: their views
-    and crop scale. Empty for methods without training images.
+    and crop scale; TCP: Adam with epsilon 1e-3. Empty for methods without training images.
     """
     from vlprompt.methods import get_method  # light: the registry module imports no torch
 
-    defaults = get_method(method).train_defaults(shots, dataset)
+    defaults = get_method(method).train_defaults(shots, dataset, subset)
     return {key: defaults[key] for key in RESOLVED_KEYS if key in defaults}
 
 
-def resolve_train_config(train: TrainConfig, *, method: str, shots: int, dataset: str) -> TrainConfig:
+def resolve_train_config(train: TrainConfig, *, method: str, shots: int, dataset: str,
+                         subset: str = "all") -> TrainConfig:
     """``train`` with the :data:`RESOLVED_KEYS` left at None replaced by the method's defaults, then by the
     reference recipe (:data:`REFERENCE_RECIPE`).
 
     ``epochs`` / ``batch_size`` of methods without SGD training (no defaults) stay None.
     """
-    defaults = method_train_defaults(method, shots, dataset)
+    defaults = method_train_defaults(method, shots, dataset, subset)
     values = {key: getattr(train, key) if getattr(train, key) is not None else defaults.get(key)
               for key in RESOLVED_KEYS}
+    if values["optimizer"] == "adam" and values["adam_eps"] is None:
+        values["adam_eps"] = DEFAULT_ADAM_EPS
     epochs = values["epochs"]
     if epochs is not None and train.warmup_epochs >= epochs:
         raise ConfigError(f"train.warmup_epochs ({train.warmup_epochs}) must be smaller than the {epochs} epochs of "
@@ -194,8 +214,20 @@ def stable_hash(data: Mapping[str, Any]) -> str:
 
 
 def train_identity(train: TrainConfig) -> dict[str, Any]:
-    """The training options that change the learned parameters (device, workers and logging left out)."""
-    return {key: value for key, value in json.loads(json.dumps(train.to_dict())).items()
-            if key not in TRAIN_NON_IDENTITY_FIELDS}
+    """The training options that change the learned parameters (device, workers and logging left out, and the
+    options added later while they hold the behaviour of before: :data:`LATER_DEFAULTS`)."""
+    return drop_later_defaults({key: value for key, value in json.loads(json.dumps(train.to_dict())).items()
+                                if key not in TRAIN_NON_IDENTITY_FIELDS})
+
+
+LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = {"optimizer": (None, "sgd"), "adam_eps": (None,)}
+"""Training options added after run folders existed, with the values that mean what those folders did (SGD): left
+out of the identity so that the configuration hashes and checkpoints of earlier runs stay valid."""
+
+
+def drop_later_defaults(train: Mapping[str, Any]) -> dict[str, Any]:
+    """``train`` (a TrainConfig as a dict) without the :data:`LATER_DEFAULTS` entries that hold their old meaning."""
+    return {key: value for key, value in train.items()
+            if not (key in LATER_DEFAULTS and value in LATER_DEFAULTS[key])}
 
 

@@ -2,7 +2,8 @@
 
 One flat function, :func:`train`, plus small pure helpers:
 
-- SGD (momentum 0.9, dampening 0, no Nesterov, weight decay 5e-4) over ``method.parameters()`` only.
+- SGD (momentum 0.9, dampening 0, no Nesterov, weight decay 5e-4) over ``method.parameters()`` only, or Adam
+  (betas 0.9 / 0.999, L2 weight decay, ``adam_eps``) when ``config.optimizer`` says so (TCP's recipe).
 - Learning rate per epoch (:func:`lr_at_epoch`): ``warmup_lr`` for the warm-up epochs, then
   ``lr * 0.5 * (1 + cos(pi * (e - warmup_epochs) / epochs))``. This is what Dassl's ``ConstantWarmupScheduler``
   around ``CosineAnnealingLR(T_max=epochs)`` yields when stepped once per epoch: the wrapper does not step the cosine
@@ -14,7 +15,11 @@ One flat function, :func:`train`, plus small pure helpers:
   forward (if any) is seeded per (seed, epoch) too, so a resumed run needs no RNG replay.
 - Cross-entropy on the logits; the last epoch is the final model. A method may add a term to the objective:
   ``method.regularizer()`` (optional) returns a scalar added to the batch-mean cross-entropy of each step, computed
-  from the learned state (CLAP's class-wise penalty); the logged loss is the cross-entropy. A method may also define
+  from the learned state or from the training forward just run (CLAP's class-wise penalty; KgCoOp's and TCP's
+  knowledge-guided term); the logged loss is the cross-entropy. A method may reshape the gradient:
+  ``method.guide_loss(features, logits)`` with ``method.align_gradients(grads, guides)`` (optional: a second loss
+  whose gradient, taken with ``torch.autograd.grad`` and averaged over ranks, reshapes the cross-entropy gradient
+  before the step: ProGrad). A method may also define
   ``method.prepare(train_set)`` (optional), called once before the first epoch of every session with the training
   features (CLAP's multipliers from the zero-shot predictions); it must not depend on the learned state, so a resumed
   run prepares exactly as an uninterrupted one.
@@ -47,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.common import dist
-from vlprompt.training.config import TrainConfig, stable_hash, train_identity
+from vlprompt.training.config import DEFAULT_ADAM_EPS, TrainConfig, stable_hash, train_identity
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, NonFiniteError, RunError
 from vlprompt.common.precision import autocast_for, resolve_precision
 from vlprompt.common.progress import progress as make_progress
@@ -160,7 +165,8 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
 def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run_dir: CheckpointStore | None = None,
           device: str | torch.device | None = None, on_epoch_end: Callable[[EpochStats], None] | None = None,
           progress: bool | None = None) -> TrainResult:
-    """Train ``method``'s parameters on ``train_set`` with SGD; checkpoint into ``run_dir`` after every epoch.
+    """Train ``method``'s parameters on ``train_set`` (SGD or Adam, see the module docstring); checkpoint into
+    ``run_dir`` after every epoch.
 
     ``config`` must be resolved (``epochs``/``batch_size`` set). ``device``: None follows ``config.device``, where
     "auto" keeps the method where its parameters are. A checkpoint in ``run_dir`` (opened with ``resume``) is continued.
@@ -184,8 +190,7 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
     if smallest_batch < world:
         raise ConfigError(f"a batch of {smallest_batch} cannot be shared by {world} processes: raise --batch-size "
                           f"to at least {world} or use fewer processes")
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, dampening=0.0,
-                                weight_decay=config.weight_decay, nesterov=False)
+    optimizer = build_optimizer(params, config)
     train_hash = stable_hash(train_identity(config))
     writer = run_dir if is_main else None
 
@@ -226,8 +231,8 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
             batches = epoch_batches(labels.numel(), config.batch_size, config.seed, epoch)
             try:
                 with seeded_torch(target, config.seed, "forward", epoch):
-                    totals = _train_epoch(model, optimizer, scaler, view, labels, batches, target,
-                                          precision, max_label, getattr(method, "regularizer", None))
+                    totals = _train_epoch(model, method, params, optimizer, scaler, view, labels, batches, target,
+                                          precision, max_label)
             except _NonFinite as bad:
                 raise _diverged(bad.what, epoch, bad.step, len(batches), lr, config, precision, run_dir,
                                 applied=bad.applied) from None
@@ -268,13 +273,14 @@ class _NonFinite(Exception):
         self.step, self.what, self.applied = step, what, applied
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 view: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor], device: torch.device,
-                 precision: str, max_label: int,
-                 regularizer: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+def _train_epoch(model: nn.Module, method: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, view: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
+                 device: torch.device, precision: str, max_label: int) -> torch.Tensor:
     """One pass over ``batches``; returns the global (cross-entropy sum, correct, count). Each rank takes its share of
     every batch; a non-finite loss raises :class:`_NonFinite` on every rank before that step's update.
-    ``regularizer()`` (the method's optional term) is added to each step's batch-mean cross-entropy."""
+
+    ``model`` is ``method`` or its DDP wrapper; the method's optional hooks (module docstring) are read from
+    ``method`` (:func:`step_objective`, :func:`apply_update`)."""
     rank, world = dist.rank(), dist.world_size()
     totals = torch.zeros(3, dtype=torch.float64)
     for step, batch in enumerate(batches):
@@ -292,19 +298,14 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: tor
         count = torch.full((), float(local.numel()), device=device)
         step_totals = dist.all_reduce_sum(torch.stack([loss_sum.detach(), correct, count]).double()).cpu()
         # DDP averages gradients over ranks; this scale makes the result the mean over the whole global batch
-        objective = loss_sum * (world / batch.numel())
-        if regularizer is not None:  # the same batch-independent term on every rank: DDP's average keeps it
-            extra = regularizer()
-            if not math.isfinite(float(extra.detach())):
-                raise _NonFinite(step, f"the method's regularizer is {float(extra.detach())}", applied=False)
-            objective = objective + extra
+        scale = world / batch.numel()
+        objective, extra = step_objective(method, loss_sum, scale)
+        if not math.isfinite(extra):
+            raise _NonFinite(step, f"the method's regularizer is {extra}", applied=False)
         if not math.isfinite(float(step_totals[0])):
             raise _NonFinite(step, f"the loss is {float(step_totals[0])}", applied=False)
         totals += step_totals
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(objective).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        apply_update(method, params, optimizer, scaler, x, logits, objective, scale, world)
         if not _finite_parameters(optimizer):
             raise _NonFinite(step, "the learned parameters are non-finite", applied=True)
     return totals
@@ -331,6 +332,60 @@ def _finite_logits(method: nn.Module, view: torch.Tensor, batch: torch.Tensor, d
         return bool(logits.float().isfinite().all())
     finally:
         method.train(was_training)
+
+
+def step_objective(method: nn.Module, loss_sum: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """``(objective, regulariser value)`` of one step: this rank's share ``loss_sum * scale`` of the batch-mean
+    cross-entropy, plus ``method.regularizer()`` if the method has one (the same batch-independent term on every
+    rank: DDP's average keeps it; 0.0 without one)."""
+    regularizer = getattr(method, "regularizer", None)
+    objective = loss_sum * scale
+    if regularizer is None:
+        return objective, 0.0
+    extra = regularizer()
+    return objective + extra, extra.item()
+
+
+def apply_update(method: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, features: torch.Tensor, logits: torch.Tensor,
+                 objective: torch.Tensor, scale: float, world: int) -> None:
+    """Backward and optimiser step of one batch: the gradient of ``objective``, reshaped first by the method's
+    ``align_gradients`` against the gradient of its ``guide_loss(features, logits)`` (same share ``scale``) when it
+    has one (ProGrad), then the (scaled) optimiser step. One step of :func:`train` (also timed by the speed
+    benchmark)."""
+    guide_loss = getattr(method, "guide_loss", None)
+    optimizer.zero_grad(set_to_none=True)
+    guides = None
+    if guide_loss is not None:
+        guides = _guide_gradients(scaler.scale(guide_loss(features, logits) * scale), params, world)
+    scaler.scale(objective).backward()
+    if guides is not None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for param, grad in zip(params, method.align_gradients(grads, guides), strict=True):
+            param.grad = grad
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _guide_gradients(loss: torch.Tensor, params: list[nn.Parameter], world: int) -> list[torch.Tensor]:
+    """Gradients of this rank's share of a guide loss w.r.t. ``params``, averaged over ranks (the global batch mean).
+
+    ``torch.autograd.grad`` leaves ``.grad`` and DDP's gradient hooks alone; the graph is kept for the main backward.
+    """
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    if world > 1:
+        out = [dist.all_reduce_sum(g.contiguous()) / world for g in out]
+    return out
+
+
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimiser over ``params``: SGD (default) or Adam (betas 0.9 / 0.999 as Dassl)."""
+    if config.optimizer == "adam":
+        eps = config.adam_eps if config.adam_eps is not None else DEFAULT_ADAM_EPS
+        return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=eps, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, dampening=0.0,
+                           weight_decay=config.weight_decay, nesterov=False)
 
 
 def _training_views(train_set: FeatureData) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,7 @@ METHOD_NAMES: dict[str, str] = {
     "prograd": "ProGrad",
     "maple": "MaPLe",
     "promptsrc": "PromptSRC",
+    "tcp": "TCP",
     "clip_adapter": "CLIP-Adapter",
     "tip_adapter": "Tip-Adapter",
     "tip_adapter_f": "Tip-Adapter-F",

@@ -48,6 +48,7 @@ _METHOD_COLORS: dict[str, str] = {
     "prograd": "#9467bd",
     "maple": "#8c564b",
     "promptsrc": "#e377c2",
+    "tcp": "#6b6ecf",
 }
 _SPARE_COLORS = ("#bcbd22", "#393b79", "#ad494a", "#637939", "#8c6d31", "#7b4173", "#3182bd", "#e6550d")
 
