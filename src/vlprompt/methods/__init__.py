@@ -97,8 +97,9 @@ class MethodSpec:
     """A registered method.
 
     ``training``: what the method needs to learn (:class:`Training`). ``train_defaults(shots, dataset, subset)`` gives
-    the reference's training recipe for the trainer (batch size, epochs, optimiser settings; ``subset="base"`` is
-    base-to-novel training; empty for methods that are not trained by SGD).
+    the reference's ``epochs`` and ``batch_size``, and ``optimizer`` / ``adam_eps`` where the recipe is not
+    :class:`~vlprompt.training.config.TrainConfig`'s SGD (TCP); ``subset="base"`` is base-to-novel training; empty for
+    methods that are not trained by SGD.
     """
 
     name: str
