@@ -100,3 +100,22 @@ def test_api_errors(clip):
         vp.fit(object(), dtd)
     transferred = coop.with_classnames(flowers.classnames)  # the documented way to evaluate across datasets
     assert vp.evaluate(transferred, flowers, precision="fp32")["num_samples"] == 15
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("kgcoop", {}), ("prograd", {"n_ctx": 8}), ("tcp", {"class_token_layer": 1}),
+])
+def test_successors_through_the_api(clip, tmp_path, name, options):
+    """build_method / fit (the method's recipe: TCP trains with Adam) / evaluate / Predictor / save and load."""
+    data = vp.load_dataset("dtd", FIXTURES)
+    method = vp.build_method(name, clip, data, **options)
+    assert method.config.template == {"kgcoop": "a photo of a {}, a type of texture.", "prograd": "a texture of {}.",
+                                      "tcp": "a photo of a {}, a type of texture."}[name]  # the official table's DTD
+    result = vp.fit(method, data, shots=1, seed=1, epochs=2, lr=0.01, device="cpu", precision="fp32")
+    assert result.kind == "features" and len(result.history) == 2
+    metrics = vp.evaluate(method, data, precision="fp32")
+    image = sorted((FIXTURES / "dtd" / "images" / "banded").iterdir())[0]
+    predictions = vp.Predictor(method).predict([image], top_k=2)
+    loaded = vp.load_prompt(vp.save_prompt(method, tmp_path / f"{name}.safetensors"), clip)
+    assert type(loaded) is type(method) and vp.evaluate(loaded, data, precision="fp32") == metrics
+    assert vp.Predictor(loaded).predict([image], top_k=2) == predictions
