@@ -14,32 +14,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from clip_formats import save_openai_state_dict
+from support import FIXTURES, needs_fixtures
 from test_bench_pipeline import synthetic_imagenet
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.harness.cli.main import main
+from vlprompt.harness.config import RunConfig
 from vlprompt.harness.pipeline import run_experiment
 from vlprompt.harness.rundir import load_params
 from vlprompt.methods.prompt_file import read_prompt_header
-from vlprompt.harness.config import RunConfig
 from vlprompt.training.config import TrainConfig
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
+pytestmark = needs_fixtures
 
 METHOD_ARGS = {"kgcoop": [], "prograd": ["--n-ctx", "8"], "tcp": ["--class-token-layer", "1"]}
 METHOD_CONFIG = {"kgcoop": {}, "prograd": {"n_ctx": 8}, "tcp": {"class_token_layer": 1}}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_model_file):
     base = tmp_path_factory.mktemp("successors")
     patch = pytest.MonkeyPatch()
     patch.setenv("VLPROMPT_CACHE", str(base / "cache"))
     patch.setenv("VLPROMPT_DATA_ROOT", str(FIXTURES))
-    tiny = save_openai_state_dict(build_tiny_clip("vit", seed=0), base / "tiny.pt")
-    yield {"base": base, "model": str(tiny)}
+    yield {"base": base, "model": str(tiny_model_file)}
     patch.undo()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_standins import clustered_features, single_thread
+from test_train_standins import clustered_features
 
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.errors import CheckpointError, ConfigError
@@ -21,14 +21,9 @@ from vlprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
 from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import train
 
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CLASSNAMES = ["banded", "dotted", "striped", "zigzagged"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
 
 
 def _features(clip, count=6):

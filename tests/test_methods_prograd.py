@@ -11,26 +11,25 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_standins import Features, single_thread
+from test_train_standins import Features
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.tokenizer import get_tokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.coop import CoOp, CoOpConfig
-from vlprompt.methods.prograd import ProGrad, ProGradConfig, project_conflicting, template_phrase
+from vlprompt.methods.prograd import (
+    ProGrad,
+    ProGradConfig,
+    project_conflicting,
+    template_phrase,
+)
 from vlprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
 from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import train
 
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CLASSNAMES = ["banded", "dotted", "striped", "zigzagged"]
 TEMPLATE = "a type of pattern, a photo of a {}."
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
 
 
 def test_projection_removes_the_conflicting_component_only():

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_standins import clustered_features, single_thread
+from test_train_standins import clustered_features
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.tokenizer import get_tokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.prompt_file import load_prompt, save_prompt
@@ -20,15 +19,10 @@ from vlprompt.methods.tcp import TCP, TCPConfig
 from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import train
 
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CLASSNAMES = ["banded", "dotted", "striped", "zigzagged"]
 CONFIG = TCPConfig(class_token_layer=1, template="a photo of a {}, a texture.", prompt_template="{}, a type of pattern.")
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return build_tiny_clip("vit", seed=0)
 
 
 def _perturbed(method: TCP) -> TCP:

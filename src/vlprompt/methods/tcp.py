@@ -31,8 +31,14 @@ from torch import Tensor, nn
 from vlprompt.backbone.fast_text import encode_replacing, encode_shared_prefix_replacing
 from vlprompt.backbone.model import CLIP, QuickGELU
 from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
+from vlprompt.common.vocab import seeded_torch
 from vlprompt.errors import ConfigError
-from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, cosine_logits, logit_scale_of, rng_untouched
+from vlprompt.methods.base import (
+    CosineClassifier,
+    FrozenClipMethod,
+    cosine_logits,
+    logit_scale_of,
+)
 from vlprompt.methods.configs import TCPConfig
 from vlprompt.methods.kgcoop import handcrafted_features, knowledge_term
 from vlprompt.methods.prompt_layout import initial_context, prepare_prompts
@@ -116,7 +122,7 @@ class TCP(FrozenClipMethod):
 
     def with_classnames(self, classnames: Sequence[str]) -> TCP:
         """The learned context and token generator on another class list (tokens from the new classes' embeddings)."""
-        with rng_untouched(self.clip.device):  # the fresh initialisation is overwritten at once
+        with seeded_torch(self.clip.device, None):  # the fresh initialisation is overwritten at once
             other = TCP(self.clip, classnames, self.config, tokenizer=self._tokenizer)
         other.load_state_dict(self.state_dict())
         return other
