@@ -76,7 +76,7 @@ def _trained(method, feats, config):
 
 def test_lambda_zero_takes_coops_steps_bit_for_bit(clip):
     feats = clustered_features(num_classes=len(CLASSNAMES), per_class=6, dim=clip.config.embed_dim, views=3)
-    config = TrainConfig(epochs=3, batch_size=8, lr=0.05)
+    config = TrainConfig(epochs=3, batch_size=8, lr=0.05, precision="fp32")
     coop = _trained(CoOp(clip, CLASSNAMES, CoOpConfig(ctx_init="a photo of a")), feats, config)
     zero = _trained(KgCoOp(clip, CLASSNAMES, KgCoOpConfig(kg_weight=0.0, template="a {} pattern.")), feats, config)
     assert coop.keys() == zero.keys() == {"ctx"}
@@ -88,7 +88,7 @@ def test_lambda_zero_takes_coops_steps_bit_for_bit(clip):
 
 def test_the_knowledge_term_keeps_the_text_features_nearer_the_hand_crafted_ones(clip):
     feats = clustered_features(num_classes=len(CLASSNAMES), per_class=6, dim=clip.config.embed_dim)
-    config = TrainConfig(epochs=6, batch_size=8, lr=0.2)
+    config = TrainConfig(epochs=6, batch_size=8, lr=0.2, precision="fp32")
     distances = []
     for weight in (0.0, 8.0):
         method = KgCoOp(clip, CLASSNAMES, KgCoOpConfig(kg_weight=weight, template="a photo of a {}."))

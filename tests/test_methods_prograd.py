@@ -81,7 +81,7 @@ def test_initial_context_is_zeros_then_the_template_phrase(clip):
 
 def _one_step_config() -> TrainConfig:
     # one epoch, one batch, no warm-up: a single SGD step at the full learning rate
-    return TrainConfig(epochs=1, batch_size=8, lr=0.05, warmup_epochs=0)
+    return TrainConfig(epochs=1, batch_size=8, lr=0.05, warmup_epochs=0, precision="fp32")
 
 
 def _gradients(method: ProGrad, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,13 +118,16 @@ def test_novel_classes_get_tokens_from_their_own_embeddings(clip, tmp_path):
 
 def test_training_with_the_recipes_adam_lowers_the_loss(clip):
     feats = clustered_features(num_classes=len(CLASSNAMES), per_class=6, dim=clip.config.embed_dim)
-    method = TCP(clip, CLASSNAMES, CONFIG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the initialisation draws from torch's RNG: fixed here, whatever ran before
+        method = TCP(clip, CLASSNAMES, CONFIG)
     with torch.no_grad():
         before = F.cross_entropy(method(feats.features), feats.labels).item()
-    result = train(method, feats, TrainConfig(epochs=4, batch_size=8, lr=0.01, optimizer="adam", adam_eps=1e-3))
+    config = TrainConfig(epochs=8, batch_size=8, lr=0.01, optimizer="adam", adam_eps=1e-3, precision="fp32")
+    result = train(method, feats, config)
     with torch.no_grad():
         after = F.cross_entropy(method(feats.features), feats.labels).item()
-    assert after < before and len(result.history) == 4
+    assert after < before and len(result.history) == 8
 
 
 def test_bad_configurations_are_refused(clip):

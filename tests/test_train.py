@@ -278,7 +278,8 @@ def test_adam_step_is_the_written_out_update_with_the_configured_epsilon(eps):
     weight, bias = (t.clone().requires_grad_(True) for t in (start["weight"], start["bias"]))
     loss = F.cross_entropy(feats.features @ weight.t() + bias, feats.labels)
     grads = dict(zip(("weight", "bias"), torch.autograd.grad(loss, [weight, bias]), strict=True))
-    config = TrainConfig(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, optimizer="adam", adam_eps=eps)
+    config = TrainConfig(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, optimizer="adam", adam_eps=eps,
+                         precision="fp32")
     train(head, feats, config)
     for name, param in head.named_parameters():
         g = grads[name] + 5e-4 * start[name]
