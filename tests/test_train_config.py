@@ -43,7 +43,7 @@ def test_methods_name_their_own_recipe_and_explicit_values_win():
 
 @pytest.mark.parametrize(("shots", "epochs"), [(1, 50), (2, 100), (4, 100), (8, 200), (16, 200)])
 def test_coop_epochs_follow_shots(shots, epochs):
-    assert method_train_defaults("coop", shots, "dtd") == {"epochs": epochs, "batch_size": 32}
+    assert method_train_defaults("coop", shots, "dtd") == {"epochs": epochs, "batch_size": 32, "lr": 0.002}
     resolved = resolve_train_config(TrainConfig(), method="coop", shots=shots, dataset="oxford_pets")
     assert (resolved.epochs, resolved.batch_size) == (epochs, 32)
 

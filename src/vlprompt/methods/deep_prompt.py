@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,15 +32,7 @@ from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, cosine_logits, logit_scale_of
 from vlprompt.methods.prompt_layout import INIT_STD, PromptLayout, build_layout, context_phrase, phrase_embeddings
-
-
-class TrainOutput(NamedTuple):
-    """What a method's training forward may return instead of bare logits: the logits (the trainer adds the
-    cross-entropy) and a regulariser, a scalar that is a mean over the batch (the trainer weights it by the batch's
-    share of the global batch, so under DDP the averaged gradient is the global batch's)."""
-
-    logits: Tensor
-    regularizer: Tensor
+from vlprompt.training.loop import TrainOutput
 
 
 @dataclass(frozen=True)
