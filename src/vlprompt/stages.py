@@ -285,7 +285,7 @@ def train_images(clip: CLIP, splits: DatasetSplits, train: TrainConfig, options:
     return images
 
 
-def test_features(spec: MethodSpec, method: Any, clip: CLIP, splits: DatasetSplits, split: str,
+def evaluation_features(spec: MethodSpec, method: Any, clip: CLIP, splits: DatasetSplits, split: str,
                   options: FeatureOptions) -> FeatureSet:
     """The image features ``method``'s classifier scores on ``split``, as its registry entry declares: the frozen
     tower's (cached) evaluation features, or for ``Training.IMAGES`` the method's own prompted image tower
