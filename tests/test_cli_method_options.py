@@ -24,7 +24,8 @@ def test_every_config_field_has_one_flag():
     options = collect_options(METHODS)
     assert sorted(o.field for o in options) == sorted(fields)
     shared = {o.field: o.methods for o in options if len(o.methods) > 1}
-    assert shared["n_ctx"] == ("coop", "cocoop") and shared["template"] == ("zeroshot", "ensemble")
+    assert shared["n_ctx"] == ("coop", "cocoop", "maple") and shared["template"] == ("zeroshot", "ensemble")
+    assert shared["prompt_depth_text"] == ("ivlp", "promptsrc")
 
 
 def test_values_are_typed_and_build_the_config():
@@ -59,7 +60,8 @@ def test_an_option_of_another_method_is_refused():
         method_options_from_args(args, "coop", options)
     with pytest.raises(ConfigError, match=r"method cocoop does not take --csc \(an option of coop\);"):
         method_options_from_args(args, "cocoop", options)
-    with pytest.raises(ConfigError, match=r"zeroshot does not take --n-ctx \(an option of coop and cocoop\), --csc"):
+    with pytest.raises(ConfigError, match=r"zeroshot does not take --n-ctx \(an option of coop and cocoop and maple\), "
+                                          r"--csc"):
         method_options_from_args(args, "zeroshot", options)
 
 
@@ -69,8 +71,11 @@ def test_help_groups_by_method_set_with_each_default(capsys):
     text = " ".join(parser.format_help().split())
     assert "options of coop and cocoop (--method coop|cocoop):" in text
     assert "options of coop (--method coop): --csc, --no-csc" in text
-    assert "[coop, cocoop] number of context vectors M" in text and "(default: coop 16, cocoop 4)" in text
-    assert "(default: coop '', cocoop 'a photo of a')" in text
+    assert "[coop, cocoop, maple] coop: number of context vectors M" in text
+    assert "(default: coop 16, cocoop 4, maple 2)" in text
+    assert "(default: coop '', cocoop 'a photo of a', ivlp 'a photo of a', maple 'a photo of a', promptsrc 'a photo " \
+           "of a')" in text
+    assert "options of ivlp and promptsrc (--method ivlp|promptsrc): --n-ctx-text" in text
 
 
 def test_clashes_and_unsupported_types_are_programming_errors():

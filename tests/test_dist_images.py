@@ -20,6 +20,7 @@ from test_train_standins import single_thread
 
 from vlprompt.common import dist
 from vlprompt.data.types import Item
+from vlprompt.harness.config import RunConfig
 from vlprompt.harness.rundir import RunDir
 from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import train
@@ -63,7 +64,8 @@ def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     with dist.distributed("cpu") as env:
         method = _promptsrc(seed=env.rank)  # rank 1 starts elsewhere: DDP must use rank 0's initialisation
-        run = RunDir.create_or_open(out / "run", {"run": "ddp-images"}) if env.rank == 0 else None
+        config = RunConfig(method="promptsrc", dataset="dtd").to_dict()
+        run = RunDir.create_or_open(out / "run", config) if env.rank == 0 else None
         train(method, _train_set(out / "images"), CONFIG, run_dir=run)
         if run is not None:
             run.close()

@@ -24,14 +24,15 @@ def test_registry_lists_the_methods_with_their_kinds():
     assert {name: spec.training.value for name, spec in METHODS.items()} == {
         "zeroshot": "none", "ensemble": "none", "linear_probe": "closed_form", "coop": "features",
         "cocoop": "features", "clip_adapter": "features", "tip_adapter": "closed_form",
-        "tip_adapter_f": "closed_form", "lp_plus_plus": "closed_form", "clap": "features"}
+        "tip_adapter_f": "closed_form", "lp_plus_plus": "closed_form", "clap": "features", "ivlp": "images",
+        "maple": "images", "promptsrc": "images"}
     assert [name for name, spec in METHODS.items() if not spec.transfers] == [
         "linear_probe", "tip_adapter", "tip_adapter_f", "lp_plus_plus", "clap"]
     assert all(spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TypeError):
         METHODS["mine"] = METHODS["coop"]  # type: ignore[index]
-    with pytest.raises(ConfigError, match="unknown method 'maple'"):
-        get_method("maple")
+    with pytest.raises(ConfigError, match="unknown method 'mapel'"):
+        get_method("mapel")
 
 
 def test_defaults_are_the_papers():
@@ -50,12 +51,12 @@ def test_defaults_are_the_papers():
 ])
 def test_coop_training_defaults(shots, dataset, epochs):
     recipe = METHODS["coop"].train_defaults(shots, dataset)
-    assert recipe == {"epochs": epochs, "batch_size": 32}  # the rest of the recipe is TrainConfig's defaults
+    assert recipe == {"epochs": epochs, "batch_size": 32, "lr": 0.002}  # the rest is TrainConfig's defaults
 
 
 def test_cocoop_and_untrained_defaults():
     recipe = METHODS["cocoop"].train_defaults(16, "imagenet")
-    assert recipe == {"batch_size": 1, "epochs": 10}
+    assert recipe == {"batch_size": 1, "epochs": 10, "lr": 0.002}
     for name in ("zeroshot", "ensemble", "linear_probe"):
         assert METHODS[name].train_defaults(16, "dtd") == {}
 

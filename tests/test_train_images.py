@@ -20,6 +20,7 @@ from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.data.types import Item
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.features.extract import augmented_views
+from vlprompt.harness.config import RunConfig
 from vlprompt.harness.rundir import RunDir
 from vlprompt.methods.coop import CoOp, CoOpConfig
 from vlprompt.methods.ivlp import IVLP, IVLPConfig
@@ -131,11 +132,11 @@ def test_resuming_an_interrupted_run_gives_the_uninterrupted_prompts(clip, image
 
     straight = build()
     train(straight, _set(images), CONFIG)
-    run = RunDir.create_or_open(tmp_path / "run", {"run": method})
+    run = RunDir.create_or_open(tmp_path / "run", RunConfig(method=method, dataset="dtd").to_dict())
     with pytest.raises(Stop):
         train(build(), _set(images), CONFIG, run_dir=run, on_epoch_end=stop_after(2))
     run.close()
-    run = RunDir.create_or_open(tmp_path / "run", {"run": method}, resume=True)
+    run = RunDir.create_or_open(tmp_path / "run", RunConfig(method=method, dataset="dtd").to_dict(), resume=True)
     resumed = build()
     result = train(resumed, _set(images), CONFIG, run_dir=run)
     run.close()
