@@ -168,3 +168,17 @@ def test_feature_methods_refuse_activation_checkpointing(clip, images):
     with pytest.raises(ConfigError, match="activation checkpointing does not apply"):
         train(CoOp(clip, NAMES, CoOpConfig(n_ctx=2)), features,
               TrainConfig(epochs=2, batch_size=4, activation_checkpointing=True))
+
+
+def test_auto_workers_are_sized_to_the_machine(monkeypatch):
+    import os
+
+    from vlprompt.common import dist
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert dist.loader_workers("auto", {}) == dist.MAX_LOADER_WORKERS
+    assert dist.loader_workers("auto", {"LOCAL_WORLD_SIZE": "8"}) == 3  # 4 CPUs per process, one for itself
+    assert dist.loader_workers("auto", {"LOCAL_WORLD_SIZE": "16"}) == 0  # 2 CPUs per process: none
+    assert dist.loader_workers(5) == 5
+    with pytest.raises(ConfigError, match="num_workers must be a non-negative integer or 'auto'"):
+        dist.loader_workers(-1)
