@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_train_standins import single_thread
 
 from vlprompt.common import dist
 from vlprompt.data.types import Item
@@ -26,7 +25,7 @@ from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import train
 from vlprompt.training.sources import ImageTrainSet
 
-__all__ = ["single_thread"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONFIG = TrainConfig(epochs=3, batch_size=4, lr=0.05)
 NAMES = ["banded", "dotted", "striped", "zigzagged"]

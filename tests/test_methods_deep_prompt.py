@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_train_standins import single_thread
 
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.tokenizer import get_tokenizer
@@ -31,7 +30,7 @@ from vlprompt.methods.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_60
 from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import TrainOutput, train
 
-__all__ = ["single_thread"]  # the autouse fixture applies to this module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATOL = 2e-5
 NAMES = ["banded", "golden retriever", "sea or lake", "x"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_train_standins import single_thread
 
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.data.types import Item
@@ -29,7 +28,7 @@ from vlprompt.training.config import TrainConfig
 from vlprompt.training.loop import train
 from vlprompt.training.sources import ImageTrainSet, image_train_set
 
-__all__ = ["single_thread"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 NAMES = ["banded", "dotted", "striped", "zigzagged"]
 

@@ -170,9 +170,9 @@ class DeepPromptLearner(FrozenClipMethod):
 
     def with_classnames(self, classnames: Sequence[str]) -> DeepPromptLearner:
         """The same learned prompts on another class list (none of them depends on the classes)."""
-        from vlprompt.methods.base import rng_untouched
+        from vlprompt.common.vocab import seeded_torch
 
-        with rng_untouched(self.clip.device):
+        with seeded_torch(self.clip.device, None):  # the fresh initialisation is overwritten below
             clone = type(self)(self.clip, classnames, self.config, tokenizer=self._tokenizer)
         clone.load_state_dict(self.state_dict())
         clone.train(self.training)
