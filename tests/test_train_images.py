@@ -102,7 +102,8 @@ def test_unaugmented_training_uses_the_eval_transform(clip, images):
     folder, items = images
     seen = []
     ivlp = _ivlp(clip)
-    ivlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    # the training steps' inputs (the loop's end-of-epoch check of finite logits runs in eval mode)
+    ivlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()) if module.training else None)
     train(ivlp, _set(images, views=0), TrainConfig(epochs=2, batch_size=12, lr=0.05))
     transform = EvalTransform(32)
     expected = torch.stack([transform(load_image(folder / item.path)) for item in items])
