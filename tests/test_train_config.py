@@ -43,7 +43,7 @@ def test_methods_name_their_own_recipe_and_explicit_values_win():
 
 @pytest.mark.parametrize(("shots", "epochs"), [(1, 50), (2, 100), (4, 100), (8, 200), (16, 200)])
 def test_coop_epochs_follow_shots(shots, epochs):
-    assert method_train_defaults("coop", shots, "dtd") == {"epochs": epochs, "batch_size": 32, "lr": 0.002}
+    assert method_train_defaults("coop", shots, "dtd") == {"epochs": epochs, "batch_size": 32}
     resolved = resolve_train_config(TrainConfig(), method="coop", shots=shots, dataset="oxford_pets")
     assert (resolved.epochs, resolved.batch_size) == (epochs, 32)
 
@@ -173,8 +173,8 @@ def test_help_text_comes_from_the_fields():
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, TrainConfig, exclude=("seed",))
     text = " ".join(parser.format_help().split())
-    assert "base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1) (default: method default)" \
-        in text
+    assert ("base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1, IVLP and PromptSRC 0.0025, "
+            "MaPLe 0.0035) (default: method default)") in text
     assert "epoch e shows image i its view (e + offset_i) % V" in text
     assert "--seed" not in text
 

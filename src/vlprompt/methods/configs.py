@@ -527,13 +527,13 @@ def coop_train_defaults(shots: int | None = None, dataset: str | None = None) ->
         epochs = 100
     else:
         epochs = 200
-    return {"batch_size": 32, "epochs": epochs, "lr": 0.002}
+    return {"batch_size": 32, "epochs": epochs}
 
 
 def cocoop_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
-    """CoCoOp's reference schedule: batch 1, 10 epochs, lr 0.002; the rest of the recipe is
+    """CoCoOp's reference schedule: batch 1, 10 epochs; the rest of the recipe is
     :class:`~vlprompt.training.config.TrainConfig`'s defaults."""
-    return {"batch_size": 1, "epochs": 10, "lr": 0.002}
+    return {"batch_size": 1, "epochs": 10}
 
 
 def clap_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
