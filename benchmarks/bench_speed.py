@@ -709,7 +709,7 @@ def make_image_step(method: FrozenClipMethod, images: Tensor, labels: Tensor, pr
     regulariser of a :class:`~vlprompt.training.loop.TrainOutput` weighted by the batch)."""
     from vlprompt.training.loop import TrainOutput
 
-    recipe = TrainConfig()
+    recipe = TrainConfig().completed()
     optimizer = torch.optim.SGD(method.parameters(), lr=lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
     method.train()
