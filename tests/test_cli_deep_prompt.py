@@ -31,7 +31,8 @@ DEPTHS = {
     "maple": ["--prompt-depth", "2"],
     "promptsrc": ["--prompt-depth-text", "2", "--prompt-depth-vision", "2", "--gpa-mean", "2"],
 }
-COMMON = ["--dataset", "dtd", "--shots", "2", "--seed", "1", "--device", "cpu", "--num-workers", "0", "-q"]
+COMMON = ["--dataset", "dtd", "--shots", "2", "--seed", "1", "--device", "cpu", "--num-workers", "0", "--precision", "fp32",
+          "-q"]
 
 
 @pytest.fixture(scope="module")

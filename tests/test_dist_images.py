@@ -27,7 +27,7 @@ from vlprompt.training.sources import ImageTrainSet
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CONFIG = TrainConfig(epochs=3, batch_size=4, lr=0.05)
+CONFIG = TrainConfig(epochs=3, batch_size=4, lr=0.05, precision="fp32")
 NAMES = ["banded", "dotted", "striped", "zigzagged"]
 
 

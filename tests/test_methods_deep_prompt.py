@@ -312,7 +312,7 @@ def test_promptsrc_aggregates_the_prompts_of_every_epoch(clip):
         original(epoch, epochs)
 
     src.finish_epoch = record
-    train(src, train_set, TrainConfig(epochs=3, batch_size=4, lr=0.05))
+    train(src, train_set, TrainConfig(epochs=3, batch_size=4, lr=0.05, precision="fp32"))
     weights = gaussian_epoch_weights(3, 2.0, 1.5)
     for index, param in enumerate(src.parameters()):
         expected = sum(w * snap[index] for w, snap in zip(weights, snapshots, strict=True))
@@ -322,7 +322,7 @@ def test_promptsrc_aggregates_the_prompts_of_every_epoch(clip):
 
 def test_promptsrc_without_regularisation_and_aggregation_takes_ivlps_steps(clip):
     train_set = _image_train_set()
-    config = TrainConfig(epochs=3, batch_size=4, lr=0.05)
+    config = TrainConfig(epochs=3, batch_size=4, lr=0.05, precision="fp32")
     src = _promptsrc(clip, text_loss_weight=0.0, image_loss_weight=0.0, logit_loss_weight=0.0, gpa=False)
     ivlp = _seeded(lambda: IVLP(clip, NAMES, IVLPConfig(prompt_depth_text=2, prompt_depth_vision=2)))
     assert all(torch.equal(a, b) for a, b in zip(src.parameters(), ivlp.parameters(), strict=True))

@@ -67,7 +67,7 @@ def _set(images, views: int = 3, workers: int | str = 0) -> ImageTrainSet:
     return ImageTrainSet(folder, items, resolution=32, views=views, pool_seed=0, num_workers=workers)
 
 
-CONFIG = TrainConfig(epochs=3, batch_size=4, lr=0.05)
+CONFIG = TrainConfig(epochs=3, batch_size=4, lr=0.05, precision="fp32")
 
 
 def test_ivlp_reduced_to_coop_on_images_takes_coops_steps_on_cached_features(clip, images):
@@ -75,7 +75,7 @@ def test_ivlp_reduced_to_coop_on_images_takes_coops_steps_on_cached_features(cli
     ivlp = _ivlp(clip, prompt_depth_text=1, n_ctx_vision=0, prompt_depth_vision=0)
     coop = CoOp(clip, NAMES, CoOpConfig(ctx_init="a photo of a"))
     start = coop.ctx.detach().clone()
-    features = augmented_views(clip, folder, items, views=3, seed=0)
+    features = augmented_views(clip, folder, items, views=3, seed=0, precision="fp32")
     ran_images = train(ivlp, _set(images), CONFIG)
     ran_features = train(coop, features, CONFIG)
     assert (coop.ctx.detach() - start).abs().max() > 1e-2  # training moved the context
@@ -90,7 +90,7 @@ def test_workers_and_checkpointing_change_nothing(clip, images):
     with_workers = _ivlp(clip)
     train(with_workers, _set(images, workers=2), CONFIG)
     checkpointed = _ivlp(clip)
-    train(checkpointed, _set(images), TrainConfig(epochs=3, batch_size=4, lr=0.05, activation_checkpointing=True))
+    train(checkpointed, _set(images), TrainConfig(epochs=3, batch_size=4, lr=0.05, activation_checkpointing=True, precision="fp32"))
     assert checkpointed.checkpointing
     for a, b, c in zip(reference.parameters(), with_workers.parameters(), checkpointed.parameters(), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -104,7 +104,7 @@ def test_unaugmented_training_uses_the_eval_transform(clip, images):
     ivlp = _ivlp(clip)
     # the training steps' inputs (the loop's end-of-epoch check of finite logits runs in eval mode)
     ivlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()) if module.training else None)
-    train(ivlp, _set(images, views=0), TrainConfig(epochs=2, batch_size=12, lr=0.05))
+    train(ivlp, _set(images, views=0), TrainConfig(epochs=2, batch_size=12, lr=0.05, precision="fp32"))
     transform = EvalTransform(32)
     expected = torch.stack([transform(load_image(folder / item.path)) for item in items])
     assert len(seen) == 2 and all(torch.equal(batch.sort(dim=0).values, expected.sort(dim=0).values) for batch in seen)
@@ -167,18 +167,5 @@ def test_feature_methods_refuse_activation_checkpointing(clip, images):
     features = augmented_views(clip, folder, items, views=1, seed=0)
     with pytest.raises(ConfigError, match="activation checkpointing does not apply"):
         train(CoOp(clip, NAMES, CoOpConfig(n_ctx=2)), features,
-              TrainConfig(epochs=2, batch_size=4, activation_checkpointing=True))
+              TrainConfig(epochs=2, batch_size=4, activation_checkpointing=True, precision="fp32"))
 
-
-def test_auto_workers_are_sized_to_the_machine(monkeypatch):
-    import os
-
-    from vlprompt.common import dist
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
-    assert dist.loader_workers("auto", {}) == dist.MAX_LOADER_WORKERS
-    assert dist.loader_workers("auto", {"LOCAL_WORLD_SIZE": "8"}) == 3  # 4 CPUs per process, one for itself
-    assert dist.loader_workers("auto", {"LOCAL_WORLD_SIZE": "16"}) == 0  # 2 CPUs per process: none
-    assert dist.loader_workers(5) == 5
-    with pytest.raises(ConfigError, match="num_workers must be a non-negative integer or 'auto'"):
-        dist.loader_workers(-1)

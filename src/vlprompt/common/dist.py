@@ -148,34 +148,6 @@ def local_rank() -> int:
     return env_from_torchrun().local_rank
 
 
-MAX_LOADER_WORKERS = 8
-"""Image decoding workers per process at most under ``num_workers="auto"`` (the reference configs use 8)."""
-
-
-def loader_workers(requested: int | str, environ: dict[str, str] | None = None) -> int:
-    """DataLoader worker processes for ``requested`` (an int, or "auto": sized to the machine).
-
-    "auto" gives each process of this machine (``LOCAL_WORLD_SIZE`` under torchrun) its share of the usable CPUs
-    minus one for itself, at most :data:`MAX_LOADER_WORKERS`; with 2 CPUs or fewer per process, none (workers would
-    only compete with the main process for the same cores).
-    """
-    if requested != "auto":
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
-            raise ConfigError(f"num_workers must be a non-negative integer or 'auto', got {requested!r}")
-        return requested
-    env = os.environ if environ is None else environ
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        usable = os.cpu_count() or 1
-    try:
-        processes = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        processes = 1
-    per_process = usable // processes
-    return 0 if per_process <= 2 else min(MAX_LOADER_WORKERS, per_process - 1)
-
-
 def is_main_process() -> bool:
     """True on rank 0: the process that writes files and prints progress."""
     return rank() == 0

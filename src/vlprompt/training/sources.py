@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vlprompt.common import dist
 from vlprompt.data.images import ImageDataset
 from vlprompt.data.types import Item
 from vlprompt.errors import DatasetError
@@ -36,7 +35,8 @@ class ImageTrainSet:
     ``items``: paths relative to ``image_dir`` with labels; ``resolution``: the backbone's input size; ``views``:
     the pool of augmented views per image (``V``; 0 = no augmentation, the evaluation transform); ``pool_seed``: the
     seed of that pool (the feature cache's, so both paths draw the same views); ``num_workers``: decoding workers
-    (an int or "auto", :func:`vlprompt.common.dist.loader_workers`); ``skipped``: unreadable images left out.
+    (an int or "auto", :func:`vlprompt.features.extract.default_num_workers`); ``skipped``: unreadable images left
+    out.
     """
 
     image_dir: Path
@@ -122,7 +122,7 @@ class ImageBatches:
     def __init__(self, train_set: ImageTrainSet) -> None:
         self.train_set = train_set
         self.labels = train_set.labels
-        self.workers = dist.loader_workers(train_set.num_workers)
+        self.workers = train_set.num_workers  # "auto": vlprompt.features.extract.default_num_workers, per device
 
     @property
     def num_views(self) -> int:
@@ -132,12 +132,18 @@ class ImageBatches:
         pool = f"a pool of {self.train_set.views} augmented view(s)" if self.train_set.views else "no augmentation"
         return f"{self.labels.numel()} images decoded on the fly ({pool}, {self.workers} worker(s))"
 
+    def _workers(self, device: torch.device) -> int:
+        from vlprompt.features.extract import default_num_workers
+
+        return default_num_workers(device, len(self.train_set)) if self.workers == "auto" else int(self.workers)
+
     def epoch(self, views: Tensor, shares: Sequence[Tensor], device: torch.device) -> Iterator[Tensor]:
         """Pixels ``[b, 3, R, R]`` of each share, in order; workers decode ahead while earlier batches train."""
         dataset = _EpochImages(self.train_set, views.tolist() if self.train_set.views else None)
+        workers = self._workers(device)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=[share.tolist() for share in shares], num_workers=self.workers,
-            collate_fn=_stack, pin_memory=device.type == "cuda", prefetch_factor=4 if self.workers else None)
+            dataset, batch_sampler=[share.tolist() for share in shares], num_workers=workers,
+            collate_fn=_stack, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
         for pixels in loader:
             yield pixels.to(device, non_blocking=True)
 
@@ -186,8 +192,8 @@ def image_train_set(image_dir: str | os.PathLike[str], items: Sequence[Item], *,
     if skip_unreadable:
         from vlprompt.data.check import find_unreadable
 
-        bad = find_unreadable(image_dir, [item.path for item in items], workers=max(1, dist.loader_workers(
-            num_workers)), progress=progress)
+        bad = find_unreadable(image_dir, [item.path for item in items], progress=progress,
+                              workers=None if num_workers == "auto" else max(1, int(num_workers)))
         drop = {b.index for b in bad}
         skipped = [b.path for b in bad]
         items = [item for index, item in enumerate(items) if index not in drop]
