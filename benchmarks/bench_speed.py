@@ -51,6 +51,17 @@ cost does not depend on them):
   then :func:`vlprompt.training.loop.train`), and the plain reference loop (decode + augment + image tower + 77-token text
   every step) timed for a few epochs and extrapolated (labelled).
 
+* **Deep-prompt training steps** (section ``deep``) of MaPLe (2 tokens, depth 9) and PromptSRC (4 + 4 tokens,
+  depth 9, self-regulation) at batch 4 for each K, images through the prompted towers every step:
+
+  - ``plain``: the official code's step: the prompted text tower at 77 tokens (``fast_text=False``), fp32;
+  - ``ours``: the fast text path (deep prompts inside the shared prefix, shortest lengths), ``--precision``;
+
+  with peak memory, and the **data path**: images/s of the image-in-the-loop loader (synthetic 320x256 JPEGs decoded
+  and augmented by ``--deep-workers`` DataLoader workers, nothing computed) against images/s of the prompted image
+  tower alone (forward + backward at batch 4), and of whole training epochs (loader + steps) against the steps alone:
+  decoding overlaps compute when the epoch rate is within 1.3x of the steps' own rate.
+
 Threads: torch's intra-op thread count (``torch.get_num_threads()``, set with ``--threads``) is printed.
 """
 
@@ -767,6 +778,142 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# deep-prompt methods: images through the prompted towers
+
+
+DEEP_BATCH = 4
+"""Batch of the deep-prompt methods' official recipes (MaPLe, PromptSRC)."""
+
+
+def build_deep_method(kind: str, clip: CLIP, names: list[str], fast: bool) -> FrozenClipMethod:
+    """MaPLe or PromptSRC with the official defaults (depth 9), fast or plain (77-token) text path."""
+    from vlprompt.methods.maple import MaPLe, MaPLeConfig
+    from vlprompt.methods.promptsrc import PromptSRC, PromptSRCConfig
+
+    depth = min(9, clip.config.transformer_layers, int(clip.config.vision_layers))  # the tiny smoke model: 2
+    if kind == "maple":
+        return MaPLe(clip, names, MaPLeConfig(prompt_depth=depth, fast_text=fast))
+    return PromptSRC(clip, names, PromptSRCConfig(prompt_depth_text=depth, prompt_depth_vision=depth, fast_text=fast))
+
+
+def make_image_step(method: FrozenClipMethod, images: Tensor, labels: Tensor, precision: str,
+                    lr: float) -> Callable[[], None]:
+    """One SGD step of an image-in-the-loop method as :func:`vlprompt.training.loop.train` takes it (the
+    regulariser of a :class:`~vlprompt.training.loop.TrainOutput` weighted by the batch)."""
+    from vlprompt.training.loop import TrainOutput
+
+    recipe = TrainConfig().completed()
+    optimizer = torch.optim.SGD(method.parameters(), lr=lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    method.train()
+
+    def step() -> None:
+        with autocast_for(CPU, precision):
+            output = method(images)
+        logits, extra = (output.logits, output.regularizer) if isinstance(output, TrainOutput) else (output, None)
+        loss = F.cross_entropy(logits.float(), labels)
+        if extra is not None:
+            loss = loss + extra.float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_deep_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespace,
+                     log: Callable[[str], None]) -> GroupResult:
+    """One (MaPLe or PromptSRC, K) group: plain (77-token prompted text, fp32) and ours (fast text, --precision)."""
+    from vlprompt.methods.configs import maple_train_defaults, promptsrc_train_defaults
+
+    shape = TextShape.of(clip.config)
+    names, source = class_names(classes)
+    generator = torch.Generator().manual_seed(classes)
+    resolution = clip.config.image_resolution
+    images = torch.randn(DEEP_BATCH, 3, resolution, resolution, generator=generator)
+    labels = torch.randint(0, classes, (DEEP_BATCH,), generator=generator)
+    lr = (maple_train_defaults if kind == "maple" else promptsrc_train_defaults)()["lr"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fast = build_deep_method(kind, clip, names, fast=True)
+        plain = build_deep_method(kind, clip, names, fast=False)
+    layout = fast.layout  # type: ignore[attr-defined]
+    prefix_len = layout.shared_length
+    eot = [int(e) for e in layout.eot_index.tolist()]
+    padded = layout.trimmed_length - prefix_len
+    towers = 2 if kind == "promptsrc" else 1  # PromptSRC also runs the frozen image tower (no grad)
+    img_flops = image_tower_flops(clip.config, DEEP_BATCH) * (3 + towers - 1)  # forward + backward (2x) + frozen
+    paths = [
+        Measured("plain", "plain: prompted towers, 77-token text, fp32 (the official step)",
+                 make_image_step(plain, images, labels, "fp32", lr),
+                 flops=img_flops + plain_text_flops(shape, classes, DEEP_BATCH, classes)),
+        Measured("ours", f"ours: prompted towers, fast text, {args.precision}",
+                 make_image_step(fast, images, labels, args.precision, lr),
+                 flops=img_flops + fast_text_flops(shape, prefix_len, eot, 1, DEEP_BATCH)),
+    ]
+    mm_bf16, mm_flops = matmul_probe(args.matmul_size, torch.bfloat16)
+    mm_fp32, _ = matmul_probe(args.matmul_size, torch.float32)
+    paths.append(Measured("matmul_bf16", f"matmul bf16 {args.matmul_size}^2", mm_bf16, flops=mm_flops, memory=False))
+    paths.append(Measured("matmul_fp32", f"matmul fp32 {args.matmul_size}^2", mm_fp32, flops=mm_flops, memory=False))
+    log(f"  {kind} K={classes} ({source}): prefix {prefix_len}, padded suffix {padded}")
+    measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+    rate = {p.key: p.flops / p.median for p in paths if p.key.startswith("matmul") and p.median}
+    floor = img_flops + minimal_text_flops(shape, prefix_len, eot, 1, DEEP_BATCH)
+    return GroupResult(kind, classes, source, DEEP_BATCH, prefix_len, padded,
+                       sum(e - prefix_len + 1 for e in eot) / len(eot), floor,
+                       rate.get("matmul_bf16", float("nan")), rate.get("matmul_fp32", float("nan")), paths)
+
+
+def bench_data_path(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Images/s of the image-in-the-loop data path (decode + augment in workers) against the prompted image tower
+    alone (forward + backward), and of whole training epochs against their steps alone."""
+    from vlprompt.training.loop import epoch_batches, epoch_view_indices, train
+    from vlprompt.training.sources import ImageBatches, ImageTrainSet
+
+    names, _ = class_names(args.fullrun_classes)
+    result: dict[str, Any] = {"workers": args.deep_workers, "batch": DEEP_BATCH, "precision": args.precision}
+    with tempfile.TemporaryDirectory(prefix="vlprompt-bench-") as tmp:
+        root = Path(tmp)
+        items = write_images(root, len(names), args.shots)
+        train_set = ImageTrainSet(root, items, resolution=clip.config.image_resolution, views=args.deep_epochs,
+                                  pool_seed=0, num_workers=args.deep_workers)
+        source = ImageBatches(train_set)
+        batches = epoch_batches(len(items), DEEP_BATCH, 1, 0)
+        views = epoch_view_indices(train_set.num_views, len(items), 1, 0)
+        start = time.perf_counter()
+        seen = sum(pixels.shape[0] for pixels in source.epoch(views, batches, CPU))
+        loader_s = time.perf_counter() - start
+        result["loader_images_per_s"] = seen / loader_s
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            method = build_deep_method("maple", clip, names, fast=True)
+        pixels = torch.randn(DEEP_BATCH, 3, clip.config.image_resolution, clip.config.image_resolution)
+        prompts = method.prompts  # type: ignore[attr-defined]
+
+        def tower() -> None:
+            with autocast_for(CPU, args.precision):
+                features = method.image_features(pixels, prompts())  # type: ignore[attr-defined]
+            features.float().sum().backward()
+
+        tower_s = statistics.median(timed(tower) for _ in range(max(1, args.reps)))
+        result["tower_images_per_s"] = DEEP_BATCH / tower_s
+        step = make_image_step(method, pixels, torch.zeros(DEEP_BATCH, dtype=torch.long), args.precision, 0.0035)
+        step_s = statistics.median(timed(step) for _ in range(max(1, args.reps)))
+        result["steps_images_per_s"] = DEEP_BATCH / step_s
+        config = TrainConfig(epochs=args.deep_epochs, batch_size=DEEP_BATCH, precision=args.precision, device="cpu",
+                             num_workers=args.deep_workers, warmup_epochs=min(1, args.deep_epochs - 1))
+        start = time.perf_counter()
+        train(method, train_set, config, device="cpu", progress=False)
+        loop_s = time.perf_counter() - start
+        result["epochs_images_per_s"] = len(batches) * DEEP_BATCH * args.deep_epochs / loop_s
+        result["steps_over_epochs"] = result["steps_images_per_s"] / result["epochs_images_per_s"]
+        log(f"  data path: loader {result['loader_images_per_s']:.1f} img/s, tower {result['tower_images_per_s']:.1f}"
+            f" img/s, epochs {result['epochs_images_per_s']:.1f} img/s")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # evaluation
 
 
@@ -1200,11 +1347,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--classes", help="comma-separated K values of the step benchmark (quick: 10,102; "
                                           "full: 10,102,1000)")
     parser.add_argument("--methods", default="coop,cocoop", help="comma-separated: coop, cocoop")
-    parser.add_argument("--sections", default="steps,successors,adapters,eval,fullrun",
+    parser.add_argument("--deep-methods", default="maple,promptsrc",
+                        help="comma-separated methods of the deep section: maple, promptsrc")
+    parser.add_argument("--sections", default="steps,successors,adapters,eval,fullrun,deep",
                         help="comma-separated: steps, successors (KgCoOp, ProGrad, TCP steps), adapters (CLIP-Adapter, "
-                             "CLAP, Tip-Adapter-F, LP++), eval, fullrun")
+                             "CLAP, Tip-Adapter-F, LP++), eval, fullrun, deep (MaPLe, PromptSRC)")
     parser.add_argument("--adapter-classes", type=int, default=10, help="classes of the adapters section (with "
                                                                         "--shots images each)")
+    parser.add_argument("--deep-workers", type=int, default=8, help="decoding workers of the deep data path")
+    parser.add_argument("--deep-epochs", type=int, default=2, help="epochs of the deep data-path measurement")
     parser.add_argument("--reps", type=int, help="timed runs per path (median reported); quick 3, full 5")
     parser.add_argument("--reps-slow", type=int, help="runs in all for a path whose first call exceeds --slow-s "
                                                       "(quick 1, full 2)")
@@ -1264,8 +1415,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in args.methods:
         if name not in ("coop", "cocoop"):
             parser.error(f"unknown method {name!r}")
+    args.deep_methods = [m.strip() for m in args.deep_methods.split(",") if m.strip()]
+    for name in args.deep_methods:
+        if name not in ("maple", "promptsrc"):
+            parser.error(f"unknown deep-prompt method {name!r}")
     for name in args.sections:
-        if name not in ("steps", "successors", "adapters", "eval", "fullrun"):
+        if name not in ("steps", "successors", "adapters", "eval", "fullrun", "deep"):
             parser.error(f"unknown section {name!r}")
     return args
 
@@ -1405,6 +1560,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                                               else ""))
         out(f"  plain reference loop: {fmt_s(full['plain']['total_s'])}  {full['plain']['note']}")
         results["fullrun"] = full
+
+    if "deep" in args.sections:
+        out("\n== Deep-prompt training steps, images through the prompted towers (median seconds per step, batch "
+            f"{DEEP_BATCH}) ==")
+        out(f"plain = prompted towers with the 77-token text path, fp32 (the official step); ours = fast text, "
+            f"{args.precision}")
+        deep_groups = []
+        for kind in args.deep_methods:
+            for classes in args.classes:
+                group = bench_deep_group(kind, clip, classes, args, log)
+                deep_groups.append(group)
+                print_group(group, out)
+                gc.collect()
+        results["deep"] = [g.to_json() for g in deep_groups]
+        data = bench_data_path(clip, args, log)
+        out(f"  data path ({data['workers']} workers): loader {data['loader_images_per_s']:.1f} img/s, prompted image "
+            f"tower alone {data['tower_images_per_s']:.1f} img/s; training epochs {data['epochs_images_per_s']:.1f} "
+            f"img/s vs steps alone {data['steps_images_per_s']:.1f} img/s "
+            f"({data['steps_over_epochs']:.2f}x; target <= 1.3x)")
+        results["deep_data_path"] = data
 
     checks = targets(groups, evals)
     if checks:

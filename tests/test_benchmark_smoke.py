@@ -42,16 +42,22 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
         "--eval-plain-max-batches", "1", "--shots", "2", "--fullrun-classes", "3", "--fullrun-epochs", "3",
         "--fullrun-ours-epochs", "2", "--fullrun-plain-epochs", "1", "--views", "1", "--fullrun-measured-views", "2",
         "--precision", "fp32", "--profile",
-        "--json", str(report),
+        "--deep-workers", "0", "--deep-epochs", "2", "--json", str(report),
     ])
     saved = json.loads(report.read_text())
-    assert {"env", "steps", "successors", "adapters", "eval", "fullrun", "targets", "profile"} <= saved.keys()
+    assert {"env", "steps", "successors", "adapters", "eval", "fullrun", "targets", "profile", "deep",
+            "deep_data_path"} <= saved.keys()
     assert [row["method"] for row in saved["adapters"]] == ["clip_adapter", "clap", "tip_adapter_f", "lp_plus_plus"]
     assert all(row["plain_s"] > 0 and row["ours_s"] > 0 for row in saved["adapters"])
     assert [(row["method"], row["classes"]) for row in saved["successors"]] == [
         (m, k) for m in ("kgcoop", "prograd", "tcp") for k in (3, 5)]
     for row in saved["successors"]:
         assert row["ours_s"] > 0 and (row["plain_s"] is None) == (row["classes"] > 4)  # --plain-max-classes 4
+    assert [(g["method"], g["classes"]) for g in saved["deep"]] == [("maple", 3), ("maple", 5), ("promptsrc", 3),
+                                                                    ("promptsrc", 5)]
+    for group in saved["deep"]:
+        assert {"plain", "ours"} <= group["paths"].keys() and group["paths"]["ours"]["peak_bytes"] > 0
+    assert saved["deep_data_path"]["epochs_images_per_s"] > 0 and saved["deep_data_path"]["loader_images_per_s"] > 0
     assert len(results["steps"]) == 4  # coop and cocoop at K = 3, 5
     for group in saved["steps"]:
         assert {"plain", "ours", "text_fast_fp32"} <= group["paths"].keys()

@@ -24,9 +24,10 @@ def test_every_config_field_has_one_flag():
     options = collect_options(METHODS)
     assert sorted(o.field for o in options) == sorted(fields)
     shared = {o.field: o.methods for o in options if len(o.methods) > 1}
-    assert shared["n_ctx"] == ("coop", "cocoop", "kgcoop", "prograd", "tcp")
+    assert shared["n_ctx"] == ("coop", "cocoop", "kgcoop", "prograd", "tcp", "maple")
     assert shared["template"] == ("zeroshot", "ensemble", "kgcoop", "prograd", "tcp")
     assert shared["kg_weight"] == ("kgcoop", "tcp") and "prograd_lambda" not in shared
+    assert shared["prompt_depth_text"] == ("ivlp", "promptsrc")
 
 
 def test_values_are_typed_and_build_the_config():
@@ -61,7 +62,8 @@ def test_an_option_of_another_method_is_refused():
         method_options_from_args(args, "coop", options)
     with pytest.raises(ConfigError, match=r"method cocoop does not take --csc \(an option of coop and kgcoop and prograd\);"):
         method_options_from_args(args, "cocoop", options)
-    with pytest.raises(ConfigError, match=r"zeroshot does not take --n-ctx \(an option of coop and cocoop and kgcoop and prograd and tcp\), --csc"):
+    with pytest.raises(ConfigError, match=r"zeroshot does not take --n-ctx \(an option of coop and cocoop and kgcoop and "
+                                          r"prograd and tcp and maple\), --csc"):
         method_options_from_args(args, "zeroshot", options)
 
 
@@ -69,12 +71,15 @@ def test_help_groups_by_method_set_with_each_default(capsys):
     parser = argparse.ArgumentParser(prog="test")
     add_method_arguments(parser, METHODS)
     text = " ".join(parser.format_help().split())
-    assert "options of coop and cocoop and kgcoop and prograd and tcp (--method coop|cocoop|kgcoop|prograd|tcp):" in text
+    assert ("options of coop and cocoop and kgcoop and prograd and tcp and maple "
+            "(--method coop|cocoop|kgcoop|prograd|tcp|maple):") in text
     assert "options of coop and kgcoop and prograd (--method coop|kgcoop|prograd): --csc, --no-csc" in text
-    assert "[coop, cocoop, kgcoop, prograd, tcp] coop: number of context vectors M" in text
-    assert "(default: coop 16, cocoop 4, kgcoop 4, prograd 16, tcp 4)" in text
-    assert "(default: coop '', cocoop 'a photo of a', kgcoop 'a photo of a', prograd '', tcp '')" in text
+    assert "[coop, cocoop, kgcoop, prograd, tcp, maple] coop: number of context vectors M" in text
+    assert "(default: coop 16, cocoop 4, kgcoop 4, prograd 16, tcp 4, maple 2)" in text
+    assert ("(default: coop '', cocoop 'a photo of a', kgcoop 'a photo of a', prograd '', tcp '', ivlp 'a photo of a', "
+            "maple 'a photo of a', promptsrc 'a photo of a')") in text
     assert "options of kgcoop and tcp (--method kgcoop|tcp): --kg-weight" in text
+    assert "options of ivlp and promptsrc (--method ivlp|promptsrc): --n-ctx-text" in text
 
 
 def test_clashes_and_unsupported_types_are_programming_errors():

@@ -28,14 +28,14 @@ def test_registry_lists_the_methods_with_their_kinds():
         "zeroshot": "none", "ensemble": "none", "linear_probe": "closed_form", "coop": "features",
         "cocoop": "features", "kgcoop": "features", "prograd": "features", "tcp": "features",
         "clip_adapter": "features", "tip_adapter": "closed_form", "tip_adapter_f": "closed_form",
-        "lp_plus_plus": "closed_form", "clap": "features"}
+        "lp_plus_plus": "closed_form", "clap": "features", "ivlp": "images", "maple": "images", "promptsrc": "images"}
     assert [name for name, spec in METHODS.items() if not spec.transfers] == [
         "linear_probe", "tip_adapter", "tip_adapter_f", "lp_plus_plus", "clap"]
     assert all(spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TypeError):
         METHODS["mine"] = METHODS["coop"]  # type: ignore[index]
-    with pytest.raises(ConfigError, match="unknown method 'maple'"):
-        get_method("maple")
+    with pytest.raises(ConfigError, match="unknown method 'mapel'"):
+        get_method("mapel")
 
 
 def test_defaults_are_the_papers():

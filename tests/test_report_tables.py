@@ -120,10 +120,31 @@ def test_base2novel_harmonic_mean_from_averaged_accuracies(tmp_path):
     assert summary.title == "Base-to-novel: Average (2 datasets)"
     labels = [r.label for r in summary.rows]
     assert labels == ["CoOp", "Zero-shot CLIP (published)", "CoOp (published)", "CoCoOp (published)",
-                      "KgCoOp (published)", "ProGrad (published)", "TCP (published)", "MaPLe (published)",
-                      "PromptSRC (published)"]
+                      "KgCoOp (published)", "ProGrad (published)", "TCP (published)", "IVLP (published)",
+                      "MaPLe (published)", "PromptSRC (published)"]
     assert [c.markdown() for c in summary.rows[3].cells] == ["80.47", "71.69", "75.83"]
     assert csv_rows(summary)[4][-3:] == ["ViT-B/16", "CoCoOp (CVPR 2022) Table 1, mean of 11 datasets", ""]
+
+
+def test_published_base_to_novel_numbers_of_the_deep_prompt_methods():
+    """Per dataset (recalled, so labelled) they are self-consistent: H = 2BN/(B+N) to the printed 0.01, and their
+    11-dataset means are the published means."""
+    for method in ("maple", "promptsrc"):
+        rows = {}
+        for dataset in ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                        "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"):
+            cells = [pub.lookup(method, dataset, dataset, subset, 16, "ViT-B/16") for subset in
+                     ("base", "new", pub.HARMONIC)]
+            assert all(c is not None and c.recalled for c in cells), (method, dataset)
+            base, new, h = (c.accuracy for c in cells)
+            assert abs(2 * base * new / (base + new) - h) < 0.006, (method, dataset)
+            rows[dataset] = (base, new)
+        for index, subset in enumerate(("base", "new")):
+            mean = sum(row[index] for row in rows.values()) / 11
+            published = pub.lookup(method, pub.AVERAGE, pub.AVERAGE, subset, 16, "ViT-B/16")
+            assert not published.recalled and abs(mean - published.accuracy) < 0.006, (method, subset)
+    assert pub.lookup("maple", "DTD", "dtd", "new", 16, "ViT-B-16.pt").accuracy == 59.18
+    assert pub.lookup("ivlp", pub.AVERAGE, pub.AVERAGE, pub.HARMONIC, 16, "ViT-B/16").accuracy == 77.51
 
 
 def test_base_without_novel_is_listed_and_has_no_h(tmp_path):
@@ -246,8 +267,8 @@ def test_published_lookup():
     # the published base-to-novel H values agree with H of the published base and novel means (to rounding)
     bases = pub.dataset_averages("ViT-B/16", "base")
     assert [(v.method, v.shots) for v in bases] == [
-        ("zeroshot", None), ("coop", 16), ("cocoop", 16), ("kgcoop", 16), ("prograd", 16), ("tcp", 16), ("maple", 16),
-        ("promptsrc", 16)]
+        ("zeroshot", None), ("coop", 16), ("cocoop", 16), ("kgcoop", 16), ("prograd", 16), ("tcp", 16), ("ivlp", 16),
+        ("maple", 16), ("promptsrc", 16)]
     for base in bases:
         n, h = (pub.lookup(base.method, pub.AVERAGE, pub.AVERAGE, subset, base.shots, "ViT-B/16")
                 for subset in ("new", pub.HARMONIC))

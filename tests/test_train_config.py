@@ -205,8 +205,8 @@ def test_help_text_comes_from_the_fields():
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, TrainConfig, exclude=("seed",))
     text = " ".join(parser.format_help().split())
-    assert "base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1) (default: method default)" \
-        in text
+    assert ("base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1, IVLP and PromptSRC 0.0025, "
+            "MaPLe 0.0035) (default: method default)") in text
     assert "epoch e shows image i its view (e + offset_i) % V" in text
     assert "--seed" not in text
 

@@ -151,14 +151,14 @@ def evaluate(method: Any, data: DatasetSplits, *, split: str = "test", precision
     ``vlprompt.data.subsample_classes(data, "new")``. ``precision``: "auto" (bf16 where this machine's cached probe
     finds it faster, CUDA: where supported), "fp32" (exact), "bf16" or "fp16".
     """
-    from vlprompt.stages import FeatureOptions, eval_features, open_feature_cache, require_images, score
+    from vlprompt.stages import FeatureOptions, evaluation_features, open_feature_cache, require_images, score
 
-    _spec_of(method)
+    spec = _spec_of(method)
     _require_same_classes(method, data)
     require_images(data, split)
     options = FeatureOptions(device=method.clip.device, precision=precision, cache=open_feature_cache(feature_cache),
                              progress=progress)
-    features = eval_features(method.clip, data, split, options)
+    features = evaluation_features(spec, method, method.clip, data, split, options)
     metrics, _ = score(method, features, list(data.classnames), options)
     return metrics
 

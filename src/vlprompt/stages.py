@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from vlprompt.features.extract import FeatureSet
     from vlprompt.methods import MethodSpec
     from vlprompt.training.loop import CheckpointStore, EpochStats
+    from vlprompt.training.sources import ImageTrainSet
 
 logger = logging.getLogger(__name__)
 
@@ -245,11 +246,11 @@ class FitOutcome:
 
 
 def training_sets(spec: MethodSpec, clip: CLIP, data: DatasetSplits, train: TrainConfig,
-                  options: FeatureOptions) -> tuple[FeatureSet | None, FeatureSet | None]:
+                  options: FeatureOptions) -> tuple[FeatureSet | ImageTrainSet | None, FeatureSet | None]:
     """``(train_set, val_set)`` a method learns from, as its registry entry declares: augmented views for the SGD loop
-    on cached features (``train.views``), eval-transform validation features and eval-transform train features (or,
-    with ``spec.fit_views``, augmented views as the SGD loop gets them) for a closed-form fit, nothing for methods
-    without training images."""
+    on cached features (``train.views``), the training images for the SGD loop through the towers (same view pool),
+    eval-transform validation features and eval-transform train features (or, with ``spec.fit_views``, augmented
+    views as the SGD loop gets them) for a closed-form fit, nothing for methods without training images."""
     from vlprompt.methods import Training
 
     if spec.training is Training.FEATURES:
@@ -260,13 +261,54 @@ def training_sets(spec: MethodSpec, clip: CLIP, data: DatasetSplits, train: Trai
                                                                                                  options)
         return fitted, val
     if spec.training is Training.IMAGES:
-        raise ConfigError(f"method {spec.name} trains with images through the towers, which this version cannot do")
+        return train_images(clip, data, train, options), None
     return None, None
 
 
-def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | None, val_set: FeatureSet | None, *,
-               train: TrainConfig | None = None, run_dir: CheckpointStore | None = None, device: torch.device | None = None,
-               on_epoch_end: Callable[[EpochStats], None] | None = None, progress: bool | None = None) -> FitOutcome:
+def train_images(clip: CLIP, splits: DatasetSplits, train: TrainConfig, options: FeatureOptions) -> ImageTrainSet:
+    """The training images of an image-in-the-loop method (decoded and augmented on the fly by the training loop),
+    with the same pool of augmented views as :func:`train_features` (``train.views``, :data:`AUGMENTATION_POOL_SEED`).
+
+    With ``options.on_error == "skip"`` every image is decoded once here and the unreadable ones are left out."""
+    from vlprompt.training.sources import image_train_set
+
+    with options.timed():
+        images = image_train_set(splits.image_dir, splits.train, resolution=clip.config.image_resolution,
+                                 views=train.num_views, pool_seed=AUGMENTATION_POOL_SEED,
+                                 num_workers=options.num_workers, skip_unreadable=options.on_error == "skip",
+                                 progress=options.progress)
+    options.skipped.extend(path for path in images.skipped if path not in options.skipped)
+    if not images.items:
+        from vlprompt.errors import DatasetError
+
+        raise DatasetError(f"none of the {len(images.skipped)} training images of {splits.name} can be read")
+    return images
+
+
+def evaluation_features(spec: MethodSpec, method: Any, clip: CLIP, splits: DatasetSplits, split: str,
+                  options: FeatureOptions) -> FeatureSet:
+    """The image features ``method``'s classifier scores on ``split``, as its registry entry declares: the frozen
+    tower's (cached) evaluation features, or for ``Training.IMAGES`` the method's own prompted image tower
+    (``method.encode_images``) over the split, computed once per evaluation and never cached."""
+    from vlprompt.methods import Training
+
+    if spec.training is not Training.IMAGES:
+        return eval_features(clip, splits, split, options)
+    from vlprompt.features.extract import extract_features
+
+    method.eval()
+    with options.timed():
+        return options.note_skipped(extract_features(
+            clip, splits.image_dir, splits.split(split), device=options.device,
+            precision=options.precision, batch_size=options.batch_size,  # type: ignore[arg-type]
+            num_workers=options.num_workers, cache=None, progress=options.progress,
+            on_error=options.on_error, encoder=method.encode_images))  # type: ignore[arg-type]
+
+
+def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | ImageTrainSet | None,
+               val_set: FeatureSet | None, *, train: TrainConfig | None = None, run_dir: CheckpointStore | None = None,
+               device: torch.device | None = None, on_epoch_end: Callable[[EpochStats], None] | None = None,
+               progress: bool | None = None) -> FitOutcome:
     """Fit ``method`` as its registry entry declares (``spec.training``): the SGD loop
     (:func:`vlprompt.training.loop.train`, ``train`` resolved; checkpoints into ``run_dir`` and resumes from one),
     ``method.fit(train_set, val_set, seed=...)`` for a closed-form fit, nothing otherwise. An SGD-trained method may

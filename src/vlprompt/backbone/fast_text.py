@@ -15,6 +15,10 @@ CLIP's text tower is causal and read at the end-of-text (EOT) token, which gives
    in one matmul (only attention is split), so each weight is read once per layer forward and once backward: with
    few prompts (CoCoOp, K=10) the rows are few and the step is bound by reading the weights, not by FLOPs.
 
+Both take the text tower's :class:`~vlprompt.backbone.extension.TowerExtension` (deep prompts shared by all classes,
+q/k/v updates): deep prompts replace positions inside the shared prefix, so they are applied to the prefix rows only
+and the shortcuts stay exact (deep prompts outside the prefix are refused there: use :func:`encode_trimmed`).
+
 Both give the plain 77-token result (:func:`encode_full`, i.e. ``clip.encode_text_embeddings``) up to floating-point
 rounding (summation order differs; fp32 differences are ~1e-6 of the feature scale). They work under autocast
 (bf16 on CPU, fp16/bf16 on CUDA) and run no Python loop over prompts or images, only over layers.
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlprompt.backbone.extension import TowerExtension, is_active
 from vlprompt.backbone.model import CLIP, SelfAttention
 
 MIN_BUCKET_GAIN = 0.02
@@ -50,14 +55,15 @@ def trimmed_length(eot_index: Tensor) -> int:
     return int(eot_index.max()) + 1
 
 
-def encode_full(clip: CLIP, x: Tensor, eot_index: Tensor) -> Tensor:
+def encode_full(clip: CLIP, x: Tensor, eot_index: Tensor, extension: TowerExtension | None = None) -> Tensor:
     """The plain path: text features ``[N, D]`` of token embeddings ``x`` ``[N, L, width]`` at all L positions."""
-    return clip.encode_text_embeddings(x, eot_index)
+    return clip.encode_text_embeddings(x, eot_index, extension)
 
 
-def encode_trimmed(clip: CLIP, x: Tensor, eot_index: Tensor) -> Tensor:
-    """As :func:`encode_full`, running only the positions up to the last EOT (exact: later ones are never read)."""
-    return clip.encode_text_embeddings(x[:, : trimmed_length(eot_index)], eot_index)
+def encode_trimmed(clip: CLIP, x: Tensor, eot_index: Tensor, extension: TowerExtension | None = None) -> Tensor:
+    """As :func:`encode_full`, running only the positions up to the last EOT (exact: later ones are never read;
+    deep prompts must lie before the EOT positions, as those at the start of a prompt do)."""
+    return clip.encode_text_embeddings(x[:, : trimmed_length(eot_index)], eot_index, extension)
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def _plan_sorted(length_counts: tuple[tuple[int, int], ...], max_buckets: int, m
 
 
 def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: Tensor, *,
-                         max_buckets: int = 4) -> Tensor:
+                         max_buckets: int = 4, extension: TowerExtension | None = None) -> Tensor:
     """Text features ``[B, K, D]`` of the B x K prompts ``prefix[b] + suffix[b, k]``, with each prefix computed once.
 
     ``prefix``: ``[B, P, width]`` token embeddings (no positional embedding) shared by the K prompts of row b
@@ -138,7 +144,9 @@ def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: 
     The prefix rows and all buckets' rows run through the layers together (:func:`_run_layers`: one matmul per
     weight per layer), each suffix attending to its row's prefix keys and values, and the features are read in
     prompt order. Gradients reach the prefix from every bucket through autograd. ``max_buckets=1`` is the single
-    padded pass.
+    padded pass. ``extension``: the text tower's deep prompts, whose edits must replace positions inside the prefix
+    (they are applied to the prefix rows before their block), and q/k/v updates (applied to every row).
+    Activation checkpointing is not applied on this path (its activations are a small part of a step's memory).
     """
     if prefix.ndim != 3 or suffix.ndim != 4:
         raise ValueError(f"prefix must be [B, P, width] and suffix [B, K, S, width], got {tuple(prefix.shape)} and "
@@ -153,6 +161,16 @@ def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: 
     suffix_len = trimmed_length(eot_index) - prefix_len
     if suffix.shape[2] < suffix_len:
         raise ValueError(f"suffix holds {suffix.shape[2]} positions, the EOT positions need {suffix_len}")
+    if is_active(extension):
+        assert extension is not None
+        extension.check_text()
+        extension.check_layers(clip.config.transformer_layers, "text")
+        for layer, edit in extension.blocks.items():
+            if edit.position is None or edit.position < 0 or edit.position + edit.count > prefix_len:
+                raise ValueError(f"the edit of block {layer} (position {edit.position}, {edit.count} tokens) lies "
+                                 f"outside the shared prefix of {prefix_len} positions; use encode_trimmed")
+    else:
+        extension = None
 
     needed = eot_index.to(prefix.device) - prefix_len + 1  # [K] suffix positions each prompt needs
     plan = plan_buckets(needed.tolist(), max_buckets)
@@ -181,14 +199,14 @@ def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: 
         buckets.append((count, length, causal))
         offset += batch * count * length
     hidden = torch.cat(rows)
-    hidden = _run_layers(clip, hidden, batch, prefix_len, buckets)  # suffix rows only
+    hidden = _run_layers(clip, hidden, batch, prefix_len, buckets, extension)  # suffix rows only
     features = clip.ln_final(hidden.index_select(0, read_rows.flatten()))
     return (features @ clip.text_projection.to(features.dtype)).view(batch, num_prompts, -1)
 
 
 def _run_layers(clip: CLIP, hidden: Tensor, batch: int, prefix_len: int,
                 buckets: list[tuple[int, int, Tensor]], blocks: Sequence[torch.nn.Module] | None = None,
-                keep_prefix: bool = False) -> Tensor:
+                keep_prefix: bool = False, extension: TowerExtension | None = None) -> Tensor:
     """All layers (or ``blocks``) over the row matrix ``hidden`` ``[B*P + sum_b B*n_b*S_b, w]``; returns the final
     suffix rows (``keep_prefix``: all rows, the prefix's first).
 
@@ -196,17 +214,27 @@ def _run_layers(clip: CLIP, hidden: Tensor, batch: int, prefix_len: int,
     weight is read once per layer forward and once backward whatever the number of buckets; only attention is split:
     the prefix attends causally to itself, each bucket's suffixes to their row's prefix keys/values and causally to
     their own positions (:func:`_attend_suffix`). The last layer's prefix rows are never read afterwards (only their
-    keys and values), so that layer's output projection and MLP run on the suffix rows only.
+    keys and values), so that layer's output projection and MLP run on the suffix rows only. ``extension``'s block
+    edits replace prefix positions (checked by the caller); its q/k/v update applies to every row.
     """
     blocks = list(clip.transformer.resblocks) if blocks is None else list(blocks)
     prefix_rows = batch * prefix_len
     sizes = [prefix_rows] + [batch * count * length for count, length, _ in buckets]
+    edits = extension.blocks if extension is not None else {}
+    delta = extension.qkv_delta if extension is not None else None
     for layer, block in enumerate(blocks):
         attn = block.attn
         heads = attn.heads
         width = hidden.shape[-1]
         head_dim = width // heads
-        qkv = F.linear(block.ln_1(hidden), attn.in_proj_weight, attn.in_proj_bias)  # [R, 3w]
+        edit = edits.get(layer)
+        if edit is not None:  # deep prompts: the prefix rows of every row b get this layer's tokens
+            prefix_part = edit.apply(hidden[:prefix_rows].view(batch, prefix_len, width))
+            hidden = torch.cat([prefix_part.reshape(prefix_rows, width), hidden[prefix_rows:]])
+        normed = block.ln_1(hidden)
+        qkv = F.linear(normed, attn.in_proj_weight, attn.in_proj_bias)  # [R, 3w]
+        if delta is not None:
+            qkv = qkv + delta(layer, normed)
         # one split (its backward concatenates the parts' gradients once; separate slices would each zero-fill a
         # gradient of the whole matrix)
         parts = qkv.split(sizes)

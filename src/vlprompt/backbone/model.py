@@ -3,7 +3,9 @@
 The modules mirror OpenAI CLIP's ``model.py`` parameter for parameter (an OpenAI state dict loads with
 ``load_state_dict`` as is), but attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`,
 activations are batch-first, and the text tower can be fed token *embeddings* (:meth:`CLIP.encode_text_embeddings`)
-so prompt learners can insert learned context vectors.
+so prompt learners can insert learned context vectors. Both towers take an optional
+:class:`~vlprompt.backbone.extension.TowerExtension` (deep prompts at chosen layers, low-rank q/k/v updates,
+activation checkpointing); without one they run exactly the plain computation.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from vlprompt.errors import CheckpointError
+from vlprompt.backbone.extension import QkvDelta, TowerExtension, is_active
+from vlprompt.errors import CheckpointError, ConfigError
 
 HEAD_WIDTH = 64  # OpenAI CLIP uses 64-wide attention heads everywhere
 
@@ -105,10 +109,14 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Project [N, L, D] to per-head q, k, v of shape [N, heads, L, D/heads]."""
+    def qkv(self, x: Tensor, delta: QkvDelta | None = None, layer: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Project [N, L, D] to per-head q, k, v of shape [N, heads, L, D/heads]; ``delta(layer, x)`` (an extension's
+        low-rank update, ``[N, L, 3D]``) is added to the joint projection when given."""
         n, length, width = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        projected = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if delta is not None:
+            projected = projected + delta(layer, x)
+        q, k, v = projected.chunk(3, dim=-1)
         shape = (n, length, self.heads, width // self.heads)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
@@ -117,8 +125,8 @@ class SelfAttention(nn.Module):
         n, heads, length, head_dim = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(n, length, heads * head_dim))
 
-    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
-        q, k, v = self.qkv(x)
+    def forward(self, x: Tensor, causal: bool = False, delta: QkvDelta | None = None, layer: int = 0) -> Tensor:
+        q, k, v = self.qkv(x, delta, layer)
         return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
 
@@ -140,8 +148,8 @@ class ResidualAttentionBlock(nn.Module):
         )
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: Tensor, causal: bool = False, delta: QkvDelta | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, delta=delta, layer=layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -155,9 +163,23 @@ class Transformer(nn.Module):
         self.causal = causal
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
 
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.resblocks:
-            x = block(x, causal=self.causal)
+    def forward(self, x: Tensor, extension: TowerExtension | None = None) -> Tensor:
+        if not is_active(extension):
+            for block in self.resblocks:
+                x = block(x, causal=self.causal)
+            return x
+        assert extension is not None
+        extension.check_layers(self.layers, "text" if self.causal else "image")
+        recompute = extension.checkpoint and torch.is_grad_enabled()
+        for layer, block in enumerate(self.resblocks):
+            edit = extension.blocks.get(layer)
+            if edit is not None:
+                x = edit.apply(x)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, self.causal, extension.qkv_delta, layer,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, self.causal, extension.qkv_delta, layer)
         return x
 
 
@@ -182,12 +204,15 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, extension: TowerExtension | None = None) -> Tensor:
+        """Image features [N, output_dim] read at the class token (position 0, which edits must leave in place)."""
         x = self.conv1(x)  # [N, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # [N, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        if extension is not None and extension.embed is not None:
+            x = extension.embed.apply(x)
+        x = self.transformer(self.ln_pre(x), extension)
         return self.ln_post(x[:, 0, :]) @ self.proj
 
 
@@ -284,7 +309,10 @@ class ModifiedResNet(nn.Module):
         layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, extension: TowerExtension | None = None) -> Tensor:
+        if is_active(extension):
+            raise ConfigError("a ResNet image tower has no token sequence: it cannot take prompts or q/k/v updates "
+                              "(use a ViT backbone)")
         x = x.to(self.conv1.weight.dtype)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
@@ -382,9 +410,14 @@ class CLIP(nn.Module):
         return self.config.context_length
 
     # -- towers -------------------------------------------------------------------------------------------------------
-    def encode_image(self, images: Tensor) -> Tensor:
-        """Image features [N, embed_dim] (not normalised) of pre-processed images [N, 3, R, R]."""
-        return self.visual(images.to(self.dtype))
+    def encode_image(self, images: Tensor, extension: TowerExtension | None = None) -> Tensor:
+        """Image features [N, embed_dim] (not normalised) of pre-processed images [N, 3, R, R].
+
+        ``extension``: deep prompts / q,k,v updates of the image tower (ViT only; a ResNet raises ConfigError).
+        """
+        if extension is None:
+            return self.visual(images.to(self.dtype))
+        return self.visual(images.to(self.dtype), extension)
 
     def encode_text(self, ids: Tensor) -> Tensor:
         """Text features [N, embed_dim] (not normalised) of token ids [N, L], L <= context length.
@@ -395,22 +428,26 @@ class CLIP(nn.Module):
             raise ValueError(f"token ids must be [N, L], got shape {tuple(ids.shape)}")
         return self.encode_text_embeddings(self.token_embedding(ids), ids.argmax(dim=-1))
 
-    def encode_text_embeddings(self, x: Tensor, eot_index: Tensor) -> Tensor:
+    def encode_text_embeddings(self, x: Tensor, eot_index: Tensor, extension: TowerExtension | None = None) -> Tensor:
         """Text features from token embeddings.
 
         ``x`` [N, L, width] are token embeddings *without* the positional embedding (prompt learners replace some
         of them with learned vectors); ``eot_index`` [N] gives the position of each sequence's end-of-text token, where
         the feature is read. Causal attention means positions after ``eot_index`` never influence the result.
+        ``extension``: deep text prompts (replacing edits) / q,k,v updates of the text tower.
         """
-        return self.text_features_from_hidden(self.text_hidden(x), eot_index)
+        return self.text_features_from_hidden(self.text_hidden(x, extension), eot_index)
 
-    def text_hidden(self, x: Tensor) -> Tensor:
+    def text_hidden(self, x: Tensor, extension: TowerExtension | None = None) -> Tensor:
         """Hidden states [N, L, width] of the text transformer (before ``ln_final``) from token embeddings."""
         length = x.shape[1]
         if length > self.config.context_length:
             raise ValueError(f"text length {length} exceeds the context length {self.config.context_length}")
         x = x.to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
-        return self.transformer(x)
+        if extension is None:
+            return self.transformer(x)
+        extension.check_text()
+        return self.transformer(x, extension)
 
     def text_features_from_hidden(self, hidden: Tensor, eot_index: Tensor) -> Tensor:
         """``ln_final`` at the end-of-text positions, then the text projection."""

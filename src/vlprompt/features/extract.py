@@ -120,6 +120,7 @@ def extract_features(
     on_error: OnError = "raise",
     progress: bool | None = None,
     distributed: bool | None = None,
+    encoder: Callable[[Tensor], Tensor] | None = None,
 ) -> FeatureSet:
     """Evaluation features ``[N, D]`` of ``items`` (paths relative to ``image_dir``), in item order.
 
@@ -133,11 +134,16 @@ def extract_features(
     is a terminal; progress lines go to the ``vlprompt.progress`` logger either way
     (:mod:`vlprompt.common.progress`). ``distributed``: split the work over the ranks of the initialised process
     group (default: whenever one is initialised).
+    ``encoder``: the image tower to run instead of ``clip.encode_image`` (an image-in-the-loop method's prompted
+    tower, ``method.encode_images``); its features depend on learned prompts, so they are never cached (``cache``
+    must be None).
     """
+    if encoder is not None and cache is not None:
+        raise ConfigError("features of a method's own (prompted) image tower are not cached: pass cache=None")
     transform = transform if transform is not None else EvalTransform(clip.config.image_resolution)
     return _extract(clip, image_dir, items, transform=transform, views=None, seed=0, device=device,
                     precision=precision, batch_size=batch_size, num_workers=num_workers, cache=cache,
-                    on_error=on_error, progress=progress, distributed=distributed)
+                    on_error=on_error, progress=progress, distributed=distributed, encoder=encoder)
 
 
 def augmented_views(
@@ -173,7 +179,7 @@ def augmented_views(
     transform = transform if transform is not None else TrainTransform(clip.config.image_resolution)
     return _extract(clip, image_dir, items, transform=transform, views=numbers, seed=seed, device=device,
                     precision=precision, batch_size=batch_size, num_workers=num_workers, cache=cache,
-                    on_error=on_error, progress=progress, distributed=distributed)
+                    on_error=on_error, progress=progress, distributed=distributed, encoder=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,7 +240,7 @@ def _collate(samples: Sequence[tuple[Tensor, int, int] | BadImage]) -> _Batch:
 def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item], *, transform: Callable[..., Tensor],
              views: list[int] | None, seed: int, device: str | torch.device | None, precision: str, batch_size: int,
              num_workers: int | str, cache: FeatureCache | None, on_error: str, progress: bool | None,
-             distributed: bool | None) -> FeatureSet:
+             distributed: bool | None, encoder: Callable[[Tensor], Tensor] | None) -> FeatureSet:
     _check_options(precision, batch_size, num_workers, on_error)
     target = _resolve_device(clip, device)
     precision = resolve_precision(precision, target)
@@ -255,7 +261,7 @@ def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item
         encoded = _compute(clip, image_dir, local, todo, rows, keys, cache, transform=transform, views=views,
                            seed=seed, device=target, precision=precision, batch_size=batch_size,
                            num_workers=num_workers, bad=bad, stop_encoding_on_error=on_error == "raise",
-                           progress=progress, rank=rank)
+                           progress=progress, rank=rank, encoder=encoder)
         logger.info("image features (rank %d of %d): %d images x %d view(s), %d rows from the cache, %d encoded "
                     "(%s)", rank, world, len(local), num_views, served, encoded, precision)
     except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
@@ -381,7 +387,7 @@ def _compute(clip: CLIP, image_dir: Path, local: list[Item], todo: list[tuple[in
              keys: list[list[str]] | None, cache: FeatureCache | None, *, transform: Callable[..., Tensor],
              views: list[int] | None, seed: int, device: torch.device, precision: str, batch_size: int,
              num_workers: int | str, bad: dict[int, str], stop_encoding_on_error: bool, progress: bool | None,
-             rank: int) -> int:
+             rank: int, encoder: Callable[[Tensor], Tensor] | None = None) -> int:
     """Decode and encode the images of ``todo`` into ``rows`` (and the cache); bad files go to ``bad``.
 
     Decoded rows are gathered into tower batches of exactly ``batch_size`` (the last one excepted), whatever the views
@@ -401,29 +407,31 @@ def _compute(clip: CLIP, image_dir: Path, local: list[Item], todo: list[tuple[in
                                          pin_memory=device.type == "cuda")
     total_rows = sum(len(slots) for _, slots in todo)
     unit = "view" if views is not None else "img"
-    encoder = _BatchedEncoder(clip, rows, keys, cache, device=device, precision=precision, batch_size=batch_size)
+    batched = _BatchedEncoder(encoder or clip.encode_image, rows, keys, cache, device=device, precision=precision,
+                              batch_size=batch_size)
     with make_progress(total_rows, "image features", unit, show=progress if rank == 0 else False,
                        lines=rank == 0) as shown, _eval_mode(clip), torch.inference_mode():
-        encoder.progress = shown
+        batched.progress = shown
         for batch in loader:
             for b in batch.bad:
                 bad[int(job_items[b.index])] = b.reason
             if bad and stop_encoding_on_error:
-                encoder.drop()  # nothing more is encoded: the call fails once every bad file is listed
+                batched.drop()  # nothing more is encoded: the call fails once every bad file is listed
                 continue
             if batch.pixels.shape[0]:
-                encoder.add(batch.pixels, slot_table[batch.jobs, batch.slots], job_items[batch.jobs])
+                batched.add(batch.pixels, slot_table[batch.jobs, batch.slots], job_items[batch.jobs])
         if not (bad and stop_encoding_on_error):
-            encoder.flush()
-    return encoder.encoded
+            batched.flush()
+    return batched.encoded
 
 
 class _BatchedEncoder:
     """Collects decoded rows and encodes them ``batch_size`` at a time into ``rows`` and the cache."""
 
-    def __init__(self, clip: CLIP, rows: Tensor, keys: list[list[str]] | None, cache: FeatureCache | None, *,
+    def __init__(self, encode: Callable[[Tensor], Tensor], rows: Tensor, keys: list[list[str]] | None,
+                 cache: FeatureCache | None, *,
                  device: torch.device, precision: str, batch_size: int) -> None:
-        self.clip, self.rows, self.keys, self.cache = clip, rows, keys, cache
+        self.encode, self.rows, self.keys, self.cache = encode, rows, keys, cache
         self.device, self.precision, self.batch_size = device, precision, batch_size
         self.pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (pixels, view slots, local items)
         self.count = 0
@@ -451,7 +459,7 @@ class _BatchedEncoder:
             self.pending = [] if pixels.shape[0] == size else [(pixels[size:], slots[size:], items[size:])]
             pixels, slots, items = pixels[:size], slots[:size], items[:size]
         self.count -= size
-        features = _encode(self.clip, pixels, self.device, self.precision)
+        features = _encode(self.encode, pixels, self.device, self.precision)
         self.rows[slots, items] = features
         self.encoded += size
         if self.cache is not None and self.keys is not None:
@@ -460,11 +468,12 @@ class _BatchedEncoder:
             self.progress.update(size)
 
 
-def _encode(clip: CLIP, pixels: Tensor, device: torch.device, precision: str) -> Tensor:
-    """``clip.encode_image`` of one batch under the requested autocast; float32 on the CPU."""
+def _encode(encode: Callable[[Tensor], Tensor], pixels: Tensor, device: torch.device, precision: str) -> Tensor:
+    """``encode`` (``clip.encode_image``, or a method's prompted tower) of one batch under the requested autocast;
+    float32 on the CPU."""
     pixels = pixels.to(device, non_blocking=device.type == "cuda")
     with autocast_for(device, precision):
-        features = clip.encode_image(pixels)
+        features = encode(pixels)
     return features.float().cpu()
 
 

@@ -230,9 +230,10 @@ def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfi
                   fit: FitOutcome, run_dir: RunDir | None) -> dict[str, Any]:
     """Test metrics on the run's own dataset and subset, written as results.json (the run is then finished)."""
     from vlprompt.harness.rundir import result_payload
-    from vlprompt.stages import eval_features, score
+    from vlprompt.methods import get_method
+    from vlprompt.stages import evaluation_features, score
 
-    test = eval_features(clip, data, "test", options)
+    test = evaluation_features(get_method(config.method), method, clip, data, "test", options)
     metrics, eval_s = score(method, test, data.classnames, options)
     timing = {"feature_s": options.seconds, "train_s": fit.seconds, "eval_s": eval_s}
     payload = result_payload(config, metrics, eval_dataset=data.name, subset=config.subset, timing=timing,
@@ -250,14 +251,14 @@ def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpe
                    config: RunConfig, options: FeatureOptions, run_dir: RunDir | None) -> None:
     """One EvalSpec: the method moved to the target's classes, its test metrics written as eval-<name>.json."""
     from vlprompt.harness.rundir import result_payload
-    from vlprompt.stages import adapt_method, eval_features, score
+    from vlprompt.stages import adapt_method, evaluation_features, score
 
     options.seconds = 0.0
     options.skipped = []
     try:
         adapted = adapt_method(method, spec, config.method_config, target,
                                same_dataset=same_dataset(eval_spec.dataset, config.dataset), seed=config.seed)
-        features = eval_features(clip, target, "test", options)
+        features = evaluation_features(spec, adapted, clip, target, "test", options)
         metrics, seconds = score(adapted, features, target.classnames, options)
     except VlpromptError as exc:
         where = run_dir.path if run_dir is not None else "the run folder"
@@ -405,7 +406,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
     from vlprompt.stages import (
         FeatureOptions,
         adapt_method,
-        eval_features,
+        evaluation_features,
         open_feature_cache,
         require_images,
         score,
@@ -433,7 +434,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
         options = FeatureOptions(device=trained.device, precision=precision or config.train.precision,
                                  num_workers=config.train.num_workers, cache=open_feature_cache(feature_cache),
                                  progress=progress, on_error="skip" if config.skip_bad_images else "raise")
-        features = eval_features(trained.clip, target, "test", options)
+        features = evaluation_features(spec, method, trained.clip, target, "test", options)
         metrics, eval_s = score(method, features, target.classnames, options)
         payload = result_payload(config, metrics, eval_dataset=target.name, subset=subset,
                                  timing={"feature_s": options.seconds, "eval_s": eval_s},

@@ -1,8 +1,10 @@
 """The methods: zero-shot CLIP, prompt ensembling, linear probe, CoOp, CoCoOp, KgCoOp, ProGrad, TCP, CLIP-Adapter,
-Tip-Adapter(-F), LP++, CLAP; one explicit registry dict.
+Tip-Adapter(-F), LP++, CLAP, IVLP, MaPLe, PromptSRC; one explicit registry dict.
 
-Every method works on image features (``clip.encode_image`` output, float32, not normalised) and is an ``nn.Module``
-whose parameters and buffers are only its learned state (see "Method contract" in docs/architecture.md).
+Every method is an ``nn.Module`` whose parameters and buffers are only its learned state (see "Method contract" in
+docs/architecture.md). Most work on frozen image features (``clip.encode_image`` output, float32, not normalised);
+those declared ``Training.IMAGES`` (IVLP, MaPLe, PromptSRC) take pre-processed images, whose features depend on their
+prompts, and encode them with ``method.encode_images``.
 
 This package module imports nothing heavy: the configs live in :mod:`vlprompt.methods.configs` and each
 :class:`MethodSpec` builds its method through a lazy reference to the implementing module, which imports torch.
@@ -26,8 +28,11 @@ from vlprompt.methods.configs import (
     CoOpConfig,
     EnsembleConfig,
     KgCoOpConfig,
+    IVLPConfig,
     LinearProbeConfig,
     LPPlusPlusConfig,
+    MaPLeConfig,
+    PromptSRCConfig,
     TipAdapterConfig,
     TipAdapterFConfig,
     ProGradConfig,
@@ -36,12 +41,14 @@ from vlprompt.methods.configs import (
     clap_train_defaults,
     cocoop_train_defaults,
     coop_train_defaults,
+    ivlp_train_defaults,
     lp_plus_plus_train_defaults,
+    maple_train_defaults,
     no_train_defaults,
+    promptsrc_train_defaults,
     tip_adapter_f_train_defaults,
     tip_adapter_train_defaults,
     kgcoop_train_defaults,
-    no_train_defaults,
     prograd_train_defaults,
     tcp_train_defaults,
 )
@@ -191,6 +198,21 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType({
         build=LazyBuild("vlprompt.methods.tcp:build_tcp"), train_defaults=tcp_train_defaults,
         description="TCP: class-aware tokens from the hand-crafted class embeddings enter the text tower at one layer",
     ),
+    "ivlp": MethodSpec(
+        name="ivlp", config_cls=IVLPConfig, training=Training.IMAGES,
+        build=LazyBuild("vlprompt.methods.ivlp:build_ivlp"), train_defaults=ivlp_train_defaults,
+        description="IVLP: independent deep prompts in the text and image towers (ViT backbones)",
+    ),
+    "maple": MethodSpec(
+        name="maple", config_cls=MaPLeConfig, training=Training.IMAGES,
+        build=LazyBuild("vlprompt.methods.maple:build_maple"), train_defaults=maple_train_defaults,
+        description="MaPLe: deep text prompts coupled to the image tower's prompts by learned linear maps (ViT)",
+    ),
+    "promptsrc": MethodSpec(
+        name="promptsrc", config_cls=PromptSRCConfig, training=Training.IMAGES,
+        build=LazyBuild("vlprompt.methods.promptsrc:build_promptsrc"), train_defaults=promptsrc_train_defaults,
+        description="PromptSRC: IVLP's prompts self-regulated towards the frozen CLIP, Gaussian prompt aggregation",
+    ),
 })
 """Every method, by name."""
 
@@ -237,10 +259,13 @@ __all__ = [
     "CoOpConfig",
     "EnsembleConfig",
     "KgCoOpConfig",
+    "IVLPConfig",
     "LazyBuild",
     "LPPlusPlusConfig",
     "LinearProbeConfig",
+    "MaPLeConfig",
     "MethodSpec",
+    "PromptSRCConfig",
     "TipAdapterConfig",
     "TipAdapterFConfig",
     "ProGradConfig",

@@ -154,6 +154,12 @@ class FrozenClipMethod(nn.Module):
         """Evaluation callable: image features [B, D] -> logits [B, K], with text features computed once here."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """The image features [B, D] :meth:`classifier` scores, of pre-processed images [B, 3, R, R]: the frozen
+        image tower's here; image-in-the-loop methods run their prompted tower."""
+        return self.clip.encode_image(images)
+
     def with_classnames(self, classnames: Sequence[str]) -> FrozenClipMethod:
         """The same method for another class list (cross-dataset evaluation)."""
         raise NotImplementedError

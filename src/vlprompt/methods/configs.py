@@ -538,6 +538,120 @@ class CLAPConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# deep prompts in both towers (trained with images through the towers)
+# Sources: MaPLe repository (github.com/muzairkhattak/multimodal-prompt-learning) configs/trainers/MaPLe/
+# vit_b16_c2_ep5_batch4_2ctx.yaml; PromptSRC repository (github.com/muzairkhattak/PromptSRC) configs/trainers/
+# {IVLP,PromptSRC}/vit_b16_c2_ep20_batch4_4+4ctx.yaml and trainers/promptsrc.py.
+
+
+def _check_ctx_init(value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"ctx_init must be a string, got {value!r}")
+
+
+def _check_non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _check_weight(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class IVLPConfig:
+    """IVLP: independent deep prompts in the text and image towers (the PromptSRC repository's IVLP baseline)."""
+
+    n_ctx_text: int = option(4, "text tokens per layer (official IVLP 4+4 config: N_CTX_TEXT 4)")
+    n_ctx_vision: int = option(4, "vision tokens per layer, 0 = no vision prompts (official: N_CTX_VISION 4)")
+    ctx_init: str = option(
+        "a photo of a",
+        "the prompts are '<ctx_init> <class>.'; the first n_ctx_text of its words start the first-layer text "
+        "context (official CTX_INIT); empty = random N(0, 0.02^2) context and 'X X ..' placeholders",
+    )
+    prompt_depth_text: int = option(9, "text layers that get prompts, 1 = the input only (official: 9)")
+    prompt_depth_vision: int = option(9, "image layers that get prompts, 0 = none (official: 9)")
+    fast_text: bool = option(True, "exact fast text encoding (shared prefix with the deep prompts computed once); "
+                                   "off = the plain 77-token path")
+
+    def __post_init__(self) -> None:
+        _check_positive_int("n_ctx_text", self.n_ctx_text)
+        _check_non_negative_int("n_ctx_vision", self.n_ctx_vision)
+        _check_positive_int("prompt_depth_text", self.prompt_depth_text)
+        _check_non_negative_int("prompt_depth_vision", self.prompt_depth_vision)
+        _check_ctx_init(self.ctx_init)
+
+
+@dataclass(frozen=True)
+class MaPLeConfig:
+    """MaPLe: text prompts and vision prompts made from them by learned linear couplings, in the first layers."""
+
+    n_ctx: int = option(2, "prompt tokens per layer, in both towers (official MaPLe config: N_CTX 2)")
+    ctx_init: str = option(
+        "a photo of a",
+        "the prompts are '<ctx_init> <class>.'; its first n_ctx words start the first-layer context (official "
+        "CTX_INIT; MaPLe learns 'a photo' and keeps 'of a'); empty = random N(0, 0.02^2)",
+    )
+    prompt_depth: int = option(9, "layers of both towers that get prompts (official: PROMPT_DEPTH 9; cross-dataset "
+                                  "config: 3)")
+    fast_text: bool = option(True, "exact fast text encoding (shared prefix with the deep prompts computed once); "
+                                   "off = the plain 77-token path")
+
+    def __post_init__(self) -> None:
+        _check_positive_int("n_ctx", self.n_ctx)
+        _check_positive_int("prompt_depth", self.prompt_depth)
+        _check_ctx_init(self.ctx_init)
+
+
+@dataclass(frozen=True)
+class PromptSRCConfig:
+    """PromptSRC: IVLP's prompts trained with self-regulation towards the frozen CLIP and Gaussian aggregation."""
+
+    n_ctx_text: int = option(4, "text tokens per layer (official: N_CTX_TEXT 4)")
+    n_ctx_vision: int = option(4, "vision tokens per layer, 0 = no vision prompts (official: N_CTX_VISION 4)")
+    ctx_init: str = option(
+        "a photo of a",
+        "the prompts are '<ctx_init> <class>.'; the first n_ctx_text of its words start the first-layer text "
+        "context (official CTX_INIT); empty = random N(0, 0.02^2)",
+    )
+    prompt_depth_text: int = option(9, "text layers that get prompts (official: 9 base-to-novel and few-shot, 3 "
+                                       "cross-dataset)")
+    prompt_depth_vision: int = option(9, "image layers that get prompts (official: 9; cross-dataset 3)")
+    text_loss_weight: float = option(25.0, "weight of the L1 between prompted and frozen text features (official "
+                                           "TEXT_LOSS_WEIGHT 25)")
+    image_loss_weight: float = option(10.0, "weight of the L1 between prompted and frozen image features "
+                                            "(official IMAGE_LOSS_WEIGHT 10)")
+    logit_loss_weight: float = option(1.0, "weight of the KL of the prompted from the frozen logits (official: 1, "
+                                           "fixed in trainers/promptsrc.py)")
+    text_templates: str = option("imagenet60", "template set the frozen text targets average over (official: the "
+                                               "60 ImageNet templates)", choices=tuple(TEMPLATE_SETS))
+    gpa: bool = option(True, "Gaussian prompt aggregation over the epochs (the final prompts are the weighted mean)")
+    gpa_mean: float = option(15.0, "mean (in epochs, 1-based) of the aggregation weights (official: 15 "
+                                   "base-to-novel; few-shot 30 or 45; cross-dataset 6)")
+    gpa_std: float = option(1.0, "standard deviation (in epochs) of the aggregation weights (official: 1 "
+                                 "base-to-novel; few-shot 30 or 5; cross-dataset 10)")
+    fast_text: bool = option(True, "exact fast text encoding (shared prefix with the deep prompts computed once); "
+                                   "off = the plain 77-token path")
+
+    def __post_init__(self) -> None:
+        _check_positive_int("n_ctx_text", self.n_ctx_text)
+        _check_non_negative_int("n_ctx_vision", self.n_ctx_vision)
+        _check_positive_int("prompt_depth_text", self.prompt_depth_text)
+        _check_non_negative_int("prompt_depth_vision", self.prompt_depth_vision)
+        _check_ctx_init(self.ctx_init)
+        for name in ("text_loss_weight", "image_loss_weight", "logit_loss_weight"):
+            _check_weight(name, getattr(self, name))
+        check_choice("text_templates", self.text_templates, tuple(TEMPLATE_SETS))
+        if isinstance(self.gpa_mean, bool) or not isinstance(self.gpa_mean, int | float) or \
+                not math.isfinite(self.gpa_mean):
+            raise ConfigError(f"gpa_mean must be a finite number, got {self.gpa_mean!r}")
+        if isinstance(self.gpa_std, bool) or not isinstance(self.gpa_std, int | float) or \
+                not math.isfinite(self.gpa_std) or self.gpa_std <= 0:
+            raise ConfigError(f"gpa_std must be a positive number, got {self.gpa_std!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # training defaults (the reference's per-method recipe)
 
 
@@ -622,3 +736,21 @@ def lp_plus_plus_train_defaults(shots: int | None = None, dataset: str | None = 
     """LP++: one augmented view of each training image (the official loader's single pass, RandomResizedCrop scale
     0.5-1 + flip)."""
     return {"views": 1, "crop_scale_min": 0.5}
+
+
+def ivlp_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """IVLP's official recipe (PromptSRC repository, IVLP 4+4 config): batch 4, 20 epochs, lr 0.0025; the rest
+    (momentum 0.9, weight decay 5e-4, 1 constant warm-up epoch at 1e-5, cosine) is TrainConfig's defaults."""
+    return {"batch_size": 4, "epochs": 20, "lr": 0.0025}
+
+
+def maple_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """MaPLe's official recipe (MaPLe repository, MaPLe 2ctx config): batch 4, 5 epochs, lr 0.0035 (cross-dataset
+    config: lr 0.0026, 2 epochs, depth 3); the rest is TrainConfig's defaults."""
+    return {"batch_size": 4, "epochs": 5, "lr": 0.0035}
+
+
+def promptsrc_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """PromptSRC's official base-to-novel recipe: batch 4, 20 epochs, lr 0.0025 (the few-shot config trains 50
+    epochs); the rest is TrainConfig's defaults."""
+    return {"batch_size": 4, "epochs": 20, "lr": 0.0025}

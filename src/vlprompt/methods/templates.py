@@ -8,7 +8,8 @@ Template sets for prompt ensembling (:data:`TEMPLATE_SETS`):
 
 - ``"coop7"``: the 7 ImageNet templates CoOp's prompt-ensembling baseline selects (``IMAGENET_TEMPLATES_SELECT``);
   the reference adds the dataset's own template for every dataset but ImageNet;
-- ``"clip80"``: the 80 ImageNet templates of CLIP's prompt-engineering notebook.
+- ``"clip80"``: the 80 ImageNet templates of CLIP's prompt-engineering notebook;
+- ``"imagenet60"``: the first 60 of them, the set PromptSRC averages its frozen text targets over.
 
 This module imports nothing heavy (the CLI reads it at start).
 """
@@ -118,9 +119,14 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
 )
 """CLIP's 80 ImageNet prompt-engineering templates."""
 
+IMAGENET_TEMPLATES_60: tuple[str, ...] = (IMAGENET_TEMPLATES[39], *IMAGENET_TEMPLATES[:39], *IMAGENET_TEMPLATES[40:60])
+"""The first 60 of CLIP's 80, "a photo of a {}." first: the templates PromptSRC averages its frozen text targets over
+(``IMAGENET_TEMPLATES`` of the official ``trainers/imagenet_templates.py``, in its order)."""
+
 TEMPLATE_SETS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "coop7": IMAGENET_TEMPLATES_SELECT,
     "clip80": IMAGENET_TEMPLATES,
+    "imagenet60": IMAGENET_TEMPLATES_60,
 })
 
 

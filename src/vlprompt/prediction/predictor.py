@@ -238,7 +238,7 @@ class Predictor:
 
         batch = torch.stack(pixels).to(self.device, dtype=self.clip.dtype)
         with torch.inference_mode(), autocast_for(self.device, self.precision):
-            features = self.clip.encode_image(batch).float()
+            features = self.method.encode_images(batch).float()  # the prompted tower for image-in-the-loop methods
         ranked = predict_topk(self._classifier, features, self.classnames, top_k, device=self.device,
                               precision=self.precision, progress=False)
         return [Prediction(source, tuple(name for name, _ in row), tuple(prob for _, prob in row))

@@ -46,7 +46,8 @@ class TrainConfig:
     ``crop_scale_min``, ``optimizer``, ``adam_eps``) stand for the method's defaults (:func:`resolve_train_config`).
     """
 
-    lr: float | None = option(None, "base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1)")
+    lr: float | None = option(None, "base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1, "
+                                    "IVLP and PromptSRC 0.0025, MaPLe 0.0035)")
     momentum: float = option(0.9, "SGD momentum (dampening 0, no Nesterov)")
     weight_decay: float | None = option(None, "weight decay (L2, added to the gradient) on the learned parameters; "
                                               "default: the method's (CoOp family 5e-4, CLAP 0)")
@@ -81,7 +82,10 @@ class TrainConfig:
     num_workers: int | Literal["auto"] = option("auto", "image decoding / augmentation worker processes of feature "
                                                         "extraction, overlapped with the image tower; auto = chosen "
                                                         "from the machine (CPU: 1 when there are 2+ cores, CUDA: "
-                                                        "up to 8), 0 = decode in the main process")
+                                                        "up to 8), 0 = decode in the main process; also the "
+                                                        "image-in-the-loop training data path")
+    activation_checkpointing: bool = option(False, "recompute the towers' activations in backward (image-in-the-loop "
+                                                   "methods): less memory, same results, about a third more compute")
     tensorboard: bool = option(False, "also write TensorBoard scalars into the run folder")
 
     def __post_init__(self) -> None:
@@ -114,6 +118,9 @@ class TrainConfig:
                 raise ConfigError(f"train.num_workers must be a non-negative integer or 'auto', got "
                                   f"{self.num_workers!r}")
             check_int("num_workers", self.num_workers, minimum=0, prefix="train.")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError(f"train.activation_checkpointing must be true or false, got "
+                              f"{self.activation_checkpointing!r}")
         if not isinstance(self.tensorboard, bool):
             raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
         if self.epochs is not None and self.warmup_epochs >= self.epochs:
@@ -203,7 +210,7 @@ def resolve_train_config(train: TrainConfig, *, method: str, shots: int, dataset
     return dataclasses.replace(train, **values).completed()
 
 
-TRAIN_NON_IDENTITY_FIELDS: tuple[str, ...] = ("device", "num_workers", "tensorboard")
+TRAIN_NON_IDENTITY_FIELDS: tuple[str, ...] = ("device", "num_workers", "tensorboard", "activation_checkpointing")
 """TrainConfig fields that do not change the learned parameters (where and how fast, and logging)."""
 
 

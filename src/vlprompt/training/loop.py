@@ -1,6 +1,11 @@
-"""The training loop of gradient-trained methods (CoOp, CoCoOp, ...), following the reference (Dassl) recipe.
+"""The one training loop of gradient-trained methods (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC), following the reference
+(Dassl) recipe.
 
-One flat function, :func:`train`, plus small pure helpers:
+One flat function, :func:`train`, plus small pure helpers. The loop takes its inputs from a source
+(:mod:`vlprompt.training.sources`): cached features for methods declared ``Training.FEATURES``, images decoded and
+augmented on the fly by DataLoader workers for ``Training.IMAGES`` (an :class:`~vlprompt.training.sources.
+ImageTrainSet`; the image tower then runs forward and backward through the method's prompts each step). Everything
+below holds for both:
 
 - SGD (momentum 0.9, dampening 0, no Nesterov, weight decay 5e-4) over ``method.parameters()`` only, or Adam
   (betas 0.9 / 0.999, L2 weight decay, ``adam_eps``) when ``config.optimizer`` says so (TCP's recipe).
@@ -10,8 +15,9 @@ One flat function, :func:`train`, plus small pure helpers:
   during the warm-up, so epoch ``warmup_epochs`` runs at the full ``lr`` and the cosine never reaches zero.
 - Each epoch visits the training set in a random order drawn from a generator seeded by (seed, epoch), in batches of
   ``batch_size`` with the last incomplete batch dropped when the set holds at least one full batch (else one smaller
-  batch), as Dassl's loader. In epoch ``e`` image ``i`` uses view ``(e + offset_i) % V`` of features [V, N, D], the
-  offsets drawn from the seed (:func:`epoch_view_indices`). Randomness inside the method's
+  batch), as Dassl's loader. In epoch ``e`` image ``i`` uses view ``(e + offset_i) % V`` (of the cached features
+  [V, N, D], or of the same pool of augmentations drawn from the images), the offsets drawn from the seed
+  (:func:`epoch_view_indices`). Randomness inside the method's
   forward (if any) is seeded per (seed, epoch) too, so a resumed run needs no RNG replay.
 - Cross-entropy on the logits; the last epoch is the final model. A method may add a term to the objective:
   ``method.regularizer()`` (optional) returns a scalar added to the batch-mean cross-entropy of each step, computed
@@ -23,6 +29,11 @@ One flat function, :func:`train`, plus small pure helpers:
   ``method.prepare(train_set)`` (optional), called once before the first epoch of every session with the training
   features (CLAP's multipliers from the zero-shot predictions); it must not depend on the learned state, so a resumed
   run prepares exactly as an uninterrupted one.
+- A method's forward may also return a :class:`TrainOutput`: its batch-dependent regulariser (PromptSRC) joins the
+  summed cross-entropy; after each epoch the method's ``finish_epoch(epoch, epochs)`` runs if it has one (PromptSRC's
+  prompt aggregation, whose state is part of the method's state dict and so of every checkpoint); the method at the end of
+  the last epoch is the final model. ``activation_checkpointing`` calls the method's
+  ``use_activation_checkpointing(True)`` (image-in-the-loop methods).
 - Precision: fp32, or autocast bf16 / fp16 (fp16 with gradient scaling); learned parameters and optimiser state stay
   fp32. ``auto`` is resolved by :func:`vlprompt.common.precision.resolve_precision` (measured once per machine); the
   concrete precision is logged, kept in each checkpoint, and a resumed ``auto`` run continues in its checkpoint's
@@ -42,10 +53,10 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +68,7 @@ from vlprompt.errors import CheckpointError, ConfigError, DatasetError, NonFinit
 from vlprompt.common.precision import autocast_for, resolve_precision
 from vlprompt.common.progress import progress as make_progress
 from vlprompt.common.vocab import PRECISIONS, derive_seed, seeded_torch
+from vlprompt.training.sources import ImageTrainSet, batch_source
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +92,15 @@ CHECKPOINT_FORMAT = 1
 
 class TrainingDiverged(RunError, NonFiniteError):
     """The loss, the learned parameters or the logits became NaN or infinite; the run stopped without saving."""
+
+
+class TrainOutput(NamedTuple):
+    """What a method's training forward may return instead of bare logits: the logits (the loop adds the
+    cross-entropy) and a regulariser, a scalar that is a mean over the batch given (the loop weights it by that
+    batch's size within the global batch, so under DDP the averaged gradient is the global batch's)."""
+
+    logits: torch.Tensor
+    regularizer: torch.Tensor
 
 
 class FeatureData(Protocol):
@@ -162,7 +183,8 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
 # --------------------------------------------------------------------------------------------------------- train
 
 
-def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run_dir: CheckpointStore | None = None,
+def train(method: nn.Module, train_set: FeatureData | ImageTrainSet, config: TrainConfig, *,
+          run_dir: CheckpointStore | None = None,
           device: str | torch.device | None = None, on_epoch_end: Callable[[EpochStats], None] | None = None,
           progress: bool | None = None) -> TrainResult:
     """Train ``method``'s parameters on ``train_set`` (SGD or Adam, see the module docstring); checkpoint into
@@ -177,7 +199,8 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
         raise ConfigError("train.epochs and train.batch_size must be set: call resolve_train_config() or set them")
     assert config.epochs is not None and config.batch_size is not None
     config = config.completed()  # lr / weight decay left to the method's default: the reference recipe
-    features, labels = _training_views(train_set)
+    source = batch_source(train_set)
+    labels = source.labels
     params = _learned_parameters(method)
     target = _training_device(method, config, device)
     method.to(target)
@@ -195,6 +218,13 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
     writer = run_dir if is_main else None
 
     max_label = int(labels.max())
+    if config.activation_checkpointing:
+        enable = getattr(method, "use_activation_checkpointing", None)
+        if enable is None:
+            raise ConfigError(f"{type(method).__name__} does not run the towers in training (it learns from cached "
+                              "features): activation checkpointing does not apply; leave it off")
+        enable(True)
+    finish_epoch = getattr(method, "finish_epoch", None)
     with contextlib.ExitStack() as stack:
         if writer is not None:
             stack.enter_context(writer.capture_logs())
@@ -215,9 +245,9 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
             stack.callback(board.close)
         bar = stack.enter_context(make_progress(config.epochs, "train", "epoch", show=progress if is_main else False,
                                                 lines=is_main, initial=result.start_epoch))
-        logger.info("training %d learned tensor(s) (%d values) on %d images x %d view(s), %d epochs, batch %d, "
-                    "precision %s%s, %s%s", len(params), sum(p.numel() for p in params), labels.numel(),
-                    features.shape[0], config.epochs, config.batch_size, precision,
+        logger.info("training %d learned tensor(s) (%d values) on %s, %d epochs, batch %d, "
+                    "precision %s%s, %s%s", len(params), sum(p.numel() for p in params), source.describe(),
+                    config.epochs, config.batch_size, precision,
                     " (auto)" if config.precision == "auto" else "", target,
                     f", {world} processes" if world > 1 else "")
         method.train()
@@ -226,18 +256,22 @@ def train(method: nn.Module, train_set: FeatureData, config: TrainConfig, *, run
             lr = lr_at_epoch(epoch, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            view = features[epoch_view_indices(features.shape[0], labels.numel(), config.seed, epoch),
-                            torch.arange(labels.numel())]
+            views = epoch_view_indices(source.num_views, labels.numel(), config.seed, epoch)
             batches = epoch_batches(labels.numel(), config.batch_size, config.seed, epoch)
+            shares = [batch.tensor_split(world)[rank] for batch in batches]
             try:
                 with seeded_torch(target, config.seed, "forward", epoch):
-                    totals = _train_epoch(model, method, params, optimizer, scaler, view, labels, batches, target,
+                    totals = _train_epoch(model, method, params, optimizer, scaler,
+                                          source.epoch(views, shares, target), labels, batches, shares, target,
                                           precision, max_label)
             except _NonFinite as bad:
                 raise _diverged(bad.what, epoch, bad.step, len(batches), lr, config, precision, run_dir,
                                 applied=bad.applied) from None
+            if finish_epoch is not None:  # end-of-epoch state of the method (PromptSRC's prompt aggregation)
+                finish_epoch(epoch, config.epochs)
             with seeded_torch(target, config.seed, "forward", epoch):
-                finite = _finite_logits(method, view, batches[0], target, precision)
+                first = next(iter(source.epoch(views, [batches[0]], target)))
+                finite = _finite_logits(method, first, target, precision)
             if not finite:
                 raise _diverged("the logits are non-finite after the epoch's last update", epoch, len(batches) - 1,
                                 len(batches), lr, config, precision, run_dir, applied=True)
@@ -274,26 +308,32 @@ class _NonFinite(Exception):
 
 
 def _train_epoch(model: nn.Module, method: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, view: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
-                 device: torch.device, precision: str, max_label: int) -> torch.Tensor:
-    """One pass over ``batches``; returns the global (cross-entropy sum, correct, count). Each rank takes its share of
-    every batch; a non-finite loss raises :class:`_NonFinite` on every rank before that step's update.
+                 scaler: torch.amp.GradScaler, inputs: Iterator[torch.Tensor], labels: torch.Tensor,
+                 batches: list[torch.Tensor], shares: list[torch.Tensor], device: torch.device, precision: str,
+                 max_label: int) -> torch.Tensor:
+    """One pass over ``batches``; returns the global (loss sum, correct, count). Each rank takes its share of every
+    batch (``shares``, whose inputs ``inputs`` yields in order); a non-finite loss raises :class:`_NonFinite` on
+    every rank before that step's update, non-finite parameters after it.
 
-    ``model`` is ``method`` or its DDP wrapper; the method's optional hooks (module docstring) are read from
+    ``model`` is ``method`` or its DDP wrapper. The method returns logits, or a :class:`TrainOutput` whose
+    ``regularizer`` (a mean over its batch) joins the summed cross-entropy weighted by the batch size; the method's
+    optional hooks (``regularizer()``, ``guide_loss`` / ``align_gradients``: module docstring) are read from
     ``method`` (:func:`step_objective`, :func:`apply_update`)."""
-    rank, world = dist.rank(), dist.world_size()
+    world = dist.world_size()
     totals = torch.zeros(3, dtype=torch.float64)
-    for step, batch in enumerate(batches):
-        local = batch.tensor_split(world)[rank]
-        x = view[local.to(view.device)].to(device, non_blocking=True)
+    for step, (batch, local, x) in enumerate(zip(batches, shares, inputs, strict=True)):
         y = labels[local].to(device, non_blocking=True)
         with autocast_for(device, precision):
-            logits = model(x)
+            output = model(x)
+        logits, batch_term = (output.logits, output.regularizer) if isinstance(output, TrainOutput) else \
+            (output, None)
         if logits.ndim != 2 or logits.shape[0] != local.numel() or logits.shape[1] <= max_label:
             raise DatasetError(f"the method returned logits of shape {tuple(logits.shape)} for a batch of "
                                f"{local.numel()} with labels up to {max_label}: do the training labels belong to "
                                "the method's classes?")
         loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+        if batch_term is not None:
+            loss_sum = loss_sum + batch_term.float() * local.numel()
         correct = (logits.argmax(dim=1) == y).sum().to(loss_sum.dtype)
         count = torch.full((), float(local.numel()), device=device)
         step_totals = dist.all_reduce_sum(torch.stack([loss_sum.detach(), correct, count]).double()).cpu()
@@ -320,15 +360,14 @@ def _finite_parameters(optimizer: torch.optim.Optimizer) -> bool:
     return bool(torch.stack(sums).isfinite().all())
 
 
-def _finite_logits(method: nn.Module, view: torch.Tensor, batch: torch.Tensor, device: torch.device,
-                   precision: str) -> bool:
+def _finite_logits(method: nn.Module, inputs: torch.Tensor, device: torch.device, precision: str) -> bool:
     """Whether the method's logits on one training batch are finite after the epoch: parameters can stay finite yet
     grow so large that the text tower overflows (a divergence in the last update shows here, not in any loss)."""
     was_training = method.training
     method.eval()
     try:
         with torch.no_grad(), autocast_for(device, precision):
-            logits = method(view[batch.to(view.device)].to(device))
+            logits = method(inputs.to(device))
         return bool(logits.float().isfinite().all())
     finally:
         method.train(was_training)
@@ -386,32 +425,6 @@ def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.op
         return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=eps, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, dampening=0.0,
                            weight_decay=config.weight_decay, nesterov=False)
-
-
-def _training_views(train_set: FeatureData) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features [V, N, D], labels [N] int64 on CPU)`` after checking shapes and types."""
-    features = getattr(train_set, "features", None)
-    labels = getattr(train_set, "labels", None)
-    if not isinstance(features, torch.Tensor) or not features.dtype.is_floating_point or features.ndim not in (2, 3):
-        raise DatasetError(f"training features must be a float tensor [N, D] or [V, N, D], got {_shape(features)}")
-    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.dtype.is_floating_point:
-        raise DatasetError(f"training labels must be a 1-D integer tensor, got {_shape(labels)}")
-    if features.ndim == 2:
-        features = features.unsqueeze(0)
-    if features.shape[0] == 0 or features.shape[1] == 0:
-        raise DatasetError("the training set is empty: no features to train on")
-    if features.shape[1] != labels.shape[0]:
-        raise DatasetError(f"{features.shape[1]} training feature rows but {labels.shape[0]} labels")
-    labels = labels.detach().to("cpu", torch.int64)
-    if int(labels.min()) < 0:
-        raise DatasetError(f"training labels must be >= 0, got {int(labels.min())}")
-    return features.detach(), labels
-
-
-def _shape(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__}"
 
 
 def _learned_parameters(method: nn.Module) -> list[nn.Parameter]:

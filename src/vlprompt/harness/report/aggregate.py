@@ -48,6 +48,7 @@ METHOD_NAMES: dict[str, str] = {
     "cocoop": "CoCoOp",
     "kgcoop": "KgCoOp",
     "prograd": "ProGrad",
+    "ivlp": "IVLP",
     "maple": "MaPLe",
     "promptsrc": "PromptSRC",
     "tcp": "TCP",

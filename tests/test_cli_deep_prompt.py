@@ -1,0 +1,138 @@
+"""IVLP, MaPLe and PromptSRC end to end through the command line on the fixture photographs with a tiny random CLIP:
+train (images through the prompted towers), eval, predict, a --budget bench of base-to-novel and few-shot, and a run
+killed with SIGKILL then resumed, which ends with the prompts of an uninterrupted run (CPU, bit for bit).
+
+The tiny CLIP has 2 layers per tower, so the prompt depths are set to 2 (the defaults, 9, are refused with a clear
+error naming the tower's depth).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from clip_formats import save_openai_state_dict
+from safetensors.torch import load_file
+
+from vlprompt.backbone.tiny import build_tiny_clip
+from vlprompt.data import load_dataset
+from vlprompt.harness.cli.main import main
+
+FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
+
+DEPTHS = {
+    "ivlp": ["--prompt-depth-text", "2", "--prompt-depth-vision", "2"],
+    "maple": ["--prompt-depth", "2"],
+    "promptsrc": ["--prompt-depth-text", "2", "--prompt-depth-vision", "2", "--gpa-mean", "2"],
+}
+COMMON = ["--dataset", "dtd", "--shots", "2", "--seed", "1", "--device", "cpu", "--num-workers", "0", "--precision", "fp32",
+          "-q"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli-deep")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("VLPROMPT_CACHE", str(base / "cache"))
+    patch.setenv("VLPROMPT_DATA_ROOT", str(FIXTURES))
+    model = save_openai_state_dict(build_tiny_clip("vit", seed=0), base / "tiny.pt")
+    yield {"base": base, "model": str(model)}
+    patch.undo()
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("method", ["ivlp", "maple", "promptsrc"])
+def test_train_eval_predict(env, capsys, method):
+    out = env["base"] / "runs" / method
+    code, _, err = run_cli(capsys, "train", "--method", method, *DEPTHS[method], *COMMON, "--epochs", "2",
+                           "--model", env["model"], "--out", out, "--also-eval", "oxford_flowers")
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["fit"]["kind"] == "images" and results["fit"]["epochs"] == 2
+    assert results["config"]["train"]["lr"] == {"ivlp": 0.0025, "maple": 0.0035, "promptsrc": 0.0025}[method]
+    assert results["config"]["train"]["batch_size"] == 4
+    assert (out / "eval-oxford_flowers.json").is_file() and (out / "prompt.safetensors").is_file()
+    code, _, err = run_cli(capsys, "eval", out, "--subset", "new")
+    assert code == 0, err
+    # predict through the run's prompted tower reproduces the run's test accuracy
+    test = load_dataset("dtd", FIXTURES).test
+    paths = [str(FIXTURES / "dtd" / "images" / item.path) for item in test]
+    code, printed, err = run_cli(capsys, "predict", out, *paths, "--json", "-q")
+    assert code == 0, err
+    predictions = json.loads(printed)["predictions"]
+    assert [p["image"] for p in predictions] == paths
+    classes = load_dataset("dtd", FIXTURES).classnames
+    correct = sum(p["top_k"][0]["label"] == classes[item.label] for p, item in zip(predictions, test, strict=True))
+    assert 100.0 * correct / len(test) == pytest.approx(results["metrics"]["accuracy"])
+
+def test_default_depth_on_a_shallow_backbone_is_a_clear_error(env, capsys):
+    code, _, err = run_cli(capsys, "train", "--method", "maple", *COMMON, "--epochs", "2", "--model", env["model"],
+                           "--out", env["base"] / "runs" / "too-deep")
+    assert code == 2 and "MaPLe: text prompt depth must be between 1 and the text tower's 2 layers, got 9" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_budget_benches_of_the_deep_prompt_methods(env, tmp_path, capsys):
+    out = tmp_path / "bench"
+    options = ["--method-option", "maple.prompt_depth=2", "--method-option", "promptsrc.prompt_depth_text=2",
+               "--method-option", "promptsrc.prompt_depth_vision=2"]
+    for protocol, extra in (("base2novel", []), ("fewshot", ["--shots", "1"])):
+        code, printed, err = run_cli(capsys, "bench", protocol, "--out", out, "--root", FIXTURES, "--model",
+                                     env["model"], "--datasets", "dtd", "--seeds", "1", "--methods", "maple",
+                                     "promptsrc", *options, *extra, "--budget", "--num-workers", "0")
+        assert code == 0, printed + err
+        assert "0 failed, 0 not finished" in printed
+    found = [json.loads(p.read_text()) for p in out.rglob("results.json")]
+    found = [r for r in found if r["method"] in ("maple", "promptsrc")]  # the protocols add their baselines
+    assert sorted((r["protocol"], r["method"]) for r in found) == [
+        ("base2novel", "maple"), ("base2novel", "promptsrc"), ("fewshot", "maple"), ("fewshot", "promptsrc")]
+    assert {p.parts[-4] for p in out.rglob("eval-dtd-new.json")} >= {"maple", "promptsrc"}
+    code, _, err = run_cli(capsys, "report", out)
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_prompts(env, tmp_path):
+    args = ["train", "--method", "promptsrc", *DEPTHS["promptsrc"], *COMMON[:-1], "--epochs", "4", "--model",
+            env["model"]]
+    launcher = "import sys; from vlprompt.harness.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    environ = os.environ | {"PYTHONUNBUFFERED": "1", "VLPROMPT_CACHE": str(env["base"] / "cache"),
+                            "VLPROMPT_DATA_ROOT": str(FIXTURES)}
+    straight = tmp_path / "straight"
+    done = subprocess.run([sys.executable, "-c", launcher, *args, "--out", str(straight)], env=environ,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", launcher, *args, "--out", str(killed)], env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:  # no clean-up at all, once epoch 2's checkpoint is written
+        if "epoch 2/4: loss" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "results.json").exists()
+    resumed = subprocess.run([sys.executable, "-c", launcher, *args, "--out", str(killed), "--resume"], env=environ,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((killed / "results.json").read_text())
+    assert results["fit"]["resumed_after_epoch"] >= 2
+    want, got = load_file(straight / "prompt.safetensors"), load_file(killed / "prompt.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert (want[key] == got[key]).all(), key
+    assert results["metrics"] == json.loads((straight / "results.json").read_text())["metrics"]
