@@ -199,7 +199,7 @@ def encode_shared_prefix(clip: CLIP, prefix: Tensor, suffix: Tensor, eot_index: 
         buckets.append((count, length, causal))
         offset += batch * count * length
     hidden = torch.cat(rows)
-    hidden = _run_layers(clip, hidden, batch, prefix_len, buckets, extension)  # suffix rows only
+    hidden = _run_layers(clip, hidden, batch, prefix_len, buckets, extension=extension)  # suffix rows only
     features = clip.ln_final(hidden.index_select(0, read_rows.flatten()))
     return (features @ clip.text_projection.to(features.dtype)).view(batch, num_prompts, -1)
 

@@ -54,7 +54,6 @@ from vlprompt.errors import CheckpointError, ConfigError, RunError
 from vlprompt.harness.config import NON_IDENTITY_KEYS
 from vlprompt.training.config import RESOLVED_KEYS
 from vlprompt.common.vocab import SUBSETS
-from vlprompt.training.config import RESOLVED_KEYS
 
 if TYPE_CHECKING:
     import torch

@@ -738,19 +738,22 @@ def lp_plus_plus_train_defaults(shots: int | None = None, dataset: str | None = 
     return {"views": 1, "crop_scale_min": 0.5}
 
 
-def ivlp_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def ivlp_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
+                        ) -> dict[str, Any]:
     """IVLP's official recipe (PromptSRC repository, IVLP 4+4 config): batch 4, 20 epochs, lr 0.0025; the rest
     (momentum 0.9, weight decay 5e-4, 1 constant warm-up epoch at 1e-5, cosine) is TrainConfig's defaults."""
     return {"batch_size": 4, "epochs": 20, "lr": 0.0025}
 
 
-def maple_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def maple_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
+                        ) -> dict[str, Any]:
     """MaPLe's official recipe (MaPLe repository, MaPLe 2ctx config): batch 4, 5 epochs, lr 0.0035 (cross-dataset
     config: lr 0.0026, 2 epochs, depth 3); the rest is TrainConfig's defaults."""
     return {"batch_size": 4, "epochs": 5, "lr": 0.0035}
 
 
-def promptsrc_train_defaults(shots: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+def promptsrc_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
+                        ) -> dict[str, Any]:
     """PromptSRC's official base-to-novel recipe: batch 4, 20 epochs, lr 0.0025 (the few-shot config trains 50
     epochs); the rest is TrainConfig's defaults."""
     return {"batch_size": 4, "epochs": 20, "lr": 0.0025}
