@@ -1162,10 +1162,16 @@ def bench_full_run(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
         transform = TrainTransform(clip.config.image_resolution)
         labels = torch.tensor([item.label for item in items], device=device)
         plain_epochs = min(epochs, max(1, args.fullrun_plain_epochs))
+        plain_steps = steps_per_epoch * plain_epochs
+        if args.fullrun_plain_steps:  # every plain step costs the same (full batches: images % 32 == 0 here)
+            plain_steps = min(plain_steps, args.fullrun_plain_steps)
+        done = 0
         synchronize(device)
         start = time.perf_counter()
         for epoch in range(plain_epochs):
             for step, batch in enumerate(epoch_batches(len(items), batch_size, 1, epoch)):
+                if done == plain_steps:
+                    break
                 generator = torch.Generator().manual_seed(epoch * 1000 + step)
                 pixels = torch.stack([transform(load_image(root / items[i].path), generator)
                                       for i in batch.tolist()]).to(device)
@@ -1175,11 +1181,14 @@ def bench_full_run(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                done += 1
         synchronize(device)
         plain_s = time.perf_counter() - start
-        log(f"  full run, plain: {plain_epochs} epoch(s) {plain_s:.1f} s")
-        result["plain"] = {"total_s": plain_s * epochs / plain_epochs, "measured_epochs": plain_epochs,
-                           "note": f"~ extrapolated from {plain_epochs} epoch(s)" if plain_epochs < epochs else ""}
+        total_steps = steps_per_epoch * epochs
+        log(f"  full run, plain: {done} step(s) ({done / steps_per_epoch:.2f} epoch(s)) {plain_s:.1f} s")
+        result["plain"] = {"total_s": plain_s * total_steps / done, "measured_steps": done,
+                           "measured_epochs": done / steps_per_epoch,
+                           "note": f"~ extrapolated from {done} step(s)" if done < total_steps else ""}
     for entry in result["recipes"].values():
         entry["speedup"] = result["plain"]["total_s"] / entry["total_s"]
     return result
@@ -1382,6 +1391,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="epochs ours really trains (0 = all; fewer = extrapolated; quick 10)")
     parser.add_argument("--fullrun-plain-epochs", type=int, help="epochs the plain loop runs before extrapolating "
                                                                  "(quick 1, full 2)")
+    parser.add_argument("--fullrun-plain-steps", type=int, default=0,
+                        help="steps the plain loop runs at most (0 = the --fullrun-plain-epochs); fewer = extrapolated "
+                             "per step (every plain step costs the same)")
     parser.add_argument("--views", type=int, help="the --views N recipe of the full run, measured beside the default "
                                                   "--views epochs (quick 1, full 2)")
     parser.add_argument("--fullrun-measured-views", type=int,

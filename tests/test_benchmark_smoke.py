@@ -40,7 +40,7 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
         "--adapter-classes", "3",
         "--matmul-size", "64", "--eval-images", "120", "--eval-batch-sizes", "40,60",
         "--eval-plain-max-batches", "1", "--shots", "2", "--fullrun-classes", "3", "--fullrun-epochs", "3",
-        "--fullrun-ours-epochs", "2", "--fullrun-plain-epochs", "1", "--views", "1", "--fullrun-measured-views", "2",
+        "--fullrun-ours-epochs", "2", "--fullrun-plain-epochs", "1", "--fullrun-plain-steps", "1", "--views", "1", "--fullrun-measured-views", "2",
         "--precision", "fp32", "--profile",
         "--deep-workers", "0", "--deep-epochs", "2", "--json", str(report),
     ])
@@ -81,6 +81,7 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
     assert "extraction scaled" in default["note"] and "extraction scaled" not in one["note"]
     assert set(default["where"]) == {"decode_s", "augment_s", "tower_s", "cache_write_s", "overlap_other_s"}
     assert default["extract_s"] == pytest.approx(1.5 * measured["seconds"])  # 3 views at the rate of 2
+    assert full["plain"]["measured_steps"] == 1 and "extrapolated from 1 step" in full["plain"]["note"]
     assert full["components"]["tower_gflops"] > 0 and full["components"]["matmul_gflops"] > 0
     out = capsys.readouterr().out
     assert "Training steps" in out and "Targets" in out and "floor" in out
