@@ -837,6 +837,9 @@ def bench_deep_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespa
         torch.manual_seed(0)
         fast = build_deep_method(kind, clip, names, fast=True)
         plain = build_deep_method(kind, clip, names, fast=False)
+    for method in (fast, plain):  # PromptSRC's frozen text targets: computed once per training (official: at init),
+        if hasattr(method, "text_targets"):  # so not part of a step
+            method.text_targets()
     layout = fast.layout  # type: ignore[attr-defined]
     prefix_len = layout.shared_length
     eot = [int(e) for e in layout.eot_index.tolist()]
@@ -870,13 +873,16 @@ def bench_data_path(clip: CLIP, args: argparse.Namespace, log: Callable[[str], N
     from vlprompt.training.loop import epoch_batches, epoch_view_indices, train
     from vlprompt.training.sources import ImageBatches, ImageTrainSet
 
+    from vlprompt.features.extract import default_num_workers
+
     names, _ = class_names(args.fullrun_classes)
-    result: dict[str, Any] = {"workers": args.deep_workers, "batch": DEEP_BATCH, "precision": args.precision}
     with tempfile.TemporaryDirectory(prefix="vlprompt-bench-") as tmp:
         root = Path(tmp)
         items = write_images(root, len(names), args.shots)
+        workers = default_num_workers(CPU, len(items)) if args.deep_workers is None else args.deep_workers
+        result: dict[str, Any] = {"workers": workers, "batch": DEEP_BATCH, "precision": args.precision}
         train_set = ImageTrainSet(root, items, resolution=clip.config.image_resolution, views=args.deep_epochs,
-                                  pool_seed=0, num_workers=args.deep_workers)
+                                  pool_seed=0, num_workers=workers)
         source = ImageBatches(train_set)
         batches = epoch_batches(len(items), DEEP_BATCH, 1, 0)
         views = epoch_view_indices(train_set.num_views, len(items), 1, 0)
@@ -902,7 +908,7 @@ def bench_data_path(clip: CLIP, args: argparse.Namespace, log: Callable[[str], N
         step_s = statistics.median(timed(step) for _ in range(max(1, args.reps)))
         result["steps_images_per_s"] = DEEP_BATCH / step_s
         config = TrainConfig(epochs=args.deep_epochs, batch_size=DEEP_BATCH, precision=args.precision, device="cpu",
-                             num_workers=args.deep_workers, warmup_epochs=min(1, args.deep_epochs - 1))
+                             num_workers=workers, warmup_epochs=min(1, args.deep_epochs - 1))
         start = time.perf_counter()
         train(method, train_set, config, device="cpu", progress=False)
         loop_s = time.perf_counter() - start
@@ -1363,7 +1369,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "CLAP, Tip-Adapter-F, LP++), eval, fullrun, deep (MaPLe, PromptSRC)")
     parser.add_argument("--adapter-classes", type=int, default=10, help="classes of the adapters section (with "
                                                                         "--shots images each)")
-    parser.add_argument("--deep-workers", type=int, default=8, help="decoding workers of the deep data path")
+    parser.add_argument("--deep-workers", type=int,
+                        help="decoding workers of the deep data path (default: what num_workers auto picks)")
     parser.add_argument("--deep-epochs", type=int, default=2, help="epochs of the deep data-path measurement")
     parser.add_argument("--reps", type=int, help="timed runs per path (median reported); quick 3, full 5")
     parser.add_argument("--reps-slow", type=int, help="runs in all for a path whose first call exceeds --slow-s "
