@@ -708,7 +708,7 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
             return clip.encode_image(images).float()
 
     # CLIP-Adapter: SGD, batch 32; the official forward re-encodes the K prompts (77 tokens) every step
-    features, labels, images = batch_of(32)
+    ca_features, ca_labels, ca_images = batch_of(32)  # own names: the closure below must not see later batches
     adapter = CLIPAdapter(clip, names, CLIPAdapterConfig(templates=("a photo of a {}.",)))
     ids = get_tokenizer()([f"a photo of a {n}." for n in names], context_length=clip.context_length)
     plain_opt = torch.optim.SGD(adapter.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
@@ -716,13 +716,13 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
     def clip_adapter_plain() -> None:
         with torch.no_grad():
             text = encode_full(clip, clip.token_embedding(ids), ids.argmax(dim=-1)).float()
-        logits = cosine_logits(blend(adapter.visual, tower(images), 0.2), text, scale)
+        logits = cosine_logits(blend(adapter.visual, tower(ca_images), 0.2), text, scale)
         plain_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(logits, labels).backward()
+        F.cross_entropy(logits, ca_labels).backward()
         plain_opt.step()
 
     groups = [("clip_adapter", 32, clip_adapter_plain,
-               make_step(clip, adapter, images=None, features=features, labels=labels, precision=args.precision))]
+               make_step(clip, adapter, images=None, features=ca_features, labels=ca_labels, precision=args.precision))]
 
     # CLAP: SGD with its penalty, batch 256
     features, labels, images = batch_of(256)
@@ -738,15 +738,15 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
     values = F.one_hot(torch.arange(n) % classes, classes).float()
     text = F.normalize(torch.randn(classes, dim, generator=generator), dim=-1)
     tip_opt = torch.optim.AdamW([keys], lr=0.001, eps=1e-4)
-    features, labels, images = batch_of(256)
+    tip_features, tip_labels, tip_images = batch_of(256)
 
     def tip_step(image_features: Tensor) -> None:
         logits = tip_logits(F.normalize(image_features, dim=-1), text, keys, values, 1.0, 1.0, scale)
         tip_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(logits, labels).backward()
+        F.cross_entropy(logits, tip_labels).backward()
         tip_opt.step()
 
-    groups.append(("tip_adapter_f", 256, lambda: tip_step(tower(images)), lambda: tip_step(features)))
+    groups.append(("tip_adapter_f", 256, lambda: tip_step(tower(tip_images)), lambda: tip_step(tip_features)))
 
     # LP++: one full-batch iteration on all N features
     lp = LPPlusPlus(clip, names, LPPlusPlusConfig(templates=("a photo of a {}.",)))
@@ -766,6 +766,8 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
     groups.append(("lp_plus_plus", n, lambda: lp_step(tower(lp_images)), lambda: lp_step(lp_features)))
 
     for method, batch, plain_step, ours_step in groups:
+        if method not in args.adapter_methods:
+            continue
         paths = [Measured("plain", f"{method} plain (image tower every step, fp32)", plain_step, memory=False),
                  Measured("ours", f"{method} ours (cached features, {args.precision})", ours_step, memory=False)]
         log(f"  {method} K={classes} ({source}), batch {batch}")
@@ -1367,6 +1369,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", default="steps,successors,adapters,eval,fullrun,deep",
                         help="comma-separated: steps, successors (KgCoOp, ProGrad, TCP steps), adapters (CLIP-Adapter, "
                              "CLAP, Tip-Adapter-F, LP++), eval, fullrun, deep (MaPLe, PromptSRC)")
+    parser.add_argument("--adapter-methods", default="clip_adapter,clap,tip_adapter_f,lp_plus_plus",
+                        help="comma-separated methods of the adapters section")
     parser.add_argument("--adapter-classes", type=int, default=10, help="classes of the adapters section (with "
                                                                         "--shots images each)")
     parser.add_argument("--deep-workers", type=int,
@@ -1435,6 +1439,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in ("coop", "cocoop"):
             parser.error(f"unknown method {name!r}")
     args.deep_methods = [m.strip() for m in args.deep_methods.split(",") if m.strip()]
+    args.adapter_methods = [m.strip() for m in args.adapter_methods.split(",") if m.strip()]
+    for name in args.adapter_methods:
+        if name not in ("clip_adapter", "clap", "tip_adapter_f", "lp_plus_plus"):
+            parser.error(f"unknown adapters-section method {name!r}")
     for name in args.deep_methods:
         if name not in ("maple", "promptsrc"):
             parser.error(f"unknown deep-prompt method {name!r}")
