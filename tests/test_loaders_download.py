@@ -7,6 +7,7 @@ import io
 import urllib.error
 from pathlib import Path
 
+import platformdirs
 import pytest
 import torch
 from clip_formats import save_torchscript, token_ids
@@ -22,6 +23,7 @@ from vlprompt.backbone.download import (
 )
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.tiny import build_tiny_clip
+from vlprompt.common.paths import cache_dir
 from vlprompt.errors import CheckpointError
 
 PAYLOAD = b"not really a checkpoint, but bytes with a checksum\n" * 100
@@ -128,9 +130,8 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "clip"
     monkeypatch.delenv("VLPROMPT_CACHE")
-    import platformdirs
-
-    assert default_cache_dir() == Path(platformdirs.user_cache_dir("vlprompt")) / "clip"
+    assert default_cache_dir() == Path(platformdirs.user_cache_dir("vlprompt", appauthor=False)) / "clip"
+    assert default_cache_dir() == cache_dir("clip")  # the one cache root (common.paths)
 
 
 def test_downloaded_archive_loads(tmp_path):

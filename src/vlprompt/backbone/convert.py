@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from vlprompt.backbone.download import OPENAI_CHECKPOINTS, resolve_short_name
@@ -106,8 +107,6 @@ def hf_to_openai(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _cat(tensors: list[Tensor]) -> Tensor:
-    import torch
-
     return torch.cat(tensors, dim=0)
 
 

@@ -5,8 +5,8 @@ against it, both after a download and whenever a cached copy is used. A download
 renamed into place only once its checksum is right, so the cache never holds a partial file. Nothing here imports
 torch, so the CLI can list or fetch checkpoints cheaply.
 
-The cache folder is ``cache_dir`` when given, else ``$VLPROMPT_CACHE/clip``, else
-``platformdirs.user_cache_dir("vlprompt")/clip``.
+The cache folder is ``cache_dir`` when given, else ``$VLPROMPT_CACHE/clip``, else ``clip/`` in the user cache folder
+(:mod:`vlprompt.common.paths`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
 
+from vlprompt.common import locks
+from vlprompt.common.paths import cache_dir as cache_folder
 from vlprompt.errors import CheckpointError
 from vlprompt.common.io import atomic_write
 
@@ -119,13 +121,8 @@ def resolve_short_name(name: str, checkpoints: Mapping[str, OpenAICheckpoint] = 
 
 
 def default_cache_dir() -> Path:
-    """``$VLPROMPT_CACHE/clip`` if the variable is set, else ``platformdirs.user_cache_dir("vlprompt")/clip``."""
-    root = os.environ.get("VLPROMPT_CACHE")
-    if root:
-        return Path(root).expanduser() / "clip"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("vlprompt")) / "clip"
+    """``$VLPROMPT_CACHE/clip`` if the variable is set, else ``<user cache folder>/vlprompt/clip`` (common.paths)."""
+    return cache_folder("clip")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -152,8 +149,6 @@ def ensure_checkpoint(name: str, cache_dir: str | os.PathLike[str] | None = None
     entry = checkpoints[canonical]
     target = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / entry.filename
     if not target.exists():
-        from vlprompt.common import locks
-
         with locks.acquire(str(target) + ".lock", timeout=DOWNLOAD_LOCK_SECONDS,
                            on_wait=lambda holder: logger.warning("waiting for process %s, which is downloading %s",
                                                                  holder, target)):

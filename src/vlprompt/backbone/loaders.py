@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from vlprompt.backbone.convert import (
@@ -359,8 +360,6 @@ def read_checkpoint_file(path: Path) -> tuple[Any, str]:
                               "again")
     try:
         if path.suffix == ".safetensors" or _has_safetensors_header(path, size):
-            from safetensors.torch import load_file
-
             return load_file(str(path), device="cpu"), "safetensors"
         if zipfile.is_zipfile(path) and _is_torchscript_zip(path):
             return torch.jit.load(str(path), map_location="cpu").state_dict(), "torchscript"

@@ -4,8 +4,6 @@
 :func:`init_from_env` starts the process group from them (gloo on CPU, nccl on CUDA, one GPU per ``LOCAL_RANK``).
 Without torchrun every helper answers as a single process (rank 0 of 1), so library code can call them
 unconditionally. The state lives in torch.distributed's own process group; this module keeps none.
-
-torch is imported inside the functions so that importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -16,12 +14,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from vlprompt.errors import ConfigError, RunError
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +60,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
     ``cuda`` alone also means the process's own GPU under torchrun. Raises ConfigError for CUDA without CUDA.
     """
-    import torch
-
     if spec not in ("auto", "cpu") and not spec.startswith("cuda"):
         raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N")
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
@@ -84,9 +80,6 @@ def init_from_env(device: str = "auto", *, timeout_s: float = 1800.0) -> DistEnv
 
     Backend gloo for CPU, nccl for CUDA (each rank uses ``cuda:LOCAL_RANK``). Idempotent.
     """
-    import torch
-    import torch.distributed as dist
-
     env = env_from_torchrun()
     if not env.is_distributed or dist.is_initialized():
         return env
@@ -105,8 +98,6 @@ def init_from_env(device: str = "auto", *, timeout_s: float = 1800.0) -> DistEnv
 
 def shutdown() -> None:
     """Destroy the default process group if one is running."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -124,22 +115,16 @@ def distributed(device: str = "auto") -> Iterator[DistEnv]:
 
 def is_initialized() -> bool:
     """True when a torch.distributed process group is running in this process."""
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
     """This process's global rank (0 without a process group)."""
-    import torch.distributed as dist
-
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
     """Number of processes (1 without a process group)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if is_initialized() else 1
 
 
@@ -155,16 +140,12 @@ def is_main_process() -> bool:
 
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
-    import torch.distributed as dist
-
     if world_size() > 1:
         dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (picklable objects, CPU tensors included); identity in one process."""
-    import torch.distributed as dist
-
     if world_size() == 1:
         return obj
     box = [obj if rank() == src else None]
@@ -174,8 +155,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place and return it (unchanged in one process)."""
-    import torch.distributed as dist
-
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor

@@ -28,13 +28,15 @@ import platform
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from vlprompt.common import locks
+from vlprompt.common.io import atomic_write_json
+from vlprompt.common.paths import cache_dir as cache_folder
 from vlprompt.common.vocab import PRECISION_CHOICES, PRECISIONS
 from vlprompt.errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,6 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     """Autocast context for a concrete ``precision`` (fp32: none; bf16/fp16: torch.autocast on ``device``'s type).
 
     ``auto`` must be resolved first (:func:`resolve_precision`)."""
-    import torch
-
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -95,8 +95,6 @@ def machine_identity(device: torch.device | str) -> dict[str, str]:
     """What a cached probe answer is valid for: CPU model, a hash of its flags, torch version, device kind.
 
     For CUDA the device also names the GPU and its compute capability (two GPU models of one machine differ)."""
-    import torch
-
     device = torch.device(device)
     model, flags = _cpuinfo()
     described = device.type
@@ -117,8 +115,6 @@ def matmul_probe(device: torch.device, *, size: int = 1024, rounds: int = 5) -> 
     """Best-of-``rounds`` seconds of one ``[size, size] @ [size, size]`` product from fp32 inputs in fp32 and under
     bf16 autocast (the cast of both inputs included: that is what autocast pays for a frozen weight), interleaved so
     both see the same load. About half a second on a CPU."""
-    import torch
-
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device)
     b = torch.randn(size, size, generator=generator).to(device)
@@ -143,8 +139,6 @@ def matmul_probe(device: torch.device, *, size: int = 1024, rounds: int = 5) -> 
 
 def probe_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The probe file: ``cache_dir/probe.json``, by default ``$VLPROMPT_CACHE/precision/probe.json``."""
-    from vlprompt.common.paths import cache_dir as cache_folder
-
     return Path(cache_dir) / PROBE_FILE if cache_dir is not None else cache_folder("precision") / PROBE_FILE
 
 
@@ -166,11 +160,6 @@ def measured_choice(device: torch.device | str, *, probe: Probe | None = None,
     and ``measured_at``. ``probe`` replaces :func:`matmul_probe` (tests inject one so the answer does not depend on
     this machine's speed). An unwritable cache folder only costs a new measurement next time (logged).
     """
-    import torch
-
-    from vlprompt.common import locks
-    from vlprompt.common.io import atomic_write_json
-
     device = torch.device(device)
     identity = machine_identity(device)
     key = identity_key(identity)
@@ -213,8 +202,6 @@ def _measure(device: torch.device, identity: Mapping[str, str], probe: Probe | N
 def resolve_precision(precision: str, device: torch.device | str, *, probe: Probe | None = None,
                       cache_dir: str | os.PathLike[str] | None = None) -> str:
     """The concrete precision to run: ``precision`` itself unless it is ``auto`` (see the module docstring)."""
-    import torch
-
     check_precision(precision)
     if precision != "auto":
         return precision
