@@ -8,24 +8,24 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlprompt.backbone import transforms
+from vlprompt.common.progress import progress as make_progress
 from vlprompt.data.listing import find_missing, format_offenders
 from vlprompt.data.load import load_dataset
 from vlprompt.data.registry import lookup
 from vlprompt.data.types import SPLIT_NAMES, BadImage, DatasetSplits, SplitCounts
+from vlprompt.errors import DatasetError
 
 CHUNK = 64
 
 
 def _check_chunk(task: tuple[str, int, Sequence[str]]) -> list[tuple[int, str, str]]:
     """Decode each image of a chunk; return ``(index, path, reason)`` of those that fail (runs in pool workers)."""
-    from vlprompt.backbone.transforms import load_image
-    from vlprompt.errors import DatasetError
-
     image_dir, start, paths = task
     bad: list[tuple[int, str, str]] = []
     for offset, rel in enumerate(paths):
         try:
-            load_image(os.path.join(image_dir, rel))
+            transforms.load_image(os.path.join(image_dir, rel))
         except DatasetError as exc:
             bad.append((start + offset, rel, str(exc)))
     return bad
@@ -43,8 +43,6 @@ def find_unreadable(image_dir: str | Path, paths: Sequence[str], *, workers: int
     tasks = [(str(image_dir), start, list(paths[start : start + chunk_size]))
              for start in range(0, len(paths), chunk_size)]
     bad: list[tuple[int, str, str]] = []
-    from vlprompt.common.progress import progress as make_progress
-
     with make_progress(len(paths), "decoding", "img", show=progress) as bar:
         for result, size in _run(tasks, workers):
             bad.extend(result)

@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from vlprompt.backbone import transforms
 from vlprompt.data.listing import MAX_LISTED, format_offenders
 from vlprompt.data.types import BadImage, Item
 from vlprompt.errors import ConfigError, DatasetError
@@ -58,8 +59,6 @@ class UnreadableImageError(DatasetError):
 
 
 def _load_image(path: str) -> Any:
-    from vlprompt.backbone import transforms
-
     return transforms.load_image(path)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlprompt.common.paths import cache_dir
 from vlprompt.data.listing import require_dir
 from vlprompt.data.splitfile import LabelledSplits
 from vlprompt.data.types import SplitCounts
@@ -14,8 +15,6 @@ from vlprompt.errors import DatasetError
 
 def default_cache_dir() -> Path:
     """Where split files created for read-only datasets go: ``$VLPROMPT_CACHE/splits`` or the user cache folder."""
-    from vlprompt.common.paths import cache_dir
-
     return cache_dir("splits")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 from vlprompt.common.vocab import SUBSETS, Subset
 from vlprompt.data.types import DatasetSplits, Item
@@ -47,8 +48,6 @@ def cap_test_split(splits: DatasetSplits, limit: int | None, seed: int = 0) -> D
     The kept items are a seeded random sample (``random.Random(seed)``, no global state) kept in their original
     order, so every class keeps roughly its share. ``limit=None`` or a test split already small enough: unchanged.
     """
-    import random
-
     if limit is None or len(splits.test) <= limit:
         return splits
     keep = sorted(random.Random(seed).sample(range(len(splits.test)), limit))
