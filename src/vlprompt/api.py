@@ -35,7 +35,19 @@ from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS, get_method
 from vlprompt.methods.prompt_file import load_prompt, save_prompt
 from vlprompt.harness.pipeline import EvalSpec, evaluate_run, run_experiment
+from vlprompt.methods.base import check_classnames
 from vlprompt.prediction.predictor import Prediction, Predictor
+from vlprompt.stages import (
+    FeatureOptions,
+    build_method_for,
+    evaluation_features,
+    fit_method,
+    open_feature_cache,
+    require_images,
+    score,
+    training_sets,
+    training_splits,
+)
 from vlprompt.training.loop import EpochStats
 
 __all__ = [
@@ -85,14 +97,10 @@ def build_method(name: str, clip: CLIP, classes: DatasetSplits | Sequence[str], 
     its hand-crafted template (zero-shot, ensemble); with plain names the template is ``"a photo of a {}."``. The
     random initialisation (CoOp's context) is drawn from ``seed`` without touching torch's global RNG state.
     """
-    from vlprompt.stages import build_method_for
-
     spec = get_method(name)
     if isinstance(classes, DatasetSplits):
         classnames, dataset, template = list(classes.classnames), classes.name, classes.template
     else:
-        from vlprompt.methods.base import check_classnames
-
         classnames, dataset, template = check_classnames(classes), None, DEFAULT_TEMPLATE
     return build_method_for(spec, clip, classnames, options, dataset=dataset, template=template, seed=seed)
 
@@ -109,15 +117,6 @@ def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, tra
     default cache, False = none, or a folder). ``data`` must have the method's classes (same names, same order).
     ``progress``: progress bars (None: when stderr is a terminal); ``on_epoch_end(stats)`` after each SGD epoch.
     """
-    from vlprompt.stages import (
-        FeatureOptions,
-        fit_method,
-        open_feature_cache,
-        require_images,
-        training_sets,
-        training_splits,
-    )
-
     spec = _spec_of(method)
     _require_same_classes(method, data)
     if train is not None and train_options:
@@ -151,8 +150,6 @@ def evaluate(method: Any, data: DatasetSplits, *, split: str = "test", precision
     ``vlprompt.data.subsample_classes(data, "new")``. ``precision``: "auto" (bf16 where this machine's cached probe
     finds it faster, CUDA: where supported), "fp32" (exact), "bf16" or "fp16".
     """
-    from vlprompt.stages import FeatureOptions, evaluation_features, open_feature_cache, require_images, score
-
     spec = _spec_of(method)
     _require_same_classes(method, data)
     require_images(data, split)

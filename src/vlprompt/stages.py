@@ -17,6 +17,7 @@ nothing here touches a run folder except through the ``run_dir`` handed to :func
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -24,16 +25,26 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from vlprompt.backbone.loaders import load_clip
+from vlprompt.backbone.transforms import TrainTransform
+from vlprompt.common import dist
+from vlprompt.common.precision import resolve_precision
 from vlprompt.common.vocab import seeded_torch
-from vlprompt.errors import ConfigError
+from vlprompt.data import load_or_sample_fewshot, sample_fewshot, subsample_classes
+from vlprompt.errors import ConfigError, DatasetError
+from vlprompt.evaluation.metrics import evaluate
+from vlprompt.features.cache import FeatureCache
+from vlprompt.features.extract import augmented_views, extract_features
+from vlprompt.methods import Training, config_for_dataset, method_config
+from vlprompt.training.loop import train as run_training
+from vlprompt.training.sources import image_train_set
 
 if TYPE_CHECKING:
-    import torch
-
     from vlprompt.backbone.model import CLIP
     from vlprompt.training.config import TrainConfig
     from vlprompt.data import DatasetSplits
-    from vlprompt.features.cache import FeatureCache
     from vlprompt.features.extract import FeatureSet
     from vlprompt.methods import MethodSpec
     from vlprompt.training.loop import CheckpointStore, EpochStats
@@ -53,8 +64,6 @@ FEATURE_BATCH_SIZE_CUDA = 256
 def open_feature_cache(cache: Any = None) -> FeatureCache | None:
     """The feature cache to use: None or True -> the default location (``$VLPROMPT_CACHE/features`` or the user
     cache folder), False -> no cache, a path -> a cache there, a :class:`FeatureCache` -> itself."""
-    from vlprompt.features.cache import FeatureCache
-
     if cache is False:
         return None
     if cache is None or cache is True:
@@ -69,10 +78,6 @@ def open_feature_cache(cache: Any = None) -> FeatureCache | None:
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:
     """``auto`` (CUDA when available, the process's own GPU under torchrun), ``cpu``, ``cuda`` or ``cuda:N``."""
-    import torch
-
-    from vlprompt.common import dist
-
     if isinstance(spec, torch.device):
         return spec
     return dist.resolve_device(spec or "auto")
@@ -80,8 +85,6 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
 
 def load_backbone(model: str, device: torch.device) -> CLIP:
     """``load_clip(model)`` in fp32 on ``device`` (mixed precision comes from autocast, weights stay fp32)."""
-    from vlprompt.backbone.loaders import load_clip
-
     return load_clip(model, device=device, precision="fp32")
 
 
@@ -93,8 +96,6 @@ def build_method_for(spec: MethodSpec, clip: CLIP, classnames: list[str], config
     """Build ``spec``'s method on ``clip`` for ``classnames`` from its typed ``config`` (or a mapping of its fields);
     the dataset's ``template`` completes the config (zero-shot, ensemble) and the initialisation (CoOp's random
     context) is drawn from ``seed`` alone."""
-    from vlprompt.methods import config_for_dataset, method_config
-
     config = config_for_dataset(method_config(spec, config), dataset, template)
     with seeded_torch(clip.device, seed, "init"):
         return spec.build(clip, list(classnames), config)
@@ -128,8 +129,6 @@ def training_splits(splits: DatasetSplits, *, shots: int, seed: int, subset: str
     With ``fewshot_path`` the sample is saved there as portable JSON, and an existing file is reused (it must hold the
     same shots and seed). Sampling before the class subset is what the base-to-novel reference does.
     """
-    from vlprompt.data import load_or_sample_fewshot, sample_fewshot, subsample_classes
-
     if shots > 0:
         if fewshot_path is not None:
             sampled = load_or_sample_fewshot(splits, shots, seed, fewshot_path)
@@ -162,8 +161,6 @@ class FeatureOptions:
     skipped: list[str] = field(default_factory=list)  # images left out so far (on_error="skip"), in order met
 
     def __post_init__(self) -> None:
-        from vlprompt.common.precision import resolve_precision
-
         self.precision = resolve_precision(self.precision, self.device)
         if self.batch_size is None:
             self.batch_size = FEATURE_BATCH_SIZE_CUDA if self.device.type == "cuda" else FEATURE_BATCH_SIZE
@@ -184,8 +181,6 @@ class FeatureOptions:
 
 def eval_features(clip: CLIP, splits: DatasetSplits, split: str, options: FeatureOptions) -> FeatureSet:
     """Evaluation-transform features ``[N, D]`` of one split ("train", "val" or "test")."""
-    from vlprompt.features.extract import extract_features
-
     with options.timed():
         return options.note_skipped(extract_features(
             clip, splits.image_dir, splits.split(split), device=options.device,
@@ -206,9 +201,6 @@ def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, option
     feature cache serves them to every run, method and seed; the run's seed decides which view each image shows in
     each epoch (:func:`vlprompt.training.loop.epoch_view_indices`). The crop's smallest area fraction is
     ``train.crop_scale_min`` (CoOp 0.08; a pool per value)."""
-    from vlprompt.backbone.transforms import TrainTransform
-    from vlprompt.features.extract import augmented_views
-
     views = train.num_views
     if views == 0:
         return eval_features(clip, splits, "train", options)
@@ -225,8 +217,6 @@ def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, option
 
 def require_images(splits: DatasetSplits, split: str) -> None:
     """A DatasetError when ``split`` of ``splits`` is empty (nothing to learn from or to evaluate)."""
-    from vlprompt.errors import DatasetError
-
     if not splits.split(split):
         raise DatasetError(f"{splits.name} has no {split} images for these classes; a method needs {split} images "
                            f"here (check the dataset's split file or --subset)")
@@ -251,8 +241,6 @@ def training_sets(spec: MethodSpec, clip: CLIP, data: DatasetSplits, train: Trai
     on cached features (``train.views``), the training images for the SGD loop through the towers (same view pool),
     eval-transform validation features and eval-transform train features (or, with ``spec.fit_views``, augmented
     views as the SGD loop gets them) for a closed-form fit, nothing for methods without training images."""
-    from vlprompt.methods import Training
-
     if spec.training is Training.FEATURES:
         return train_features(clip, data, train, options), None
     if spec.training is Training.CLOSED_FORM:
@@ -270,8 +258,6 @@ def train_images(clip: CLIP, splits: DatasetSplits, train: TrainConfig, options:
     with the same pool of augmented views as :func:`train_features` (``train.views``, :data:`AUGMENTATION_POOL_SEED`).
 
     With ``options.on_error == "skip"`` every image is decoded once here and the unreadable ones are left out."""
-    from vlprompt.training.sources import image_train_set
-
     with options.timed():
         images = image_train_set(splits.image_dir, splits.train, resolution=clip.config.image_resolution,
                                  views=train.num_views, pool_seed=AUGMENTATION_POOL_SEED,
@@ -279,8 +265,6 @@ def train_images(clip: CLIP, splits: DatasetSplits, train: TrainConfig, options:
                                  progress=options.progress)
     options.skipped.extend(path for path in images.skipped if path not in options.skipped)
     if not images.items:
-        from vlprompt.errors import DatasetError
-
         raise DatasetError(f"none of the {len(images.skipped)} training images of {splits.name} can be read")
     return images
 
@@ -290,12 +274,8 @@ def evaluation_features(spec: MethodSpec, method: Any, clip: CLIP, splits: Datas
     """The image features ``method``'s classifier scores on ``split``, as its registry entry declares: the frozen
     tower's (cached) evaluation features, or for ``Training.IMAGES`` the method's own prompted image tower
     (``method.encode_images``) over the split, computed once per evaluation and never cached."""
-    from vlprompt.methods import Training
-
     if spec.training is not Training.IMAGES:
         return eval_features(clip, splits, split, options)
-    from vlprompt.features.extract import extract_features
-
     method.eval()
     with options.timed():
         return options.note_skipped(extract_features(
@@ -313,8 +293,6 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | ImageTrain
     (:func:`vlprompt.training.loop.train`, ``train`` resolved; checkpoints into ``run_dir`` and resumes from one),
     ``method.fit(train_set, val_set, seed=...)`` for a closed-form fit, nothing otherwise. An SGD-trained method may
     add to the summary through ``method.fit_record()`` (optional, JSON-ready dict)."""
-    from vlprompt.methods import Training
-
     kind = spec.training.value
     if not spec.training.uses_training_images:
         return FitOutcome(kind)
@@ -327,8 +305,6 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | ImageTrain
         return FitOutcome(kind, seconds, {"num_train": len(train_set), **_jsonable(info)})
     if train is None or not train.is_resolved:
         raise ConfigError("SGD training needs a resolved TrainConfig (epochs and batch size set)")
-    from vlprompt.training.loop import train as run_training
-
     result = run_training(method, train_set, train, run_dir=run_dir, device=device, on_epoch_end=on_epoch_end,
                           progress=progress)
     last = result.history[-1] if result.history else None
@@ -344,8 +320,6 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | ImageTrain
 
 
 def _jsonable(info: Mapping[str, Any]) -> dict[str, Any]:
-    import json
-
     return json.loads(json.dumps(dict(info), default=float))
 
 
@@ -356,8 +330,6 @@ def score(method: Any, features: FeatureSet, classnames: list[str], options: Fea
                                                                                                      float]:
     """``(metrics, seconds)`` of ``method`` on ``features``: its classifier (text features computed once) applied
     in batches; metrics as :func:`vlprompt.evaluation.metrics.evaluate` (accuracy in percent)."""
-    from vlprompt.evaluation.metrics import evaluate
-
     if len(classnames) == 1:
         logger.warning("only one class (%r): every image is assigned to it, so the accuracy of 100%% measures "
                        "nothing; evaluate on a dataset or subset with several classes", classnames[0])

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from vlprompt.common.precision import autocast_for
+from vlprompt.common.progress import progress as make_progress
 from vlprompt.errors import ConfigError, DatasetError, NonFiniteError
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,6 @@ def predict(classifier: Classifier, features: torch.Tensor, num_classes: int, *,
             batch_size: int = 1024, device: str | torch.device = "cpu", precision: str = "fp32",
             progress: bool | None = None) -> torch.Tensor:
     """Top-1 predicted class [N] (int64, CPU) of every feature row, in batches, without gradients."""
-    import torch
-
     return _run_batches(classifier, features, num_classes, batch_size, device, precision, progress, labels,
                         reduce=lambda logits: logits.argmax(dim=1)).to(torch.int64)
 
@@ -52,8 +50,6 @@ def predict_topk(classifier: Classifier, features: torch.Tensor, classnames: Seq
                  batch_size: int = 1024, device: str | torch.device = "cpu", precision: str = "fp32",
                  progress: bool | None = None) -> list[list[tuple[str, float]]]:
     """For each feature row, the ``k`` most probable classes as ``(class name, softmax probability)``, best first."""
-    import torch
-
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
     k = min(k, len(classnames))
@@ -70,8 +66,6 @@ def predict_topk(classifier: Classifier, features: torch.Tensor, classnames: Seq
 def metrics_from_predictions(predictions: torch.Tensor, labels: torch.Tensor,
                              classnames: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro F1, per-class accuracy and confusion matrix from predicted and true labels [N]."""
-    import torch
-
     num_classes = len(classnames)
     labels = _check_labels(labels, num_classes)
     predictions = predictions.detach().to("cpu", torch.int64).reshape(-1)
@@ -113,8 +107,6 @@ def unique_class_keys(classnames: Sequence[str]) -> list[str]:
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    import torch
-
     if num_classes < 1:
         raise ConfigError("classnames is empty: evaluation needs at least one class")
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.dtype.is_floating_point:
@@ -137,10 +129,6 @@ def _run_batches(classifier: Classifier, features: torch.Tensor, num_classes: in
                  device: str | torch.device, precision: str, progress: bool | None, labels: torch.Tensor | None,
                  reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply ``classifier`` batch by batch and collect ``reduce(logits)`` on the CPU."""
-    import torch
-
-    from vlprompt.common.progress import progress as make_progress
-
     if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.dtype.is_floating_point:
         raise DatasetError(f"features must be a float tensor [N, D], got {_describe(features)}")
     if features.shape[0] == 0:

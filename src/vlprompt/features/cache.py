@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from vlprompt.common import locks
+from vlprompt.common.paths import cache_dir
 from vlprompt.errors import VlpromptError
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,6 @@ class FeatureCacheError(VlpromptError):
 
 def default_cache_root() -> Path:
     """``$VLPROMPT_CACHE/features`` if that variable is set, else ``<user cache dir>/vlprompt/features``."""
-    from vlprompt.common.paths import cache_dir
-
     return cache_dir("features")
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from vlprompt.common import dist as dist_helpers
@@ -496,8 +497,6 @@ def _gather(rows: Tensor, bad: dict[int, str], total: int, rank: int, world: int
             failure: BaseException | None) -> tuple[Tensor, dict[int, str]]:
     """All ranks' rows ``[V, n_rank, D]`` reassembled in item order (item ``i`` = local ``i // world`` of rank
     ``i % world``), with the bad files keyed by global index. Raises on every rank if any rank failed."""
-    import torch.distributed as dist
-
     status: list[Any] = [None] * world
     dist.all_gather_object(status, (None if failure is None else f"{type(failure).__name__}: {failure}",
                                     {j * world + rank: reason for j, reason in bad.items()}))

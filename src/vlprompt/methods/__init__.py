@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from vlprompt.common.options import config_from_dict
 from vlprompt.errors import ConfigError
 from vlprompt.methods.configs import (
     CLAPConfig,
@@ -228,8 +229,6 @@ def get_method(name: str) -> MethodSpec:
 def method_config(spec: MethodSpec, options: Any) -> Any:
     """``spec``'s typed config: ``options`` itself when it already is one, else built from a mapping of field values
     (defaults filled in; unknown names and bad values raise a ConfigError naming the method)."""
-    from vlprompt.common.options import config_from_dict
-
     if isinstance(options, spec.config_cls):
         return options
     if dataclasses.is_dataclass(options) and not isinstance(options, type):

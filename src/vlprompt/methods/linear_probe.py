@@ -15,6 +15,7 @@ values (logits) [B, K]; these are not CLIP similarities, so no logit scale is in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +24,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from vlprompt.backbone.model import CLIP
@@ -152,12 +156,6 @@ _SINGLE_THREAD_BELOW = 2_000_000
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> Any:
-    import contextlib
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
-
     limit = threadpool_limits(limits=1) if x.size < _SINGLE_THREAD_BELOW else contextlib.nullcontext()
     with warnings.catch_warnings(), limit:
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported as "converged" in fit()'s record

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from torch import Tensor
 
+from vlprompt import __version__
 from vlprompt.common.vocab import seeded_torch
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import CheckpointError, ConfigError
@@ -60,8 +62,6 @@ def _describe(name: str | None, fingerprint: str) -> str:
 def save_prompt(method: FrozenClipMethod, path: str | os.PathLike[str], *, run: str | None = None) -> Path:
     """Write ``method``'s learned state and metadata to ``path`` (atomically); returns the path. ``run`` (the
     configuration hash of the run folder it is saved into) binds the file to that run."""
-    from vlprompt import __version__
-
     name = getattr(method, "method_name", "")
     if name not in METHODS:
         raise ConfigError(f"cannot save a {type(method).__name__}: it is not a registered method ({', '.join(METHODS)})")
@@ -122,8 +122,6 @@ def load_prompt(path: str | os.PathLike[str], clip: CLIP, *, classnames: Sequenc
 
 
 def _read(path: str | os.PathLike[str], *, tensors: bool) -> tuple[PromptHeader, dict[str, Tensor]]:
-    from safetensors import safe_open
-
     source = Path(path)
     if not source.is_file():
         raise CheckpointError(f"prompt file {str(source)!r} does not exist")

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from vlprompt.common.vocab import DEFAULT_TEMPLATE
+from vlprompt.data.registry import DATASETS, key_of, lookup
 from vlprompt.errors import ConfigError
 
 PLACEHOLDER = "{}"
@@ -173,15 +174,11 @@ def method_template(table: Mapping[str, str], dataset: str | None, fallback: str
     """``table``'s template for ``dataset`` (any spelling the dataset registry knows), else ``fallback``."""
     if dataset is None:
         return fallback
-    from vlprompt.data.registry import key_of
-
     return table.get(key_of(dataset), fallback)
 
 
 def dataset_template(name: str) -> str:
     """The hand-crafted template of a built-in dataset (any spelling the dataset registry knows)."""
-    from vlprompt.data.registry import DATASETS, lookup
-
     info = lookup(name)
     if info is None:
         raise ConfigError(f"no hand-crafted template is known for dataset {name!r} (known: {', '.join(DATASETS)}); "

@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.backbone.model import CLIP
-from vlprompt.common.vocab import seeded_torch
+from vlprompt.common.vocab import derive_seed, seeded_torch
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.methods.base import FrozenClipMethod, class_positions, logit_scale_of
 from vlprompt.methods.configs import TIP_FALLBACK_INIT_ALPHA, TipAdapterConfig, TipAdapterFConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
 from vlprompt.methods.zeroshot import class_text_features
+from vlprompt.training.loop import epoch_view_indices
 
 __all__ = ["TipAdapter", "TipAdapterConfig", "TipAdapterF", "TipAdapterFConfig", "build_tip_adapter",
            "build_tip_adapter_f", "cache_keys", "search_alpha_beta", "search_grid", "tip_logits"]
@@ -256,9 +257,6 @@ class TipAdapterF(TipAdapter):
         """Cache, fine-tuning (epoch chosen on ``val``), then the alpha / beta search on ``val``; ``seed`` draws the
         batch order and each image's view sequence. Returns the record (per-epoch loss and validation accuracy,
         the chosen epoch, and the search as :meth:`TipAdapter.fit`)."""
-        from vlprompt.common.vocab import derive_seed
-        from vlprompt.training.loop import epoch_view_indices
-
         config: TipAdapterFConfig = self.config
         features, labels = self._check_training_set(train)
         val_image, val_labels = self._validation(val, "chooses its fine-tuning epoch and alpha, beta")

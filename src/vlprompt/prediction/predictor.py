@@ -19,14 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from PIL import Image
+
+from vlprompt.backbone.transforms import EvalTransform, TensorEvalTransform, load_image
+from vlprompt.common.io import read_text
 from vlprompt.common.options import check_choice
+from vlprompt.common.precision import autocast_for
 from vlprompt.common.vocab import DEFAULT_TEMPLATE, PRECISIONS
+from vlprompt.data.classnames import same_name_message, same_named
+from vlprompt.data.listing import format_offenders, is_hidden, is_image_name
 from vlprompt.errors import ConfigError, DatasetError
+from vlprompt.evaluation.metrics import predict_topk
+from vlprompt.methods import get_method
+from vlprompt.methods.configs import EnsembleConfig, ZeroShotConfig
+from vlprompt.methods.prompt_file import load_prompt
 
 if TYPE_CHECKING:
-    import torch
-    from PIL import Image
-
     from vlprompt.backbone.model import CLIP
 
 IMAGE_BATCH = 32
@@ -79,9 +88,6 @@ def expand_inputs(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
 
     An empty input list, or a folder without image files, is a DatasetError.
     """
-    import torch
-    from PIL import Image
-
     single = isinstance(inputs, str | os.PathLike | Image.Image) or (isinstance(inputs, torch.Tensor))
     items: list[ImageInput] = [inputs] if single else list(inputs)
     if not items:
@@ -104,8 +110,6 @@ def expand_inputs(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
 
 
 def _image_files(folder: Path) -> Iterator[str]:
-    from vlprompt.data.listing import is_hidden, is_image_name
-
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).parts
         if path.is_file() and is_image_name(path.name) and not any(is_hidden(part) for part in relative):
@@ -129,10 +133,6 @@ class Predictor:
 
     def __init__(self, method: Any, *, device: str | torch.device | None = None, precision: str = "fp32",
                  batch_size: int = IMAGE_BATCH) -> None:
-        import torch
-
-        from vlprompt.backbone.transforms import EvalTransform, TensorEvalTransform
-
         if not hasattr(method, "classifier") or not hasattr(method, "clip"):
             raise ConfigError(f"Predictor needs a vlprompt method (with .clip and .classifier()), got "
                               f"{type(method).__name__}")
@@ -156,17 +156,12 @@ class Predictor:
                     **kwargs: Any) -> Predictor:
         """The method saved in a prompt file, on ``clip`` (which must be its backbone); ``classnames`` moves a
         unified context to other classes."""
-        from vlprompt.methods.prompt_file import load_prompt
-
         return cls(load_prompt(path, clip, classnames=classnames), **kwargs)
 
     @classmethod
     def zero_shot(cls, clip: CLIP, classnames: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
                   templates: Sequence[str] | None = None, **kwargs: Any) -> Predictor:
         """Zero-shot CLIP on any class list: one ``template``, or prompt ensembling over ``templates``."""
-        from vlprompt.methods import get_method
-        from vlprompt.methods.configs import EnsembleConfig, ZeroShotConfig
-
         names = parse_classnames(classnames)
         if templates:
             method = get_method("ensemble").build(clip, names, EnsembleConfig(templates=tuple(templates)))
@@ -183,8 +178,6 @@ class Predictor:
     def predict_report(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, *,
                        skip_bad: bool = False) -> PredictionReport:
         """As :meth:`predict`; with ``skip_bad`` unreadable files are left out and listed in ``skipped``."""
-        from vlprompt.data.listing import format_offenders
-
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
         items = expand_inputs(images)
@@ -209,10 +202,6 @@ class Predictor:
 
     def _decode(self, chunk: Iterable[tuple[int, ImageInput]]) -> tuple[list[torch.Tensor], list[str],
                                                                          list[tuple[str, str]]]:
-        import torch
-
-        from vlprompt.backbone.transforms import load_image
-
         pixels: list[torch.Tensor] = []
         sources: list[str] = []
         bad: list[tuple[str, str]] = []
@@ -232,10 +221,6 @@ class Predictor:
         return pixels, sources, bad
 
     def _classify(self, pixels: list[torch.Tensor], sources: list[str], top_k: int) -> list[Prediction]:
-        import torch
-
-        from vlprompt.evaluation.metrics import autocast_for, predict_topk
-
         batch = torch.stack(pixels).to(self.device, dtype=self.clip.dtype)
         with torch.inference_mode(), autocast_for(self.device, self.precision):
             features = self.method.encode_images(batch).float()  # the prompted tower for image-in-the-loop methods
@@ -256,8 +241,6 @@ def parse_classnames(classes: str | Sequence[str]) -> list[str]:
     """Class names from a comma-separated string (a trailing comma is allowed) or a sequence, stripped. ConfigError
     for an empty list, an empty entry (``" , dog"``) and a name given twice (``"cat,cat"``, also ``"Cat,cat"``: CLIP
     reads them alike)."""
-    from vlprompt.data.classnames import same_name_message, same_named
-
     names = classes.split(",") if isinstance(classes, str) else list(classes)
     cleaned = [str(name).strip() for name in names]
     if isinstance(classes, str) and len(cleaned) > 1 and not cleaned[-1]:
@@ -276,8 +259,6 @@ def parse_classnames(classes: str | Sequence[str]) -> list[str]:
 
 def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
     """Class names from a text file, one per line (blank lines and lines starting with '#' ignored)."""
-    from vlprompt.common.io import read_text
-
     try:
         text = read_text(path, "the class list file", ConfigError)
     except FileNotFoundError:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from vlprompt.common.options import check_choice, check_int, check_number, known_fields, option
 from vlprompt.common.vocab import PRECISION_CHOICES, PrecisionChoice
 from vlprompt.errors import ConfigError
+from vlprompt.methods import get_method
 
 Optimizer = Literal["sgd", "adam"]
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
@@ -185,8 +186,6 @@ def method_train_defaults(method: str, shots: int, dataset: str, subset: str = "
     10 epochs; CLAP: lr 0.1, weight decay 0, batch 256, 300 epochs, 20 views; Tip-Adapter(-F) and LP++: their views
     and crop scale; TCP: Adam with epsilon 1e-3. Empty for methods without training images.
     """
-    from vlprompt.methods import get_method  # light: the registry module imports no torch
-
     defaults = get_method(method).train_defaults(shots, dataset, subset)
     return {key: defaults[key] for key in RESOLVED_KEYS if key in defaults}
 

@@ -23,9 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlprompt.backbone.transforms import EvalTransform, TrainTransform, view_generator
+from vlprompt.data.check import find_unreadable
 from vlprompt.data.images import ImageDataset
 from vlprompt.data.types import Item
 from vlprompt.errors import DatasetError
+from vlprompt.features.extract import default_num_workers
 
 
 @dataclass
@@ -96,16 +99,12 @@ class _EpochImages(ImageDataset):
 
     def __init__(self, train_set: ImageTrainSet, views: list[int] | None) -> None:
         super().__init__(train_set.items, train_set.image_dir, transform=None, on_error="raise")
-        from vlprompt.backbone.transforms import EvalTransform, TrainTransform
-
         self.views = views
         self.seed = train_set.pool_seed
         self.draw: Any = TrainTransform(train_set.resolution) if views is not None else \
             EvalTransform(train_set.resolution)
 
     def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
-        from vlprompt.backbone.transforms import view_generator
-
         image, _, _ = super().__getitem__(index)  # type: ignore[misc]  # raises UnreadableImageError on a bad file
         if self.views is None:
             return self.draw(image)
@@ -133,8 +132,6 @@ class ImageBatches:
         return f"{self.labels.numel()} images decoded on the fly ({pool}, {self.workers} worker(s))"
 
     def _workers(self, device: torch.device) -> int:
-        from vlprompt.features.extract import default_num_workers
-
         return default_num_workers(device, len(self.train_set)) if self.workers == "auto" else int(self.workers)
 
     def epoch(self, views: Tensor, shares: Sequence[Tensor], device: torch.device) -> Iterator[Tensor]:
@@ -190,8 +187,6 @@ def image_train_set(image_dir: str | os.PathLike[str], items: Sequence[Item], *,
     items = list(items)
     skipped: list[str] = []
     if skip_unreadable:
-        from vlprompt.data.check import find_unreadable
-
         bad = find_unreadable(image_dir, [item.path for item in items], progress=progress,
                               workers=None if num_workers == "auto" else max(1, int(num_workers)))
         drop = {b.index for b in bad}
