@@ -15,6 +15,7 @@ from typing import Any
 from vlprompt.common.vocab import DEFAULT_MODEL, SUBSETS, Subset
 from vlprompt.errors import ConfigError
 from vlprompt.common.options import check_choice, check_int, config_to_dict, json_values, known_fields, option
+from vlprompt.methods import get_method, method_config
 from vlprompt.training.config import (
     TRAIN_NON_IDENTITY_FIELDS,
     TrainConfig,
@@ -73,8 +74,6 @@ class RunConfig:
             raise ConfigError(f"skip_bad_images must be true or false, got {self.skip_bad_images!r}")
         if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol):
             raise ConfigError(f"protocol must be a non-empty string or null, got {self.protocol!r}")
-        from vlprompt.methods import get_method, method_config
-
         object.__setattr__(self, "method_config", method_config(get_method(self.method), self.method_config))
         if self.train.seed != self.seed:
             object.__setattr__(self, "train", dataclasses.replace(self.train, seed=self.seed))

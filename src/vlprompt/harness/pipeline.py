@@ -34,9 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from vlprompt import stages
+from vlprompt.common import dist
 from vlprompt.common.vocab import SUBSETS
+from vlprompt.data import cap_test_split, load_dataset, subsample_classes
 from vlprompt.data.registry import same_dataset
-from vlprompt.errors import ConfigError, RunError, VlpromptError
+from vlprompt.errors import CheckpointError, ConfigError, RunError, VlpromptError
 from vlprompt.harness.config import NON_IDENTITY_KEYS, RunConfig
 from vlprompt.harness.rundir import (
     FEWSHOT_FILE,
@@ -44,13 +47,18 @@ from vlprompt.harness.rundir import (
     RESULTS_FILE,
     STATE_FILE,
     EvalSpec,
+    RunDir,
     check_eval_name,
     eval_file,
     eval_name,
     read_run_config,
     reading_lock,
+    result_payload,
     write_result,
 )
+from vlprompt.methods import get_method
+from vlprompt.methods.prompt_file import load_prompt, read_prompt_header, save_prompt
+from vlprompt.prediction.predictor import Predictor
 
 if TYPE_CHECKING:
     import torch
@@ -58,8 +66,6 @@ if TYPE_CHECKING:
     from vlprompt.backbone.model import CLIP
     from vlprompt.data import DatasetSplits
     from vlprompt.methods import MethodSpec
-    from vlprompt.harness.rundir import RunDir
-    from vlprompt.stages import FeatureOptions, FitOutcome
     from vlprompt.training.loop import EpochStats
 
 logger = logging.getLogger(__name__)
@@ -71,8 +77,6 @@ def resolve_run_config(config: RunConfig) -> RunConfig:
     """The configuration a run folder records: the method's complete config (defaults filled in; unknown options
     are a ConfigError), ``shots = 0`` for fixed methods (they use no training images), and the method's default
     epochs and batch size where left unset (gradient-trained methods only)."""
-    from vlprompt.methods import get_method
-
     if not isinstance(config, RunConfig):
         raise ConfigError(f"run_experiment needs a RunConfig, got {type(config).__name__}")
     spec = get_method(config.method)
@@ -96,10 +100,6 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str], *, resume
     or a :class:`~vlprompt.features.cache.FeatureCache`. ``progress``: progress bars (default: when stderr is a
     terminal). ``on_epoch_end`` is called after each training epoch's checkpoint.
     """
-    from vlprompt.data import load_dataset
-    from vlprompt.methods import get_method
-    from vlprompt.harness.rundir import RunDir
-
     resolved = resolve_run_config(config)
     spec = get_method(resolved.method)
     for eval_spec in evals:
@@ -156,29 +156,21 @@ def _execute(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets
              *, clip: CLIP | None, feature_cache: Any, progress: bool | None,
              on_epoch_end: Callable[[EpochStats], None] | None) -> dict[str, Any]:
     """The run itself, in an open run folder (None on ranks > 0): data, backbone, method, fit, results, evals."""
-    from vlprompt.stages import (
-        FeatureOptions,
-        adapt_method,
-        build_method_for,
-        load_backbone,
-        open_feature_cache,
-        resolve_device,
-    )
-
     logger.info("run %s: %s", run_dir.path if run_dir is not None else "(rank > 0)", run_summary(config))
     data, eval_data = _run_data(config, spec, splits, targets, run_dir)
-    device = resolve_device(config.train.device) if clip is None else clip.device
-    clip = clip if clip is not None else load_backbone(config.model, device)
-    options = FeatureOptions(device=device, precision=config.train.precision, num_workers=config.train.num_workers,
-                             cache=open_feature_cache(feature_cache), progress=progress,
-                             on_error="skip" if config.skip_bad_images else "raise")
+    device = stages.resolve_device(config.train.device) if clip is None else clip.device
+    clip = clip if clip is not None else stages.load_backbone(config.model, device)
+    options = stages.FeatureOptions(device=device, precision=config.train.precision,
+                                    num_workers=config.train.num_workers,
+                                    cache=stages.open_feature_cache(feature_cache), progress=progress,
+                                    on_error="skip" if config.skip_bad_images else "raise")
     logger.info("precision %s%s (features and evaluation)", options.precision,
                 " (auto: measured on this machine)" if config.train.precision == "auto" else "")
-    method = build_method_for(spec, clip, data.classnames, config.method_config, dataset=data.name,
-                              template=data.template, seed=config.seed)
+    method = stages.build_method_for(spec, clip, data.classnames, config.method_config, dataset=data.name,
+                                     template=data.template, seed=config.seed)
     for eval_spec, target in eval_data:  # refuse impossible transfers (class-specific context ...) before training
-        adapt_method(method, spec, config.method_config, target,
-                     same_dataset=same_dataset(eval_spec.dataset, config.dataset), seed=config.seed)
+        stages.adapt_method(method, spec, config.method_config, target,
+                            same_dataset=same_dataset(eval_spec.dataset, config.dataset), seed=config.seed)
     fit = _fit(method, spec, clip, data, config, options, run_dir, on_epoch_end)
     payload = _main_results(method, clip, data, config, options, fit, run_dir)
     for eval_spec, target in eval_data:
@@ -189,52 +181,42 @@ def _execute(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets
 def _run_data(config: RunConfig, spec: MethodSpec, splits: DatasetSplits, targets: Targets,
               run_dir: RunDir | None) -> tuple[DatasetSplits, Targets]:
     """The run's data (few-shot sample saved as fewshot.json, then the class subset) and the evaluations' test sets."""
-    from vlprompt.data import cap_test_split, subsample_classes
-    from vlprompt.stages import require_images, training_splits
-
     if not spec.training.uses_training_images:
         data = subsample_classes(splits, config.subset)  # type: ignore[arg-type]
     else:
         fewshot_path = run_dir.path / FEWSHOT_FILE if run_dir is not None else None
-        data = _on_main(lambda: training_splits(splits, shots=config.shots, seed=config.seed, subset=config.subset,
-                                                fewshot_path=fewshot_path))
-        require_images(data, "train")
+        data = _on_main(lambda: stages.training_splits(splits, shots=config.shots, seed=config.seed,
+                                                       subset=config.subset, fewshot_path=fewshot_path))
+        stages.require_images(data, "train")
     data = cap_test_split(data, config.max_test_images)
-    require_images(data, "test")
+    stages.require_images(data, "test")
     eval_data = [(eval_spec, cap_test_split(subsample_classes(target, eval_spec.subset), config.max_test_images))
                  for eval_spec, target in targets]
     for _, target in eval_data:
-        require_images(target, "test")
+        stages.require_images(target, "test")
     return data, eval_data
 
 
 def _fit(method: Any, spec: MethodSpec, clip: CLIP, data: DatasetSplits, config: RunConfig,
-         options: FeatureOptions, run_dir: RunDir | None,
-         on_epoch_end: Callable[[EpochStats], None] | None) -> FitOutcome:
+         options: stages.FeatureOptions, run_dir: RunDir | None,
+         on_epoch_end: Callable[[EpochStats], None] | None) -> stages.FitOutcome:
     """Training features, then fit by the method's kind; the learned prompt is saved as soon as it exists.
 
     SGD checkpoints every epoch and resumes from the last one; a closed-form fit is redone on resume (deterministic).
     """
-    from vlprompt.methods.prompt_file import save_prompt
-    from vlprompt.stages import fit_method, training_sets
-
-    train_set, val_set = training_sets(spec, clip, data, config.train, options)
-    fit = fit_method(method, spec, train_set, val_set, train=config.train, run_dir=run_dir, device=options.device,
-                     on_epoch_end=on_epoch_end, progress=options.progress)
+    train_set, val_set = stages.training_sets(spec, clip, data, config.train, options)
+    fit = stages.fit_method(method, spec, train_set, val_set, train=config.train, run_dir=run_dir,
+                            device=options.device, on_epoch_end=on_epoch_end, progress=options.progress)
     if run_dir is not None:
         save_prompt(method, run_dir.path / PROMPT_FILE, run=config.config_hash())
     return fit
 
 
-def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfig, options: FeatureOptions,
-                  fit: FitOutcome, run_dir: RunDir | None) -> dict[str, Any]:
+def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfig, options: stages.FeatureOptions,
+                  fit: stages.FitOutcome, run_dir: RunDir | None) -> dict[str, Any]:
     """Test metrics on the run's own dataset and subset, written as results.json (the run is then finished)."""
-    from vlprompt.harness.rundir import result_payload
-    from vlprompt.methods import get_method
-    from vlprompt.stages import evaluation_features, score
-
-    test = evaluation_features(get_method(config.method), method, clip, data, "test", options)
-    metrics, eval_s = score(method, test, data.classnames, options)
+    test = stages.evaluation_features(get_method(config.method), method, clip, data, "test", options)
+    metrics, eval_s = stages.score(method, test, data.classnames, options)
     timing = {"feature_s": options.seconds, "train_s": fit.seconds, "eval_s": eval_s}
     payload = result_payload(config, metrics, eval_dataset=data.name, subset=config.subset, timing=timing,
                              backbone=clip.config.name)
@@ -248,18 +230,15 @@ def _main_results(method: Any, clip: CLIP, data: DatasetSplits, config: RunConfi
 
 
 def _extra_results(method: Any, spec: MethodSpec, clip: CLIP, eval_spec: EvalSpec, target: DatasetSplits,
-                   config: RunConfig, options: FeatureOptions, run_dir: RunDir | None) -> None:
+                   config: RunConfig, options: stages.FeatureOptions, run_dir: RunDir | None) -> None:
     """One EvalSpec: the method moved to the target's classes, its test metrics written as eval-<name>.json."""
-    from vlprompt.harness.rundir import result_payload
-    from vlprompt.stages import adapt_method, evaluation_features, score
-
     options.seconds = 0.0
     options.skipped = []
     try:
-        adapted = adapt_method(method, spec, config.method_config, target,
-                               same_dataset=same_dataset(eval_spec.dataset, config.dataset), seed=config.seed)
-        features = evaluation_features(spec, adapted, clip, target, "test", options)
-        metrics, seconds = score(adapted, features, target.classnames, options)
+        adapted = stages.adapt_method(method, spec, config.method_config, target,
+                                      same_dataset=same_dataset(eval_spec.dataset, config.dataset), seed=config.seed)
+        features = stages.evaluation_features(spec, adapted, clip, target, "test", options)
+        metrics, seconds = stages.score(adapted, features, target.classnames, options)
     except VlpromptError as exc:
         where = run_dir.path if run_dir is not None else "the run folder"
         raise RunError(f"evaluation on {eval_spec.dataset} ({eval_spec.subset} classes) failed: {exc}. The run "
@@ -292,8 +271,6 @@ def _on_main(compute: Callable[[], T]) -> T:
     A user error on rank 0 is re-raised there and raised as a RunError with the same message on the other ranks, so no
     rank waits forever for a broadcast that never comes.
     """
-    from vlprompt.common import dist
-
     if dist.world_size() == 1:
         return compute()
     error: VlpromptError | None = None
@@ -314,8 +291,6 @@ def _on_main(compute: Callable[[], T]) -> T:
 
 
 def _is_run_dir(value: Any) -> bool:
-    from vlprompt.harness.rundir import RunDir
-
     return isinstance(value, RunDir)
 
 
@@ -341,10 +316,6 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
     ``model`` recorded in ``config.json``; a backbone whose fingerprint differs from the prompt's is refused
     (CheckpointError naming both). ``device`` defaults to the run's ``train.device``.
     """
-    from vlprompt.errors import CheckpointError
-    from vlprompt.methods.prompt_file import load_prompt, read_prompt_header
-    from vlprompt.stages import load_backbone, resolve_device
-
     folder = Path(run_dir)
     config = read_run_config(folder)
     prompt = folder / PROMPT_FILE
@@ -363,10 +334,10 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
                        "it was copied in from elsewhere. Copy whole run folders, not single files, or train this run "
                        "again with --overwrite")
     if clip is None:
-        target = resolve_device(device if device is not None else config.train.device)
+        target = stages.resolve_device(device if device is not None else config.train.device)
         source = model or config.model
         try:
-            clip = load_backbone(source, target)
+            clip = stages.load_backbone(source, target)
         except CheckpointError as exc:
             if model is not None:
                 raise
@@ -380,8 +351,6 @@ def run_predictor(run_dir: str | os.PathLike[str], *, model: str | None = None, 
                   device: str | torch.device | None = None, **kwargs: Any) -> Any:
     """A :class:`~vlprompt.prediction.predictor.Predictor` of a run folder's learned method, on its recorded backbone
     (or ``model`` / ``clip``; a backbone with another fingerprint is refused); ``kwargs`` go to the Predictor."""
-    from vlprompt.prediction.predictor import Predictor
-
     with reading_lock(run_dir):
         trained = open_trained_run(run_dir, model=model, clip=clip, device=device)
     return Predictor(trained.method, **kwargs)
@@ -400,18 +369,6 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
     linear probe cannot: ConfigError); zero-shot methods use the target's own template. ``precision`` defaults to
     the run's. See the module docstring for locking.
     """
-    from vlprompt.data import cap_test_split, load_dataset, subsample_classes
-    from vlprompt.methods import get_method
-    from vlprompt.harness.rundir import result_payload
-    from vlprompt.stages import (
-        FeatureOptions,
-        adapt_method,
-        evaluation_features,
-        open_feature_cache,
-        require_images,
-        score,
-    )
-
     if subset not in SUBSETS:
         raise ConfigError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     if name is not None:
@@ -426,16 +383,17 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None,
                               f"{folder / RESULTS_FILE}; give another --dataset or --subset")
         target = load_dataset(wanted, root if root is not None else (config.root or None))
         target = cap_test_split(subsample_classes(target, subset), config.max_test_images)  # type: ignore[arg-type]
-        require_images(target, "test")
+        stages.require_images(target, "test")
         trained = open_trained_run(folder, model=model, clip=clip, device=device)
         spec = get_method(config.method)
-        method = adapt_method(trained.method, spec, config.method_config, target, same_dataset=same,
-                              seed=config.seed)
-        options = FeatureOptions(device=trained.device, precision=precision or config.train.precision,
-                                 num_workers=config.train.num_workers, cache=open_feature_cache(feature_cache),
-                                 progress=progress, on_error="skip" if config.skip_bad_images else "raise")
-        features = evaluation_features(spec, method, trained.clip, target, "test", options)
-        metrics, eval_s = score(method, features, target.classnames, options)
+        method = stages.adapt_method(trained.method, spec, config.method_config, target, same_dataset=same,
+                                     seed=config.seed)
+        options = stages.FeatureOptions(device=trained.device, precision=precision or config.train.precision,
+                                        num_workers=config.train.num_workers,
+                                        cache=stages.open_feature_cache(feature_cache), progress=progress,
+                                        on_error="skip" if config.skip_bad_images else "raise")
+        features = stages.evaluation_features(spec, method, trained.clip, target, "test", options)
+        metrics, eval_s = stages.score(method, features, target.classnames, options)
         payload = result_payload(config, metrics, eval_dataset=target.name, subset=subset,
                                  timing={"feature_s": options.seconds, "eval_s": eval_s},
                                  backbone=trained.clip.config.name)

@@ -48,17 +48,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from vlprompt import __version__
 from vlprompt.common import locks
 from vlprompt.common.io import atomic_write_bytes, atomic_write_json, safetensors_bytes, writing
 from vlprompt.errors import CheckpointError, ConfigError, RunError
-from vlprompt.harness.config import NON_IDENTITY_KEYS
+from vlprompt.harness.config import NON_IDENTITY_KEYS, RunConfig
 from vlprompt.training.config import RESOLVED_KEYS
 from vlprompt.common.vocab import SUBSETS
 
 if TYPE_CHECKING:
     import torch
 
-    from vlprompt.harness.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +175,6 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
 def read_run_config(folder: str | os.PathLike[str]) -> RunConfig:
     """The :class:`~vlprompt.harness.config.RunConfig` recorded in ``folder/config.json`` (RunError when the folder
     or the file is missing, unreadable or not a run configuration)."""
-    from vlprompt.harness.config import RunConfig
-
     path = Path(folder)
     if not path.is_dir():
         raise RunError(f"run folder {path} does not exist; give the --out folder of a trained run")
@@ -547,8 +545,6 @@ def load_params(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def software_versions() -> dict[str, str]:
     """Versions recorded with results: vlprompt, torch, python (and CUDA when torch has it)."""
     import torch
-
-    from vlprompt import __version__
 
     versions = {"vlprompt": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
     if torch.version.cuda:

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,9 +183,7 @@ def _pid_alive(pid: int) -> bool:
 def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
     """The Slurm state of each task id (``12345_7``), from one ``sacct`` call (parsed by submitit); {} when sacct
     cannot be run (then every task counts as active: nothing is resubmitted blindly)."""
-    import subprocess
-
-    from submitit.slurm.slurm import SlurmInfoWatcher
+    from submitit.slurm.slurm import SlurmInfoWatcher  # optional dependency ([slurm]): only after a submission
 
     arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
     if not arrays:

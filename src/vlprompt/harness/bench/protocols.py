@@ -32,7 +32,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from vlprompt.common.options import config_from_dict, config_to_dict
 from vlprompt.common.vocab import DEFAULT_MODEL
+from vlprompt.data.registry import DATASETS, lookup
 from vlprompt.harness.bench.plan import PlannedRun, make_run, run_key, tree_name
 from vlprompt.harness.rundir import EvalSpec, eval_name
 from vlprompt.harness.config import RunConfig
@@ -125,8 +127,6 @@ class Protocol:
 
 def _dataset_key(name: str, *, what: str, trainable: bool) -> str:
     """The registry key of a built-in dataset (any spelling); ConfigError naming the known ones otherwise."""
-    from vlprompt.data.registry import DATASETS, lookup
-
     info = lookup(name)
     if info is None:
         raise ConfigError(f"unknown {what} {name!r}; known datasets: {', '.join(DATASETS)}")
@@ -169,8 +169,6 @@ def _counts(values: tuple[int, ...] | None, default: tuple[int, ...], what: str,
 
 def _method_config(method: str, base: Mapping[str, Any], options: ProtocolOptions) -> dict[str, Any]:
     """The method's option overrides (protocol defaults, then the user's), checked against its config class."""
-    from vlprompt.common.options import config_from_dict, config_to_dict
-
     merged = {**base, **options.method_options.get(method, {})}
     if not merged:
         return {}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlprompt.data.registry import same_dataset
 from vlprompt.harness.bench.execute import RunRequest
 from vlprompt.harness.bench.plan import PlannedRun
 from vlprompt.harness.rundir import RESULTS_FILE, EvalSpec, read_result, write_result
@@ -28,8 +29,6 @@ from vlprompt.harness.rundir import RESULTS_FILE, EvalSpec, read_result, write_r
 
 def is_own_split(run: PlannedRun, evaluation: EvalSpec) -> bool:
     """True when ``evaluation`` is the run's own test split (dataset and class subset): ``results.json``'s."""
-    from vlprompt.data.registry import same_dataset
-
     return evaluation.subset == run.config.subset and same_dataset(evaluation.dataset, run.config.dataset)
 
 
@@ -56,6 +55,8 @@ class PipelineRunner:
 
     def backbone(self, model: str, device: str) -> Any:
         """The loaded CLIP ``model`` on ``device`` (``auto`` resolved), loaded once and kept for the next runs."""
+        # torch loads with the first run, not when a spawned worker unpickles the runner: the worker limits its
+        # threads first (workers._limit_threads sets the OMP/MKL variables, read once when torch loads)
         from vlprompt.stages import load_backbone, resolve_device
 
         resolved = resolve_device(device)
@@ -73,7 +74,7 @@ class PipelineRunner:
             object.__setattr__(self, name, value)
 
     def __call__(self, request: RunRequest) -> None:
-        from vlprompt.harness.pipeline import evaluate_run, run_experiment
+        from vlprompt.harness.pipeline import evaluate_run, run_experiment  # torch: see backbone()
 
         run = request.run
         config = run.config

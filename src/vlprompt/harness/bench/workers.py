@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import queue as queue_module
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -77,8 +78,6 @@ def _limit_threads(threads: int | None) -> None:
         return
     for name in _THREAD_VARIABLES:
         os.environ[name] = str(threads)
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None:  # already imported (by the runner's module): set it directly
         torch.set_num_threads(threads)

@@ -25,16 +25,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlprompt.common.io import atomic_write_json
+from vlprompt.common.options import add_dataclass_arguments, dataclass_from_args
+from vlprompt.common.progress import Progress
 from vlprompt.errors import ConfigError
-from vlprompt.harness.cli.common import add_cache_options, feature_cache_arg
+from vlprompt.harness.bench.protocols import BUDGET_EPOCHS, BUDGET_TEST_IMAGES, PROTOCOLS, ProtocolOptions, build_plan
+from vlprompt.harness.bench.status import RunState, count_states, inspect_run
+from vlprompt.harness.cli.common import add_cache_options, console_logging, feature_cache_arg
+from vlprompt.training.config import TrainConfig
 
 ROOT_ENV = "VLPROMPT_DATA_ROOT"
 
 
 def budget_banner(epochs: int | None) -> str:
     """The smoke-test banner, with the epochs the runs really train for (``--epochs``, else the budget's)."""
-    from vlprompt.harness.bench.protocols import BUDGET_EPOCHS, BUDGET_TEST_IMAGES
-
     return (f"SMOKE TEST (--budget): {epochs if epochs is not None else BUDGET_EPOCHS} training epochs, at most "
             f"{BUDGET_TEST_IMAGES} test images per dataset; results are not comparable to the papers")
 
@@ -44,10 +48,6 @@ EXECUTORS = ("slurm", "local")  # = vlprompt.harness.bench.arrays.EXECUTORS (kep
 
 def add_parser(subparsers: Any) -> None:
     """Register ``vlprompt bench``."""
-    from vlprompt.harness.bench.protocols import PROTOCOLS
-    from vlprompt.common.options import add_dataclass_arguments
-    from vlprompt.training.config import TrainConfig
-
     lines = [f"  {name:<13}{p.description} (methods: {', '.join(p.default_methods)}"
              f"{' + ' + ', '.join(p.baselines) if p.baselines else ''}; model {p.default_model})"
              for name, p in PROTOCOLS.items()]
@@ -165,10 +165,6 @@ def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def options_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~vlprompt.harness.bench.protocols.ProtocolOptions` of the parsed command line."""
-    from vlprompt.harness.bench.protocols import ProtocolOptions
-    from vlprompt.common.options import dataclass_from_args
-    from vlprompt.training.config import TrainConfig
-
     root = args.root if args.root is not None else os.environ.get(ROOT_ENV)
     return ProtocolOptions(
         out=Path(args.out).expanduser().resolve(),
@@ -194,8 +190,6 @@ def options_from_args(args: argparse.Namespace) -> Any:
 def plan_lines(protocol: str, runs: Sequence[Any], out: Path, budget: bool, epochs: int | None = None) -> list[str]:
     """The dry-run listing: one line per run (action, state, folder, what it is) and the totals (``epochs``: the
     --epochs given, for the smoke-test banner)."""
-    from vlprompt.harness.bench.status import RunState, count_states, inspect_run
-
     statuses = [inspect_run(run, out) for run in runs]
     lines = [f"*** {budget_banner(epochs)} ***"] if budget else []
     lines.append(f"{protocol}: {len(runs)} run(s) under {out}")
@@ -214,6 +208,8 @@ def _worker_setup(jobs: int, device: str) -> tuple[list[str | None] | None, int 
     """Devices and CPU threads of the workers (none for one worker: it runs here with the runs' own device)."""
     if jobs <= 1:
         return None, None
+    # the bench machinery (arrays, execute, launch, runner, workers: ~40 ms of imports) loads only when runs are
+    # executed or inspected, never for --help or --dry-run
     from vlprompt.harness.bench.workers import threads_per_worker, worker_devices
 
     gpu_count = 0
@@ -230,8 +226,6 @@ def summary_path(out: Path, protocol: str, budget: bool) -> Path:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from vlprompt.harness.bench.protocols import build_plan
-
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     options = options_from_args(args)
@@ -252,15 +246,11 @@ def run_bench(args: argparse.Namespace) -> int:
         return _run_array(args, options, runs)
     from vlprompt.harness.bench.launch import execute_plan
     from vlprompt.harness.bench.runner import PipelineRunner
-    from vlprompt.common.io import atomic_write_json
-
     devices, threads = _worker_setup(args.jobs, options.train.device)
     banner_text = budget_banner(options.train.epochs)
     banner = [f"*** {banner_text} ***"] if options.budget else []
     print("\n".join([*banner, f"{args.protocol}: {len(runs)} run(s) under {options.out}"
                      + (f" with {args.jobs} workers" if args.jobs > 1 else "")]), flush=True)
-    from vlprompt.harness.cli.common import console_logging
-
     runner = PipelineRunner(progress=None if args.jobs == 1 else False, feature_cache=feature_cache_arg(args))
     with console_logging(quiet=False) if args.jobs == 1 else contextlib.nullcontext():  # the runs' own lines
         result = execute_plan(runs, options.out, runner, jobs=args.jobs, devices=devices, threads=threads,
@@ -284,8 +274,6 @@ def array_options(args: argparse.Namespace) -> Any:
 
 def _run_array(args: argparse.Namespace, options: Any, runs: Sequence[Any]) -> int:
     """``--executor slurm|local``: submit the runs that need a task as one array (local: and wait for it)."""
-    from vlprompt.common.io import atomic_write_json
-    from vlprompt.common.progress import Progress
     from vlprompt.harness.bench.arrays import array_statuses, outcome_of, status_lines, submit_array
     from vlprompt.harness.bench.execute import new_session
     from vlprompt.harness.bench.runner import PipelineRunner

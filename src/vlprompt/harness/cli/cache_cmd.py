@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlprompt.errors import ConfigError
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -38,7 +40,6 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _clear(args: argparse.Namespace) -> int:
-    from vlprompt.errors import ConfigError
     from vlprompt.features.cache import FeatureCache
 
     if not args.yes:

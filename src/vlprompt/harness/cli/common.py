@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.common.io import read_text
+from vlprompt.common.progress import BESIDE_BAR
 from vlprompt.errors import ConfigError
 
 ROOT_ENV = "VLPROMPT_DATA_ROOT"
@@ -74,8 +75,6 @@ def console_logging(quiet: bool) -> Iterator[None]:
 
     Progress lines written while a terminal bar shows the same progress are left out here (they still reach
     ``log.txt``); off a terminal, the lines are the progress display."""
-    from vlprompt.common.progress import BESIDE_BAR
-
     logger = logging.getLogger("vlprompt")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -16,7 +16,8 @@ from vlprompt.common.vocab import DEFAULT_TEMPLATE, PRECISIONS
 from vlprompt.harness.cli.common import add_output_options, console_logging, read_templates
 from vlprompt.errors import ConfigError
 from vlprompt.common.io import json_text
-from vlprompt.harness.rundir import CONFIG_FILE
+from vlprompt.harness.rundir import CONFIG_FILE, reading_lock
+from vlprompt.methods.templates import TEMPLATE_SETS, template_set
 
 
 def add_parser(subparsers: Any) -> None:
@@ -26,8 +27,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _add_predict(subparsers: Any) -> None:
-    from vlprompt.methods.templates import TEMPLATE_SETS
-
     parser = subparsers.add_parser(
         "predict", help="classify images with a trained run, or zero-shot with any class list",
         usage="vlprompt predict [-h] [options] RUN IMAGE [IMAGE ...]\n"
@@ -129,8 +128,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _ensemble_templates(value: str) -> tuple[str, ...]:
-    from vlprompt.methods.templates import TEMPLATE_SETS, template_set
-
     if value in TEMPLATE_SETS:
         return template_set(value)
     return read_templates(Path(value))
@@ -143,8 +140,6 @@ def run_interpret(args: argparse.Namespace) -> int:
     """``vlprompt interpret``."""
     from vlprompt.prediction.interpret import context_vectors, format_neighbours, nearest_words
     from vlprompt.harness.pipeline import open_trained_run
-    from vlprompt.harness.rundir import reading_lock
-
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     with console_logging(args.quiet), reading_lock(args.run):

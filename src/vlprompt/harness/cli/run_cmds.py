@@ -14,6 +14,7 @@ eval-<name>.json where they apply): see :mod:`vlprompt.harness.pipeline`. Under 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,13 @@ from vlprompt.harness.cli.common import (
 )
 from vlprompt.errors import ConfigError
 from vlprompt.common.io import json_text
-from vlprompt.harness.rundir import RESULTS_FILE, eval_file, eval_files, eval_name, read_result
+from vlprompt.common.options import add_dataclass_arguments, dataclass_from_args
+from vlprompt.harness.cli.method_options import add_method_arguments, method_options_from_args
+from vlprompt.harness.config import RunConfig
+from vlprompt.harness.rundir import RESULTS_FILE, EvalSpec, eval_file, eval_files, eval_name, read_result
+from vlprompt.methods import METHODS
+from vlprompt.methods.templates import TEMPLATE_SETS
+from vlprompt.training.config import TrainConfig
 
 # TrainConfig fields that matter to methods that are not trained by SGD (feature extraction and evaluation)
 _EXTRACTION_FIELDS = ("precision", "device", "num_workers")
@@ -49,11 +56,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _add_train(subparsers: Any) -> None:
-    from vlprompt.harness.cli.method_options import add_method_arguments
-    from vlprompt.common.options import add_dataclass_arguments
-    from vlprompt.training.config import TrainConfig
-    from vlprompt.methods import METHODS
-
     parser = subparsers.add_parser(
         "train", help="train a method (CoOp, CoCoOp, ...) on a dataset into a run folder",
         description="Run one experiment: sample the few-shot training set, extract image features (cached), train "
@@ -98,10 +100,6 @@ def _add_eval(subparsers: Any) -> None:
 
 
 def _add_zeroshot(subparsers: Any) -> None:
-    from vlprompt.common.options import add_dataclass_arguments
-    from vlprompt.training.config import TrainConfig
-    from vlprompt.methods.templates import TEMPLATE_SETS
-
     parser = subparsers.add_parser(
         "zeroshot", help="zero-shot CLIP (hand-crafted prompt or prompt ensembling) on a dataset",
         description="Evaluate zero-shot CLIP on a dataset's test split into a run folder: the dataset's hand-crafted "
@@ -119,11 +117,6 @@ def _add_zeroshot(subparsers: Any) -> None:
 
 
 def _add_linear_probe(subparsers: Any) -> None:
-    from vlprompt.harness.cli.method_options import add_method_arguments
-    from vlprompt.common.options import add_dataclass_arguments
-    from vlprompt.training.config import TrainConfig
-    from vlprompt.methods import METHODS
-
     parser = subparsers.add_parser(
         "linear-probe", help="linear probe CLIP (logistic regression on image features)",
         description="Fit linear probe CLIP (L2-regularised logistic regression on frozen image features, C searched "
@@ -137,17 +130,10 @@ def _add_linear_probe(subparsers: Any) -> None:
 
 
 def _excluded_train_fields() -> tuple[str, ...]:
-    import dataclasses
-
-    from vlprompt.training.config import TrainConfig
-
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _EXTRACTION_FIELDS)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, *, shots: bool) -> None:
-    from vlprompt.common.options import add_dataclass_arguments
-    from vlprompt.harness.config import RunConfig
-
     group = parser.add_argument_group("run options")
     add_dataclass_arguments(group, RunConfig, exclude=_RUN_FIELDS_SET_BY_COMMAND + (() if shots else ("shots",)))
     add_root_option(group)
@@ -174,10 +160,6 @@ _RUN_FIELDS_SET_BY_COMMAND = ("method", "method_config", "root", "train")
 
 def run_train(args: argparse.Namespace) -> int:
     """``vlprompt train``."""
-    from vlprompt.harness.cli.method_options import method_options_from_args
-    from vlprompt.common.options import dataclass_from_args
-    from vlprompt.training.config import TrainConfig
-
     options = method_options_from_args(args, args.method, args.method_options)
     train = dataclass_from_args(TrainConfig, args)
     return _run(args, args.method, options, train)
@@ -185,10 +167,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_zeroshot(args: argparse.Namespace) -> int:
     """``vlprompt zeroshot``."""
-    from vlprompt.common.options import dataclass_from_args
-    from vlprompt.training.config import TrainConfig
-    from vlprompt.methods.templates import TEMPLATE_SETS
-
     options: dict[str, Any] = {}
     if args.ensemble is None:
         method = "zeroshot"
@@ -209,10 +187,6 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 def run_linear_probe(args: argparse.Namespace) -> int:
     """``vlprompt linear-probe``."""
-    from vlprompt.harness.cli.method_options import method_options_from_args
-    from vlprompt.common.options import dataclass_from_args
-    from vlprompt.training.config import TrainConfig
-
     options = method_options_from_args(args, "linear_probe", args.method_options)
     train = dataclass_from_args(TrainConfig, args)
     return _run(args, "linear_probe", options, train)
@@ -222,11 +196,7 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, Any], train: 
          ) -> int:
     """One run of ``method`` from the parsed run options (``shots`` fixed by the command, or from ``--shots``)."""
     from vlprompt.common import dist
-    from vlprompt.common.options import dataclass_from_args
-    from vlprompt.harness.config import RunConfig
     from vlprompt.harness.pipeline import run_experiment
-    from vlprompt.harness.rundir import EvalSpec
-
     if args.eval_new and getattr(args, "subset", "all") != "base":
         raise ConfigError("--eval-new evaluates the novel classes of a run trained on the base classes: add "
                           "--subset base")
