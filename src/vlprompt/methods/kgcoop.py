@@ -10,11 +10,14 @@ lambda = 8. Everything else is CoOp's (:mod:`vlprompt.methods.coop`): with lambd
 The term is exposed as :meth:`KgCoOp.regularizer` (read by the training loop after each forward, see "Method
 contract" in docs/architecture.md); it uses the text features of the last training forward, so it costs no extra
 text encoding. The hand-crafted features are not part of the saved state: they are recomputed from the backbone.
+TCP (:mod:`vlprompt.methods.tcp`) trains with the same term: :func:`guided_forward` and :func:`guided_regularizer`
+are the forward and regularizer of both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,8 @@ from vlprompt.methods.configs import KgCoOpConfig
 from vlprompt.methods.coop import CoOp
 from vlprompt.methods.templates import DEFAULT_TEMPLATE, fill
 
-__all__ = ["KgCoOp", "KgCoOpConfig", "build_kgcoop", "handcrafted_features", "knowledge_term"]
+__all__ = ["KgCoOp", "KgCoOpConfig", "build_kgcoop", "guided_forward", "guided_regularizer", "handcrafted_features",
+           "knowledge_term"]
 
 
 @torch.no_grad()
@@ -43,6 +47,23 @@ def knowledge_term(text_features: Tensor, handcrafted: Tensor) -> Tensor:
     with torch.autocast(device_type=text_features.device.type, enabled=False):
         cos = F.cosine_similarity(text_features.float(), handcrafted.to(text_features.device), dim=-1, eps=1e-7)
         return 1.0 - cos.mean()
+
+
+def guided_forward(method: Any, image_features: Tensor) -> Tensor:
+    """Cosine logits of ``method.text_features()``; in training mode those text features are kept (as
+    ``method._last_text``) for :func:`guided_regularizer`, so the term costs no second text encoding."""
+    text = method.text_features()
+    method._last_text = text if method.training else None
+    return cosine_logits(image_features.to(text.device), text, logit_scale_of(method.clip))
+
+
+def guided_regularizer(method: Any) -> Tensor:
+    """``config.kg_weight * (1 - mean_k cos(t_k, c_k))`` of the text features of ``method``'s last training forward
+    against its hand-crafted features ``method.handcrafted``."""
+    if method._last_text is None:
+        raise RuntimeError(f"{type(method).__name__}.regularizer() needs a forward pass in training mode first")
+    text, method._last_text = method._last_text, None
+    return method.config.kg_weight * knowledge_term(text, method.handcrafted)
 
 
 class KgCoOp(CoOp):
@@ -65,16 +86,11 @@ class KgCoOp(CoOp):
         self.handcrafted = fn(self.handcrafted).float()
 
     def forward(self, image_features: Tensor) -> Tensor:
-        text = self.text_features()
-        self._last_text = text if self.training else None
-        return cosine_logits(image_features.to(text.device), text, logit_scale_of(self.clip))
+        return guided_forward(self, image_features)
 
     def regularizer(self) -> Tensor:
         """``kg_weight * (1 - mean_k cos(t_k, c_k))`` of the text features of the last training forward."""
-        if self._last_text is None:
-            raise RuntimeError("KgCoOp.regularizer() needs a forward pass in training mode first")
-        text, self._last_text = self._last_text, None
-        return self.config.kg_weight * knowledge_term(text, self.handcrafted)
+        return guided_regularizer(self)
 
     def with_classnames(self, classnames: Sequence[str]) -> KgCoOp:
         """The learned unified context on another class list (CSC contexts cannot move: ConfigError)."""

@@ -33,14 +33,9 @@ from vlprompt.backbone.model import CLIP, QuickGELU
 from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
 from vlprompt.common.vocab import seeded_torch
 from vlprompt.errors import ConfigError
-from vlprompt.methods.base import (
-    CosineClassifier,
-    FrozenClipMethod,
-    cosine_logits,
-    logit_scale_of,
-)
+from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, logit_scale_of
 from vlprompt.methods.configs import TCPConfig
-from vlprompt.methods.kgcoop import handcrafted_features, knowledge_term
+from vlprompt.methods.kgcoop import guided_forward, guided_regularizer, handcrafted_features
 from vlprompt.methods.prompt_layout import initial_context, prepare_prompts
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
 
@@ -105,16 +100,11 @@ class TCP(FrozenClipMethod):
                                 start=1, trim=False)
 
     def forward(self, image_features: Tensor) -> Tensor:
-        text = self.text_features()
-        self._last_text = text if self.training else None
-        return cosine_logits(image_features.to(text.device), text, logit_scale_of(self.clip))
+        return guided_forward(self, image_features)
 
     def regularizer(self) -> Tensor:
-        """``kg_weight * (1 - mean_k cos(t_k, c_k))`` of the text features of the last training forward."""
-        if self._last_text is None:
-            raise RuntimeError("TCP.regularizer() needs a forward pass in training mode first")
-        text, self._last_text = self._last_text, None
-        return self.config.kg_weight * knowledge_term(text, self.handcrafted)
+        """``kg_weight * (1 - mean_k cos(t_k, c_k))`` of the text features of the last training forward (as KgCoOp)."""
+        return guided_regularizer(self)
 
     @torch.no_grad()
     def classifier(self) -> CosineClassifier:
