@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from vlprompt.methods.configs import (
     ZeroShotConfig,
 )
 from vlprompt.common.options import config_from_dict, config_to_dict
+from vlprompt.harness.cli.method_options import add_method_arguments
 
 
 def test_registry_lists_the_methods_with_their_kinds():
@@ -125,3 +127,32 @@ def test_importing_the_registry_does_not_import_torch():
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# config.json's method_config of run folders written before IVLP's and PromptSRC's shared prompt options were composed
+# (IndependentPromptOptions), and of Tip-Adapter-F (its config extends Tip-Adapter's): keys in their recorded order
+RECORDED_CONFIGS = {
+    "ivlp": {"n_ctx_text": 4, "n_ctx_vision": 4, "ctx_init": "a photo of a", "prompt_depth_text": 9,
+             "prompt_depth_vision": 9, "fast_text": True},
+    "promptsrc": {"n_ctx_text": 4, "n_ctx_vision": 4, "ctx_init": "a photo of a", "prompt_depth_text": 9,
+                  "prompt_depth_vision": 9, "text_loss_weight": 25.0, "image_loss_weight": 10.0,
+                  "logit_loss_weight": 1.0, "text_templates": "imagenet60", "gpa": True, "gpa_mean": 15.0,
+                  "gpa_std": 1.0, "fast_text": True},
+    "tip_adapter_f": {"templates": [], "cache_views": 10, "alpha": None, "beta": 1.0, "search": True,
+                      "grid_scale": [], "grid_steps": [200, 20], "finetune_epochs": None, "finetune_lr": 0.001,
+                      "finetune_batch_size": 256, "finetune_eps": 1e-4, "finetune_weight_decay": 0.01},
+}
+
+
+@pytest.mark.parametrize("method", list(RECORDED_CONFIGS))
+def test_recorded_configs_round_trip_with_their_keys_and_flags(method):
+    recorded = RECORDED_CONFIGS[method]
+    config_cls = get_method(method).config_cls
+    config = config_from_dict(config_cls, recorded)
+    assert config == config_cls()  # the defaults were recorded
+    again = config_to_dict(config)
+    assert list(again) == list(recorded) and again == recorded
+    parser = argparse.ArgumentParser(prog="test")
+    add_method_arguments(parser, {method: get_method(method)})
+    flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert flags == ["--" + name.replace("_", "-") for name in recorded]

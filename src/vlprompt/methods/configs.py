@@ -544,6 +544,10 @@ class CLAPConfig:
 # {IVLP,PromptSRC}/vit_b16_c2_ep20_batch4_4+4ctx.yaml and trainers/promptsrc.py.
 
 
+FAST_DEEP_TEXT_HELP = ("exact fast text encoding (shared prefix with the deep prompts computed once); off = the "
+                       "plain 77-token path")
+
+
 def _check_ctx_init(value: Any) -> None:
     if not isinstance(value, str):
         raise ConfigError(f"ctx_init must be a string, got {value!r}")
@@ -560,20 +564,21 @@ def _check_weight(name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
-class IVLPConfig:
-    """IVLP: independent deep prompts in the text and image towers (the PromptSRC repository's IVLP baseline)."""
+class IndependentPromptOptions:
+    """The deep-prompt options IVLP and PromptSRC share (PromptSRC trains IVLP's prompts): their fields come first in
+    both configs, so each keeps its flags and config keys. Not a method's config itself."""
 
-    n_ctx_text: int = option(4, "text tokens per layer (official IVLP 4+4 config: N_CTX_TEXT 4)")
+    n_ctx_text: int = option(4, "text tokens per layer (official IVLP and PromptSRC 4+4 configs: N_CTX_TEXT 4)")
     n_ctx_vision: int = option(4, "vision tokens per layer, 0 = no vision prompts (official: N_CTX_VISION 4)")
     ctx_init: str = option(
         "a photo of a",
         "the prompts are '<ctx_init> <class>.'; the first n_ctx_text of its words start the first-layer text "
         "context (official CTX_INIT); empty = random N(0, 0.02^2) context and 'X X ..' placeholders",
     )
-    prompt_depth_text: int = option(9, "text layers that get prompts, 1 = the input only (official: 9)")
-    prompt_depth_vision: int = option(9, "image layers that get prompts, 0 = none (official: 9)")
-    fast_text: bool = option(True, "exact fast text encoding (shared prefix with the deep prompts computed once); "
-                                   "off = the plain 77-token path")
+    prompt_depth_text: int = option(9, "text layers that get prompts, 1 = the input only (official: 9 base-to-novel "
+                                       "and few-shot; PromptSRC's cross-dataset config: 3)")
+    prompt_depth_vision: int = option(9, "image layers that get prompts, 0 = none (official: 9; PromptSRC's "
+                                         "cross-dataset config: 3)")
 
     def __post_init__(self) -> None:
         _check_positive_int("n_ctx_text", self.n_ctx_text)
@@ -581,6 +586,13 @@ class IVLPConfig:
         _check_positive_int("prompt_depth_text", self.prompt_depth_text)
         _check_non_negative_int("prompt_depth_vision", self.prompt_depth_vision)
         _check_ctx_init(self.ctx_init)
+
+
+@dataclass(frozen=True)
+class IVLPConfig(IndependentPromptOptions):
+    """IVLP: independent deep prompts in the text and image towers (the PromptSRC repository's IVLP baseline)."""
+
+    fast_text: bool = option(True, FAST_DEEP_TEXT_HELP)
 
 
 @dataclass(frozen=True)
@@ -595,8 +607,7 @@ class MaPLeConfig:
     )
     prompt_depth: int = option(9, "layers of both towers that get prompts (official: PROMPT_DEPTH 9; cross-dataset "
                                   "config: 3)")
-    fast_text: bool = option(True, "exact fast text encoding (shared prefix with the deep prompts computed once); "
-                                   "off = the plain 77-token path")
+    fast_text: bool = option(True, FAST_DEEP_TEXT_HELP)
 
     def __post_init__(self) -> None:
         _check_positive_int("n_ctx", self.n_ctx)
@@ -605,19 +616,9 @@ class MaPLeConfig:
 
 
 @dataclass(frozen=True)
-class PromptSRCConfig:
+class PromptSRCConfig(IndependentPromptOptions):
     """PromptSRC: IVLP's prompts trained with self-regulation towards the frozen CLIP and Gaussian aggregation."""
 
-    n_ctx_text: int = option(4, "text tokens per layer (official: N_CTX_TEXT 4)")
-    n_ctx_vision: int = option(4, "vision tokens per layer, 0 = no vision prompts (official: N_CTX_VISION 4)")
-    ctx_init: str = option(
-        "a photo of a",
-        "the prompts are '<ctx_init> <class>.'; the first n_ctx_text of its words start the first-layer text "
-        "context (official CTX_INIT); empty = random N(0, 0.02^2)",
-    )
-    prompt_depth_text: int = option(9, "text layers that get prompts (official: 9 base-to-novel and few-shot, 3 "
-                                       "cross-dataset)")
-    prompt_depth_vision: int = option(9, "image layers that get prompts (official: 9; cross-dataset 3)")
     text_loss_weight: float = option(25.0, "weight of the L1 between prompted and frozen text features (official "
                                            "TEXT_LOSS_WEIGHT 25)")
     image_loss_weight: float = option(10.0, "weight of the L1 between prompted and frozen image features "
@@ -631,15 +632,10 @@ class PromptSRCConfig:
                                    "base-to-novel; few-shot 30 or 45; cross-dataset 6)")
     gpa_std: float = option(1.0, "standard deviation (in epochs) of the aggregation weights (official: 1 "
                                  "base-to-novel; few-shot 30 or 5; cross-dataset 10)")
-    fast_text: bool = option(True, "exact fast text encoding (shared prefix with the deep prompts computed once); "
-                                   "off = the plain 77-token path")
+    fast_text: bool = option(True, FAST_DEEP_TEXT_HELP)
 
     def __post_init__(self) -> None:
-        _check_positive_int("n_ctx_text", self.n_ctx_text)
-        _check_non_negative_int("n_ctx_vision", self.n_ctx_vision)
-        _check_positive_int("prompt_depth_text", self.prompt_depth_text)
-        _check_non_negative_int("prompt_depth_vision", self.prompt_depth_vision)
-        _check_ctx_init(self.ctx_init)
+        super().__post_init__()
         for name in ("text_loss_weight", "image_loss_weight", "logit_loss_weight"):
             _check_weight(name, getattr(self, name))
         check_choice("text_templates", self.text_templates, tuple(TEMPLATE_SETS))

@@ -18,7 +18,7 @@ from torch import nn
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer
 from vlprompt.errors import ConfigError
-from vlprompt.methods.configs import IVLPConfig
+from vlprompt.methods.configs import IVLPConfig, IndependentPromptOptions
 from vlprompt.methods.deep_prompt import DeepPromptLearner, DeepPrompts, check_depths, deep_tokens
 from vlprompt.methods.prompt_layout import INIT_STD
 
@@ -42,6 +42,12 @@ class IndependentPrompts(nn.Module):
             self.vision_first = nn.Parameter(torch.empty(n_ctx_vision, width, device=device).normal_(0.0, INIT_STD))
             self.vision = deep_tokens(depth_vision - 1, n_ctx_vision, width, device)
 
+    @classmethod
+    def of(cls, clip: CLIP, config: IndependentPromptOptions, method: str) -> IndependentPrompts:
+        """The prompts ``config`` asks for (IVLP's or PromptSRC's, whose prompt options are the same fields)."""
+        return cls(clip, n_ctx_text=config.n_ctx_text, n_ctx_vision=config.n_ctx_vision,
+                   depth_text=config.prompt_depth_text, depth_vision=config.prompt_depth_vision, method=method)
+
     def prompts(self) -> DeepPrompts:
         return DeepPrompts(text=list(self.text), vision_first=self.vision_first, vision=list(self.vision))
 
@@ -58,9 +64,7 @@ class IVLP(DeepPromptLearner):
             raise ConfigError(f"IVLP needs an IVLPConfig, got {type(config).__name__}")
         super().__init__(clip, classnames, config, n_ctx=config.n_ctx_text, ctx_init=config.ctx_init,
                          tokenizer=tokenizer)
-        self.deep = IndependentPrompts(clip, n_ctx_text=config.n_ctx_text, n_ctx_vision=config.n_ctx_vision,
-                                       depth_text=config.prompt_depth_text, depth_vision=config.prompt_depth_vision,
-                                       method="IVLP")
+        self.deep = IndependentPrompts.of(clip, config, "IVLP")
 
     def prompts(self) -> DeepPrompts:
         return self.deep.prompts()

@@ -89,9 +89,7 @@ class PromptSRC(DeepPromptLearner):
             raise ConfigError(f"PromptSRC needs a PromptSRCConfig, got {type(config).__name__}")
         super().__init__(clip, classnames, config, n_ctx=config.n_ctx_text, ctx_init=config.ctx_init,
                          tokenizer=tokenizer)
-        self.deep = IndependentPrompts(clip, n_ctx_text=config.n_ctx_text, n_ctx_vision=config.n_ctx_vision,
-                                       depth_text=config.prompt_depth_text, depth_vision=config.prompt_depth_vision,
-                                       method="PromptSRC")
+        self.deep = IndependentPrompts.of(clip, config, "PromptSRC")
         for index, param in enumerate(self.parameters()):  # the running aggregate of each learned tensor
             self.register_buffer(f"gpa_{index}", torch.zeros_like(param))
         self._targets: Tensor | None = None  # frozen text targets, computed on the first training step
