@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,15 @@ from vlprompt.common.progress import Progress
 from vlprompt.errors import ConfigError
 from vlprompt.harness.bench.protocols import BUDGET_EPOCHS, BUDGET_TEST_IMAGES, PROTOCOLS, ProtocolOptions, build_plan
 from vlprompt.harness.bench.status import RunState, count_states, inspect_run
-from vlprompt.harness.cli.common import add_cache_options, console_logging, feature_cache_arg
+from vlprompt.harness.cli.common import (
+    ROOT_ENV,
+    add_cache_options,
+    add_root_option,
+    console_logging,
+    data_root,
+    feature_cache_arg,
+)
 from vlprompt.training.config import TrainConfig
-
-ROOT_ENV = "VLPROMPT_DATA_ROOT"
 
 
 def budget_banner(epochs: int | None) -> str:
@@ -61,8 +65,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("protocol", choices=list(PROTOCOLS), metavar="PROTOCOL",
                         help=f"one of {', '.join(PROTOCOLS)}")
     parser.add_argument("--out", type=Path, required=True, help="output folder of the protocol's run folders")
-    parser.add_argument("--root", type=Path, default=None,
-                        help=f"data root holding the dataset folders (default: ${ROOT_ENV})")
+    add_root_option(parser)
     parser.add_argument("--model", default=None,
                         help="CLIP backbone: a short name (RN50, ViT-B/16), a checkpoint file, hf:ID ... "
                              "(default: the protocol's, RN50 for fewshot, ViT-B/16 otherwise)")
@@ -165,10 +168,10 @@ def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def options_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~vlprompt.harness.bench.protocols.ProtocolOptions` of the parsed command line."""
-    root = args.root if args.root is not None else os.environ.get(ROOT_ENV)
+    root = data_root(args)
     return ProtocolOptions(
         out=Path(args.out).expanduser().resolve(),
-        root=str(Path(root).expanduser().resolve()) if root else "",
+        root=str(root.expanduser().resolve()) if root else "",
         model=args.model,
         methods=_split(args.methods),
         datasets=_split(args.datasets),

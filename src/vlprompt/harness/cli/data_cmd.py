@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +27,8 @@ from vlprompt.data.info import ReadContext, default_cache_dir
 from vlprompt.data.load import load_dataset
 from vlprompt.data.registry import lookup
 from vlprompt.data.splitfile import LabelledSplits, write_split_file
-from vlprompt.harness.cli.common import console_logging
+from vlprompt.harness.cli.common import ROOT_ENV, add_root_option, console_logging, data_root
 
-ROOT_ENV = "VLPROMPT_DATA_ROOT"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -115,23 +113,15 @@ def _help_of(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
 def _dataset_args(parser: argparse.ArgumentParser, what: str | None = None) -> None:
     parser.add_argument("dataset", metavar="NAME",
                         help=what or "built-in dataset (see `vlprompt data list`) or folder:PATH, csv:FILE, json:FILE")
-    parser.add_argument("--root", type=Path, default=None,
-                        help=f"data root holding the dataset folders (default: ${ROOT_ENV})")
+    add_root_option(parser)
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where created splits of read-only datasets go (default: $VLPROMPT_CACHE/splits or the "
                              "user cache folder)")
 
 
-def _root(args: argparse.Namespace) -> Path | None:
-    if args.root is not None:
-        return Path(args.root)
-    env = os.environ.get(ROOT_ENV)
-    return Path(env) if env else None
-
-
 def run_list(args: argparse.Namespace) -> int:
     """Print the registry: key, name, folder, image folder, classes, expected counts (and presence under a root)."""
-    root = _root(args)
+    root = data_root(args)
     found = {key: info.image_dir(root).is_dir() for key, info in DATASETS.items()} if root is not None else None
     if args.json:
         rows = [{"key": key, "name": info.title, "folder": info.folder, "image_folder": info.image_subdir,
@@ -164,7 +154,7 @@ def run_download(args: argparse.Namespace) -> int:
     # ~90 ms of imports (archives, HTTP, sources.toml) that the other data commands and --help do not need
     from vlprompt.data.download import DownloadOptions, describe_sources, download_datasets, resolve_names
     from vlprompt.data.sources import load_sources
-    root = _root(args)
+    root = data_root(args)
     if root is None:
         raise ConfigError(f"give the data root with --root (or set ${ROOT_ENV}).")
     if args.workers is not None and args.workers < 1:
@@ -199,7 +189,7 @@ def run_check(args: argparse.Namespace) -> int:
     """Check a dataset; exit status 1 when something is missing, unreadable or of the wrong size."""
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}.")
-    report = check_dataset(args.dataset, _root(args), decode=not args.no_decode, workers=args.workers,
+    report = check_dataset(args.dataset, data_root(args), decode=not args.no_decode, workers=args.workers,
                            cache_dir=args.cache_dir)
     for line in report.lines():
         print(line)
@@ -208,7 +198,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     """Create (or re-create) the split of a custom dataset and say where it is."""
-    root = _root(args)
+    root = data_root(args)
     if lookup(args.dataset) is not None and ":" not in args.dataset:
         raise ConfigError(f"{args.dataset!r} is a built-in dataset: it uses its standard split (shipped, yours, or "
                           "created on first load). `data split` writes the split of your own data.")
@@ -241,7 +231,7 @@ def run_split(args: argparse.Namespace) -> int:
 
 def run_fewshot(args: argparse.Namespace) -> int:
     """Sample a few-shot set, write it, print a summary (or the file with --json)."""
-    splits = load_dataset(args.dataset, _root(args), cache_dir=args.cache_dir)
+    splits = load_dataset(args.dataset, data_root(args), cache_dir=args.cache_dir)
     result = sample_fewshot(splits, args.shots, args.seed)
     out = args.out or Path(f"fewshot_{splits.name}_{args.shots}shot_seed{args.seed}.json")
     path = save_fewshot(result, out)
