@@ -3,7 +3,9 @@ tests/clip_formats.py; a local HTTP file server and synthetic dataset archives: 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +34,21 @@ def tiny_model_file(tmp_path_factory) -> Path:
     from vlprompt.backbone.tiny import build_tiny_clip
 
     return save_openai_state_dict(build_tiny_clip("vit", seed=0), tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory, tiny_model_file) -> Iterator[dict[str, Any]]:
+    """A test module's command-line set-up: a private cache (``VLPROMPT_CACHE``) and the fixture photographs as the
+    data root (``VLPROMPT_DATA_ROOT``) in the environment, a folder of its own (``base``) and the tiny CLIP file
+    (``model``). The environment is restored after the module."""
+    from support import FIXTURES
+
+    base = tmp_path_factory.mktemp("cli")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("VLPROMPT_CACHE", str(base / "cache"))
+    patch.setenv("VLPROMPT_DATA_ROOT", str(FIXTURES))
+    yield {"base": base, "model": str(tiny_model_file)}
+    patch.undo()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,15 @@ needs_shared_splits = pytest.mark.skipif(not SHARED_SPLITS.is_dir(),
                                          reason=f"shared split files absent ({SHARED_SPLITS})")
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``vlprompt ARGS`` in this process: exit code, stdout and stderr (``capsys``: pytest's capture fixture)."""
+    from vlprompt.harness.cli.main import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def read_json(path: Path):
     """A JSON file's content (UTF-8)."""
     return json.loads(path.read_text(encoding="utf-8"))

@@ -13,18 +13,14 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from clip_formats import save_openai_state_dict
 from safetensors.torch import load_file
+from support import FIXTURES, needs_fixtures, run_cli
 
-from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.data import load_dataset
-from vlprompt.harness.cli.main import main
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "coop_data"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures (../shared) absent")
+pytestmark = needs_fixtures
 
 DEPTHS = {
     "ivlp": ["--prompt-depth-text", "2", "--prompt-depth-vision", "2"],
@@ -35,28 +31,11 @@ COMMON = ["--dataset", "dtd", "--shots", "2", "--seed", "1", "--device", "cpu", 
           "-q"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cli-deep")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("VLPROMPT_CACHE", str(base / "cache"))
-    patch.setenv("VLPROMPT_DATA_ROOT", str(FIXTURES))
-    model = save_openai_state_dict(build_tiny_clip("vit", seed=0), base / "tiny.pt")
-    yield {"base": base, "model": str(model)}
-    patch.undo()
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("method", ["ivlp", "maple", "promptsrc"])
-def test_train_eval_predict(env, capsys, method):
-    out = env["base"] / "runs" / method
+def test_train_eval_predict(cli_env, capsys, method):
+    out = cli_env["base"] / "runs" / method
     code, _, err = run_cli(capsys, "train", "--method", method, *DEPTHS[method], *COMMON, "--epochs", "2",
-                           "--model", env["model"], "--out", out, "--also-eval", "oxford_flowers")
+                           "--model", cli_env["model"], "--out", out, "--also-eval", "oxford_flowers")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert results["fit"]["kind"] == "images" and results["fit"]["epochs"] == 2
@@ -76,21 +55,21 @@ def test_train_eval_predict(env, capsys, method):
     correct = sum(p["top_k"][0]["label"] == classes[item.label] for p, item in zip(predictions, test, strict=True))
     assert 100.0 * correct / len(test) == pytest.approx(results["metrics"]["accuracy"])
 
-def test_default_depth_on_a_shallow_backbone_is_a_clear_error(env, capsys):
-    code, _, err = run_cli(capsys, "train", "--method", "maple", *COMMON, "--epochs", "2", "--model", env["model"],
-                           "--out", env["base"] / "runs" / "too-deep")
+def test_default_depth_on_a_shallow_backbone_is_a_clear_error(cli_env, capsys):
+    code, _, err = run_cli(capsys, "train", "--method", "maple", *COMMON, "--epochs", "2", "--model", cli_env["model"],
+                           "--out", cli_env["base"] / "runs" / "too-deep")
     assert code == 2 and "MaPLe: text prompt depth must be between 1 and the text tower's 2 layers, got 9" in err
     assert "Traceback" not in err
 
 
 @pytest.mark.slow
-def test_budget_benches_of_the_deep_prompt_methods(env, tmp_path, capsys):
+def test_budget_benches_of_the_deep_prompt_methods(cli_env, tmp_path, capsys):
     out = tmp_path / "bench"
     options = ["--method-option", "maple.prompt_depth=2", "--method-option", "promptsrc.prompt_depth_text=2",
                "--method-option", "promptsrc.prompt_depth_vision=2"]
     for protocol, extra in (("base2novel", []), ("fewshot", ["--shots", "1"])):
         code, printed, err = run_cli(capsys, "bench", protocol, "--out", out, "--root", FIXTURES, "--model",
-                                     env["model"], "--datasets", "dtd", "--seeds", "1", "--methods", "maple",
+                                     cli_env["model"], "--datasets", "dtd", "--seeds", "1", "--methods", "maple",
                                      "promptsrc", *options, *extra, "--budget", "--num-workers", "0")
         assert code == 0, printed + err
         assert "0 failed, 0 not finished" in printed
@@ -104,11 +83,11 @@ def test_budget_benches_of_the_deep_prompt_methods(env, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_prompts(env, tmp_path):
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_prompts(cli_env, tmp_path):
     args = ["train", "--method", "promptsrc", *DEPTHS["promptsrc"], *COMMON[:-1], "--epochs", "4", "--model",
-            env["model"]]
+            cli_env["model"]]
     launcher = "import sys; from vlprompt.harness.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    environ = os.environ | {"PYTHONUNBUFFERED": "1", "VLPROMPT_CACHE": str(env["base"] / "cache"),
+    environ = os.environ | {"PYTHONUNBUFFERED": "1", "VLPROMPT_CACHE": str(cli_env["base"] / "cache"),
                             "VLPROMPT_DATA_ROOT": str(FIXTURES)}
     straight = tmp_path / "straight"
     done = subprocess.run([sys.executable, "-c", launcher, *args, "--out", str(straight)], env=environ,

@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 from clip_formats import save_openai_state_dict
-from support import FIXTURES, needs_fixtures, read_json
+from support import FIXTURES, needs_fixtures, read_json, run_cli
 
 from vlprompt.backbone.loaders import load_clip
 from vlprompt.backbone.tiny import build_tiny_clip
@@ -36,22 +36,10 @@ TRAIN_ARGS = ["--method", "coop", "--dataset", "dtd", "--shots", "2", "--seed", 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model_file):
-    """Private cache folder, the data root in the environment, and two tiny backbones saved as files."""
-    base = tmp_path_factory.mktemp("cli")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("VLPROMPT_CACHE", str(base / "cache"))
-    patch.setenv("VLPROMPT_DATA_ROOT", str(FIXTURES))
-    tiny = tiny_model_file
-    other = save_openai_state_dict(build_tiny_clip("vit", seed=1), base / "other.pt")
-    yield {"base": base, "model": str(tiny), "other": str(other)}
-    patch.undo()
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def env(cli_env):
+    """The shared command-line set-up (conftest's cli_env) and a second tiny backbone file (seed 1)."""
+    other = save_openai_state_dict(build_tiny_clip("vit", seed=1), cli_env["base"] / "other.pt")
+    return {**cli_env, "other": str(other)}
 
 
 @pytest.fixture(scope="module")
