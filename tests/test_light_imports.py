@@ -1,4 +1,5 @@
-"""`import vlprompt`, building the CLI parser and every command's --help import no heavy module (torch, numpy, PIL,
+"""`import vlprompt`, its configs and registries, building the CLI parser and every command's --help import no heavy
+module (torch, numpy, PIL,
 the tokenizer, safetensors, the feature cache's sqlite3, tqdm, matplotlib, submitit, ...)."""
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ def loaded():
 
 import vlprompt
 print("import vlprompt", loaded())
+for name in ("RunConfig", "EvalSpec", "TrainConfig", "METHODS", "get_method", "DATASETS"):  # configs and registries
+    getattr(vlprompt, name)
+print("vlprompt.RunConfig ...", loaded())
 from vlprompt.harness.cli.main import build_parser, main
 parser = build_parser()
 print("parser", loaded())

@@ -33,7 +33,7 @@ _LAZY: dict[str, str] = {
     "Prediction": "vlprompt.prediction.predictor:Prediction",
     "run_experiment": "vlprompt.harness.pipeline:run_experiment",
     "evaluate_run": "vlprompt.harness.pipeline:evaluate_run",
-    "EvalSpec": "vlprompt.harness.pipeline:EvalSpec",
+    "EvalSpec": "vlprompt.harness.rundir:EvalSpec",
     "RunConfig": "vlprompt.harness.config:RunConfig",
     "TrainConfig": "vlprompt.training.config:TrainConfig",
     "FeatureSet": "vlprompt.features.extract:FeatureSet",
