@@ -1,6 +1,5 @@
 """`import vlprompt`, its configs and registries, building the CLI parser and every command's --help import no heavy
-module (torch, numpy, PIL,
-the tokenizer, safetensors, the feature cache's sqlite3, tqdm, matplotlib, submitit, ...)."""
+module (torch, numpy, PIL, the tokenizer, safetensors, the feature cache's sqlite3, tqdm, matplotlib, submitit, ...)."""
 
 from __future__ import annotations
 
