@@ -161,6 +161,15 @@ def _dest(prefix: str, name: str) -> str:
     return (prefix.replace("-", "_") + name) if prefix else name
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory's value), else ``dataclasses.MISSING``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, prefix: str = "",
                             *, exclude: Collection[str] = ()) -> None:
     """Add one ``--{prefix}{field-name}`` option per field of dataclass ``cls`` (help = the field's help).
@@ -177,12 +186,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
             continue
         kwargs = argparse_kwargs(hints[f.name], f.name, f.metadata.get("choices"))
         help_text = field_help(cls, f.name)
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
+        default = field_default(f)
         if default is not dataclasses.MISSING and kwargs.get("action") is not argparse.BooleanOptionalAction:
             # None that stands for the method's value (TrainConfig's resolved fields say so in their help)
             method_default = default is None and "default: the method's" in help_text

@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vlprompt.common.options import argparse_kwargs, field_help
+from vlprompt.common.options import argparse_kwargs, field_default, field_help
 from vlprompt.errors import ConfigError
 
 DEST_PREFIX = "method_option__"
@@ -111,13 +111,8 @@ def _help(option: MethodOption, specs: list[Any]) -> str:
 
 
 def _default(cls: type, name: str) -> Any:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-    return None
+    default = next((field_default(f) for f in dataclasses.fields(cls) if f.name == name), None)
+    return None if default is dataclasses.MISSING else default
 
 
 def _show(value: Any) -> str:
