@@ -45,7 +45,7 @@ for argv in [[], *commands(parser, [])]:
 
 def test_import_and_every_help_stay_light():
     done = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) >= 2 + 10, lines  # import, parser, and each command (data list, bench, train, ...)
