@@ -18,7 +18,7 @@ def cache_root() -> Path:
     override = os.environ.get(CACHE_ENV)
     if override:
         return Path(override).expanduser()
-    import platformdirs
+    import platformdirs  # ~25 ms, kept off `vlprompt --help` (data.info imports this module)
 
     return Path(platformdirs.user_cache_dir("vlprompt", appauthor=False))
 

@@ -86,7 +86,7 @@ class Progress:
         self.closed = False
         self._bar: Any = None
         if bar:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # ~100 ms, only for a bar on a terminal (the CLI parser imports this module)
 
             self._bar = tqdm(total=self.total, initial=self.initial, desc=what, unit=unit, leave=False)
 
