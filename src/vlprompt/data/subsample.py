@@ -12,7 +12,6 @@ from vlprompt.data.types import DatasetSplits, Item
 from vlprompt.errors import ConfigError
 
 
-
 def base_novel_labels(num_classes: int, subset: Subset) -> list[int]:
     """The original labels kept by ``subset``: labels sorted, the first ``ceil(n / 2)`` base, the rest new."""
     if subset not in SUBSETS:

@@ -30,7 +30,6 @@ from vlprompt.data.splitfile import LabelledSplits, write_split_file
 from vlprompt.harness.cli.common import ROOT_ENV, add_root_option, console_logging, data_root
 
 
-
 def add_parser(subparsers: Any) -> None:
     """Register ``vlprompt data`` and its subcommands."""
     parser = subparsers.add_parser("data", help="datasets: list, download, check, split, fewshot",
