@@ -126,27 +126,6 @@ def test_base2novel_harmonic_mean_from_averaged_accuracies(tmp_path):
     assert csv_rows(summary)[4][-3:] == ["ViT-B/16", "CoCoOp (CVPR 2022) Table 1, mean of 11 datasets", ""]
 
 
-def test_published_base_to_novel_numbers_of_the_deep_prompt_methods():
-    """Per dataset (recalled, so labelled) they are self-consistent: H = 2BN/(B+N) to the printed 0.01, and their
-    11-dataset means are the published means."""
-    for method in ("maple", "promptsrc"):
-        rows = {}
-        for dataset in ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                        "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"):
-            cells = [pub.lookup(method, dataset, dataset, subset, 16, "ViT-B/16") for subset in
-                     ("base", "new", pub.HARMONIC)]
-            assert all(c is not None and c.recalled for c in cells), (method, dataset)
-            base, new, h = (c.accuracy for c in cells)
-            assert abs(2 * base * new / (base + new) - h) < 0.006, (method, dataset)
-            rows[dataset] = (base, new)
-        for index, subset in enumerate(("base", "new")):
-            mean = sum(row[index] for row in rows.values()) / 11
-            published = pub.lookup(method, pub.AVERAGE, pub.AVERAGE, subset, 16, "ViT-B/16")
-            assert not published.recalled and abs(mean - published.accuracy) < 0.006, (method, subset)
-    assert pub.lookup("maple", "DTD", "dtd", "new", 16, "ViT-B-16.pt").accuracy == 59.18
-    assert pub.lookup("ivlp", pub.AVERAGE, pub.AVERAGE, pub.HARMONIC, 16, "ViT-B/16").accuracy == 77.51
-
-
 def test_base_without_novel_is_listed_and_has_no_h(tmp_path):
     write_result(tmp_path, protocol="base2novel", dataset="dtd", subset="base", accuracy=80.0)
     write_result(tmp_path, protocol="base2novel", dataset="eurosat", subset="base", accuracy=90.0)
@@ -273,17 +252,6 @@ def test_published_lookup():
         n, h = (pub.lookup(base.method, pub.AVERAGE, pub.AVERAGE, subset, base.shots, "ViT-B/16")
                 for subset in ("new", pub.HARMONIC))
         assert abs(2 * base.accuracy * n.accuracy / (base.accuracy + n.accuracy) - h.accuracy) < 0.015, base.method
-
-
-@pytest.mark.parametrize("method", ["kgcoop", "prograd", "tcp"])
-def test_published_base2novel_tables_of_the_successors_are_consistent(method):
-    """Each per-dataset row's H is the harmonic mean of its base and novel; the rows' means are the published means."""
-    rows = [[pub.lookup(method, d, d, subset, 16, "ViT-B/16") for subset in ("base", "new", pub.HARMONIC)]
-            for d in pub.B2N_DATASETS]
-    assert all(v is not None and v.recalled for row in rows for v in row)
-    for base, new, h in rows:
-        assert abs(2 * base.accuracy * new.accuracy / (base.accuracy + new.accuracy) - h.accuracy) < 0.015
-    for column, subset in enumerate(("base", "new")):
-        mean = pub.lookup(method, pub.AVERAGE, pub.AVERAGE, subset, 16, "ViT-B/16")
-        assert not mean.recalled
-        assert abs(sum(row[column].accuracy for row in rows) / 11 - mean.accuracy) < 0.015
+    # any spelling of the backbone; per-dataset rows (their consistency: test_report_published.py)
+    assert pub.lookup("maple", "DTD", "dtd", "new", 16, "ViT-B-16.pt").accuracy == 59.18
+    assert pub.lookup("ivlp", pub.AVERAGE, pub.AVERAGE, pub.HARMONIC, 16, "ViT-B/16").accuracy == 77.51

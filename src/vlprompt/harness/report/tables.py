@@ -303,6 +303,12 @@ def _base2novel_method_table(ctx: _Context, method: str, shots: int, datasets: S
         novel_means.append(n)
         h = harmonic_mean(b, n)
         rows.append(Row(dataset_label(dataset), (Cell.of_group(base), Cell.of_group(novel), Cell(mean=h))))
+        published_row = _published_row(
+            _published_label(dataset_label(dataset)),
+            [ctx.published(method, dataset, dataset, subset, shots, "base2novel") for subset in pub.B2N_SUBSETS],
+        )
+        if published_row is not None:
+            rows.append(published_row)
         if (b is None) != (n is None):
             have, lack = ("base", "novel") if n is None else ("novel", "base")
             issues.append(f"{title}: {dataset_label(dataset)} has {have} but no {lack} results, so no H")
@@ -324,7 +330,7 @@ def _base2novel_method_table(ctx: _Context, method: str, shots: int, datasets: S
             PUBLISHED_AVERAGE_LABEL,
             [
                 ctx.published(method, pub.AVERAGE, pub.AVERAGE, subset, shots, "base2novel")
-                for subset in ("base", "new", pub.HARMONIC)
+                for subset in pub.B2N_SUBSETS
             ],
         )
         if published_row is not None:
@@ -353,7 +359,7 @@ def base2novel_tables(ctx: _Context) -> list[Table]:
     if summary_rows and ctx.show_published:
         for base in pub.dataset_averages(ctx.partition.model, "base"):
             values = [ctx.published(base.method, pub.AVERAGE, pub.AVERAGE, s, base.shots, "base2novel")
-                      for s in ("base", "new", pub.HARMONIC)]
+                      for s in pub.B2N_SUBSETS]
             row = _published_row(_published_label(method_label(base.method)), values)
             if row is not None:
                 summary_rows.append(row)
