@@ -107,15 +107,17 @@ def test_base2novel_harmonic_mean_from_averaged_accuracies(tmp_path):
     assert table.columns == ("Base", "Novel", "H")
     # H(81, 62) = 70.2378 (the mean of per-seed H values would be 70.2309)
     # average: B = 85.5, N = 66, H(85.5, 66) = 74.4950 (the mean of per-dataset H would be 74.4939)
-    assert to_markdown(table).splitlines()[4:9] == [
+    assert to_markdown(table).splitlines()[4:11] == [
         "| DTD | 81.00 ± 1.41 | 62.00 ± 2.83 | 70.24 |",
+        "| DTD (published) | 79.44 | 41.18 | 54.24 |",
         "| EuroSAT | 90.00 | 70.00 | 78.75 |",
+        "| EuroSAT (published) | 92.19 | 54.74 | 68.69 |",
         "| Average (2 datasets) | 85.50 | 66.00 | 74.50 |",
         "| Average (11 datasets, published) | 82.69 | 63.22 | 71.66 |",
         "",
     ]
     assert table.rows[0].cells[2].mean == pytest.approx(2 * 81 * 62 / 143, rel=1e-14)
-    assert table.rows[2].cells[2].mean == pytest.approx(2 * 85.5 * 66 / 151.5, rel=1e-14)
+    assert table.rows[4].cells[2].mean == pytest.approx(2 * 85.5 * 66 / 151.5, rel=1e-14)
     summary = tables["base2novel_average"]
     assert summary.title == "Base-to-novel: Average (2 datasets)"
     labels = [r.label for r in summary.rows]
@@ -133,7 +135,8 @@ def test_base_without_novel_is_listed_and_has_no_h(tmp_path):
     (tables,) = tables_of(tmp_path)
     table = tables["base2novel_coop"]
     assert [c.markdown() for c in table.rows[0].cells] == ["80.00", "–", "–"]
-    assert [c.markdown() for c in table.rows[2].cells] == ["85.00", "incomplete (1/2)", "–"]
+    assert table.rows[4].label == "Average (2 datasets)"
+    assert [c.markdown() for c in table.rows[4].cells] == ["85.00", "incomplete (1/2)", "–"]
     assert "Base-to-novel: CoOp: DTD has base but no novel results, so no H" in table.issues
 
 
@@ -156,9 +159,9 @@ def test_crossdataset_layout_with_published_target_average(transfer_root):
     assert table.columns == ("ImageNet (source)", "DTD", "EuroSAT", "Average (2 targets)")
     assert to_markdown(table).splitlines()[4:9] == [
         "| CoOp | 71.00 ± 1.41 | 41.00 ± 1.41 | 50.00 ± 0.00 | 45.50 |",
-        "| CoOp (published) | 71.92 | – | – | 63.88 |",
+        "| CoOp (published) | 71.51 | 41.92 | 46.39 | 63.88 |",
         "| CoCoOp | 71.00 | 45.00 | – | incomplete (1/2) |",
-        "| CoCoOp (published) | – | – | – | 65.74 |",
+        "| CoCoOp (published) | 71.02 | 45.73 | 45.37 | 65.74 |",
         "",
     ]
 
@@ -171,6 +174,7 @@ def test_domainshift_layout_never_shows_the_crossdataset_average(transfer_root):
         ("CoOp", ["71.00 ± 1.41", "50.00 ± 0.00", "41.00 ± 1.41", "45.50"]),
         ("CoOp (published)", ["71.92", "64.18", "74.32", "–"]),
         ("CoCoOp", ["71.00", "–", "45.00", "incomplete (1/2)"]),
+        ("CoCoOp (published)", ["71.02", "64.07", "76.18", "–"]),
     ]
 
 
