@@ -49,7 +49,6 @@ from vlprompt.data.registry import key_of
 
 AVERAGE = "__average__"
 HARMONIC = "harmonic_mean"
-TRANSFER = ("crossdataset", "domainshift")
 
 B2N_SUBSETS: tuple[str, str, str] = ("base", "new", HARMONIC)
 """The three columns of a base-to-novel table: base accuracy, novel accuracy, their harmonic mean."""
@@ -147,17 +146,19 @@ class _TransferTable:
 
 
 def _transfer(method: str, shots: int | None, model: str, source_accuracy: str | None,
-              tables: Mapping[str, _TransferTable], *, source_protocols: tuple[str, ...] = TRANSFER,
-              source_note: str = "") -> list[PublishedValue]:
+              tables: Mapping[str, _TransferTable], *,
+              source_protocols: tuple[str, ...] | None = None) -> list[PublishedValue]:
     """A method trained on ImageNet and evaluated elsewhere, per protocol (``tables``: protocol -> row). The accuracy
-    on ImageNet itself is entered once, for ``source_protocols`` (() when every protocol shares it); each mean of
-    targets belongs to its own protocol; the targets themselves are ordinary cells."""
+    on ImageNet itself is entered once, for the protocols of ``tables`` (the recipe that trained it) unless
+    ``source_protocols`` says otherwise (() when it is the same cell in every protocol); each mean of targets belongs
+    to its own protocol; the targets themselves are ordinary cells."""
     values = []
     if source_accuracy is not None:
         accuracy, decimals = _printed(source_accuracy)
-        source = " / ".join(t.source for t in tables.values()) + source_note
+        source = " / ".join(t.source for t in tables.values())
+        protocols = tuple(tables) if source_protocols is None else source_protocols
         values.append(PublishedValue(method, "imagenet", "imagenet", "all", shots, model, accuracy, source, decimals,
-                                     protocols=source_protocols))
+                                     protocols=protocols))
     for protocol, table in tables.items():
         for target, text in zip(table.targets, table.printed, strict=True):
             if text is not None:
@@ -393,8 +394,7 @@ PUBLISHED: tuple[PublishedValue, ...] = (
     *_fewshot_average("zeroshot", "RN50", {None: "58.8"}, _COOP_FIG3 + " (approximate)", recalled=True),
     # cross-dataset transfer and domain generalisation, ImageNet 16 shots, ViT-B/16
     *(v for method, shots, source_accuracy, tables in _TRANSFER_VIT_B16
-      for v in _transfer(method, shots, "ViT-B/16", source_accuracy, tables,
-                         source_protocols=("crossdataset",) if method == "coop" else TRANSFER)),
+      for v in _transfer(method, shots, "ViT-B/16", source_accuracy, tables)),
     # few-shot, ResNet-50, per dataset: Tip-Adapter, Tip-Adapter-F, CLIP-Adapter (Tip-Adapter repo exp.log)
     *_fewshot_per_dataset(_TIP_FEWSHOT, _TIP_SHOTS, "RN50", _TIP_SOURCES),
     # domain shift, ResNet-50: TPT, TPT + CoOp (TPT README)
