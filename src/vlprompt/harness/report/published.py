@@ -10,12 +10,14 @@ datasets" (few-shot, base-to-novel) or "mean over the targets" (cross-dataset an
 dataset). ``HARMONIC`` is the subset of published base-to-novel harmonic means. Method keys need not be in the method
 registry: a method registered later finds its numbers waiting.
 
-Each source string names where the number was read (this module's tests check every value against its row: H against
-base and novel, means against the rows, to the printed precision). Values typed from memory and not re-read carry
+Each source string names where the number was read (tests/test_report_published.py checks every value against its
+row: H against base and novel, means against the rows, to the printed precision). Values typed from memory and not re-read carry
 ``recalled=True`` and are labelled so in every table. Several papers' tables could only be read as quoted, verbatim,
-by later papers (markdown copies of DiscoVL, 2026, arXiv preprint, "Unveiling Disentangled Cross-Modal
-Representation Learning via Orthogonal Adversarial Regularization"; Beyond the Seen, Fan et al., NeurIPS 2025;
-RMAdapter, AAAI 2026): where they disagree, the majority is entered and the disagreement is named in the source.
+by later papers, read in markdown copies of them in the public code index: DiscoVL (Dong, Li, Li, 2026 preprint,
+"Unveiling Disentangled Cross-Modal Representation Learning via Orthogonal Adversarial Regularization for
+Vision-Language Models"), Beyond the Seen (Fan et al., NeurIPS, "Bounded Distribution Estimation for Open-Vocabulary
+Learning") and RMAdapter (2026; its base-to-novel table garbles several rows, so only its transfer tables are used).
+Where they disagree, the majority is entered and the disagreement is named in the source.
 
 - ImageNet, 16 shots, prompt ensembling, CoOp's domain shift: CoOp (IJCV 2022) Table 1, as in
   /work/shared/reference/prompt-learning.md. CoOp's ResNet-50 few-shot curve (Fig. 3) is recalled.
@@ -190,9 +192,9 @@ _COOP_T1_ENS = "CoOp (IJCV 2022), prompt ensembling on ImageNet"
 _COOP_FIG3 = "CoOp (IJCV 2022) Fig. 3, mean of 11 datasets"
 _COCOOP_T1 = "CoCoOp (CVPR 2022) Table 1, mean of 11 datasets"
 
-_DISCOVL = "DiscoVL (arXiv 2026) Table {}"
-_BEYOND = "Beyond the Seen (NeurIPS 2025) Table {}"
-_RMADAPTER = "RMAdapter (AAAI 2026) Table {}"
+_DISCOVL = "DiscoVL (Dong et al., 2026 preprint) Table {}"
+_BEYOND = "Beyond the Seen (Fan et al., NeurIPS) Table {}"
+_RMADAPTER = "RMAdapter (2026) Table {}"
 
 _KGCOOP_README = "KgCoOp official README table (github htyao89/KgCoOp @ c43ccc3, readme.md), mean of 11 datasets"
 _TCP_MEAN = (f"TCP (CVPR 2024) Table 1, mean of 11 datasets, as quoted in {_DISCOVL.format(1)}, {_BEYOND.format(1)} "
