@@ -21,10 +21,11 @@ def test_defaults_are_the_reference_recipe():
     config = TrainConfig()
     assert (config.lr, config.weight_decay, config.views, config.crop_scale_min) == (None, None, None, None)
     assert config.epochs is None and config.batch_size is None and not config.is_resolved  # the method's
-    assert (config.momentum, config.warmup_epochs, config.warmup_lr) == (0.9, 1, 1e-5)
+    assert (config.momentum, config.warmup_epochs, config.warmup_lr, config.min_lr) == (0.9, None, 1e-5, None)
     assert (config.precision, config.device, config.seed, config.num_workers) == ("auto", "auto", 1, "auto")
     bare = config.completed()  # what the loop runs with when nothing resolved them: CoOp's Dassl recipe
     assert (bare.lr, bare.weight_decay, bare.views, bare.crop_scale_min) == (0.002, 5e-4, "epochs", 0.08)
+    assert (bare.warmup_epochs, bare.min_lr, bare.iterations) == (1, 0.0, None)
     coop = resolve_train_config(config, method="coop", shots=16, dataset="dtd")
     assert (coop.lr, coop.weight_decay, coop.views, coop.crop_scale_min) == (0.002, 5e-4, "epochs", 0.08)
 
@@ -122,10 +123,14 @@ def test_invalid_values_are_config_errors(kwargs, message):
 
 
 def test_views_epochs_resolves_to_the_number_of_epochs():
-    assert TrainConfig(views="epochs", epochs=12).num_views == 12
-    assert TrainConfig(views=3).num_views == 3
+    assert TrainConfig(views="epochs", epochs=12).num_views() == 12
+    assert TrainConfig(views=3).num_views() == 3
     with pytest.raises(ConfigError, match="needs train.epochs"):
-        _ = TrainConfig(views="epochs").num_views
+        _ = TrainConfig(views="epochs").num_views()
+    # a length in steps: the epochs those steps need over the training set (full batches of 4: 10 // 4 = 2 a epoch)
+    steps = TrainConfig(views="epochs", iterations=5, batch_size=4)
+    assert (steps.steps_per_epoch(10), steps.planned_epochs(10), steps.num_views(10)) == (2, 3, 3)
+    assert TrainConfig(iterations=5, batch_size=32).planned_epochs(10) == 5  # one smaller batch a epoch
 
 
 def test_run_config_round_trip_and_seed():
@@ -157,11 +162,13 @@ def test_config_hash_is_stable_and_ignores_paths_and_devices():
     # method config is now the typed, complete one from the start, so the unresolved hash moved. The resolved one,
     # what run folders record, was 0ec7ceab40bdd3a7 until issue 10 added train.crop_scale_min (Tip-Adapter's and
     # LP++'s crop scale): every resolved training config now records it. Issue 13 made the default precision "auto":
-    # the default hashes moved, and the configuration stating precision fp32 keeps the earlier default's.)
-    assert base.config_hash() == "0e209b9a4d112596"
+    # the default hashes moved, and the configuration stating precision fp32 keeps the earlier default's. Issue 12
+    # made warmup_epochs the method's default (None until resolved; CLIP-LoRA has no warm-up): the unresolved
+    # hashes moved from 0e209b9a4d112596 / ab0e0a99372ac500, the resolved ones, which run folders record, did not.)
+    assert base.config_hash() == "502b32f56828c890"
     assert base.resolved().config_hash() == "0690403d8528d442"
     fp32 = RunConfig(method="coop", dataset="dtd", train=TrainConfig(precision="fp32"))
-    assert (fp32.config_hash(), fp32.resolved().config_hash()) == ("ab0e0a99372ac500", "fb4c1dd9f7fbcde6")
+    assert (fp32.config_hash(), fp32.resolved().config_hash()) == ("38b43cdc9e92acfb", "fb4c1dd9f7fbcde6")
     canonical = json.dumps(base.identity_dict(), sort_keys=True, separators=(",", ":"))
     assert base.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert "root" not in base.identity_dict() and "device" not in base.identity_dict()["train"]

@@ -201,7 +201,7 @@ def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, option
     feature cache serves them to every run, method and seed; the run's seed decides which view each image shows in
     each epoch (:func:`vlprompt.training.loop.epoch_view_indices`). The crop's smallest area fraction is
     ``train.crop_scale_min`` (CoOp 0.08; a pool per value)."""
-    views = train.num_views
+    views = train.num_views(len(splits.train))
     if views == 0:
         return eval_features(clip, splits, "train", options)
     scale = train.completed().crop_scale_min
@@ -260,7 +260,7 @@ def train_images(clip: CLIP, splits: DatasetSplits, train: TrainConfig, options:
     With ``options.on_error == "skip"`` every image is decoded once here and the unreadable ones are left out."""
     with options.timed():
         images = image_train_set(splits.image_dir, splits.train, resolution=clip.config.image_resolution,
-                                 views=train.num_views, pool_seed=AUGMENTATION_POOL_SEED,
+                                 views=train.num_views(len(splits.train)), pool_seed=AUGMENTATION_POOL_SEED,
                                  num_workers=options.num_workers, skip_unreadable=options.on_error == "skip",
                                  progress=options.progress)
     options.skipped.extend(path for path in images.skipped if path not in options.skipped)
@@ -304,7 +304,7 @@ def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | ImageTrain
         seconds = time.perf_counter() - started
         return FitOutcome(kind, seconds, {"num_train": len(train_set), **_jsonable(info)})
     if train is None or not train.is_resolved:
-        raise ConfigError("SGD training needs a resolved TrainConfig (epochs and batch size set)")
+        raise ConfigError("SGD training needs a resolved TrainConfig (epochs or steps, and batch size set)")
     result = run_training(method, train_set, train, run_dir=run_dir, device=device, on_epoch_end=on_epoch_end,
                           progress=progress)
     last = result.history[-1] if result.history else None

@@ -1,9 +1,9 @@
 """The methods: zero-shot CLIP, prompt ensembling, linear probe, CoOp, CoCoOp, KgCoOp, ProGrad, TCP, CLIP-Adapter,
-Tip-Adapter(-F), LP++, CLAP, IVLP, MaPLe, PromptSRC; one explicit registry dict.
+Tip-Adapter(-F), LP++, CLAP, IVLP, MaPLe, PromptSRC, CLIP-LoRA; one explicit registry dict.
 
 Every method is an ``nn.Module`` whose parameters and buffers are only its learned state (see "Method contract" in
 docs/architecture.md). Most work on frozen image features (``clip.encode_image`` output, float32, not normalised);
-those declared ``Training.IMAGES`` (IVLP, MaPLe, PromptSRC) take pre-processed images, whose features depend on their
+those declared ``Training.IMAGES`` (IVLP, MaPLe, PromptSRC, CLIP-LoRA) take pre-processed images, whose features depend on their
 prompts, and encode them with ``method.encode_images``.
 
 This package module imports nothing heavy: the configs live in :mod:`vlprompt.methods.configs` and each
@@ -25,6 +25,7 @@ from vlprompt.errors import ConfigError
 from vlprompt.methods.configs import (
     CLAPConfig,
     CLIPAdapterConfig,
+    CLIPLoRAConfig,
     CoCoOpConfig,
     CoOpConfig,
     EnsembleConfig,
@@ -40,6 +41,7 @@ from vlprompt.methods.configs import (
     TCPConfig,
     ZeroShotConfig,
     clap_train_defaults,
+    clip_lora_train_defaults,
     cocoop_train_defaults,
     coop_train_defaults,
     ivlp_train_defaults,
@@ -214,6 +216,11 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType({
         build=LazyBuild("vlprompt.methods.promptsrc:build_promptsrc"), train_defaults=promptsrc_train_defaults,
         description="PromptSRC: IVLP's prompts self-regulated towards the frozen CLIP, Gaussian prompt aggregation",
     ),
+    "clip_lora": MethodSpec(
+        name="clip_lora", config_cls=CLIPLoRAConfig, training=Training.IMAGES,
+        build=LazyBuild("vlprompt.methods.clip_lora:build_clip_lora"), train_defaults=clip_lora_train_defaults,
+        description="CLIP-LoRA: low-rank updates of the q/k/v projections of both towers (mergeable into CLIP)",
+    ),
 })
 """Every method, by name."""
 
@@ -254,6 +261,7 @@ __all__ = [
     "METHODS",
     "CLAPConfig",
     "CLIPAdapterConfig",
+    "CLIPLoRAConfig",
     "CoCoOpConfig",
     "CoOpConfig",
     "EnsembleConfig",

@@ -647,6 +647,47 @@ class PromptSRCConfig(IndependentPromptOptions):
             raise ConfigError(f"gpa_std must be a positive number, got {self.gpa_std!r}")
 
 
+LORA_ENCODERS: tuple[str, ...] = ("both", "text", "vision")
+LORA_POSITIONS: tuple[str, ...] = ("all", "bottom", "mid", "up", "half-bottom", "half-up", "top3")
+LORA_PROJECTIONS: tuple[str, ...] = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class CLIPLoRAConfig:
+    """CLIP-LoRA: low-rank updates of the attention's query, key and value projections in both towers (the
+    official repository MaxZanella/CLIP-LoRA, run_utils.py's defaults, fixed for every dataset and shot count)."""
+
+    rank: int = option(2, "rank r of every low-rank update (official --r 2)")
+    alpha: float = option(1.0, "LoRA scaling numerator: the update is (alpha / sqrt(rank)) * B A (official --alpha 1; "
+                               "loralib/layers.py scales by alpha / sqrt(r), not alpha / r)")
+    dropout: float = option(0.25, "dropout on the input of each low-rank update, in training only (official "
+                                  "--dropout_rate 0.25)")
+    encoder: str = option("both", "towers that get the updates (official --encoder both)", choices=LORA_ENCODERS)
+    position: str = option("all", "blocks of each tower that get the updates: all, the bottom / mid / up third, the "
+                                  "half-bottom / half-up half, or top3 (official --position all; the official index "
+                                  "lists are these fractions of the 12 / 24 blocks)", choices=LORA_POSITIONS)
+    params: tuple[str, ...] = option(LORA_PROJECTIONS, "projections that get an update, any of q k v (official "
+                                                       "--params q k v)")
+    template: str = option("a photo of a {}.", "prompt template of the class names, in training and evaluation "
+                                               "(official: 'a photo of a {}.' for every dataset, datasets/*.py)")
+
+    def __post_init__(self) -> None:
+        _check_positive_int("rank", self.rank)
+        _check_positive("alpha", self.alpha)
+        _check_fraction("dropout", self.dropout)
+        if self.dropout >= 1.0:
+            raise ConfigError(f"dropout must be smaller than 1, got {self.dropout!r}")
+        check_choice("encoder", self.encoder, LORA_ENCODERS)
+        check_choice("position", self.position, LORA_POSITIONS)
+        params = tuple(self.params) if isinstance(self.params, list | tuple) else self.params
+        if not isinstance(params, tuple) or not params or any(p not in LORA_PROJECTIONS for p in params) \
+                or len(set(params)) != len(params):
+            raise ConfigError(f"params must be distinct projections among {', '.join(LORA_PROJECTIONS)}, got "
+                              f"{self.params!r}")
+        object.__setattr__(self, "params", params)
+        check_template(self.template)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # training defaults (the reference's per-method recipe)
 
@@ -753,3 +794,20 @@ def promptsrc_train_defaults(shots: int | None = None, dataset: str | None = Non
     """PromptSRC's official base-to-novel recipe: batch 4, 20 epochs, lr 0.0025 (the few-shot config trains 50
     epochs); the rest is TrainConfig's defaults."""
     return {"batch_size": 4, "epochs": 20, "lr": 0.0025}
+
+
+CLIP_LORA_ITERATIONS_PER_SHOT = 500
+"""CLIP-LoRA's training length: 500 x shots optimiser steps (official --n_iters 500; lora.py total_iters =
+n_iters * shots)."""
+
+
+def clip_lora_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
+                             ) -> dict[str, Any]:
+    """CLIP-LoRA's official recipe (run_utils.py, lora.py, main.py), the same for every dataset and shot count:
+    500 x shots iterations (all training images, shots 0: as 16 shots, the largest setting of the paper), batch 32,
+    AdamW (lr 2e-4, betas 0.9 / 0.999, weight decay 1e-2), cosine per step to 1e-6 (CosineAnnealingLR(total_iters,
+    eta_min=1e-6)) with no warm-up, a fresh random resized crop (scale 0.08-1, bicubic) and flip at every visit."""
+    per_class = shots if shots else 16
+    return {"iterations": CLIP_LORA_ITERATIONS_PER_SHOT * per_class, "batch_size": 32, "optimizer": "adamw",
+            "lr": 2e-4, "weight_decay": 1e-2, "warmup_epochs": 0, "min_lr": 1e-6, "views": "epochs",
+            "crop_scale_min": 0.08}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlprompt.backbone.extension import TowerExtension
 from vlprompt.backbone.fast_text import encode_trimmed
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
@@ -41,27 +42,31 @@ def tokenize_prompts(texts: Sequence[str], context_length: int, tokenizer: ClipT
 
 
 @torch.no_grad()
-def encode_token_ids(clip: CLIP, ids: Tensor, batch_size: int = PROMPT_BATCH, *, normalize: bool = True) -> Tensor:
+def encode_token_ids(clip: CLIP, ids: Tensor, batch_size: int = PROMPT_BATCH, *, normalize: bool = True,
+                     extension: TowerExtension | None = None) -> Tensor:
     """L2-normalised (``normalize``, else raw) fp32 text features [N, D] of token ids [N, L], on the CLIP's device
-    (batches trimmed)."""
+    (batches trimmed); ``extension``: the text tower's (CLIP-LoRA's low-rank updates)."""
     chunks = []
     for start in range(0, ids.shape[0], batch_size):
         chunk = ids[start : start + batch_size].to(clip.device)
-        chunks.append(encode_trimmed(clip, clip.token_embedding(chunk), chunk.argmax(dim=-1)).float())
+        chunks.append(encode_trimmed(clip, clip.token_embedding(chunk), chunk.argmax(dim=-1), extension).float())
     features = torch.cat(chunks)
     return F.normalize(features, dim=-1) if normalize else features
 
 
 @torch.no_grad()
 def class_text_features(clip: CLIP, classnames: Sequence[str], templates: Sequence[str], *,
-                        tokenizer: ClipTokenizer | None = None, raw: bool = False) -> Tensor:
+                        tokenizer: ClipTokenizer | None = None, raw: bool = False,
+                        extension: TowerExtension | None = None) -> Tensor:
     """The zero-shot classifier's class features [K, D] (fp32, CLIP's device) from ``templates``: each template's
     normalised features averaged and normalised again (:class:`TemplateClassifier`'s; one template = zero-shot
-    CLIP's), or with ``raw`` the mean of the unnormalised features (CLAP's prototypes)."""
+    CLIP's), or with ``raw`` the mean of the unnormalised features (CLAP's prototypes). ``extension``: the text
+    tower's (CLIP-LoRA's classifier is zero-shot CLIP's through its adapted tower)."""
     templates = check_templates(templates)
     texts = [fill(template, name) for template in templates for name in classnames]
     ids = tokenize_prompts(texts, clip.context_length, tokenizer)
-    features = encode_token_ids(clip, ids, normalize=not raw).view(len(templates), len(classnames), -1).mean(dim=0)
+    features = encode_token_ids(clip, ids, normalize=not raw, extension=extension)
+    features = features.view(len(templates), len(classnames), -1).mean(dim=0)
     return features if raw else F.normalize(features, dim=-1)
 
 

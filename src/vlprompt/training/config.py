@@ -30,7 +30,7 @@ from vlprompt.common.vocab import PRECISION_CHOICES, PrecisionChoice
 from vlprompt.errors import ConfigError
 from vlprompt.methods import get_method
 
-Optimizer = Literal["sgd", "adam"]
+Optimizer = Literal["sgd", "adam", "adamw"]
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -43,8 +43,10 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class TrainConfig:
     """How a gradient-trained method (CoOp, CoCoOp, ...) is optimised; defaults are the reference recipe.
 
-    Fields left at None (:data:`RESOLVED_KEYS`: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``views``,
-    ``crop_scale_min``, ``optimizer``, ``adam_eps``) stand for the method's defaults (:func:`resolve_train_config`).
+    Fields left at None (:data:`RESOLVED_KEYS`: ``epochs`` / ``iterations``, ``batch_size``, ``lr``,
+    ``weight_decay``, ``views``, ``crop_scale_min``, ``optimizer``, ``adam_eps``, ``warmup_epochs``, ``min_lr``)
+    stand for the method's defaults (:func:`resolve_train_config`); a length given (epochs or iterations) replaces
+    the method's length, whichever unit the method uses.
     """
 
     lr: float | None = option(None, "base learning rate of SGD; default: the method's (CoOp family 0.002, CLAP 0.1, "
@@ -52,16 +54,23 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum (dampening 0, no Nesterov)")
     weight_decay: float | None = option(None, "weight decay (L2, added to the gradient) on the learned parameters; "
                                               "default: the method's (CoOp family 5e-4, CLAP 0)")
-    optimizer: Optimizer | None = option(None, "optimiser: sgd or adam (betas 0.9, 0.999, as Dassl); default: the "
-                                               "method's (SGD, but Adam for TCP)")
-    adam_eps: float | None = option(None, "Adam's epsilon; default: the method's (TCP 1e-3, as its official code), "
-                                          "else PyTorch's 1e-8")
+    optimizer: Optimizer | None = option(None, "optimiser: sgd, adam (betas 0.9, 0.999, as Dassl; L2 weight decay) or "
+                                               "adamw (betas 0.9, 0.999; decoupled weight decay); default: the "
+                                               "method's (SGD, but Adam for TCP, AdamW for CLIP-LoRA)")
+    adam_eps: float | None = option(None, "Adam's / AdamW's epsilon; default: the method's (TCP 1e-3, as its official "
+                                          "code), else PyTorch's 1e-8")
     epochs: int | None = option(None, "training epochs; default: the method's (CoOp 50/100/100/200/200 for "
-                                    "1/2/4/8/16 shots, ImageNet 50; CoCoOp 10)")
+                                    "1/2/4/8/16 shots, ImageNet 50; CoCoOp 10); give either epochs or iterations")
+    iterations: int | None = option(None, "training length in optimiser steps instead of epochs: the epochs these "
+                                          "steps need are run, the last one cut short, and the learning rate follows "
+                                          "the schedule per step; default: the method's (CLIP-LoRA 500 x shots)")
     batch_size: int | None = option(None, "training batch size (the global batch under torchrun); "
                                         "default: the method's (CoOp 32, CoCoOp 1)")
-    warmup_epochs: int = option(1, "epochs at the constant warm-up learning rate before the cosine schedule")
+    warmup_epochs: int | None = option(None, "epochs at the constant warm-up learning rate before the cosine "
+                                             "schedule; default: the method's (1 for the Dassl recipes, CLIP-LoRA 0)")
     warmup_lr: float = option(1e-5, "constant learning rate of the warm-up epochs")
+    min_lr: float | None = option(None, "the learning rate the cosine schedule decays towards (its eta_min); "
+                                        "default: the method's (0 for the Dassl recipes, CLIP-LoRA 1e-6)")
     precision: PrecisionChoice = option("auto", "compute precision of feature extraction and training: auto = "
                                                 "bf16 autocast where a one-time measurement on this machine finds "
                                                 "it faster than fp32 (CUDA: where the GPU supports bf16), else fp32; "
@@ -103,8 +112,14 @@ class TrainConfig:
             check_number("crop_scale_min", self.crop_scale_min, minimum=0.0, maximum=1.0, strict=True,
                          prefix="train.")
         check_int("epochs", self.epochs, minimum=1, optional=True, prefix="train.")
+        check_int("iterations", self.iterations, minimum=1, optional=True, prefix="train.")
+        if self.epochs is not None and self.iterations is not None:
+            raise ConfigError(f"give train.epochs ({self.epochs}) or train.iterations ({self.iterations}), not both: "
+                              "they are two ways to say how long to train")
+        if self.min_lr is not None:
+            check_number("min_lr", self.min_lr, minimum=0.0, prefix="train.")
         check_int("batch_size", self.batch_size, minimum=1, optional=True, prefix="train.")
-        check_int("warmup_epochs", self.warmup_epochs, minimum=0, prefix="train.")
+        check_int("warmup_epochs", self.warmup_epochs, minimum=0, optional=True, prefix="train.")
         check_number("warmup_lr", self.warmup_lr, minimum=0.0, strict=True, prefix="train.")
         check_choice("precision", self.precision, PRECISION_CHOICES, prefix="train.")
         if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):
@@ -124,14 +139,30 @@ class TrainConfig:
                               f"{self.activation_checkpointing!r}")
         if not isinstance(self.tensorboard, bool):
             raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
-        if self.epochs is not None and self.warmup_epochs >= self.epochs:
+        if self.epochs is not None and self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ConfigError(f"train.warmup_epochs ({self.warmup_epochs}) must be smaller than train.epochs "
                               f"({self.epochs}); lower --warmup-epochs or raise --epochs")
 
     @property
     def is_resolved(self) -> bool:
-        """True once ``epochs`` and ``batch_size`` are concrete numbers."""
-        return self.epochs is not None and self.batch_size is not None
+        """True once the length (``epochs`` or ``iterations``) and ``batch_size`` are concrete numbers."""
+        return (self.epochs is not None or self.iterations is not None) and self.batch_size is not None
+
+    def steps_per_epoch(self, num_items: int) -> int:
+        """Optimiser steps of one epoch over ``num_items`` training items: full batches only when there is at least
+        one (the last incomplete batch is dropped, as Dassl's loader), else one smaller batch."""
+        if self.batch_size is None:
+            raise ConfigError("train.batch_size is not set: resolve the configuration first")
+        return max(1, num_items // self.batch_size)
+
+    def planned_epochs(self, num_items: int) -> int:
+        """The epochs a run over ``num_items`` training items takes: ``epochs``, or with ``iterations`` the epochs
+        those steps need (``ceil(iterations / steps_per_epoch)``, the last one cut short)."""
+        if self.epochs is not None:
+            return self.epochs
+        if self.iterations is None:
+            raise ConfigError("train.epochs / train.iterations is not set: resolve the configuration first")
+        return -(-self.iterations // self.steps_per_epoch(num_items))
 
     def completed(self) -> TrainConfig:
         """This config with the fields still left to the method's default (:data:`RESOLVED_KEYS` other than epochs and
@@ -140,16 +171,17 @@ class TrainConfig:
         missing = {key: value for key, value in REFERENCE_RECIPE.items() if getattr(self, key) is None}
         return dataclasses.replace(self, **missing) if missing else self
 
-    @property
-    def num_views(self) -> int:
-        """The number of augmented views to extract (``views`` with 'epochs' resolved; unset = 'epochs'); needs
-        ``epochs`` for 'epochs'."""
+    def num_views(self, num_items: int | None = None) -> int:
+        """The number of augmented views to extract for ``num_items`` training items (``views`` with 'epochs'
+        resolved to :meth:`planned_epochs`; unset = 'epochs'); 'epochs' needs ``epochs``, or ``iterations`` and
+        ``num_items``."""
         views = self.completed().views
         if views != "epochs":
             return int(views)  # type: ignore[arg-type]
-        if self.epochs is None:
-            raise ConfigError("train.views='epochs' needs train.epochs: resolve the configuration first")
-        return self.epochs
+        if self.epochs is None and (self.iterations is None or num_items is None):
+            raise ConfigError("train.views='epochs' needs train.epochs (or train.iterations and the training set): "
+                              "resolve the configuration first")
+        return self.planned_epochs(num_items or 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,8 +195,8 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- method defaults
 
 
-RESOLVED_KEYS: tuple[str, ...] = ("epochs", "batch_size", "lr", "weight_decay", "views", "crop_scale_min", "optimizer",
-                                  "adam_eps")
+RESOLVED_KEYS: tuple[str, ...] = ("epochs", "iterations", "batch_size", "lr", "weight_decay", "views", "crop_scale_min",
+                                  "optimizer", "adam_eps", "warmup_epochs", "min_lr")
 """The TrainConfig fields whose None means "the method's default" (:func:`resolve_train_config`); ``optimizer`` /
 ``adam_eps`` left at None mean SGD (the loop's default) / PyTorch's epsilon."""
 
@@ -172,10 +204,11 @@ DEFAULT_ADAM_EPS = 1e-8
 """PyTorch's Adam epsilon, used when neither the options nor the method set one."""
 
 REFERENCE_RECIPE: Mapping[str, Any] = types.MappingProxyType({
-    "lr": 0.002, "weight_decay": 5e-4, "views": "epochs", "crop_scale_min": 0.08,
+    "lr": 0.002, "weight_decay": 5e-4, "views": "epochs", "crop_scale_min": 0.08, "warmup_epochs": 1, "min_lr": 0.0,
 })
-"""What the resolved keys other than epochs / batch size fall back to when the method names no default: CoOp's
-Dassl recipe (SGD lr 0.002, weight decay 5e-4, a fresh view every epoch, random resized crop scale 0.08-1)."""
+"""What the resolved keys other than the length / batch size fall back to when the method names no default: CoOp's
+Dassl recipe (SGD lr 0.002, weight decay 5e-4, a fresh view every epoch, random resized crop scale 0.08-1, one
+constant warm-up epoch, a cosine decaying towards 0)."""
 
 
 def method_train_defaults(method: str, shots: int, dataset: str, subset: str = "all") -> dict[str, Any]:
@@ -198,13 +231,16 @@ def resolve_train_config(train: TrainConfig, *, method: str, shots: int, dataset
     ``epochs`` / ``batch_size`` of methods without SGD training (no defaults) stay None.
     """
     defaults = method_train_defaults(method, shots, dataset, subset)
+    if train.epochs is not None or train.iterations is not None:  # the length given is the length: one or the other
+        defaults = {key: value for key, value in defaults.items() if key not in ("epochs", "iterations")}
     values = {key: getattr(train, key) if getattr(train, key) is not None else defaults.get(key)
               for key in RESOLVED_KEYS}
-    if values["optimizer"] == "adam" and values["adam_eps"] is None:
+    if values["optimizer"] in ("adam", "adamw") and values["adam_eps"] is None:
         values["adam_eps"] = DEFAULT_ADAM_EPS
     epochs = values["epochs"]
-    if epochs is not None and train.warmup_epochs >= epochs:
-        raise ConfigError(f"train.warmup_epochs ({train.warmup_epochs}) must be smaller than the {epochs} epochs of "
+    warmup = values["warmup_epochs"] if values["warmup_epochs"] is not None else REFERENCE_RECIPE["warmup_epochs"]
+    if epochs is not None and warmup >= epochs:
+        raise ConfigError(f"train.warmup_epochs ({warmup}) must be smaller than the {epochs} epochs of "
                           f"{method}; lower --warmup-epochs or raise --epochs")
     return dataclasses.replace(train, **values).completed()
 
@@ -226,7 +262,8 @@ def train_identity(train: TrainConfig) -> dict[str, Any]:
                                 if key not in TRAIN_NON_IDENTITY_FIELDS})
 
 
-LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = {"optimizer": (None, "sgd"), "adam_eps": (None,)}
+LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = {"optimizer": (None, "sgd"), "adam_eps": (None,), "iterations": (None,),
+                                                 "min_lr": (None, 0.0)}
 """Training options added after run folders existed, with the values that mean what those folders did (SGD): left
 out of the identity so that the configuration hashes and checkpoints of earlier runs stay valid."""
 

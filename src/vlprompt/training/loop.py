@@ -13,6 +13,12 @@ below holds for both:
   ``lr * 0.5 * (1 + cos(pi * (e - warmup_epochs) / epochs))``. This is what Dassl's ``ConstantWarmupScheduler``
   around ``CosineAnnealingLR(T_max=epochs)`` yields when stepped once per epoch: the wrapper does not step the cosine
   during the warm-up, so epoch ``warmup_epochs`` runs at the full ``lr`` and the cosine never reaches zero.
+  ``min_lr`` (the cosine's floor, 0 in Dassl's recipe) is added as ``min_lr + (lr - min_lr) * ...``.
+- Or a length in optimiser steps (``config.iterations``, CLIP-LoRA's 500 x shots): the epochs those steps need run,
+  the last one cut short, and the learning rate is set before every step (:func:`lr_at_step`: the same warm-up and
+  cosine counted in steps, i.e. ``CosineAnnealingLR(T_max=iterations, eta_min=min_lr)`` stepped after each update
+  when there is no warm-up). Checkpoints stay per epoch.
+- AdamW (decoupled weight decay, betas 0.9 / 0.999) when ``config.optimizer`` is "adamw" (CLIP-LoRA's recipe).
 - Each epoch visits the training set in a random order drawn from a generator seeded by (seed, epoch), in batches of
   ``batch_size`` with the last incomplete batch dropped when the set holds at least one full batch (else one smaller
   batch), as Dassl's loader. In epoch ``e`` image ``i`` uses view ``(e + offset_i) % V`` (of the cached features
@@ -139,14 +145,32 @@ class TrainResult:
 
 
 def lr_at_epoch(epoch: int, config: TrainConfig) -> float:
-    """Learning rate of epoch ``epoch`` (0-based): constant warm-up, then cosine over ``config.epochs``."""
+    """Learning rate of epoch ``epoch`` (0-based): constant warm-up, then cosine over ``config.epochs`` from ``lr``
+    towards ``min_lr``."""
     if config.epochs is None:
         raise ConfigError("train.epochs is not set: resolve the configuration (resolve_train_config) first")
-    if epoch < config.warmup_epochs:
+    return _warmup_cosine(epoch, config.epochs, config.completed().warmup_epochs, config)  # type: ignore[arg-type]
+
+
+def lr_at_step(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based, counted over the whole run) of a run measured in
+    ``config.iterations``: the warm-up's steps (``warmup_epochs`` epochs of ``steps_per_epoch``) at ``warmup_lr``,
+    then the cosine stepped once per step over ``iterations`` from ``lr`` towards ``min_lr``. Without warm-up this
+    is PyTorch's ``CosineAnnealingLR(T_max=iterations, eta_min=min_lr)`` stepped after every update (CLIP-LoRA)."""
+    if config.iterations is None:
+        raise ConfigError("train.iterations is not set: the schedule per step needs it")
+    warmup = config.completed().warmup_epochs
+    assert warmup is not None
+    return _warmup_cosine(step, config.iterations, warmup * steps_per_epoch, config)
+
+
+def _warmup_cosine(t: int, length: int, warmup: int, config: TrainConfig) -> float:
+    if t < warmup:
         return config.warmup_lr
-    lr = config.completed().lr
-    assert lr is not None
-    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs))
+    completed = config.completed()
+    lr, floor = completed.lr, completed.min_lr
+    assert lr is not None and floor is not None
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / length))
 
 
 def lr_schedule(config: TrainConfig) -> list[float]:
@@ -196,11 +220,14 @@ def train(method: nn.Module, train_set: FeatureData | ImageTrainSet, config: Tra
     ``on_epoch_end`` runs after each epoch's checkpoint. The method is left in eval mode.
     """
     if not config.is_resolved:
-        raise ConfigError("train.epochs and train.batch_size must be set: call resolve_train_config() or set them")
-    assert config.epochs is not None and config.batch_size is not None
+        raise ConfigError("train.epochs (or train.iterations) and train.batch_size must be set: call "
+                          "resolve_train_config() or set them")
+    assert config.batch_size is not None
     config = config.completed()  # lr / weight decay left to the method's default: the reference recipe
     source = batch_source(train_set)
     labels = source.labels
+    epochs = config.planned_epochs(labels.numel())  # with iterations: the epochs they need, the last cut short
+    steps_per_epoch = config.steps_per_epoch(labels.numel())
     params = _learned_parameters(method)
     target = _training_device(method, config, device)
     method.to(target)
@@ -233,9 +260,9 @@ def train(method: nn.Module, train_set: FeatureData | ImageTrainSet, config: Tra
         scaler = _grad_scaler(target, precision)
         result = TrainResult(precision=precision)
         if checkpoint is not None:
-            result = _restore(checkpoint, method, optimizer, scaler, train_hash, config)
+            result = _restore(checkpoint, method, optimizer, scaler, train_hash, epochs)
             result.precision = precision
-            logger.info("resuming after epoch %d of %d", result.start_epoch, config.epochs)
+            logger.info("resuming after epoch %d of %d", result.start_epoch, epochs)
         model: nn.Module = method
         if world > 1:
             model = nn.parallel.DistributedDataParallel(method,
@@ -243,50 +270,58 @@ def train(method: nn.Module, train_set: FeatureData | ImageTrainSet, config: Tra
         board = writer.tensorboard() if writer is not None and config.tensorboard else None
         if board is not None:
             stack.callback(board.close)
-        bar = stack.enter_context(make_progress(config.epochs, "train", "epoch", show=progress if is_main else False,
+        bar = stack.enter_context(make_progress(epochs, "train", "epoch", show=progress if is_main else False,
                                                 lines=is_main, initial=result.start_epoch))
-        logger.info("training %d learned tensor(s) (%d values) on %s, %d epochs, batch %d, "
+        logger.info("training %d learned tensor(s) (%d values) on %s, %d epochs%s, batch %d, "
                     "precision %s%s, %s%s", len(params), sum(p.numel() for p in params), source.describe(),
-                    config.epochs, config.batch_size, precision,
+                    epochs, f" ({config.iterations} steps)" if config.iterations is not None else "",
+                    config.batch_size, precision,
                     " (auto)" if config.precision == "auto" else "", target,
                     f", {world} processes" if world > 1 else "")
         method.train()
-        for epoch in range(result.start_epoch, config.epochs):
+        for epoch in range(result.start_epoch, epochs):
             started = time.perf_counter()
-            lr = lr_at_epoch(epoch, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             views = epoch_view_indices(source.num_views, labels.numel(), config.seed, epoch)
             batches = epoch_batches(labels.numel(), config.batch_size, config.seed, epoch)
+            step_lr: Callable[[int], float] | None = None
+            if config.iterations is None:  # the schedule per epoch (Dassl)
+                lr = lr_at_epoch(epoch, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            else:  # per step, over the run's steps; the last epoch stops at the last step
+                first_step = epoch * steps_per_epoch
+                batches = batches[:config.iterations - first_step]
+                lr = lr_at_step(first_step, config, steps_per_epoch)
+                step_lr = lambda step, first=first_step: lr_at_step(first + step, config, steps_per_epoch)  # noqa: E731
             shares = [batch.tensor_split(world)[rank] for batch in batches]
             try:
                 with seeded_torch(target, config.seed, "forward", epoch):
                     totals = _train_epoch(model, method, params, optimizer, scaler,
                                           source.epoch(views, shares, target), labels, batches, shares, target,
-                                          precision, max_label)
+                                          precision, max_label, step_lr)
             except _NonFinite as bad:
-                raise _diverged(bad.what, epoch, bad.step, len(batches), lr, config, precision, run_dir,
+                raise _diverged(bad.what, epoch, epochs, bad.step, len(batches), lr, precision, run_dir,
                                 applied=bad.applied) from None
             if finish_epoch is not None:  # end-of-epoch state of the method (PromptSRC's prompt aggregation)
-                finish_epoch(epoch, config.epochs)
+                finish_epoch(epoch, epochs)
             with seeded_torch(target, config.seed, "forward", epoch):
                 first = next(iter(source.epoch(views, [batches[0]], target)))
                 finite = _finite_logits(method, first, target, precision)
             if not finite:
-                raise _diverged("the logits are non-finite after the epoch's last update", epoch, len(batches) - 1,
-                                len(batches), lr, config, precision, run_dir, applied=True)
+                raise _diverged("the logits are non-finite after the epoch's last update", epoch, epochs,
+                                len(batches) - 1, len(batches), lr, precision, run_dir, applied=True)
             stats = EpochStats(epoch=epoch + 1, lr=lr, loss=float(totals[0] / totals[2]),
                                accuracy=float(100.0 * totals[1] / totals[2]),
                                seconds=time.perf_counter() - started)
             result.history.append(stats)
             if writer is not None:
                 writer.save_checkpoint(method.state_dict(), *_optimizer_tensors(optimizer, scaler, stats, result,
-                                                                                train_hash, config, world,
+                                                                                train_hash, config, epochs, world,
                                                                                 precision))
             if board is not None:
                 for name in ("loss", "accuracy", "lr"):
                     board.add_scalar(f"train/{name}", getattr(stats, name), stats.epoch)
-            logger.info("epoch %d/%d: loss %.4f, accuracy %.2f%%, lr %.3g, %.2fs", stats.epoch, config.epochs,
+            logger.info("epoch %d/%d: loss %.4f, accuracy %.2f%%, lr %.3g, %.2fs", stats.epoch, epochs,
                         stats.loss, stats.accuracy, lr, stats.seconds)
             bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.1f}", lr=f"{lr:.2e}")
             bar.update(1)
@@ -310,7 +345,7 @@ class _NonFinite(Exception):
 def _train_epoch(model: nn.Module, method: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, inputs: Iterator[torch.Tensor], labels: torch.Tensor,
                  batches: list[torch.Tensor], shares: list[torch.Tensor], device: torch.device, precision: str,
-                 max_label: int) -> torch.Tensor:
+                 max_label: int, step_lr: Callable[[int], float] | None = None) -> torch.Tensor:
     """One pass over ``batches``; returns the global (loss sum, correct, count). Each rank takes its share of every
     batch (``shares``, whose inputs ``inputs`` yields in order); a non-finite loss raises :class:`_NonFinite` on
     every rank before that step's update, non-finite parameters after it.
@@ -318,10 +353,14 @@ def _train_epoch(model: nn.Module, method: nn.Module, params: list[nn.Parameter]
     ``model`` is ``method`` or its DDP wrapper. The method returns logits, or a :class:`TrainOutput` whose
     ``regularizer`` (a mean over its batch) joins the summed cross-entropy weighted by the batch size; the method's
     optional hooks (``regularizer()``, ``guide_loss`` / ``align_gradients``: module docstring) are read from
-    ``method`` (:func:`step_objective`, :func:`apply_update`)."""
+    ``method`` (:func:`step_objective`, :func:`apply_update`). ``step_lr(step)``: the learning rate of each step
+    (a schedule per step), else the epoch's, already set."""
     world = dist.world_size()
     totals = torch.zeros(3, dtype=torch.float64)
     for step, (batch, local, x) in enumerate(zip(batches, shares, inputs, strict=True)):
+        if step_lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr(step)
         y = labels[local].to(device, non_blocking=True)
         with autocast_for(device, precision):
             output = model(x)
@@ -419,10 +458,12 @@ def _guide_gradients(loss: torch.Tensor, params: list[nn.Parameter], world: int)
 
 
 def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimiser over ``params``: SGD (default) or Adam (betas 0.9 / 0.999 as Dassl)."""
-    if config.optimizer == "adam":
+    """The configured optimiser over ``params``: SGD (default), Adam (betas 0.9 / 0.999 as Dassl, L2 weight decay) or
+    AdamW (betas 0.9 / 0.999, decoupled weight decay: CLIP-LoRA's)."""
+    if config.optimizer in ("adam", "adamw"):
         eps = config.adam_eps if config.adam_eps is not None else DEFAULT_ADAM_EPS
-        return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=eps, weight_decay=config.weight_decay)
+        kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        return kind(params, lr=config.lr, betas=(0.9, 0.999), eps=eps, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, dampening=0.0,
                            weight_decay=config.weight_decay, nesterov=False)
 
@@ -469,13 +510,13 @@ def _run_precision(config: TrainConfig, device: torch.device, checkpoint: Any) -
     return resolve_precision(config.precision, device)
 
 
-def _diverged(what: str, epoch: int, step: int, steps: int, lr: float, config: TrainConfig, precision: str,
+def _diverged(what: str, epoch: int, epochs: int, step: int, steps: int, lr: float, precision: str,
               run_dir: CheckpointStore | None, *, applied: bool = False) -> TrainingDiverged:
     where = (f"the last good checkpoint (epoch {epoch}) is in {run_dir.path}" if run_dir is not None and epoch > 0
              else "no checkpoint was written")
     update = "nothing of this epoch was saved" if applied else "the update was not applied"
     return TrainingDiverged(
-        f"training diverged: {what} at epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps} (lr {lr:g}, "
+        f"training diverged: {what} at epoch {epoch + 1}/{epochs}, step {step + 1}/{steps} (lr {lr:g}, "
         f"precision {precision}); {update}, no prompt or result was written and {where}. Lower --lr"
         f"{'' if precision == 'fp32' else ' (or use --precision fp32: mixed precision may have overflowed)'} "
         "and start the run again with --overwrite")
@@ -485,7 +526,7 @@ def _diverged(what: str, epoch: int, step: int, steps: int, lr: float, config: T
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, stats: EpochStats,
-                       result: TrainResult, train_hash: str, config: TrainConfig, world: int,
+                       result: TrainResult, train_hash: str, config: TrainConfig, epochs: int, world: int,
                        precision: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(optimiser tensors, JSON state)`` of the epoch just finished, for :meth:`RunDir.save_checkpoint`."""
     saved = optimizer.state_dict()
@@ -500,7 +541,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradS
     state = {
         "format": CHECKPOINT_FORMAT,
         "epoch": stats.epoch,
-        "epochs": config.epochs,
+        "epochs": epochs,
         "train_config_hash": train_hash,
         "train_config": train_identity(config),
         "world_size": world,
@@ -513,7 +554,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradS
 
 
 def _restore(checkpoint: Any, method: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             train_hash: str, config: TrainConfig) -> TrainResult:
+             train_hash: str, epochs: int) -> TrainResult:
     """Load a checkpoint into method, optimiser and scaler; the history so far."""
     state = checkpoint.state
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -537,7 +578,7 @@ def _restore(checkpoint: Any, method: nn.Module, optimizer: torch.optim.Optimize
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"the checkpoint does not fit this method ({exc}); start the run again with "
                               "--overwrite") from exc
-    if state["epoch"] != len(history) or state["epoch"] > (config.epochs or 0):
+    if state["epoch"] != len(history) or state["epoch"] > epochs:
         raise CheckpointError(f"the checkpoint says epoch {state['epoch']} of {state.get('epochs')} with "
                               f"{len(history)} epochs of history; start the run again with --overwrite")
     return TrainResult(history=history, start_epoch=state["epoch"])

@@ -182,9 +182,10 @@ def _method_config(method: str, base: Mapping[str, Any], options: ProtocolOption
 
 def _train_config(options: ProtocolOptions) -> TrainConfig:
     train = options.train
-    if options.budget and train.epochs is None:
-        train = dataclasses.replace(train, epochs=BUDGET_EPOCHS, warmup_epochs=min(train.warmup_epochs,
-                                                                                   BUDGET_EPOCHS - 1))
+    if options.budget and train.epochs is None and train.iterations is None:
+        warmup = train.warmup_epochs
+        train = dataclasses.replace(train, epochs=BUDGET_EPOCHS,
+                                    warmup_epochs=None if warmup is None else min(warmup, BUDGET_EPOCHS - 1))
     return train
 
 
