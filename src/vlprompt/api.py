@@ -12,6 +12,9 @@
         print(p.source, p.labels, p.probs)
     vp.save_prompt(coop, "coop.safetensors")
     coop = vp.load_prompt("coop.safetensors", clip)          # refuses a backbone with other weights
+    lora = vp.build_method("clip_lora", clip, data)          # low-rank q/k/v updates of both towers
+    vp.fit(lora, data, shots=4)                              # 500 x 4 AdamW steps, images through the towers
+    vp.merge(lora, "merged.safetensors")                     # a plain CLIP checkpoint: vp.load_clip reads it
 
 Methods: "coop", "cocoop" (trained by SGD), "linear_probe" (closed form), "zeroshot", "ensemble" (nothing to fit).
 For experiments with run folders, checkpoints, resume and result files use :func:`run_experiment` /
@@ -21,7 +24,9 @@ For experiments with run folders, checkpoints, resume and result files use :func
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +70,7 @@ __all__ = [
     "load_clip",
     "load_dataset",
     "load_prompt",
+    "merge",
     "run_experiment",
     "save_prompt",
 ]
@@ -175,3 +181,33 @@ def _require_same_classes(method: Any, data: DatasetSplits) -> None:
                           f"{', ...' if len(method.classnames) > 3 else ''}) but {data.name} has "
                           f"{len(data.classnames)} other ones; use method.with_classnames(data.classnames) for "
                           "cross-dataset transfer, or build the method for this dataset")
+
+
+def merge(source: Any, out: str | os.PathLike[str], *, overwrite: bool = False, model: str | None = None,
+          device: str | None = None) -> Path:
+    """Fold a CLIP-LoRA method's low-rank updates into its backbone and write a plain CLIP checkpoint to ``out``
+    (``*.safetensors``, OpenAI names: :func:`load_clip` reads it; a GELU backbone needs ``quick_gelu=False`` there,
+    as its source did); returns the path.
+
+    ``source``: a CLIP-LoRA method (from :func:`build_method` / :func:`load_prompt`) or a clip_lora run folder (its
+    prompt on its recorded backbone, or ``model``). The file is written atomically; an existing ``out`` is replaced
+    only with ``overwrite`` and only if an earlier merge wrote it (else OutputError, nothing changed).
+    """
+    from vlprompt.methods.clip_lora import save_merged_clip
+
+    method = source
+    if isinstance(source, str | os.PathLike):
+        from vlprompt.harness.pipeline import open_trained_run
+        from vlprompt.harness.rundir import reading_lock
+
+        with reading_lock(source):
+            method = open_trained_run(source, model=model, device=device).method
+    if getattr(method, "method_name", None) != "clip_lora":
+        raise ConfigError(f"merge folds CLIP-LoRA's low-rank updates into the backbone; {_what(source, method)} is "
+                          "not a clip_lora method (prompt learners keep their prompts beside the backbone)")
+    return save_merged_clip(method, out, overwrite=overwrite)
+
+
+def _what(source: Any, method: Any) -> str:
+    name = getattr(method, "method_name", None) or type(method).__name__
+    return f"the run {str(source)!r} ({name})" if isinstance(source, str | os.PathLike) else f"a {name} method"

@@ -139,46 +139,49 @@ class CLIPLoRA(FrozenClipMethod):
         self.checkpointing = bool(enabled)
 
     # -- extensions ---------------------------------------------------------------------------------------------------
-    def _hook(self, factors: nn.ModuleDict) -> Callable[[int, Tensor], Tensor]:
+    def _hook(self, factors: nn.ModuleDict, dropout: bool) -> Callable[[int, Tensor], Tensor]:
         def delta(layer: int, x: Tensor) -> Tensor:
             block = factors[str(layer)] if str(layer) in factors else None
             if block is None:
                 return x.new_zeros(())
-            return block.delta(x, self.scale, self.config.dropout, self.training)
+            return block.delta(x, self.scale, self.config.dropout, dropout)
 
         return delta
 
-    def text_extension(self) -> TowerExtension | None:
-        """The text tower's low-rank updates (None when the text tower has none)."""
+    def text_extension(self, dropout: bool = False) -> TowerExtension | None:
+        """The text tower's low-rank updates (None when the text tower has none); ``dropout``: the training
+        forward's dropout on the updates' input."""
         if not len(self.text):
             return None
-        return TowerExtension(qkv_delta=self._hook(self.text), checkpoint=self.checkpointing)
+        return TowerExtension(qkv_delta=self._hook(self.text, dropout), checkpoint=self.checkpointing)
 
-    def vision_extension(self) -> TowerExtension | None:
+    def vision_extension(self, dropout: bool = False) -> TowerExtension | None:
         """The image tower's low-rank updates (None when the image tower has none)."""
         if not len(self.vision):
             return None
-        return TowerExtension(qkv_delta=self._hook(self.vision), checkpoint=self.checkpointing)
+        return TowerExtension(qkv_delta=self._hook(self.vision, dropout), checkpoint=self.checkpointing)
 
     # -- towers -------------------------------------------------------------------------------------------------------
-    def text_features(self) -> Tensor:
+    def text_features(self, dropout: bool = False) -> Tensor:
         """Class text features [K, D] (not normalised) through the adapted text tower, with gradients (one call for
         the K prompts, as the official code encodes them every step)."""
         ids = self._token_ids.to(self.clip.device)
-        extension = self.text_extension()
+        extension = self.text_extension(dropout)
         with torch.set_grad_enabled(torch.is_grad_enabled() and extension is not None):
             return encode_trimmed(self.clip, self.clip.token_embedding(ids), ids.argmax(dim=-1), extension)
 
-    def image_features(self, images: Tensor) -> Tensor:
+    def image_features(self, images: Tensor, dropout: bool = False) -> Tensor:
         """Image features [B, D] (not normalised) through the adapted image tower."""
-        extension = self.vision_extension()
+        extension = self.vision_extension(dropout)
         with torch.set_grad_enabled(torch.is_grad_enabled() and extension is not None):
             return self.clip.encode_image(images, extension)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Logits [B, K] (fp32) of pre-processed images [B, 3, R, R]."""
-        text = self.text_features()
-        return cosine_logits(self.image_features(images.to(text.device)), text, logit_scale_of(self.clip))
+        """Logits [B, K] (fp32) of pre-processed images [B, 3, R, R]; in training mode with the dropout on the
+        updates' input (the evaluation paths, :meth:`encode_images` and :meth:`classifier`, never drop)."""
+        text = self.text_features(self.training)
+        return cosine_logits(self.image_features(images.to(text.device), self.training), text,
+                             logit_scale_of(self.clip))
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
-"""``vlprompt predict`` and ``vlprompt interpret``: use and inspect a learned prompt.
+"""``vlprompt predict``, ``vlprompt interpret`` and ``vlprompt merge``: use, inspect and deploy a learned prompt.
 
     vlprompt predict RUN IMAGE_OR_FOLDER... [--top-k 5] [--json] [--skip-bad]
     vlprompt predict --model ViT-B/16 --classes "cat,dog" IMAGE_OR_FOLDER...      (zero-shot on any class list)
     vlprompt interpret RUN [--top-k 5] [--json]
+    vlprompt merge RUN --out FILE.safetensors [--overwrite]                        (CLIP-LoRA into a plain CLIP)
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from vlprompt.methods.templates import TEMPLATE_SETS, template_set
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``predict`` and ``interpret``."""
+    """Register ``predict``, ``interpret`` and ``merge``."""
     _add_predict(subparsers)
     _add_interpret(subparsers)
+    _add_merge(subparsers)
 
 
 def _add_predict(subparsers: Any) -> None:
@@ -72,6 +74,25 @@ def _add_interpret(subparsers: Any) -> None:
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's)")
     add_output_options(parser)
     parser.set_defaults(func=run_interpret)
+
+
+def _add_merge(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "merge", help="fold a CLIP-LoRA run's low-rank updates into a plain CLIP checkpoint",
+        description="Write the backbone of a clip_lora run with its learned low-rank updates folded into the q/k/v "
+                    "weights (W + s B A) as a plain CLIP checkpoint (a safetensors state dict with OpenAI names), "
+                    "which --model and load_clip read like any CLIP: same features as the run's adapted model, no "
+                    "extra cost at inference.")
+    parser.add_argument("run", type=Path, metavar="RUN", help="the run folder of a clip_lora run")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors",
+                        help="the checkpoint to write (atomically)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace FILE if an earlier vlprompt merge wrote it (any other file is never replaced)")
+    parser.add_argument("--model", default=None,
+                        help="backbone instead of the recorded one (must be the same weights)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's)")
+    add_output_options(parser)
+    parser.set_defaults(func=run_merge)
 
 
 # ---------------------------------------------------------------------------------------------------------- predict
@@ -162,4 +183,29 @@ def run_interpret(args: argparse.Namespace) -> int:
     print(f"{method} context of {args.run}: {int(ctx.shape[-2])} vector(s), nearest words by Euclidean distance")
     for name, block in blocks:
         print(format_neighbours(block, title=f"class {name!r}" if name is not None else None))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ merge
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """``vlprompt merge``."""
+    from vlprompt.api import merge
+
+    if not (args.run.is_dir() and (args.run / CONFIG_FILE).is_file()):
+        raise ConfigError(f"{args.run} is not a run folder: give the folder of a trained clip_lora run")
+    with console_logging(args.quiet):
+        written = merge(args.run, args.out, overwrite=args.overwrite, model=args.model, device=args.device)
+    from vlprompt.methods.clip_lora import read_merged_metadata
+
+    metadata = read_merged_metadata(written)
+    gelu = metadata.get("quick_gelu") == "false"
+    if args.json:
+        print(json_text({"run": str(args.run), "out": str(written), "base_backbone": metadata["base_backbone"],
+                         "quick_gelu": not gelu}))
+        return 0
+    print(f"wrote {written}: {metadata['base_backbone'] or 'the backbone'} with the run's low-rank updates merged")
+    print(f"use it as any CLIP: --model {written}" + (" (a GELU model: load_clip(..., quick_gelu=False))"
+                                                     if gelu else ""))
     return 0
