@@ -63,20 +63,20 @@ def test_registry_and_the_official_recipe():
     spec = METHODS["clip_lora"]
     assert spec.training is Training.IMAGES and spec.transfers and spec.config_cls is CLIPLoRAConfig
     config = CLIPLoRAConfig()  # run_utils.py: --r 2 --alpha 1 --dropout_rate 0.25 --encoder both --position all
-    assert (config.rank, config.alpha, config.dropout, config.encoder, config.position, config.params,
+    assert (config.rank, config.lora_alpha, config.dropout, config.encoder, config.position, config.params,
             config.template) == (2, 1.0, 0.25, "both", "all", ("q", "k", "v"), "a photo of a {}.")
     resolved = resolve_train_config(TrainConfig(), method="clip_lora", shots=4, dataset="dtd")
     # lora.py: AdamW(weight_decay=1e-2, betas=(0.9, 0.999), lr=2e-4), total_iters = 500 * shots, batch 32,
     # CosineAnnealingLR(total_iters, eta_min=1e-6), no warm-up
-    assert (resolved.iterations, resolved.epochs, resolved.batch_size, resolved.optimizer, resolved.lr,
+    assert (resolved.steps, resolved.epochs, resolved.batch_size, resolved.optimizer, resolved.lr,
             resolved.weight_decay, resolved.adam_eps, resolved.warmup_epochs, resolved.min_lr) == (
         2000, None, 32, "adamw", 2e-4, 1e-2, 1e-8, 0, 1e-6)
     assert (resolved.views, resolved.crop_scale_min) == ("epochs", 0.08) and resolved.is_resolved
     # a length given replaces the method's, in either unit
-    assert resolve_train_config(TrainConfig(epochs=3), method="clip_lora", shots=4, dataset="dtd").iterations is None
-    assert resolve_train_config(TrainConfig(iterations=7), method="coop", shots=4, dataset="dtd").epochs is None
+    assert resolve_train_config(TrainConfig(epochs=3), method="clip_lora", shots=4, dataset="dtd").steps is None
+    assert resolve_train_config(TrainConfig(steps=7), method="coop", shots=4, dataset="dtd").epochs is None
     with pytest.raises(ConfigError, match="not both"):
-        TrainConfig(epochs=3, iterations=7)
+        TrainConfig(epochs=3, steps=7)
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -311,19 +311,19 @@ def _set(images) -> ImageTrainSet:
 
 
 # 12 images, batch 5: 2 steps an epoch; 7 steps = 4 epochs, the last cut to 1 step
-STEPS = TrainConfig(iterations=7, batch_size=5, optimizer="adamw", lr=0.01, weight_decay=1e-2, warmup_epochs=0,
+STEPS = TrainConfig(steps=7, batch_size=5, optimizer="adamw", lr=0.01, weight_decay=1e-2, warmup_epochs=0,
                     min_lr=1e-6, precision="fp32")
 
 
 def test_the_schedule_per_step_is_pytorchs_cosine_annealing():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=STEPS.lr)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=STEPS.iterations, eta_min=STEPS.min_lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=STEPS.steps, eta_min=STEPS.min_lr)
     reference = []
-    for _ in range(STEPS.iterations):
+    for _ in range(STEPS.steps):
         reference.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         cosine.step()
-    assert [lr_at_step(step, STEPS, 2) for step in range(STEPS.iterations)] == pytest.approx(reference, rel=1e-12)
+    assert [lr_at_step(step, STEPS, 2) for step in range(STEPS.steps)] == pytest.approx(reference, rel=1e-12)
     assert isinstance(build_optimizer([torch.nn.Parameter(torch.zeros(1))], STEPS), torch.optim.AdamW)
 
 
@@ -375,7 +375,7 @@ def test_resuming_an_interrupted_run_gives_the_uninterrupted_factors(clip, image
 
 def test_activation_checkpointing_replays_the_dropout_masks(clip, images):
     plain, recomputed = _lora(clip), _lora(clip)
-    config = TrainConfig(iterations=2, batch_size=6, optimizer="adamw", lr=0.01, warmup_epochs=0, precision="fp32")
+    config = TrainConfig(steps=2, batch_size=6, optimizer="adamw", lr=0.01, warmup_epochs=0, precision="fp32")
     train(plain, _set(images), config)
     train(recomputed, _set(images), dataclasses_replace(config, activation_checkpointing=True))
     for (name, a), b in zip(plain.state_dict().items(), recomputed.state_dict().values(), strict=True):

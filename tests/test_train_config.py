@@ -25,7 +25,7 @@ def test_defaults_are_the_reference_recipe():
     assert (config.precision, config.device, config.seed, config.num_workers) == ("auto", "auto", 1, "auto")
     bare = config.completed()  # what the loop runs with when nothing resolved them: CoOp's Dassl recipe
     assert (bare.lr, bare.weight_decay, bare.views, bare.crop_scale_min) == (0.002, 5e-4, "epochs", 0.08)
-    assert (bare.warmup_epochs, bare.min_lr, bare.iterations) == (1, 0.0, None)
+    assert (bare.warmup_epochs, bare.min_lr, bare.steps) == (1, 0.0, None)
     coop = resolve_train_config(config, method="coop", shots=16, dataset="dtd")
     assert (coop.lr, coop.weight_decay, coop.views, coop.crop_scale_min) == (0.002, 5e-4, "epochs", 0.08)
 
@@ -128,9 +128,9 @@ def test_views_epochs_resolves_to_the_number_of_epochs():
     with pytest.raises(ConfigError, match="needs train.epochs"):
         _ = TrainConfig(views="epochs").num_views()
     # a length in steps: the epochs those steps need over the training set (full batches of 4: 10 // 4 = 2 a epoch)
-    steps = TrainConfig(views="epochs", iterations=5, batch_size=4)
+    steps = TrainConfig(views="epochs", steps=5, batch_size=4)
     assert (steps.steps_per_epoch(10), steps.planned_epochs(10), steps.num_views(10)) == (2, 3, 3)
-    assert TrainConfig(iterations=5, batch_size=32).planned_epochs(10) == 5  # one smaller batch a epoch
+    assert TrainConfig(steps=5, batch_size=32).planned_epochs(10) == 5  # one smaller batch a epoch
 
 
 def test_run_config_round_trip_and_seed():

@@ -114,7 +114,7 @@ class CLIPLoRA(FrozenClipMethod):
                               "attention is not a transformer's q/k/v: use a ViT backbone (e.g. ViT-B/16), or "
                               "--encoder text")
         self._tokenizer = tokenizer
-        self.scale = config.alpha / math.sqrt(config.rank)
+        self.scale = config.lora_alpha / math.sqrt(config.rank)
         self.text = self._factors("text", settings.transformer_layers, settings.transformer_width,
                                   config.encoder in ("text", "both"))
         self.vision = self._factors("image", int(settings.vision_layers) if settings.is_vit else 0,  # type: ignore
@@ -257,7 +257,7 @@ def save_merged_clip(method: CLIPLoRA, path: str | os.PathLike[str], *, overwrit
     metadata = {
         "format": MERGED_FORMAT,
         "method": method.method_name,
-        "config": json.dumps({"rank": method.config.rank, "alpha": method.config.alpha,
+        "config": json.dumps({"rank": method.config.rank, "lora_alpha": method.config.lora_alpha,
                               "encoder": method.config.encoder, "position": method.config.position,
                               "params": list(method.config.params)}),
         "base_backbone": clip.config.name or "",

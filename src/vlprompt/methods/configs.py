@@ -658,7 +658,7 @@ class CLIPLoRAConfig:
     official repository MaxZanella/CLIP-LoRA, run_utils.py's defaults, fixed for every dataset and shot count)."""
 
     rank: int = option(2, "rank r of every low-rank update (official --r 2)")
-    alpha: float = option(1.0, "LoRA scaling numerator: the update is (alpha / sqrt(rank)) * B A (official --alpha 1; "
+    lora_alpha: float = option(1.0, "LoRA scaling numerator: the update is (alpha / sqrt(rank)) * B A (official --alpha 1; "
                                "loralib/layers.py scales by alpha / sqrt(r), not alpha / r)")
     dropout: float = option(0.25, "dropout on the input of each low-rank update, in training only (official "
                                   "--dropout_rate 0.25)")
@@ -673,7 +673,7 @@ class CLIPLoRAConfig:
 
     def __post_init__(self) -> None:
         _check_positive_int("rank", self.rank)
-        _check_positive("alpha", self.alpha)
+        _check_positive("lora_alpha", self.lora_alpha)
         _check_fraction("dropout", self.dropout)
         if self.dropout >= 1.0:
             raise ConfigError(f"dropout must be smaller than 1, got {self.dropout!r}")
@@ -796,7 +796,7 @@ def promptsrc_train_defaults(shots: int | None = None, dataset: str | None = Non
     return {"batch_size": 4, "epochs": 20, "lr": 0.0025}
 
 
-CLIP_LORA_ITERATIONS_PER_SHOT = 500
+CLIP_LORA_STEPS_PER_SHOT = 500
 """CLIP-LoRA's training length: 500 x shots optimiser steps (official --n_iters 500; lora.py total_iters =
 n_iters * shots)."""
 
@@ -808,6 +808,6 @@ def clip_lora_train_defaults(shots: int | None = None, dataset: str | None = Non
     AdamW (lr 2e-4, betas 0.9 / 0.999, weight decay 1e-2), cosine per step to 1e-6 (CosineAnnealingLR(total_iters,
     eta_min=1e-6)) with no warm-up, a fresh random resized crop (scale 0.08-1, bicubic) and flip at every visit."""
     per_class = shots if shots else 16
-    return {"iterations": CLIP_LORA_ITERATIONS_PER_SHOT * per_class, "batch_size": 32, "optimizer": "adamw",
+    return {"steps": CLIP_LORA_STEPS_PER_SHOT * per_class, "batch_size": 32, "optimizer": "adamw",
             "lr": 2e-4, "weight_decay": 1e-2, "warmup_epochs": 0, "min_lr": 1e-6, "views": "epochs",
             "crop_scale_min": 0.08}

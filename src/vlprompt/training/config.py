@@ -43,9 +43,9 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class TrainConfig:
     """How a gradient-trained method (CoOp, CoCoOp, ...) is optimised; defaults are the reference recipe.
 
-    Fields left at None (:data:`RESOLVED_KEYS`: ``epochs`` / ``iterations``, ``batch_size``, ``lr``,
+    Fields left at None (:data:`RESOLVED_KEYS`: ``epochs`` / ``steps``, ``batch_size``, ``lr``,
     ``weight_decay``, ``views``, ``crop_scale_min``, ``optimizer``, ``adam_eps``, ``warmup_epochs``, ``min_lr``)
-    stand for the method's defaults (:func:`resolve_train_config`); a length given (epochs or iterations) replaces
+    stand for the method's defaults (:func:`resolve_train_config`); a length given (epochs or steps) replaces
     the method's length, whichever unit the method uses.
     """
 
@@ -60,10 +60,10 @@ class TrainConfig:
     adam_eps: float | None = option(None, "Adam's / AdamW's epsilon; default: the method's (TCP 1e-3, as its official "
                                           "code), else PyTorch's 1e-8")
     epochs: int | None = option(None, "training epochs; default: the method's (CoOp 50/100/100/200/200 for "
-                                    "1/2/4/8/16 shots, ImageNet 50; CoCoOp 10); give either epochs or iterations")
-    iterations: int | None = option(None, "training length in optimiser steps instead of epochs: the epochs these "
-                                          "steps need are run, the last one cut short, and the learning rate follows "
-                                          "the schedule per step; default: the method's (CLIP-LoRA 500 x shots)")
+                                    "1/2/4/8/16 shots, ImageNet 50; CoCoOp 10); give either epochs or steps")
+    steps: int | None = option(None, "training length in optimiser steps instead of epochs: the epochs these steps "
+                                     "need are run, the last one cut short, and the learning rate follows the "
+                                     "schedule per step; default: the method's (CLIP-LoRA 500 x shots)")
     batch_size: int | None = option(None, "training batch size (the global batch under torchrun); "
                                         "default: the method's (CoOp 32, CoCoOp 1)")
     warmup_epochs: int | None = option(None, "epochs at the constant warm-up learning rate before the cosine "
@@ -112,9 +112,9 @@ class TrainConfig:
             check_number("crop_scale_min", self.crop_scale_min, minimum=0.0, maximum=1.0, strict=True,
                          prefix="train.")
         check_int("epochs", self.epochs, minimum=1, optional=True, prefix="train.")
-        check_int("iterations", self.iterations, minimum=1, optional=True, prefix="train.")
-        if self.epochs is not None and self.iterations is not None:
-            raise ConfigError(f"give train.epochs ({self.epochs}) or train.iterations ({self.iterations}), not both: "
+        check_int("steps", self.steps, minimum=1, optional=True, prefix="train.")
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError(f"give train.epochs ({self.epochs}) or train.steps ({self.steps}), not both: "
                               "they are two ways to say how long to train")
         if self.min_lr is not None:
             check_number("min_lr", self.min_lr, minimum=0.0, prefix="train.")
@@ -145,8 +145,8 @@ class TrainConfig:
 
     @property
     def is_resolved(self) -> bool:
-        """True once the length (``epochs`` or ``iterations``) and ``batch_size`` are concrete numbers."""
-        return (self.epochs is not None or self.iterations is not None) and self.batch_size is not None
+        """True once the length (``epochs`` or ``steps``) and ``batch_size`` are concrete numbers."""
+        return (self.epochs is not None or self.steps is not None) and self.batch_size is not None
 
     def steps_per_epoch(self, num_items: int) -> int:
         """Optimiser steps of one epoch over ``num_items`` training items: full batches only when there is at least
@@ -156,13 +156,13 @@ class TrainConfig:
         return max(1, num_items // self.batch_size)
 
     def planned_epochs(self, num_items: int) -> int:
-        """The epochs a run over ``num_items`` training items takes: ``epochs``, or with ``iterations`` the epochs
-        those steps need (``ceil(iterations / steps_per_epoch)``, the last one cut short)."""
+        """The epochs a run over ``num_items`` training items takes: ``epochs``, or with ``steps`` the epochs
+        those steps need (``ceil(steps / steps_per_epoch)``, the last one cut short)."""
         if self.epochs is not None:
             return self.epochs
-        if self.iterations is None:
-            raise ConfigError("train.epochs / train.iterations is not set: resolve the configuration first")
-        return -(-self.iterations // self.steps_per_epoch(num_items))
+        if self.steps is None:
+            raise ConfigError("train.epochs / train.steps is not set: resolve the configuration first")
+        return -(-self.steps // self.steps_per_epoch(num_items))
 
     def completed(self) -> TrainConfig:
         """This config with the fields still left to the method's default (:data:`RESOLVED_KEYS` other than epochs and
@@ -173,13 +173,13 @@ class TrainConfig:
 
     def num_views(self, num_items: int | None = None) -> int:
         """The number of augmented views to extract for ``num_items`` training items (``views`` with 'epochs'
-        resolved to :meth:`planned_epochs`; unset = 'epochs'); 'epochs' needs ``epochs``, or ``iterations`` and
+        resolved to :meth:`planned_epochs`; unset = 'epochs'); 'epochs' needs ``epochs``, or ``steps`` and
         ``num_items``."""
         views = self.completed().views
         if views != "epochs":
             return int(views)  # type: ignore[arg-type]
-        if self.epochs is None and (self.iterations is None or num_items is None):
-            raise ConfigError("train.views='epochs' needs train.epochs (or train.iterations and the training set): "
+        if self.epochs is None and (self.steps is None or num_items is None):
+            raise ConfigError("train.views='epochs' needs train.epochs (or train.steps and the training set): "
                               "resolve the configuration first")
         return self.planned_epochs(num_items or 0)
 
@@ -195,7 +195,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- method defaults
 
 
-RESOLVED_KEYS: tuple[str, ...] = ("epochs", "iterations", "batch_size", "lr", "weight_decay", "views", "crop_scale_min",
+RESOLVED_KEYS: tuple[str, ...] = ("epochs", "steps", "batch_size", "lr", "weight_decay", "views", "crop_scale_min",
                                   "optimizer", "adam_eps", "warmup_epochs", "min_lr")
 """The TrainConfig fields whose None means "the method's default" (:func:`resolve_train_config`); ``optimizer`` /
 ``adam_eps`` left at None mean SGD (the loop's default) / PyTorch's epsilon."""
@@ -231,8 +231,8 @@ def resolve_train_config(train: TrainConfig, *, method: str, shots: int, dataset
     ``epochs`` / ``batch_size`` of methods without SGD training (no defaults) stay None.
     """
     defaults = method_train_defaults(method, shots, dataset, subset)
-    if train.epochs is not None or train.iterations is not None:  # the length given is the length: one or the other
-        defaults = {key: value for key, value in defaults.items() if key not in ("epochs", "iterations")}
+    if train.epochs is not None or train.steps is not None:  # the length given is the length: one or the other
+        defaults = {key: value for key, value in defaults.items() if key not in ("epochs", "steps")}
     values = {key: getattr(train, key) if getattr(train, key) is not None else defaults.get(key)
               for key in RESOLVED_KEYS}
     if values["optimizer"] in ("adam", "adamw") and values["adam_eps"] is None:
@@ -262,7 +262,7 @@ def train_identity(train: TrainConfig) -> dict[str, Any]:
                                 if key not in TRAIN_NON_IDENTITY_FIELDS})
 
 
-LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = {"optimizer": (None, "sgd"), "adam_eps": (None,), "iterations": (None,),
+LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = {"optimizer": (None, "sgd"), "adam_eps": (None,), "steps": (None,),
                                                  "min_lr": (None, 0.0)}
 """Training options added after run folders existed, with the values that mean what those folders did (SGD): left
 out of the identity so that the configuration hashes and checkpoints of earlier runs stay valid."""

@@ -14,9 +14,9 @@ below holds for both:
   around ``CosineAnnealingLR(T_max=epochs)`` yields when stepped once per epoch: the wrapper does not step the cosine
   during the warm-up, so epoch ``warmup_epochs`` runs at the full ``lr`` and the cosine never reaches zero.
   ``min_lr`` (the cosine's floor, 0 in Dassl's recipe) is added as ``min_lr + (lr - min_lr) * ...``.
-- Or a length in optimiser steps (``config.iterations``, CLIP-LoRA's 500 x shots): the epochs those steps need run,
+- Or a length in optimiser steps (``config.steps``, CLIP-LoRA's 500 x shots): the epochs those steps need run,
   the last one cut short, and the learning rate is set before every step (:func:`lr_at_step`: the same warm-up and
-  cosine counted in steps, i.e. ``CosineAnnealingLR(T_max=iterations, eta_min=min_lr)`` stepped after each update
+  cosine counted in steps, i.e. ``CosineAnnealingLR(T_max=steps, eta_min=min_lr)`` stepped after each update
   when there is no warm-up). Checkpoints stay per epoch.
 - AdamW (decoupled weight decay, betas 0.9 / 0.999) when ``config.optimizer`` is "adamw" (CLIP-LoRA's recipe).
 - Each epoch visits the training set in a random order drawn from a generator seeded by (seed, epoch), in batches of
@@ -154,14 +154,14 @@ def lr_at_epoch(epoch: int, config: TrainConfig) -> float:
 
 def lr_at_step(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
     """Learning rate of optimiser step ``step`` (0-based, counted over the whole run) of a run measured in
-    ``config.iterations``: the warm-up's steps (``warmup_epochs`` epochs of ``steps_per_epoch``) at ``warmup_lr``,
-    then the cosine stepped once per step over ``iterations`` from ``lr`` towards ``min_lr``. Without warm-up this
-    is PyTorch's ``CosineAnnealingLR(T_max=iterations, eta_min=min_lr)`` stepped after every update (CLIP-LoRA)."""
-    if config.iterations is None:
-        raise ConfigError("train.iterations is not set: the schedule per step needs it")
+    ``config.steps``: the warm-up's steps (``warmup_epochs`` epochs of ``steps_per_epoch``) at ``warmup_lr``,
+    then the cosine stepped once per step over ``steps`` from ``lr`` towards ``min_lr``. Without warm-up this
+    is PyTorch's ``CosineAnnealingLR(T_max=steps, eta_min=min_lr)`` stepped after every update (CLIP-LoRA)."""
+    if config.steps is None:
+        raise ConfigError("train.steps is not set: the schedule per step needs it")
     warmup = config.completed().warmup_epochs
     assert warmup is not None
-    return _warmup_cosine(step, config.iterations, warmup * steps_per_epoch, config)
+    return _warmup_cosine(step, config.steps, warmup * steps_per_epoch, config)
 
 
 def _warmup_cosine(t: int, length: int, warmup: int, config: TrainConfig) -> float:
@@ -220,13 +220,13 @@ def train(method: nn.Module, train_set: FeatureData | ImageTrainSet, config: Tra
     ``on_epoch_end`` runs after each epoch's checkpoint. The method is left in eval mode.
     """
     if not config.is_resolved:
-        raise ConfigError("train.epochs (or train.iterations) and train.batch_size must be set: call "
+        raise ConfigError("train.epochs (or train.steps) and train.batch_size must be set: call "
                           "resolve_train_config() or set them")
     assert config.batch_size is not None
     config = config.completed()  # lr / weight decay left to the method's default: the reference recipe
     source = batch_source(train_set)
     labels = source.labels
-    epochs = config.planned_epochs(labels.numel())  # with iterations: the epochs they need, the last cut short
+    epochs = config.planned_epochs(labels.numel())  # with steps: the epochs they need, the last cut short
     steps_per_epoch = config.steps_per_epoch(labels.numel())
     params = _learned_parameters(method)
     target = _training_device(method, config, device)
@@ -274,7 +274,7 @@ def train(method: nn.Module, train_set: FeatureData | ImageTrainSet, config: Tra
                                                 lines=is_main, initial=result.start_epoch))
         logger.info("training %d learned tensor(s) (%d values) on %s, %d epochs%s, batch %d, "
                     "precision %s%s, %s%s", len(params), sum(p.numel() for p in params), source.describe(),
-                    epochs, f" ({config.iterations} steps)" if config.iterations is not None else "",
+                    epochs, f" ({config.steps} steps)" if config.steps is not None else "",
                     config.batch_size, precision,
                     " (auto)" if config.precision == "auto" else "", target,
                     f", {world} processes" if world > 1 else "")
@@ -284,13 +284,13 @@ def train(method: nn.Module, train_set: FeatureData | ImageTrainSet, config: Tra
             views = epoch_view_indices(source.num_views, labels.numel(), config.seed, epoch)
             batches = epoch_batches(labels.numel(), config.batch_size, config.seed, epoch)
             step_lr: Callable[[int], float] | None = None
-            if config.iterations is None:  # the schedule per epoch (Dassl)
+            if config.steps is None:  # the schedule per epoch (Dassl)
                 lr = lr_at_epoch(epoch, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             else:  # per step, over the run's steps; the last epoch stops at the last step
                 first_step = epoch * steps_per_epoch
-                batches = batches[:config.iterations - first_step]
+                batches = batches[:config.steps - first_step]
                 lr = lr_at_step(first_step, config, steps_per_epoch)
                 step_lr = lambda step, first=first_step: lr_at_step(first + step, config, steps_per_epoch)  # noqa: E731
             shares = [batch.tensor_split(world)[rank] for batch in batches]

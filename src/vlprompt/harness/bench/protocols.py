@@ -182,7 +182,7 @@ def _method_config(method: str, base: Mapping[str, Any], options: ProtocolOption
 
 def _train_config(options: ProtocolOptions) -> TrainConfig:
     train = options.train
-    if options.budget and train.epochs is None and train.iterations is None:
+    if options.budget and train.epochs is None and train.steps is None:
         warmup = train.warmup_epochs
         train = dataclasses.replace(train, epochs=BUDGET_EPOCHS,
                                     warmup_epochs=None if warmup is None else min(warmup, BUDGET_EPOCHS - 1))
