@@ -62,6 +62,16 @@ cost does not depend on them):
   tower alone (forward + backward at batch 4), and of whole training epochs (loader + steps) against the steps alone:
   decoding overlaps compute when the epoch rate is within 1.3x of the steps' own rate.
 
+* **CLIP-LoRA training steps** (section ``lora``): one step of CLIP-LoRA (rank 2 on q, k, v of every block of both
+  towers, dropout 0.25, AdamW, batch 32) for each K of ``--lora-classes``, images through both adapted towers:
+
+  - ``plain``: the official code's step: the K prompts at 77 tokens, each update formed as the full ``B A`` product
+    applied to the dropped input (loralib's ``LinearLoRA``), fp32;
+  - ``ours``: the method's own step as the training loop takes it (shortest text length, ``(x A^T) B^T``),
+    ``--precision``;
+
+  ratio = plain / ours, with peak memory; plain is not measured above ``--plain-max-classes``.
+
 Threads: torch's intra-op thread count (``torch.get_num_threads()``, set with ``--threads``) is printed.
 """
 
@@ -1366,11 +1376,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default="coop,cocoop", help="comma-separated: coop, cocoop")
     parser.add_argument("--deep-methods", default="maple,promptsrc",
                         help="comma-separated methods of the deep section: maple, promptsrc")
-    parser.add_argument("--sections", default="steps,successors,adapters,eval,fullrun,deep",
+    parser.add_argument("--sections", default="steps,successors,adapters,eval,fullrun,deep,lora",
                         help="comma-separated: steps, successors (KgCoOp, ProGrad, TCP steps), adapters (CLIP-Adapter, "
-                             "CLAP, Tip-Adapter-F, LP++), eval, fullrun, deep (MaPLe, PromptSRC)")
+                             "CLAP, Tip-Adapter-F, LP++), eval, fullrun, deep (MaPLe, PromptSRC), lora (CLIP-LoRA)")
     parser.add_argument("--adapter-methods", default="clip_adapter,clap,tip_adapter_f,lp_plus_plus",
                         help="comma-separated methods of the adapters section")
+    parser.add_argument("--lora-classes", default="10,102", help="comma-separated K values of the lora section")
     parser.add_argument("--adapter-classes", type=int, default=10, help="classes of the adapters section (with "
                                                                         "--shots images each)")
     parser.add_argument("--deep-workers", type=int,
@@ -1433,6 +1444,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.feature_batch = FEATURE_BATCH_SIZE_CUDA if args.device.type == "cuda" else FEATURE_BATCH_SIZE
     args.classes = [int(k) for k in str(args.classes).split(",") if k.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.lora_classes = [int(k) for k in str(args.lora_classes).split(",") if k.strip()]
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     args.eval_batch_sizes = [int(b) for b in args.eval_batch_sizes.split(",") if b.strip()]
     for name in args.methods:
@@ -1447,9 +1459,103 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in ("maple", "promptsrc"):
             parser.error(f"unknown deep-prompt method {name!r}")
     for name in args.sections:
-        if name not in ("steps", "successors", "adapters", "eval", "fullrun", "deep"):
+        if name not in ("steps", "successors", "adapters", "eval", "fullrun", "deep", "lora"):
             parser.error(f"unknown section {name!r}")
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLIP-LoRA: images through both adapted towers
+
+
+LORA_BATCH = 32
+"""Batch of CLIP-LoRA's official recipe."""
+
+
+def official_lora_extension(method: Any, factors: Any) -> Any:
+    """The towers' q/k/v updates as the official code computes them: per projection, the dropped input times the
+    full ``(s B A)^T`` (loralib ``LinearLoRA.forward``: ``x @ merge_BA().T * scaling``)."""
+    from vlprompt.backbone.extension import TowerExtension
+
+    def delta(layer: int, x: Tensor) -> Tensor:
+        block = factors[str(layer)]
+        pieces = []
+        for i in range(block.a.shape[0]):
+            dropped = F.dropout(x, method.config.dropout, training=True)
+            pieces.append(dropped @ (block.b[i] @ block.a[i]).t().to(x.dtype) * method.scale)
+        return torch.cat(pieces, dim=-1)
+
+    return TowerExtension(qkv_delta=delta)
+
+
+def make_lora_step(method: Any, images: Tensor, labels: Tensor, precision: str, official: bool) -> Callable[[], None]:
+    """One CLIP-LoRA step with its recipe optimiser (AdamW): ``official`` = 77-token text and full-product updates in
+    fp32; else the method's forward under ``precision`` autocast, as :func:`vlprompt.training.loop.train` takes it."""
+    from vlprompt.backbone.fast_text import encode_full
+    from vlprompt.training.config import resolve_train_config
+    from vlprompt.training.loop import apply_update, build_optimizer, step_objective
+
+    recipe = resolve_train_config(TrainConfig(), method="clip_lora", shots=16, dataset="bench")
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, recipe)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    clip = method.clip
+    ids = method._token_ids
+    padded = torch.zeros(ids.shape[0], clip.context_length, dtype=ids.dtype)
+    padded[:, : ids.shape[1]] = ids  # clip.tokenize's 77 positions (pad 0 < EOT, so argmax still finds the EOT)
+    method.train()
+
+    def step() -> None:
+        if official:
+            text = encode_full(clip, clip.token_embedding(padded), padded.argmax(dim=-1),
+                               official_lora_extension(method, method.text))
+            image = clip.encode_image(images, official_lora_extension(method, method.vision))
+            logits = cosine_logits(image, text, logit_scale_of(clip))
+        else:
+            with autocast_for(CPU, precision):
+                logits = method(images)
+        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        scale = 1.0 / labels.numel()
+        objective, _ = step_objective(method, loss_sum, scale)
+        apply_update(method, params, optimizer, scaler, images, logits, objective, scale, 1)
+
+    return step
+
+
+def bench_lora(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One CLIP-LoRA training-step row per K: plain (the official step, fp32) vs ours (``args.precision``), batch 32,
+    measured interleaved."""
+    from vlprompt.methods.clip_lora import CLIPLoRA
+
+    rows = []
+    resolution = clip.config.image_resolution
+    for classes in args.lora_classes:
+        names, source = class_names(classes)
+        generator = torch.Generator().manual_seed(classes)
+        images = torch.randn(LORA_BATCH, 3, resolution, resolution, generator=generator)
+        labels = torch.randint(0, classes, (LORA_BATCH,), generator=generator)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            plain_method, ours_method = CLIPLoRA(clip, names), CLIPLoRA(clip, names)
+        paths = [Measured("plain", "plain: 77-token text, full B A products, fp32 (the official step)",
+                          make_lora_step(plain_method, images, labels, "fp32", official=True)),
+                 Measured("ours", f"ours: shortest text, low-rank products, {args.precision}",
+                          make_lora_step(ours_method, images, labels, args.precision, official=False))]
+        if classes > args.plain_max_classes:
+            paths[0].note = f"plain not measured above --plain-max-classes {args.plain_max_classes}"
+            paths = paths[1:]
+        log(f"  clip_lora K={classes} ({source})")
+        measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+        by_key = {p.key: p for p in paths}
+        plain_s = by_key["plain"].median if "plain" in by_key else None
+        ours_s = by_key["ours"].median
+        rows.append({"method": "clip_lora", "classes": classes, "names_from": source, "batch": LORA_BATCH,
+                     "plain_s": plain_s, "ours_s": ours_s, "speedup": plain_s / ours_s if plain_s and ours_s else None,
+                     "plain_peak_bytes": by_key["plain"].peak_bytes if "plain" in by_key else None,
+                     "ours_peak_bytes": by_key["ours"].peak_bytes,
+                     "note": "; ".join(p.note for p in paths if p.note)})
+        gc.collect()
+    return rows
 
 
 def cpu_description() -> str:
@@ -1607,6 +1713,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"img/s vs steps alone {data['steps_images_per_s']:.1f} img/s "
             f"({data['steps_over_epochs']:.2f}x; target <= 1.3x)")
         results["deep_data_path"] = data
+
+    if "lora" in args.sections:
+        out(f"\n== CLIP-LoRA training steps, images through both adapted towers (median seconds per step, batch "
+            f"{LORA_BATCH}) ==")
+        out("plain = 77-token text, each update as the full B A product (the official step), fp32; ours = the "
+            f"method's step (shortest text, (x A^T) B^T), {args.precision}; both AdamW")
+        lora = bench_lora(clip, args, log)
+        out(f"  {'method':<10} {'K':>5} {'plain s':>9} {'ours s':>9} {'speed-up':>9} {'plain MiB':>10} "
+            f"{'ours MiB':>9}  note")
+        for row in lora:
+            out(f"  {row['method']:<10} {row['classes']:>5} {fmt_s(row['plain_s']):>9} {fmt_s(row['ours_s']):>9} "
+                f"{fmt_x(row['speedup']):>9} {fmt_mib(row['plain_peak_bytes']):>10} "
+                f"{fmt_mib(row['ours_peak_bytes']):>9}  {row['note']}")
+        results["lora"] = lora
 
     checks = targets(groups, evals)
     if checks:

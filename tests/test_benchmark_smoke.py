@@ -42,11 +42,14 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
         "--eval-plain-max-batches", "1", "--shots", "2", "--fullrun-classes", "3", "--fullrun-epochs", "3",
         "--fullrun-ours-epochs", "2", "--fullrun-plain-epochs", "1", "--fullrun-plain-steps", "1", "--views", "1", "--fullrun-measured-views", "2",
         "--precision", "fp32", "--profile",
-        "--deep-workers", "0", "--deep-epochs", "2", "--json", str(report),
+        "--deep-workers", "0", "--deep-epochs", "2", "--lora-classes", "3,5", "--json", str(report),
     ])
     saved = json.loads(report.read_text())
     assert {"env", "steps", "successors", "adapters", "eval", "fullrun", "targets", "profile", "deep",
-            "deep_data_path"} <= saved.keys()
+            "deep_data_path", "lora"} <= saved.keys()
+    assert [(row["method"], row["classes"]) for row in saved["lora"]] == [("clip_lora", 3), ("clip_lora", 5)]
+    for row in saved["lora"]:  # --plain-max-classes 4: K = 5 has ours only
+        assert row["ours_s"] > 0 and row["ours_peak_bytes"] > 0 and (row["plain_s"] is None) == (row["classes"] > 4)
     assert [row["method"] for row in saved["adapters"]] == ["clip_adapter", "clap", "tip_adapter_f", "lp_plus_plus"]
     assert all(row["plain_s"] > 0 and row["ours_s"] > 0 for row in saved["adapters"])
     assert [(row["method"], row["classes"]) for row in saved["successors"]] == [
