@@ -57,6 +57,7 @@ METHOD_NAMES: dict[str, str] = {
     "tip_adapter_f": "Tip-Adapter-F",
     "lp_plus_plus": "LP++",
     "clap": "CLAP",
+    "clip_lora": "CLIP-LoRA",
 }
 
 RESULT_FILE_PATTERN = re.compile(rf"^({re.escape(RESULTS_FILE[:-5])}|{re.escape(EVAL_PREFIX)}.+)\.json$")
