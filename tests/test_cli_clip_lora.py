@@ -119,6 +119,25 @@ def test_merge_errors_are_clear(trained, env, capsys, tmp_path):
     assert code == 2 and "not both" in err
 
 
+def test_through_the_api(env, tmp_path):
+    import vlprompt.api as vp
+
+    clip = vp.load_clip(env["model"])
+    data = vp.load_dataset("dtd", FIXTURES)
+    lora = vp.build_method("clip_lora", clip, data)
+    zero = vp.evaluate(lora, data, precision="fp32", feature_cache=False)  # B = 0: zero-shot CLIP
+    zeroshot = vp.build_method("zeroshot", clip, data, template="a photo of a {}.")
+    assert zero["accuracy"] == vp.evaluate(zeroshot, data, precision="fp32", feature_cache=False)["accuracy"]
+    fitted = vp.fit(lora, data, shots=2, steps=3, batch_size=4, precision="fp32", num_workers=0,
+                    feature_cache=False)
+    assert fitted.kind == "images" and len(fitted.history) == 2  # 10 images, batch 4: 2 steps an epoch
+    merged = vp.load_clip(vp.merge(lora, tmp_path / "api.safetensors"))
+    adapted = vp.evaluate(lora, data, precision="fp32", feature_cache=False)
+    plain = vp.evaluate(vp.build_method("zeroshot", merged, data, template="a photo of a {}."), data,
+                        precision="fp32", feature_cache=False)
+    assert plain["accuracy"] == pytest.approx(adapted["accuracy"])
+
+
 @pytest.mark.slow
 def test_budget_benches_of_clip_lora(env, tmp_path, capsys):
     out = tmp_path / "bench"

@@ -10,7 +10,7 @@ import pytest
 from vlprompt.harness.cli.method_options import add_method_arguments, collect_options, method_options_from_args
 from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS, MethodSpec, Training
-from vlprompt.methods.configs import CoCoOpConfig, CoOpConfig, LinearProbeConfig
+from vlprompt.methods.configs import CLIPLoRAConfig, CoCoOpConfig, CoOpConfig, LinearProbeConfig
 
 
 def parse(*argv: str) -> tuple[argparse.Namespace, list]:
@@ -25,7 +25,7 @@ def test_every_config_field_has_one_flag():
     assert sorted(o.field for o in options) == sorted(fields)
     shared = {o.field: o.methods for o in options if len(o.methods) > 1}
     assert shared["n_ctx"] == ("coop", "cocoop", "kgcoop", "prograd", "tcp", "maple")
-    assert shared["template"] == ("zeroshot", "ensemble", "kgcoop", "prograd", "tcp")
+    assert shared["template"] == ("zeroshot", "ensemble", "kgcoop", "prograd", "tcp", "clip_lora")
     assert shared["kg_weight"] == ("kgcoop", "tcp") and "prograd_lambda" not in shared
     assert shared["prompt_depth_text"] == ("ivlp", "promptsrc")
 
@@ -46,6 +46,10 @@ def test_values_are_typed_and_build_the_config():
     assert method_options_from_args(args, "linear_probe", options) == {"c": 0.25}
     args, options = parse()
     assert method_options_from_args(args, "coop", options) == {}  # absent options: the method's defaults apply
+    args, options = parse("--params", "q", "v", "--lora-alpha", "2", "--encoder", "text")
+    given = method_options_from_args(args, "clip_lora", options)
+    assert given == {"params": ("q", "v"), "lora_alpha": 2.0, "encoder": "text"}
+    assert CLIPLoRAConfig(**given).params == ("q", "v")
 
 
 def test_bad_values_are_argparse_errors(capsys):
