@@ -1498,11 +1498,14 @@ def make_lora_step(method: Any, images: Tensor, labels: Tensor, precision: str, 
     recipe = resolve_train_config(TrainConfig(), method="clip_lora", shots=16, dataset="bench")
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, recipe)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     clip = method.clip
+    device = clip.device
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    images, labels = images.to(device), labels.to(device)
     ids = method._token_ids
     padded = torch.zeros(ids.shape[0], clip.context_length, dtype=ids.dtype)
     padded[:, : ids.shape[1]] = ids  # clip.tokenize's 77 positions (pad 0 < EOT, so argmax still finds the EOT)
+    padded = padded.to(device)
     method.train()
 
     def step() -> None:
@@ -1512,7 +1515,7 @@ def make_lora_step(method: Any, images: Tensor, labels: Tensor, precision: str, 
             image = clip.encode_image(images, official_lora_extension(method, method.vision))
             logits = cosine_logits(image, text, logit_scale_of(clip))
         else:
-            with autocast_for(CPU, precision):
+            with autocast_for(device, precision):
                 logits = method(images)
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
         scale = 1.0 / labels.numel()
@@ -1545,7 +1548,7 @@ def bench_lora(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None])
             paths[0].note = f"plain not measured above --plain-max-classes {args.plain_max_classes}"
             paths = paths[1:]
         log(f"  clip_lora K={classes} ({source})")
-        measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+        measure(paths, args.reps, args.reps_slow, args.slow_s, log, device=clip.device)
         by_key = {p.key: p for p in paths}
         plain_s = by_key["plain"].median if "plain" in by_key else None
         ours_s = by_key["ours"].median

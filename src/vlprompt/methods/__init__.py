@@ -107,9 +107,9 @@ class MethodSpec:
     """A registered method.
 
     ``training``: what the method needs to learn (:class:`Training`). ``train_defaults(shots, dataset, subset)`` gives
-    the reference's ``epochs`` and ``batch_size``, and ``optimizer`` / ``adam_eps`` where the recipe is not
-    :class:`~vlprompt.training.config.TrainConfig`'s SGD (TCP); ``subset="base"`` is base-to-novel training; empty for
-    methods that are not trained by SGD.
+    the reference's length (``epochs``, or ``steps``: CLIP-LoRA) and ``batch_size``, and ``optimizer`` / ``adam_eps``
+    / ``warmup_epochs`` / ``min_lr`` where the recipe is not :class:`~vlprompt.training.config.TrainConfig`'s Dassl
+    SGD (TCP, CLIP-LoRA); ``subset="base"`` is base-to-novel training; empty for methods that are not trained by SGD.
     """
 
     name: str

@@ -1,5 +1,5 @@
-"""The one training loop of gradient-trained methods (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC), following the reference
-(Dassl) recipe.
+"""The one training loop of gradient-trained methods (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, CLIP-LoRA), following the
+reference (Dassl) recipe.
 
 One flat function, :func:`train`, plus small pure helpers. The loop takes its inputs from a source
 (:mod:`vlprompt.training.sources`): cached features for methods declared ``Training.FEATURES``, images decoded and
