@@ -473,10 +473,13 @@ def make_successor_step(clip: CLIP, method: FrozenClipMethod, name: str, *, imag
     from vlprompt.training.config import resolve_train_config
     from vlprompt.training.loop import apply_update, build_optimizer, step_objective
 
+    device = clip.device
+    images = images.to(device) if images is not None else None
+    features, labels = features.to(device), labels.to(device)
     recipe = resolve_train_config(TrainConfig(), method=name, shots=16, dataset="bench")
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, recipe)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     method.train()
 
     def step() -> None:
@@ -485,7 +488,7 @@ def make_successor_step(clip: CLIP, method: FrozenClipMethod, name: str, *, imag
                 batch_features = clip.encode_image(images).float()
         else:
             batch_features = features
-        with autocast_for(CPU, precision):
+        with autocast_for(device, precision):
             logits = method(batch_features)
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
         scale = 1.0 / labels.numel()
@@ -517,7 +520,7 @@ def bench_successors(clip: CLIP, args: argparse.Namespace, log: Callable[[str], 
                 paths[0].note = f"plain not measured above --plain-max-classes {args.plain_max_classes}"
                 paths = paths[1:]
             log(f"  {name} K={classes} ({source})")
-            measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+            measure(paths, args.reps, args.reps_slow, args.slow_s, log, clip.device)
             by_key = {p.key: p for p in paths}
             plain_s = by_key["plain"].median if "plain" in by_key else None
             ours_s = by_key["ours"].median
@@ -709,9 +712,12 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
     scale = logit_scale_of(clip)
     rows: list[dict[str, Any]] = []
 
+    device = clip.device
+
     def batch_of(size: int) -> tuple[Tensor, Tensor, Tensor]:
-        return (torch.randn(size, dim, generator=generator), torch.randint(0, classes, (size,), generator=generator),
-                torch.randn(size, 3, resolution, resolution, generator=generator))
+        return (torch.randn(size, dim, generator=generator).to(device),
+                torch.randint(0, classes, (size,), generator=generator).to(device),
+                torch.randn(size, 3, resolution, resolution, generator=generator).to(device))
 
     def tower(images: Tensor) -> Tensor:
         with torch.no_grad():
@@ -720,7 +726,7 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
     # CLIP-Adapter: SGD, batch 32; the official forward re-encodes the K prompts (77 tokens) every step
     ca_features, ca_labels, ca_images = batch_of(32)  # own names: the closure below must not see later batches
     adapter = CLIPAdapter(clip, names, CLIPAdapterConfig(templates=("a photo of a {}.",)))
-    ids = get_tokenizer()([f"a photo of a {n}." for n in names], context_length=clip.context_length)
+    ids = get_tokenizer()([f"a photo of a {n}." for n in names], context_length=clip.context_length).to(device)
     plain_opt = torch.optim.SGD(adapter.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
 
     def clip_adapter_plain() -> None:
@@ -732,21 +738,23 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
         plain_opt.step()
 
     groups = [("clip_adapter", 32, clip_adapter_plain,
-               make_step(clip, adapter, images=None, features=ca_features, labels=ca_labels, precision=args.precision))]
+               make_step(clip, adapter, images=None, features=ca_features, labels=ca_labels, precision=args.precision,
+                         device=device))]
 
     # CLAP: SGD with its penalty, batch 256
     features, labels, images = batch_of(256)
     clap = CLAP(clip, names, CLAPConfig(templates=("a photo of a {}.",)))
     clap.prepare(type("Views", (), {"features": features, "labels": labels})())
     groups.append(("clap", 256, make_step(clip, clap, images=images, features=features, labels=labels,
-                                          precision="fp32"),
-                   make_step(clip, clap, images=None, features=features, labels=labels, precision=args.precision)))
+                                          precision="fp32", device=device),
+                   make_step(clip, clap, images=None, features=features, labels=labels, precision=args.precision,
+                             device=device)))
 
     # Tip-Adapter-F: AdamW on the cache keys (N = K x shots), batch 256
     n = classes * shots
-    keys = F.normalize(torch.randn(n, dim, generator=generator), dim=-1).requires_grad_(True)
-    values = F.one_hot(torch.arange(n) % classes, classes).float()
-    text = F.normalize(torch.randn(classes, dim, generator=generator), dim=-1)
+    keys = F.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device).requires_grad_(True)
+    values = F.one_hot(torch.arange(n) % classes, classes).float().to(device)
+    text = F.normalize(torch.randn(classes, dim, generator=generator), dim=-1).to(device)
     tip_opt = torch.optim.AdamW([keys], lr=0.001, eps=1e-4)
     tip_features, tip_labels, tip_images = batch_of(256)
 
@@ -762,8 +770,8 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
     lp = LPPlusPlus(clip, names, LPPlusPlusConfig(templates=("a photo of a {}.",)))
     lp_features, lp_labels, lp_images = batch_of(n)
     lp_text = lp.zero_shot_features()
-    weight = torch.zeros(classes, dim, requires_grad=True)
-    alpha = torch.ones(classes, requires_grad=True)
+    weight = torch.zeros(classes, dim, device=device, requires_grad=True)
+    alpha = torch.ones(classes, device=device, requires_grad=True)
 
     def lp_step(image_features: Tensor) -> None:
         image = F.normalize(image_features, dim=-1)
@@ -781,7 +789,7 @@ def bench_adapters(clip: CLIP, args: argparse.Namespace, log: Callable[[str], No
         paths = [Measured("plain", f"{method} plain (image tower every step, fp32)", plain_step, memory=False),
                  Measured("ours", f"{method} ours (cached features, {args.precision})", ours_step, memory=False)]
         log(f"  {method} K={classes} ({source}), batch {batch}")
-        measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+        measure(paths, args.reps, args.reps_slow, args.slow_s, log, device)
         plain_s, ours_s = paths[0].median, paths[1].median
         rows.append({"method": method, "classes": classes, "batch": batch, "plain_s": plain_s, "ours_s": ours_s,
                      "speedup": plain_s / ours_s if plain_s and ours_s else None})
@@ -814,13 +822,15 @@ def make_image_step(method: FrozenClipMethod, images: Tensor, labels: Tensor, pr
     regulariser of a :class:`~vlprompt.training.loop.TrainOutput` weighted by the batch)."""
     from vlprompt.training.loop import TrainOutput
 
+    device = method.clip.device
+    images, labels = images.to(device), labels.to(device)
     recipe = TrainConfig().completed()
     optimizer = torch.optim.SGD(method.parameters(), lr=lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
     method.train()
 
     def step() -> None:
-        with autocast_for(CPU, precision):
+        with autocast_for(device, precision):
             output = method(images)
         logits, extra = (output.logits, output.regularizer) if isinstance(output, TrainOutput) else (output, None)
         loss = F.cross_entropy(logits.float(), labels)
@@ -866,12 +876,12 @@ def bench_deep_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespa
                  make_image_step(fast, images, labels, args.precision, lr),
                  flops=img_flops + fast_text_flops(shape, prefix_len, eot, 1, DEEP_BATCH)),
     ]
-    mm_bf16, mm_flops = matmul_probe(args.matmul_size, torch.bfloat16)
-    mm_fp32, _ = matmul_probe(args.matmul_size, torch.float32)
+    mm_bf16, mm_flops = matmul_probe(args.matmul_size, torch.bfloat16, clip.device)
+    mm_fp32, _ = matmul_probe(args.matmul_size, torch.float32, clip.device)
     paths.append(Measured("matmul_bf16", f"matmul bf16 {args.matmul_size}^2", mm_bf16, flops=mm_flops, memory=False))
     paths.append(Measured("matmul_fp32", f"matmul fp32 {args.matmul_size}^2", mm_fp32, flops=mm_flops, memory=False))
     log(f"  {kind} K={classes} ({source}): prefix {prefix_len}, padded suffix {padded}")
-    measure(paths, args.reps, args.reps_slow, args.slow_s, log)
+    measure(paths, args.reps, args.reps_slow, args.slow_s, log, clip.device)
     rate = {p.key: p.flops / p.median for p in paths if p.key.startswith("matmul") and p.median}
     floor = img_flops + minimal_text_flops(shape, prefix_len, eot, 1, DEEP_BATCH)
     return GroupResult(kind, classes, source, DEEP_BATCH, prefix_len, padded,
@@ -882,16 +892,16 @@ def bench_deep_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespa
 def bench_data_path(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Images/s of the image-in-the-loop data path (decode + augment in workers) against the prompted image tower
     alone (forward + backward), and of whole training epochs against their steps alone."""
+    from vlprompt.features.extract import default_num_workers
     from vlprompt.training.loop import epoch_batches, epoch_view_indices, train
     from vlprompt.training.sources import ImageBatches, ImageTrainSet
 
-    from vlprompt.features.extract import default_num_workers
-
     names, _ = class_names(args.fullrun_classes)
+    device = clip.device
     with tempfile.TemporaryDirectory(prefix="vlprompt-bench-") as tmp:
         root = Path(tmp)
         items = write_images(root, len(names), args.shots)
-        workers = default_num_workers(CPU, len(items)) if args.deep_workers is None else args.deep_workers
+        workers = default_num_workers(device, len(items)) if args.deep_workers is None else args.deep_workers
         result: dict[str, Any] = {"workers": workers, "batch": DEEP_BATCH, "precision": args.precision}
         train_set = ImageTrainSet(root, items, resolution=clip.config.image_resolution, views=args.deep_epochs,
                                   pool_seed=0, num_workers=workers)
@@ -899,30 +909,34 @@ def bench_data_path(clip: CLIP, args: argparse.Namespace, log: Callable[[str], N
         batches = epoch_batches(len(items), DEEP_BATCH, 1, 0)
         views = epoch_view_indices(train_set.num_views, len(items), 1, 0)
         start = time.perf_counter()
-        seen = sum(pixels.shape[0] for pixels in source.epoch(views, batches, CPU))
+        seen = sum(pixels.shape[0] for pixels in source.epoch(views, batches, device))
+        synchronize(device)
         loader_s = time.perf_counter() - start
         result["loader_images_per_s"] = seen / loader_s
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             method = build_deep_method("maple", clip, names, fast=True)
-        pixels = torch.randn(DEEP_BATCH, 3, clip.config.image_resolution, clip.config.image_resolution)
+        pixels = torch.randn(DEEP_BATCH, 3, clip.config.image_resolution, clip.config.image_resolution).to(device)
         prompts = method.prompts  # type: ignore[attr-defined]
 
         def tower() -> None:
-            with autocast_for(CPU, args.precision):
+            with autocast_for(device, args.precision):
                 features = method.image_features(pixels, prompts())  # type: ignore[attr-defined]
             features.float().sum().backward()
 
-        tower_s = statistics.median(timed(tower) for _ in range(max(1, args.reps)))
+        tower_s = statistics.median(timed(tower, device) for _ in range(max(1, args.reps)))
         result["tower_images_per_s"] = DEEP_BATCH / tower_s
-        step = make_image_step(method, pixels, torch.zeros(DEEP_BATCH, dtype=torch.long), args.precision, 0.0035)
-        step_s = statistics.median(timed(step) for _ in range(max(1, args.reps)))
+        step = make_image_step(method, pixels, torch.zeros(DEEP_BATCH, dtype=torch.long, device=device),
+                               args.precision, 0.0035)
+        step_s = statistics.median(timed(step, device) for _ in range(max(1, args.reps)))
         result["steps_images_per_s"] = DEEP_BATCH / step_s
-        config = TrainConfig(epochs=args.deep_epochs, batch_size=DEEP_BATCH, precision=args.precision, device="cpu",
-                             num_workers=workers, warmup_epochs=min(1, args.deep_epochs - 1))
+        config = TrainConfig(epochs=args.deep_epochs, batch_size=DEEP_BATCH, precision=args.precision,
+                             device=str(device), num_workers=workers, warmup_epochs=min(1, args.deep_epochs - 1))
+        synchronize(device)
         start = time.perf_counter()
-        train(method, train_set, config, device="cpu", progress=False)
+        train(method, train_set, config, device=str(device), progress=False)
+        synchronize(device)
         loop_s = time.perf_counter() - start
         result["epochs_images_per_s"] = len(batches) * DEEP_BATCH * args.deep_epochs / loop_s
         result["steps_over_epochs"] = result["steps_images_per_s"] / result["epochs_images_per_s"]
