@@ -12,8 +12,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlprompt.common.vocab import DEFAULT_MODEL, SUBSETS, Subset
+from vlprompt.common.vocab import DEFAULT_MODEL, PROTOCOL_NAMES, SUBSETS, ProtocolName, Subset
 from vlprompt.errors import ConfigError
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.common.options import check_choice, check_int, config_to_dict, json_values, known_fields, option
 from vlprompt.methods import get_method, method_config
 from vlprompt.training.config import (
@@ -48,8 +49,11 @@ class RunConfig:
     subset: Subset = option("all", "classes to train and test on: all, or the base / new half for base-to-novel")
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: bool = option(False, "mark the results as a smoke test (reduced budget), never mixed with full results")
-    protocol: str | None = option(None, "benchmark protocol recorded with the results (fewshot, base2novel, "
-                                        "crossdataset, domainshift)")
+    protocol: ProtocolName | None = option(None, "the protocol setting of the run, recorded with the results: the methods' "
+                                        "defaults follow its official recipe (e.g. PromptSRC few-shot: 50 epochs; "
+                                        "crossdataset / domainshift: MaPLe and PromptSRC at prompt depth 3, MaPLe 2 "
+                                        "epochs; base2novel: KgCoOp batch 128); none = base2novel's recipe with "
+                                        "--subset base/new, else fewshot's; explicit options always win")
     max_test_images: int | None = option(None, "evaluate on a fixed subset of at most this many test images per "
                                                 "dataset (smoke tests); none = all")
     skip_bad_images: bool = option(False, "leave out unreadable images (counted and listed in the results) instead "
@@ -72,16 +76,25 @@ class RunConfig:
         check_int("max_test_images", self.max_test_images, minimum=1, optional=True)
         if not isinstance(self.skip_bad_images, bool):
             raise ConfigError(f"skip_bad_images must be true or false, got {self.skip_bad_images!r}")
-        if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol):
-            raise ConfigError(f"protocol must be a non-empty string or null, got {self.protocol!r}")
-        object.__setattr__(self, "method_config", method_config(get_method(self.method), self.method_config))
+        if self.protocol is not None:
+            check_choice("protocol", self.protocol, PROTOCOL_NAMES)
+        # the method's fields left to the recipe (None) are filled here, from this run's setting, so that the config
+        # (and config.json) holds the values the run uses; a dataclasses.replace keeps them (they are explicit then)
+        object.__setattr__(self, "method_config", method_config(get_method(self.method), self.method_config,
+                                                                self.recipe_context))
         if self.train.seed != self.seed:
             object.__setattr__(self, "train", dataclasses.replace(self.train, seed=self.seed))
 
+    @property
+    def recipe_context(self) -> RecipeContext:
+        """The setting that selects the method's official recipe (shots, dataset, subset, protocol)."""
+        return RecipeContext(shots=self.shots, dataset=self.dataset, subset=self.subset, protocol=self.protocol)
+
     def resolved(self) -> RunConfig:
-        """This configuration with the method's default epochs and batch size filled in."""
+        """This configuration with the method's training defaults of its setting filled in (epochs, batch size, lr,
+        ...: :func:`~vlprompt.training.config.resolve_train_config`)."""
         train = resolve_train_config(self.train, method=self.method, shots=self.shots, dataset=self.dataset,
-                                     subset=self.subset)
+                                     subset=self.subset, protocol=self.protocol)
         return dataclasses.replace(self, train=train)
 
     def to_dict(self) -> dict[str, Any]:

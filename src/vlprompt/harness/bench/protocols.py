@@ -17,8 +17,13 @@ same metrics as ``results.json``), so that the report's tables of both protocols
 
 Method settings follow the papers: CoOp's own defaults (M = 16, random init) in the few-shot protocol; in the
 base-to-novel and transfer protocols the CoCoOp paper fixes, for CoOp and CoCoOp alike, M = 4 initialised from
-"a photo of a" (CoCoOp's config already is that). Everything is overridable (methods, datasets, shots, seeds, source,
-targets, per-method options).
+"a photo of a" (CoCoOp's config already is that; a choice of the CoCoOp paper's comparison, so it stays here rather
+than in CoOp's own recipe). Every run records its protocol (``RunConfig.protocol``: the transfer runs
+``crossdataset``), and each method's defaults follow that setting's official recipe
+(:mod:`vlprompt.methods.recipe`: e.g. PromptSRC few-shot 50 epochs with aggregation 30 / 30 or 45 / 5; MaPLe and
+PromptSRC cross-dataset at prompt depth 3, MaPLe 2 epochs at lr 0.0026; KgCoOp / ProGrad base-to-novel schedules),
+exactly as ``vlprompt train --protocol P`` gets them. Everything is overridable (methods, datasets, shots, seeds,
+source, targets, per-method options, training options); explicit values win.
 
 This module imports neither torch nor numpy.
 """
