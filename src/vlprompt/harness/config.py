@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Collection, Mapping
+from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,36 @@ from vlprompt.training.config import (
 
 # keys that may change between an interrupted run and its resumption without changing its results
 NON_IDENTITY_KEYS: tuple[str, ...] = ("root", *(f"train.{name}" for name in TRAIN_NON_IDENTITY_FIELDS))
+
+FORMER_VALUES: Mapping[str, Any] = MappingProxyType({
+    "train.crop_scale_min": 0.08,  # 0.1: training views cropped at scale (0.08, 1), not an option
+    "train.optimizer": None,  # 0.1: SGD only (None = SGD)
+    "train.adam_eps": None,  # 0.1: no Adam
+    "train.activation_checkpointing": False,  # 0.1: no image-in-the-loop training
+    "train.steps": None,  # 0.1: the length in epochs only
+    "train.min_lr": 0.0,  # 0.1: cosine to 0
+})
+"""The compatibility rule of saved run configurations, in one place: the keys added after vlprompt 0.1 (whose
+``config.json`` lacks them), each with the value that means what 0.1 did. :func:`with_former_values` fills a
+configuration with them where they are missing (``rundir.config_differences`` and ``rundir.read_run_config`` apply
+it), so a 0.1 run folder compares equal to the same run described today, resumes, and keeps its configuration hash (the same values are left out of the
+identity: :data:`~vlprompt.training.config.LATER_DEFAULTS`). A changed default is not a missing key: 0.1 saved
+``train.precision`` (fp32, its default), so resuming a 0.1 run takes ``--precision fp32`` now that the default is
+auto."""
+
+
+def with_former_values(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved configuration (a JSON object) with each :data:`FORMER_VALUES` key it lacks set to that value (only
+    where its parent object is there: a damaged file stays damaged)."""
+    out = json.loads(json.dumps(dict(data)))
+    for dotted, value in FORMER_VALUES.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return out
 
 
 @dataclass(frozen=True)

@@ -269,10 +269,16 @@ def train_identity(train: TrainConfig) -> dict[str, Any]:
                                 if key not in TRAIN_NON_IDENTITY_FIELDS})
 
 
-LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = {"optimizer": (None, "sgd"), "adam_eps": (None,), "steps": (None,),
-                                                 "min_lr": (None, 0.0)}
-"""Training options added after run folders existed, with the values that mean what those folders did (SGD): left
-out of the identity so that the configuration hashes and checkpoints of earlier runs stay valid."""
+LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = types.MappingProxyType({
+    "optimizer": (None, "sgd"),  # 0.1 trained with SGD only
+    "adam_eps": (None,),
+    "steps": (None,),  # 0.1: the length in epochs only
+    "min_lr": (None, 0.0),  # 0.1: cosine to 0
+    "crop_scale_min": (0.08,),  # 0.1's training views: random resized crop of scale (0.08, 1), fixed
+})
+"""Training options added after vlprompt 0.1, with the values that mean what 0.1 did: left out of the identity so
+that the configuration hashes and checkpoints of 0.1 runs stay valid (a 0.1 ``config.json`` lacks these keys:
+:data:`vlprompt.harness.config.FORMER_VALUES` reads them as these values)."""
 
 
 def drop_later_defaults(train: Mapping[str, Any]) -> dict[str, Any]:
