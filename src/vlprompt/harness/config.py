@@ -42,8 +42,8 @@ FORMER_VALUES: Mapping[str, Any] = MappingProxyType({
 """The compatibility rule of saved run configurations, in one place: the keys added after vlprompt 0.1 (whose
 ``config.json`` lacks them), each with the value that means what 0.1 did. :func:`with_former_values` fills a
 configuration with them where they are missing (``rundir.config_differences`` and ``rundir.read_run_config`` apply
-it), so a 0.1 run folder compares equal to the same run described today, resumes, and keeps its configuration hash (the same values are left out of the
-identity: :data:`~vlprompt.training.config.LATER_DEFAULTS`). A changed default is not a missing key: 0.1 saved
+it), so a 0.1 run folder compares equal to the same run described today, resumes, and keeps its configuration hash
+(the same values are left out of the identity: :data:`~vlprompt.training.config.LATER_DEFAULTS`). A changed default is not a missing key: 0.1 saved
 ``train.precision`` (fp32, its default), so resuming a 0.1 run takes ``--precision fp32`` now that the default is
 auto."""
 
@@ -80,11 +80,11 @@ class RunConfig:
     subset: Subset = option("all", "classes to train and test on: all, or the base / new half for base-to-novel")
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: bool = option(False, "mark the results as a smoke test (reduced budget), never mixed with full results")
-    protocol: ProtocolName | None = option(None, "the protocol setting of the run, recorded with the results: the methods' "
-                                        "defaults follow its official recipe (e.g. PromptSRC few-shot: 50 epochs; "
-                                        "crossdataset / domainshift: MaPLe and PromptSRC at prompt depth 3, MaPLe 2 "
-                                        "epochs; base2novel: KgCoOp batch 128); none = base2novel's recipe with "
-                                        "--subset base/new, else fewshot's; explicit options always win")
+    protocol: ProtocolName | None = option(
+        None, "the protocol setting of the run, recorded with the results: the methods' defaults follow its official "
+              "recipe (e.g. PromptSRC few-shot: 50 epochs; crossdataset / domainshift: MaPLe and PromptSRC at prompt "
+              "depth 3, MaPLe 2 epochs; base2novel: KgCoOp batch 128); none = base2novel's recipe with --subset "
+              "base/new, else fewshot's; explicit options always win")
     max_test_images: int | None = option(None, "evaluate on a fixed subset of at most this many test images per "
                                                 "dataset (smoke tests); none = all")
     skip_bad_images: bool = option(False, "leave out unreadable images (counted and listed in the results) instead "
