@@ -33,13 +33,11 @@ Recipe = Literal["fewshot", "base2novel", "crossdataset"]
 """The settings whose official training recipes differ: K-shot on all classes, base-to-novel (train on the base
 half), cross-dataset transfer (ImageNet source; also the runs domain generalisation evaluates)."""
 RECIPES: tuple[str, ...] = typing.get_args(Recipe)
-ProtocolName = Literal["fewshot", "base2novel", "crossdataset", "domainshift"]
-"""The papers' protocols (``vlprompt bench PROTOCOL``; the harness's PROTOCOLS registry has exactly these)."""
-PROTOCOL_NAMES: tuple[str, ...] = typing.get_args(ProtocolName)
 PROTOCOL_RECIPES: Mapping[str, str] = MappingProxyType({
     "fewshot": "fewshot", "base2novel": "base2novel", "crossdataset": "crossdataset", "domainshift": "crossdataset"})
-"""Every protocol name (``vlprompt bench PROTOCOL``, ``RunConfig.protocol``) -> the recipe its runs train with
-(domain generalisation evaluates the cross-dataset source runs)."""
+"""Every protocol name (``vlprompt bench PROTOCOL``: the harness's PROTOCOLS registry has exactly these;
+``RunConfig.protocol``) -> the recipe its runs train with (domain generalisation evaluates the cross-dataset source
+runs)."""
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 """CLIP's generic prompt template, for class lists that come without a dataset's own template."""

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlprompt.common.vocab import DEFAULT_MODEL, PROTOCOL_NAMES, SUBSETS, ProtocolName, Subset
+from vlprompt.common.vocab import DEFAULT_MODEL, SUBSETS, Subset
 from vlprompt.errors import ConfigError
 from vlprompt.methods.recipe import RecipeContext
 from vlprompt.common.options import check_choice, check_int, config_to_dict, json_values, known_fields, option
@@ -80,10 +80,11 @@ class RunConfig:
     subset: Subset = option("all", "classes to train and test on: all, or the base / new half for base-to-novel")
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: bool = option(False, "mark the results as a smoke test (reduced budget), never mixed with full results")
-    protocol: ProtocolName | None = option(
-        None, "the protocol setting of the run, recorded with the results: the methods' defaults follow its official "
-              "recipe (e.g. PromptSRC few-shot: 50 epochs; crossdataset / domainshift: MaPLe and PromptSRC at prompt "
-              "depth 3, MaPLe 2 epochs; base2novel: KgCoOp batch 128); none = base2novel's recipe with --subset "
+    protocol: str | None = option(
+        None, "the protocol setting of the run (fewshot, base2novel, crossdataset, domainshift), recorded with the "
+              "results: the methods' defaults follow its official recipe (e.g. PromptSRC few-shot: 50 epochs; "
+              "crossdataset / domainshift: MaPLe and PromptSRC at prompt depth 3, MaPLe 2 epochs; base2novel: KgCoOp "
+              "batch 128); none, or another label (it only labels the results), = base2novel's recipe with --subset "
               "base/new, else fewshot's; explicit options always win")
     max_test_images: int | None = option(None, "evaluate on a fixed subset of at most this many test images per "
                                                 "dataset (smoke tests); none = all")
@@ -107,8 +108,8 @@ class RunConfig:
         check_int("max_test_images", self.max_test_images, minimum=1, optional=True)
         if not isinstance(self.skip_bad_images, bool):
             raise ConfigError(f"skip_bad_images must be true or false, got {self.skip_bad_images!r}")
-        if self.protocol is not None:
-            check_choice("protocol", self.protocol, PROTOCOL_NAMES)
+        if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol):
+            raise ConfigError(f"protocol must be a non-empty string or null, got {self.protocol!r}")
         # the method's fields left to the recipe (None) are filled here, from this run's setting, so that the config
         # (and config.json) holds the values the run uses; a dataclasses.replace keeps them (they are explicit then)
         object.__setattr__(self, "method_config", method_config(get_method(self.method), self.method_config,

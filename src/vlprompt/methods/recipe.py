@@ -8,7 +8,8 @@ options its MethodSpec names) and, where config fields depend on the setting, ``
 the fields left at None. :func:`vlprompt.methods.method_config` applies the latter; explicit values always win.
 
 The setting is the protocol's recipe (:data:`~vlprompt.common.vocab.PROTOCOL_RECIPES`: ``domainshift`` trains as
-``crossdataset``); without a protocol it is ``base2novel`` when training on a class subset, else ``fewshot``.
+``crossdataset``); without one of those protocols (none, or another label a run's results carry) it is
+``base2novel`` when training on a class subset, else ``fewshot``.
 
 This module imports neither torch nor numpy.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlprompt.common.vocab import PROTOCOL_NAMES, PROTOCOL_RECIPES, SUBSETS, Recipe
+from vlprompt.common.vocab import PROTOCOL_RECIPES, SUBSETS, Recipe
 from vlprompt.errors import ConfigError
 
 
@@ -25,7 +26,8 @@ from vlprompt.errors import ConfigError
 class RecipeContext:
     """What selects a method's official recipe: ``shots`` per class (None: unknown, 0: all images), the training
     ``dataset`` (a registry name or custom spec; None: unknown), the class ``subset`` trained on, and the
-    ``protocol`` (a :data:`~vlprompt.common.vocab.PROTOCOL_RECIPES` name; None: inferred, see :attr:`recipe`)."""
+    ``protocol`` (a :data:`~vlprompt.common.vocab.PROTOCOL_RECIPES` name; None or another label: inferred, see
+    :attr:`recipe`)."""
 
     shots: int | None = None
     dataset: str | None = None
@@ -33,15 +35,13 @@ class RecipeContext:
     protocol: str | None = None
 
     def __post_init__(self) -> None:
-        if self.protocol is not None and self.protocol not in PROTOCOL_NAMES:
-            raise ConfigError(f"unknown protocol {self.protocol!r}; use one of {', '.join(PROTOCOL_NAMES)}")
         if self.subset not in SUBSETS:
             raise ConfigError(f"subset must be one of {', '.join(SUBSETS)}, got {self.subset!r}")
 
     @property
     def recipe(self) -> Recipe:
-        """The setting whose recipe applies: the protocol's; without one ``base2novel`` for a class subset (base or
-        new), else ``fewshot``."""
-        if self.protocol is not None:
-            return PROTOCOL_RECIPES[self.protocol]  # type: ignore[return-value]
+        """The setting whose recipe applies: the protocol's; without one of the protocols ``base2novel`` for a class
+        subset (base or new), else ``fewshot``."""
+        if self.protocol in PROTOCOL_RECIPES:
+            return PROTOCOL_RECIPES[self.protocol]  # type: ignore[index,return-value]
         return "base2novel" if self.subset != "all" else "fewshot"
