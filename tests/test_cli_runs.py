@@ -157,6 +157,26 @@ def test_predict_with_a_run_reproduces_its_test_accuracy(trained, capsys):
         assert abs(sum(probs) - 1.0) < 1e-5  # all 5 classes shown: a full fp32 softmax
     correct = sum(p["top_k"][0]["label"] == DTD_CLASSES[item.label] for p, item in zip(predictions, test))
     assert 100.0 * correct / len(test) == read_json(trained / "results.json")["metrics"]["accuracy"]
+    # the run's precision by default (as eval), recorded in the output
+    assert document["precision"] == read_json(trained / "results.json")["precision"]
+
+
+def test_predict_precision_default_and_choice(trained, env, capsys, monkeypatch):
+    import vlprompt.common.precision as prec
+
+    image = FIXTURES / "dtd" / "images" / "banded" / "banded_0024.jpg"
+    monkeypatch.setenv("VLPROMPT_CACHE", str(env["base"] / "probe-bf16"))
+    prec.measured_choice("cpu", probe=lambda device: {"fp32_s": 2.0, "bf16_s": 1.0})  # this "machine": bf16 faster
+    code, out, err = run_cli(capsys, "predict", "--model", env["model"], "--classes", "cat,dog", image, "--json")
+    assert code == 0 and json.loads(out)["precision"] == "bf16"  # zero-shot: auto by default, resolved here
+    assert "precision bf16" in err
+    code, out, _ = run_cli(capsys, "predict", "--model", env["model"], "--classes", "cat,dog", image, "--json",
+                           "--precision", "fp32")
+    assert code == 0 and json.loads(out)["precision"] == "fp32"
+    code, out, _ = run_cli(capsys, "predict", trained, image, "--json", "--precision", "auto", "-q")
+    assert code == 0 and json.loads(out)["precision"] == "bf16"
+    with pytest.raises(SystemExit):
+        main(["predict", str(trained), str(image), "--precision", "fp64"])
 
 
 def test_predict_text_output_on_a_folder(trained, capsys):

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS, Training
@@ -75,10 +76,10 @@ def test_registry_declares_what_each_method_needs():
     for name in ("tip_adapter", "tip_adapter_f", "lp_plus_plus"):
         spec = METHODS[name]
         assert spec.training is Training.CLOSED_FORM and spec.fit_views and not spec.transfers
-    assert METHODS["tip_adapter"].train_defaults(16, "dtd") == {"views": 10, "crop_scale_min": 0.5}
-    assert METHODS["tip_adapter_f"].train_defaults(16, "eurosat")["views"] == 100
-    assert METHODS["lp_plus_plus"].train_defaults(4, "dtd") == {"views": 1, "crop_scale_min": 0.5}
-    clap = METHODS["clap"].train_defaults(16, "dtd")
+    assert METHODS["tip_adapter"].train_defaults(RecipeContext(16, "dtd")) == {"views": 10, "crop_scale_min": 0.5}
+    assert METHODS["tip_adapter_f"].train_defaults(RecipeContext(16, "eurosat"))["views"] == 100
+    assert METHODS["lp_plus_plus"].train_defaults(RecipeContext(4, "dtd")) == {"views": 1, "crop_scale_min": 0.5}
+    clap = METHODS["clap"].train_defaults(RecipeContext(16, "dtd"))
     assert (clap["lr"], clap["weight_decay"], clap["batch_size"], clap["epochs"], clap["views"]) == (0.1, 0.0, 256,
                                                                                                    300, 20)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.backbone.tiny import build_tiny_clip
 from vlprompt.backbone.tokenizer import get_tokenizer
 from vlprompt.errors import ConfigError
@@ -62,12 +63,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
 def test_registry_declares_image_training_and_the_official_recipes():
     for name in ("ivlp", "maple", "promptsrc"):
         assert METHODS[name].training is Training.IMAGES and METHODS[name].transfers
-    assert {k: METHODS["maple"].train_defaults(16, "dtd")[k] for k in ("batch_size", "epochs", "lr")} == \
+    base2novel = RecipeContext(16, "dtd", "base")
+    assert {k: METHODS["maple"].train_defaults(base2novel)[k] for k in ("batch_size", "epochs", "lr")} == \
         {"batch_size": 4, "epochs": 5, "lr": 0.0035}
     for name in ("ivlp", "promptsrc"):
-        assert {k: METHODS[name].train_defaults(16, "dtd")[k] for k in ("batch_size", "epochs", "lr")} == \
+        assert {k: METHODS[name].train_defaults(base2novel)[k] for k in ("batch_size", "epochs", "lr")} == \
             {"batch_size": 4, "epochs": 20, "lr": 0.0025}
-    maple, src = MaPLeConfig(), PromptSRCConfig()
+    maple, src = MaPLeConfig().for_recipe(base2novel), PromptSRCConfig().for_recipe(base2novel)
     assert (maple.n_ctx, maple.ctx_init, maple.prompt_depth) == (2, "a photo of a", 9)
     assert (src.n_ctx_text, src.n_ctx_vision, src.prompt_depth_text, src.prompt_depth_vision) == (4, 4, 9, 9)
     assert (src.text_loss_weight, src.image_loss_weight, src.logit_loss_weight) == (25.0, 10.0, 1.0)

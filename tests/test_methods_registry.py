@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from vlprompt.methods import config_for_recipe
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS, get_method
 from vlprompt.methods.configs import (
@@ -88,15 +90,15 @@ def test_successor_configs_take_the_official_templates_of_the_dataset():
     (16, "imagenet", 50), (1, "ImageNet", 50), (None, "dtd", 200),
 ])
 def test_coop_training_defaults(shots, dataset, epochs):
-    recipe = METHODS["coop"].train_defaults(shots, dataset)
+    recipe = METHODS["coop"].train_defaults(RecipeContext(shots, dataset))
     assert recipe == {"epochs": epochs, "batch_size": 32}  # the rest of the recipe is TrainConfig's defaults
 
 
 def test_cocoop_and_untrained_defaults():
-    recipe = METHODS["cocoop"].train_defaults(16, "imagenet")
+    recipe = METHODS["cocoop"].train_defaults(RecipeContext(16, "imagenet"))
     assert recipe == {"batch_size": 1, "epochs": 10}
     for name in ("zeroshot", "ensemble", "linear_probe"):
-        assert METHODS[name].train_defaults(16, "dtd") == {}
+        assert METHODS[name].train_defaults(RecipeContext(16, "dtd")) == {}
 
 
 def test_every_config_field_documents_itself():
@@ -150,7 +152,8 @@ def test_recorded_configs_round_trip_with_their_keys_and_flags(method):
     recorded = RECORDED_CONFIGS[method]
     config_cls = get_method(method).config_cls
     config = config_from_dict(config_cls, recorded)
-    assert config == config_cls()  # the defaults were recorded
+    # the defaults were recorded (those left to the recipe as the base-to-novel recipe resolved them)
+    assert config == config_for_recipe(config_cls(), RecipeContext(16, "dtd", "base"))
     again = config_to_dict(config)
     assert list(again) == list(recorded) and again == recorded
     parser = argparse.ArgumentParser(prog="test")

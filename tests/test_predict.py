@@ -23,7 +23,7 @@ CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy"]
 
 @pytest.fixture(scope="module")
 def predictor(clip):
-    return Predictor.zero_shot(clip, CLASSES, template="{} texture.")
+    return Predictor.zero_shot(clip, CLASSES, template="{} texture.", precision="fp32")  # compared with fp32 below
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,14 @@ def test_class_lists(tmp_path, clip):
         read_classes_file(tmp_path / "absent.txt")
     with pytest.raises(ConfigError, match="Predictor needs a vlprompt method"):
         Predictor(object())
+
+
+def test_auto_precision_is_resolved_on_construction(clip, tmp_path, monkeypatch):
+    import vlprompt.common.precision as prec
+
+    monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))
+    prec.measured_choice("cpu", probe=lambda device: {"fp32_s": 2.0, "bf16_s": 1.0})  # this "machine": bf16 faster
+    assert Predictor.zero_shot(clip, CLASSES).precision == "bf16"  # the default is auto, as training and evaluation
+    assert Predictor.zero_shot(clip, CLASSES, precision="fp32").precision == "fp32"
+    with pytest.raises(ConfigError, match="precision"):
+        Predictor.zero_shot(clip, CLASSES, precision="fp64")

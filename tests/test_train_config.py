@@ -160,15 +160,15 @@ def test_config_hash_is_stable_and_ignores_paths_and_devices():
     base = RunConfig(method="coop", dataset="dtd")
     # pinned: a change here silently makes every existing run folder "different"; update only on purpose. (The
     # method config is now the typed, complete one from the start, so the unresolved hash moved. The resolved one,
-    # what run folders record, was 0ec7ceab40bdd3a7 until issue 10 added train.crop_scale_min (Tip-Adapter's and
-    # LP++'s crop scale): every resolved training config now records it. Issue 13 made the default precision "auto":
-    # the default hashes moved, and the configuration stating precision fp32 keeps the earlier default's. Issue 12
-    # made warmup_epochs the method's default (None until resolved; CLIP-LoRA has no warm-up): the unresolved
-    # hashes moved from 0e209b9a4d112596 / ab0e0a99372ac500, the resolved ones, which run folders record, did not.)
+    # what run folders record, is 0.1's 0ec7ceab40bdd3a7 when precision fp32 is stated: train.crop_scale_min, added by
+    # issue 10, is left out of the identity at 0.1's 0.08 (LATER_DEFAULTS). Issue 13 made the default precision
+    # "auto": the default hashes moved; the configuration stating precision fp32 keeps 0.1's. Issue 12 made
+    # warmup_epochs the method's default (None until resolved; CLIP-LoRA has no warm-up): the unresolved hashes
+    # moved, the resolved ones, which run folders record, did not.)
     assert base.config_hash() == "502b32f56828c890"
-    assert base.resolved().config_hash() == "0690403d8528d442"
+    assert base.resolved().config_hash() == "15e03b7fd1ebc7fd"
     fp32 = RunConfig(method="coop", dataset="dtd", train=TrainConfig(precision="fp32"))
-    assert (fp32.config_hash(), fp32.resolved().config_hash()) == ("38b43cdc9e92acfb", "fb4c1dd9f7fbcde6")
+    assert (fp32.config_hash(), fp32.resolved().config_hash()) == ("38b43cdc9e92acfb", "0ec7ceab40bdd3a7")
     canonical = json.dumps(base.identity_dict(), sort_keys=True, separators=(",", ":"))
     assert base.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert "root" not in base.identity_dict() and "device" not in base.identity_dict()["train"]

@@ -37,7 +37,7 @@ from vlprompt.harness.config import RunConfig
 from vlprompt.training.config import TrainConfig, resolve_train_config
 from vlprompt.data import DatasetSplits, load_dataset
 from vlprompt.errors import ConfigError
-from vlprompt.methods import METHODS, get_method
+from vlprompt.methods import METHODS, RecipeContext, get_method, method_config
 from vlprompt.methods.prompt_file import load_prompt, save_prompt
 from vlprompt.harness.pipeline import EvalSpec, evaluate_run, run_experiment
 from vlprompt.methods.base import check_classnames
@@ -95,30 +95,36 @@ class FitResult:
 
 
 def build_method(name: str, clip: CLIP, classes: DatasetSplits | Sequence[str], *, seed: int = 1,
-                 **options: Any) -> Any:
+                 protocol: str | None = None, **options: Any) -> Any:
     """A method on ``clip`` for the classes of ``classes`` (a dataset from :func:`load_dataset`, or class names).
 
     ``options`` are fields of the method's config (``METHODS[name].config_cls``), e.g. ``n_ctx=4``,
     ``ctx_init="a photo of a"``, ``csc=True`` for CoOp; unknown names raise ConfigError. A dataset also supplies
     its hand-crafted template (zero-shot, ensemble); with plain names the template is ``"a photo of a {}."``. The
     random initialisation (CoOp's context) is drawn from ``seed`` without touching torch's global RNG state.
+    ``protocol`` ("fewshot", "base2novel", "crossdataset", "domainshift"; None = few-shot) selects the official
+    recipe of the options left unset (MaPLe's / PromptSRC's prompt depth, PromptSRC's aggregation); give
+    :func:`fit` the same ``protocol``.
     """
     spec = get_method(name)
     if isinstance(classes, DatasetSplits):
         classnames, dataset, template = list(classes.classnames), classes.name, classes.template
     else:
         classnames, dataset, template = check_classnames(classes), None, DEFAULT_TEMPLATE
-    return build_method_for(spec, clip, classnames, options, dataset=dataset, template=template, seed=seed)
+    config = method_config(spec, options, RecipeContext(dataset=dataset, protocol=protocol))
+    return build_method_for(spec, clip, classnames, config, dataset=dataset, template=template, seed=seed)
 
 
 def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, train: TrainConfig | None = None,
-        feature_cache: Any = None, progress: bool | None = None,
+        protocol: str | None = None, feature_cache: Any = None, progress: bool | None = None,
         on_epoch_end: Callable[[EpochStats], None] | None = None, **train_options: Any) -> FitResult:
     """Fit ``method`` on ``shots`` training images per class of ``data`` (0 = all), sampled with ``seed``.
 
     CoOp / CoCoOp are trained by SGD with the papers' recipe (``train_options`` are TrainConfig fields: ``epochs``,
     ``lr``, ``batch_size``, ``views``, ``precision``, ``device`` ...; or pass a whole ``train``); the linear probe is
     fitted in closed form (C searched on the few-shot validation split); zero-shot methods have nothing to fit.
+    Training options left unset take the method's official recipe of ``protocol`` (None = few-shot; e.g.
+    PromptSRC: 50 epochs few-shot, 20 in "base2novel" and "crossdataset"), as :func:`build_method`.
     Image features come from the frozen image tower through the feature cache (``feature_cache``: None = the
     default cache, False = none, or a folder). ``data`` must have the method's classes (same names, same order).
     ``progress``: progress bars (None: when stderr is a terminal); ``on_epoch_end(stats)`` after each SGD epoch.
@@ -132,7 +138,7 @@ def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, tra
     except TypeError as exc:
         raise ConfigError(f"unknown training option: {exc}; use the fields of TrainConfig") from None
     config = resolve_train_config(dataclasses.replace(config, seed=seed), method=spec.name, shots=shots,
-                                  dataset=data.name)
+                                  dataset=data.name, protocol=protocol)
     if not spec.training.uses_training_images:
         return FitResult(spec.training.value)
     sample = training_splits(data, shots=shots, seed=seed, subset="all")

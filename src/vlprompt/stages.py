@@ -37,7 +37,7 @@ from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.evaluation.metrics import evaluate
 from vlprompt.features.cache import FeatureCache
 from vlprompt.features.extract import augmented_views, extract_features
-from vlprompt.methods import Training, config_for_dataset, method_config
+from vlprompt.methods import RecipeContext, Training, config_for_dataset, method_config
 from vlprompt.training.loop import train as run_training
 from vlprompt.training.sources import image_train_set
 
@@ -96,7 +96,8 @@ def build_method_for(spec: MethodSpec, clip: CLIP, classnames: list[str], config
     """Build ``spec``'s method on ``clip`` for ``classnames`` from its typed ``config`` (or a mapping of its fields);
     the dataset's ``template`` completes the config (zero-shot, ensemble) and the initialisation (CoOp's random
     context) is drawn from ``seed`` alone."""
-    config = config_for_dataset(method_config(spec, config), dataset, template)
+    # fields left to the recipe are normally filled already (RunConfig, api.build_method); else few-shot's
+    config = config_for_dataset(method_config(spec, config, RecipeContext(dataset=dataset)), dataset, template)
     with seeded_torch(clip.device, seed, "init"):
         return spec.build(clip, list(classnames), config)
 

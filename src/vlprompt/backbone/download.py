@@ -1,9 +1,10 @@
 """OpenAI's released CLIP checkpoints: short names, official URLs and checksums, a verified download cache.
 
 The official download URLs embed each file's SHA-256 (``.../models/<sha256>/<file>.pt``); every file is verified
-against it, both after a download and whenever a cached copy is used. A download goes to a temporary file that is
-renamed into place only once its checksum is right, so the cache never holds a partial file. Nothing here imports
-torch, so the CLI can list or fetch checkpoints cheaply.
+against it, both after a download and whenever a cached copy is used. A download goes through the one downloader
+(:mod:`vlprompt.common.fetch`: resumable, with progress) into ``<file>.part``, renamed into place only once its
+checksum is right, so the cache never holds a partial checkpoint under its name. Nothing here imports torch, so the
+CLI can list or fetch checkpoints cheaply.
 
 The cache folder is ``cache_dir`` when given, else ``$VLPROMPT_CACHE/clip``, else ``clip/`` in the user cache folder
 (:mod:`vlprompt.common.paths`).
@@ -11,34 +12,24 @@ The cache folder is ``cache_dir`` when given, else ``$VLPROMPT_CACHE/clip``, els
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import http.client
 import os
-import sys
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any
 
 from vlprompt.common import locks
+from vlprompt.common.fetch import FetchError, Opener, fetch, file_digest  # opener(request, timeout=s), as urlopen
 from vlprompt.common.paths import cache_dir as cache_folder
 from vlprompt.errors import CheckpointError
-from vlprompt.common.io import atomic_write
 
 _BASE_URL = "https://openaipublic.azureedge.net/clip/models"
-_CHUNK = 1 << 20
 DOWNLOAD_LOCK_SECONDS = 24 * 3600.0
 """How long a process waits for another one downloading the same checkpoint."""
 
 logger = logging.getLogger(__name__)
-
-# A URL opener: ``opener(url, timeout=seconds)`` returns a context manager over a readable binary response with a
-# ``headers`` mapping (``urllib.request.urlopen`` is the default; tests pass their own or use ``file://`` URLs).
-Opener = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -126,12 +117,8 @@ def default_cache_dir() -> Path:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex SHA-256 of a file's bytes (:func:`vlprompt.common.fetch.file_digest`, no progress display)."""
+    return file_digest(Path(path), "sha256", label=Path(path).name, progress=False)
 
 
 def ensure_checkpoint(name: str, cache_dir: str | os.PathLike[str] | None = None, *,
@@ -176,51 +163,32 @@ def verify_cached(path: Path, entry: OpenAICheckpoint) -> None:
 
 def download_verified(url: str, sha256: str, target: str | os.PathLike[str], *, urlopen: Opener | None = None,
                       timeout: float = 60.0, progress: bool = True, label: str | None = None) -> Path:
-    """Download ``url`` to ``target`` atomically, keeping it only if its SHA-256 is ``sha256``.
+    """Download ``url`` to ``target``, keeping it only if its SHA-256 is ``sha256``, through the one downloader
+    (:func:`vlprompt.common.fetch.fetch`): the bytes go to ``<target>.part``, which an interrupted download leaves
+    behind and the next call resumes (HTTP Range), and which is renamed to ``target`` once verified.
 
-    Network failures (no connection, timeout, HTTP error, connection cut short) raise :class:`CheckpointError`
-    naming the file, the URL, the expected path and the checksum; a wrong checksum or a short body raises
-    :class:`CheckpointError` too. ``target`` is never left half-written.
+    Network failures (no connection, timeout, HTTP error, connection cut short after the fetcher's retries) raise
+    :class:`CheckpointError` naming the file, the URL, the expected path and the checksum; a wrong checksum raises
+    :class:`CheckpointError` too and the bytes are not kept. ``target`` is never half-written. ``progress``: a bar
+    on a terminal, else log lines (False: neither).
     """
     target = Path(target)
-    opener = urlopen or urllib.request.urlopen
     what = label or target.name
-    digest = hashlib.sha256()
-
-    def offline(reason: object) -> CheckpointError:
-        return CheckpointError(
-            f"could not download the {what} CLIP checkpoint {target.name} from {url} ({reason}). Without network, "
+    part = target.with_name(target.name + ".part")
+    try:
+        fetch(url, part, label=what, opener=urlopen, timeout=timeout, progress=None if progress else False)
+    except FetchError as exc:
+        raise CheckpointError(
+            f"could not download the {what} CLIP checkpoint {target.name} from {url} ({exc.reason}). Without network, "
             f"download that file elsewhere and place it at {target} (expected SHA-256 {sha256}); it is verified "
-            f"before use"
+            f"before use. What arrived is kept in {part} and the next attempt resumes from it"
+        ) from None
+    actual = file_digest(part, "sha256", label=what, progress=None if progress else False)
+    if actual != sha256:
+        part.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"the downloaded {what} checkpoint from {url} has SHA-256 {actual}, expected {sha256}: it was not "
+            f"kept. Try again; if it persists, download the file by hand and place it at {target}"
         )
-
-    def write(handle: BinaryIO) -> None:
-        received = 0
-        try:
-            with opener(url, timeout=timeout) as response:
-                length = response.headers.get("Content-Length")
-                total = int(length) if length is not None and str(length).isdigit() else None
-                with _progress_bar(total, what, progress) as bar:
-                    while chunk := response.read(_CHUNK):
-                        handle.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-            raise offline(getattr(exc, "reason", None) or exc) from exc
-        if total is not None and received != total:
-            raise offline(f"the connection ended after {received} of {total} bytes")
-        if digest.hexdigest() != sha256:
-            raise CheckpointError(
-                f"the downloaded {what} checkpoint from {url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "
-                f"it was not kept. Try again; if it persists, download the file by hand and place it at {target}"
-            )
-
-    return atomic_write(target, write)
-
-
-def _progress_bar(total: int | None, label: str, enabled: bool) -> Any:
-    from tqdm import tqdm  # ~70 ms, only for a bar: this module stays light (no torch, no tqdm)
-
-    return tqdm(total=total, desc=f"downloading {label}", unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not enabled, file=sys.stderr, leave=False)
+    os.replace(part, target)
+    return target

@@ -10,7 +10,8 @@ import contextlib
 import hashlib
 import re
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -27,6 +28,16 @@ PRECISION_CHOICES: tuple[str, ...] = typing.get_args(PrecisionChoice)
 Subset = Literal["all", "base", "new"]
 """Class subsets of the base-to-novel protocol: all classes, the first half (base) or the second half (new)."""
 SUBSETS: tuple[str, ...] = typing.get_args(Subset)
+
+Recipe = Literal["fewshot", "base2novel", "crossdataset"]
+"""The settings whose official training recipes differ: K-shot on all classes, base-to-novel (train on the base
+half), cross-dataset transfer (ImageNet source; also the runs domain generalisation evaluates)."""
+RECIPES: tuple[str, ...] = typing.get_args(Recipe)
+PROTOCOL_RECIPES: Mapping[str, str] = MappingProxyType({
+    "fewshot": "fewshot", "base2novel": "base2novel", "crossdataset": "crossdataset", "domainshift": "crossdataset"})
+"""Every protocol name (``vlprompt bench PROTOCOL``: the harness's PROTOCOLS registry has exactly these;
+``RunConfig.protocol``) -> the recipe its runs train with (domain generalisation evaluates the cross-dataset source
+runs)."""
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 """CLIP's generic prompt template, for class lists that come without a dataset's own template."""

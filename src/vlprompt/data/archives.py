@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from vlprompt.data.fetch import Progress
+from vlprompt.common.fetch import Progress
 from vlprompt.data.listing import format_offenders
 from vlprompt.errors import DatasetError
 

@@ -35,7 +35,7 @@ from vlprompt.common import locks
 from vlprompt.common.io import atomic_write, atomic_write_bytes
 from vlprompt.data.archives import UnusableArchiveError, extract, place, remove_tree
 from vlprompt.data.check import CheckReport, check_dataset
-from vlprompt.data.fetch import FetchError, Opener, fetch, file_digest, format_size
+from vlprompt.common.fetch import FetchError, Opener, fetch, file_digest, format_size
 from vlprompt.data.info import DatasetInfo
 from vlprompt.data.registry import DATASETS, lookup
 from vlprompt.data.resolve import write_created_split

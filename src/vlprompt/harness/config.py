@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Collection, Mapping
+from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Any
 
 from vlprompt.common.vocab import DEFAULT_MODEL, SUBSETS, Subset
 from vlprompt.errors import ConfigError
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.common.options import check_choice, check_int, config_to_dict, json_values, known_fields, option
 from vlprompt.methods import get_method, method_config
 from vlprompt.training.config import (
@@ -28,6 +30,36 @@ from vlprompt.training.config import (
 
 # keys that may change between an interrupted run and its resumption without changing its results
 NON_IDENTITY_KEYS: tuple[str, ...] = ("root", *(f"train.{name}" for name in TRAIN_NON_IDENTITY_FIELDS))
+
+FORMER_VALUES: Mapping[str, Any] = MappingProxyType({
+    "train.crop_scale_min": 0.08,  # 0.1: training views cropped at scale (0.08, 1), not an option
+    "train.optimizer": None,  # 0.1: SGD only (None = SGD)
+    "train.adam_eps": None,  # 0.1: no Adam
+    "train.activation_checkpointing": False,  # 0.1: no image-in-the-loop training
+    "train.steps": None,  # 0.1: the length in epochs only
+    "train.min_lr": 0.0,  # 0.1: cosine to 0
+})
+"""The compatibility rule of saved run configurations, in one place: the keys added after vlprompt 0.1 (whose
+``config.json`` lacks them), each with the value that means what 0.1 did. :func:`with_former_values` fills a
+configuration with them where they are missing (``rundir.config_differences`` and ``rundir.read_run_config`` apply
+it), so a 0.1 run folder compares equal to the same run described today, resumes, and keeps its configuration hash
+(the same values are left out of the identity: :data:`~vlprompt.training.config.LATER_DEFAULTS`). A changed default is not a missing key: 0.1 saved
+``train.precision`` (fp32, its default), so resuming a 0.1 run takes ``--precision fp32`` now that the default is
+auto."""
+
+
+def with_former_values(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved configuration (a JSON object) with each :data:`FORMER_VALUES` key it lacks set to that value (only
+    where its parent object is there: a damaged file stays damaged)."""
+    out = json.loads(json.dumps(dict(data)))
+    for dotted, value in FORMER_VALUES.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -48,8 +80,12 @@ class RunConfig:
     subset: Subset = option("all", "classes to train and test on: all, or the base / new half for base-to-novel")
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: bool = option(False, "mark the results as a smoke test (reduced budget), never mixed with full results")
-    protocol: str | None = option(None, "benchmark protocol recorded with the results (fewshot, base2novel, "
-                                        "crossdataset, domainshift)")
+    protocol: str | None = option(
+        None, "the protocol setting of the run (fewshot, base2novel, crossdataset, domainshift), recorded with the "
+              "results: the methods' defaults follow its official recipe (e.g. PromptSRC few-shot: 50 epochs; "
+              "crossdataset / domainshift: MaPLe and PromptSRC at prompt depth 3, MaPLe 2 epochs; base2novel: KgCoOp "
+              "batch 128); none, or another label (it only labels the results), = base2novel's recipe with --subset "
+              "base/new, else fewshot's; explicit options always win")
     max_test_images: int | None = option(None, "evaluate on a fixed subset of at most this many test images per "
                                                 "dataset (smoke tests); none = all")
     skip_bad_images: bool = option(False, "leave out unreadable images (counted and listed in the results) instead "
@@ -74,14 +110,23 @@ class RunConfig:
             raise ConfigError(f"skip_bad_images must be true or false, got {self.skip_bad_images!r}")
         if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol):
             raise ConfigError(f"protocol must be a non-empty string or null, got {self.protocol!r}")
-        object.__setattr__(self, "method_config", method_config(get_method(self.method), self.method_config))
+        # the method's fields left to the recipe (None) are filled here, from this run's setting, so that the config
+        # (and config.json) holds the values the run uses; a dataclasses.replace keeps them (they are explicit then)
+        object.__setattr__(self, "method_config", method_config(get_method(self.method), self.method_config,
+                                                                self.recipe_context))
         if self.train.seed != self.seed:
             object.__setattr__(self, "train", dataclasses.replace(self.train, seed=self.seed))
 
+    @property
+    def recipe_context(self) -> RecipeContext:
+        """The setting that selects the method's official recipe (shots, dataset, subset, protocol)."""
+        return RecipeContext(shots=self.shots, dataset=self.dataset, subset=self.subset, protocol=self.protocol)
+
     def resolved(self) -> RunConfig:
-        """This configuration with the method's default epochs and batch size filled in."""
+        """This configuration with the method's training defaults of its setting filled in (epochs, batch size, lr,
+        ...: :func:`~vlprompt.training.config.resolve_train_config`)."""
         train = resolve_train_config(self.train, method=self.method, shots=self.shots, dataset=self.dataset,
-                                     subset=self.subset)
+                                     subset=self.subset, protocol=self.protocol)
         return dataclasses.replace(self, train=train)
 
     def to_dict(self) -> dict[str, Any]:

@@ -348,12 +348,14 @@ def open_trained_run(run_dir: str | os.PathLike[str], *, model: str | None = Non
 
 
 def run_predictor(run_dir: str | os.PathLike[str], *, model: str | None = None, clip: CLIP | None = None,
-                  device: str | torch.device | None = None, **kwargs: Any) -> Any:
+                  device: str | torch.device | None = None, precision: str | None = None, **kwargs: Any) -> Any:
     """A :class:`~vlprompt.prediction.predictor.Predictor` of a run folder's learned method, on its recorded backbone
-    (or ``model`` / ``clip``; a backbone with another fingerprint is refused); ``kwargs`` go to the Predictor."""
+    (or ``model`` / ``clip``; a backbone with another fingerprint is refused); ``precision`` defaults to the run's
+    (``train.precision``, as :func:`evaluate_run`; ``auto`` is resolved on this machine); ``kwargs`` go to the
+    Predictor."""
     with reading_lock(run_dir):
         trained = open_trained_run(run_dir, model=model, clip=clip, device=device)
-    return Predictor(trained.method, **kwargs)
+    return Predictor(trained.method, precision=precision or trained.config.train.precision, **kwargs)
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None, subset: str = "all",

@@ -52,7 +52,7 @@ from vlprompt import __version__
 from vlprompt.common import locks
 from vlprompt.common.io import atomic_write_bytes, atomic_write_json, safetensors_bytes, writing
 from vlprompt.errors import CheckpointError, ConfigError, RunError
-from vlprompt.harness.config import NON_IDENTITY_KEYS, RunConfig
+from vlprompt.harness.config import NON_IDENTITY_KEYS, RunConfig, with_former_values
 from vlprompt.training.config import RESOLVED_KEYS
 from vlprompt.common.vocab import SUBSETS
 
@@ -158,8 +158,10 @@ def not_a_run_reason(folder: Path) -> str | None:
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The saved ``config.json`` of ``folder`` as a dict; None when there is none. RunError when it is unreadable or
-    not a JSON object."""
+    """The saved ``config.json`` of ``folder`` as a dict (as written: :func:`config_differences` and
+    :func:`read_run_config` read keys it lacks as vlprompt 0.1 did); None when there is none. RunError when it is
+    unreadable or not a JSON object."""
+
     target = Path(folder) / CONFIG_FILE
     try:
         data = json.loads(target.read_text(encoding="utf-8"))
@@ -182,7 +184,7 @@ def read_run_config(folder: str | os.PathLike[str]) -> RunConfig:
     if data is None:
         raise RunError(f"{path} is not a run folder (no {CONFIG_FILE}); give the --out folder of a trained run")
     try:
-        return RunConfig.from_dict(data)
+        return RunConfig.from_dict(with_former_values(data))  # keys added since 0.1 read as 0.1 did
     except ConfigError as exc:
         raise RunError(f"{path / CONFIG_FILE} is not a vlprompt run configuration ({exc}); it was edited or damaged: "
                        "restore it as vlprompt wrote it, or train the run again into a new --out") from None
@@ -205,9 +207,12 @@ def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any], *,
 
     ``ignore``: dotted keys allowed to differ (paths and devices by default). ``stated_only``: compare only what
     ``wanted`` states, a key of :data:`DEFAULTED_KEYS` left at None matching any saved value (a planned
-    configuration, whose method options the pipeline completes later).
+    configuration, whose method options the pipeline completes later). A key added since vlprompt 0.1 that a
+    configuration lacks (``saved``; ``wanted`` too unless ``stated_only``) reads as what 0.1 did
+    (:data:`vlprompt.harness.config.FORMER_VALUES`, the one compatibility rule).
     """
-    old, new = _flatten(_normalise(saved)), _flatten(_normalise(wanted))
+    old = _flatten(_normalise(with_former_values(saved)))
+    new = _flatten(_normalise(wanted if stated_only else with_former_values(wanted)))
     keys = sorted(new) if stated_only else sorted(set(old) | set(new))
     differing = []
     for key in keys:
@@ -621,8 +626,13 @@ def _settle_existing(folder: Path, wanted: dict[str, Any], *, resume: bool, over
         _clear_unfinished(folder)
         return False
     if differing:
+        hint = ""
+        if any(d.startswith("train.precision:") for d in differing) and wanted.get("train", {}).get("precision") == \
+                "auto" and saved.get("train", {}).get("precision") != "auto":
+            # runs of vlprompt 0.1 recorded its default, fp32; auto is today's
+            hint = f" (to resume it, give --precision {saved['train'].get('precision')} as it was trained)"
         raise RunError(f"run folder {folder} holds a run with a different configuration "
-                       f"({describe_differences(differing)}); choose a new --out for this configuration, or pass "
+                       f"({describe_differences(differing)}){hint}; choose a new --out for this configuration, or pass "
                        "--overwrite to replace that run")
     if folder_state(folder) == "finished":
         raise RunError(f"run folder {folder} holds a finished run (results.json); choose a new --out, or pass "

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlprompt.common.options import config_from_dict
 from vlprompt.errors import ConfigError
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.methods.configs import (
     CLAPConfig,
     CLIPAdapterConfig,
@@ -106,17 +107,19 @@ class LazyBuild:
 class MethodSpec:
     """A registered method.
 
-    ``training``: what the method needs to learn (:class:`Training`). ``train_defaults(shots, dataset, subset)`` gives
-    the reference's length (``epochs``, or ``steps``: CLIP-LoRA) and ``batch_size``, and ``optimizer`` / ``adam_eps``
-    / ``warmup_epochs`` / ``min_lr`` where the recipe is not :class:`~vlprompt.training.config.TrainConfig`'s Dassl
-    SGD (TCP, CLIP-LoRA); ``subset="base"`` is base-to-novel training; empty for methods that are not trained by SGD.
+    ``training``: what the method needs to learn (:class:`Training`). ``train_defaults(context)`` gives the official
+    recipe's training options for a :class:`~vlprompt.methods.recipe.RecipeContext` (shots, dataset, class subset,
+    protocol): the length (``epochs``, or ``steps``: CLIP-LoRA) and ``batch_size``, and ``lr``, ``optimizer``,
+    ``views``, ``warmup_epochs``, ``min_lr`` ... where the recipe is not
+    :class:`~vlprompt.training.config.TrainConfig`'s Dassl SGD; empty for methods that are not trained by SGD. Config
+    fields that depend on the setting are filled by the config's own ``for_recipe(context)`` (:func:`method_config`).
     """
 
     name: str
     config_cls: type
     training: Training
     build: Callable[[CLIP, list[str], Any], nn.Module]
-    train_defaults: Callable[[int | None, str | None, str], dict[str, Any]]
+    train_defaults: Callable[[RecipeContext], dict[str, Any]]
     description: str
     transfers: bool = True
     """its learned state can classify another class list (base-to-novel "new" classes, another dataset) through
@@ -233,17 +236,29 @@ def get_method(name: str) -> MethodSpec:
         raise ConfigError(f"unknown method {name!r}: use one of {', '.join(METHODS)}") from None
 
 
-def method_config(spec: MethodSpec, options: Any) -> Any:
+def method_config(spec: MethodSpec, options: Any, context: RecipeContext | None = None) -> Any:
     """``spec``'s typed config: ``options`` itself when it already is one, else built from a mapping of field values
-    (defaults filled in; unknown names and bad values raise a ConfigError naming the method)."""
+    (defaults filled in; unknown names and bad values raise a ConfigError naming the method); then the fields the
+    method leaves to the recipe (None) set to the official recipe of ``context`` (:func:`config_for_recipe`;
+    None: an unknown setting, inferred as few-shot). Explicit values always win."""
     if isinstance(options, spec.config_cls):
-        return options
-    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        config = options
+    elif dataclasses.is_dataclass(options) and not isinstance(options, type):
         raise ConfigError(f"method {spec.name} takes a {spec.config_cls.__name__}, got a {type(options).__name__}")
-    try:
-        return config_from_dict(spec.config_cls, options)
-    except ConfigError as exc:
-        raise ConfigError(f"method {spec.name}: {exc}") from None
+    else:
+        try:
+            config = config_from_dict(spec.config_cls, options)
+        except ConfigError as exc:
+            raise ConfigError(f"method {spec.name}: {exc}") from None
+    return config_for_recipe(config, context if context is not None else RecipeContext())
+
+
+def config_for_recipe(config: Any, context: RecipeContext) -> Any:
+    """``config`` with the fields it leaves to the recipe (None) set to the official recipe of ``context``'s setting
+    (the config's ``for_recipe``: MaPLe's and PromptSRC's prompt depth, PromptSRC's aggregation); other methods'
+    configs are returned unchanged."""
+    for_recipe = getattr(config, "for_recipe", None)
+    return config if for_recipe is None else for_recipe(context)
 
 
 def config_for_dataset(config: Any, dataset: str | None, template: str) -> Any:
@@ -279,7 +294,9 @@ __all__ = [
     "TCPConfig",
     "Training",
     "ZeroShotConfig",
+    "RecipeContext",
     "config_for_dataset",
+    "config_for_recipe",
     "method_config",
     "get_method",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 from vlprompt.common.options import check_choice, option
 from vlprompt.errors import ConfigError
 from vlprompt.data.registry import key_of
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.methods.templates import (
     KGCOOP_TEMPLATES,
     PROGRAD_TEMPLATES,
@@ -541,7 +542,9 @@ class CLAPConfig:
 # deep prompts in both towers (trained with images through the towers)
 # Sources: MaPLe repository (github.com/muzairkhattak/multimodal-prompt-learning) configs/trainers/MaPLe/
 # vit_b16_c2_ep5_batch4_2ctx.yaml; PromptSRC repository (github.com/muzairkhattak/PromptSRC) configs/trainers/
-# {IVLP,PromptSRC}/vit_b16_c2_ep20_batch4_4+4ctx.yaml and trainers/promptsrc.py.
+# {IVLP,PromptSRC}/vit_b16_c2_ep20_batch4_4+4ctx.yaml and trainers/promptsrc.py. The fields that differ between the
+# official settings (prompt depth, PromptSRC's aggregation) default to None: the recipe of the run's setting
+# (maple_recipe, promptsrc_recipe below; for_recipe fills them).
 
 
 FAST_DEEP_TEXT_HELP = ("exact fast text encoding (shared prefix with the deep prompts computed once); off = the "
@@ -575,16 +578,18 @@ class IndependentPromptOptions:
         "the prompts are '<ctx_init> <class>.'; the first n_ctx_text of its words start the first-layer text "
         "context (official CTX_INIT); empty = random N(0, 0.02^2) context and 'X X ..' placeholders",
     )
-    prompt_depth_text: int = option(9, "text layers that get prompts, 1 = the input only (official: 9 base-to-novel "
-                                       "and few-shot; PromptSRC's cross-dataset config: 3)")
-    prompt_depth_vision: int = option(9, "image layers that get prompts, 0 = none (official: 9; PromptSRC's "
-                                         "cross-dataset config: 3)")
+    prompt_depth_text: int | None = option(None, "text layers that get prompts, 1 = the input only; default: the "
+                                                 "recipe's (official: 9; PromptSRC's cross-dataset config: 3)")
+    prompt_depth_vision: int | None = option(None, "image layers that get prompts, 0 = none; default: the recipe's "
+                                                   "(official: 9; PromptSRC's cross-dataset config: 3)")
 
     def __post_init__(self) -> None:
         _check_positive_int("n_ctx_text", self.n_ctx_text)
         _check_non_negative_int("n_ctx_vision", self.n_ctx_vision)
-        _check_positive_int("prompt_depth_text", self.prompt_depth_text)
-        _check_non_negative_int("prompt_depth_vision", self.prompt_depth_vision)
+        if self.prompt_depth_text is not None:
+            _check_positive_int("prompt_depth_text", self.prompt_depth_text)
+        if self.prompt_depth_vision is not None:
+            _check_non_negative_int("prompt_depth_vision", self.prompt_depth_vision)
         _check_ctx_init(self.ctx_init)
 
 
@@ -593,6 +598,12 @@ class IVLPConfig(IndependentPromptOptions):
     """IVLP: independent deep prompts in the text and image towers (the PromptSRC repository's IVLP baseline)."""
 
     fast_text: bool = option(True, FAST_DEEP_TEXT_HELP)
+
+    def for_recipe(self, context: RecipeContext) -> IVLPConfig:
+        """The depths left at None set to IVLP's one official config (9 and 9, whatever the setting: the PromptSRC
+        repository has only configs/trainers/IVLP/vit_b16_c2_ep20_batch4_4+4ctx.yaml, PROMPT_DEPTH_TEXT /
+        PROMPT_DEPTH_VISION 9)."""
+        return _fill_none(self, {"prompt_depth_text": 9, "prompt_depth_vision": 9})
 
 
 @dataclass(frozen=True)
@@ -605,14 +616,19 @@ class MaPLeConfig:
         "the prompts are '<ctx_init> <class>.'; its first n_ctx words start the first-layer context (official "
         "CTX_INIT; MaPLe learns 'a photo' and keeps 'of a'); empty = random N(0, 0.02^2)",
     )
-    prompt_depth: int = option(9, "layers of both towers that get prompts (official: PROMPT_DEPTH 9; cross-dataset "
-                                  "config: 3)")
+    prompt_depth: int | None = option(None, "layers of both towers that get prompts; default: the recipe's (official "
+                                            "PROMPT_DEPTH 9; cross-dataset / domain generalisation config: 3)")
     fast_text: bool = option(True, FAST_DEEP_TEXT_HELP)
 
     def __post_init__(self) -> None:
         _check_positive_int("n_ctx", self.n_ctx)
-        _check_positive_int("prompt_depth", self.prompt_depth)
+        if self.prompt_depth is not None:
+            _check_positive_int("prompt_depth", self.prompt_depth)
         _check_ctx_init(self.ctx_init)
+
+    def for_recipe(self, context: RecipeContext) -> MaPLeConfig:
+        """The fields left at None set to the official recipe of ``context``'s setting (:func:`maple_recipe`)."""
+        return _fill_none(self, maple_recipe(context)["config"])
 
 
 @dataclass(frozen=True)
@@ -628,10 +644,12 @@ class PromptSRCConfig(IndependentPromptOptions):
     text_templates: str = option("imagenet60", "template set the frozen text targets average over (official: the "
                                                "60 ImageNet templates)", choices=tuple(TEMPLATE_SETS))
     gpa: bool = option(True, "Gaussian prompt aggregation over the epochs (the final prompts are the weighted mean)")
-    gpa_mean: float = option(15.0, "mean (in epochs, 1-based) of the aggregation weights (official: 15 "
-                                   "base-to-novel; few-shot 30 or 45; cross-dataset 6)")
-    gpa_std: float = option(1.0, "standard deviation (in epochs) of the aggregation weights (official: 1 "
-                                 "base-to-novel; few-shot 30 or 5; cross-dataset 10)")
+    gpa_mean: float | None = option(None, "mean (in epochs, 1-based) of the aggregation weights; default: the "
+                                          "recipe's (official: 15 base-to-novel; few-shot 30, or 45 for StanfordCars, "
+                                          "Flowers102, FGVCAircraft, DTD, EuroSAT; cross-dataset 6)")
+    gpa_std: float | None = option(None, "standard deviation (in epochs) of the aggregation weights; default: the "
+                                         "recipe's (official: 1 base-to-novel; few-shot 30, or 5 for the datasets "
+                                         "with mean 45; cross-dataset 10)")
     fast_text: bool = option(True, FAST_DEEP_TEXT_HELP)
 
     def __post_init__(self) -> None:
@@ -639,12 +657,17 @@ class PromptSRCConfig(IndependentPromptOptions):
         for name in ("text_loss_weight", "image_loss_weight", "logit_loss_weight"):
             _check_weight(name, getattr(self, name))
         check_choice("text_templates", self.text_templates, tuple(TEMPLATE_SETS))
-        if isinstance(self.gpa_mean, bool) or not isinstance(self.gpa_mean, int | float) or \
-                not math.isfinite(self.gpa_mean):
+        if self.gpa_mean is not None and (isinstance(self.gpa_mean, bool) or
+                                          not isinstance(self.gpa_mean, int | float) or
+                                          not math.isfinite(self.gpa_mean)):
             raise ConfigError(f"gpa_mean must be a finite number, got {self.gpa_mean!r}")
-        if isinstance(self.gpa_std, bool) or not isinstance(self.gpa_std, int | float) or \
-                not math.isfinite(self.gpa_std) or self.gpa_std <= 0:
+        if self.gpa_std is not None and (isinstance(self.gpa_std, bool) or not isinstance(self.gpa_std, int | float)
+                                         or not math.isfinite(self.gpa_std) or self.gpa_std <= 0):
             raise ConfigError(f"gpa_std must be a positive number, got {self.gpa_std!r}")
+
+    def for_recipe(self, context: RecipeContext) -> PromptSRCConfig:
+        """The fields left at None set to the official recipe of ``context``'s setting (:func:`promptsrc_recipe`)."""
+        return _fill_none(self, promptsrc_recipe(context)["config"])
 
 
 LORA_ENCODERS: tuple[str, ...] = ("both", "text", "vision")
@@ -689,19 +712,27 @@ class CLIPLoRAConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# training defaults (the reference's per-method recipe)
+# training defaults (the reference's per-method recipe), a function of the RecipeContext (shots, dataset, class subset,
+# protocol: vlprompt.methods.recipe); ``context.recipe`` is "fewshot", "base2novel" or "crossdataset"
 
 
-def no_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all") -> dict[str, Any]:
+def _fill_none(config: Any, values: Mapping[str, Any]) -> Any:
+    """``config`` with its fields that are None set from ``values`` (explicit values are kept)."""
+    missing = {key: value for key, value in values.items() if getattr(config, key) is None}
+    return dataclasses.replace(config, **missing) if missing else config
+
+
+def no_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
     """Methods without SGD training have no training defaults."""
     return {}
 
 
-def coop_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all") -> dict[str, Any]:
+def coop_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
     """CoOp's reference schedule: batch 32; epochs 50 (1 shot), 100 (2, 4 shots), 200 (8, 16 shots, or all data),
     50 on ImageNet whatever the shots; the rest of the recipe is :class:`~vlprompt.training.config.TrainConfig`'s
-    defaults (SGD)."""
-    if _is_imagenet(dataset) or shots == 1:
+    defaults (SGD). The same in every setting (CoOp's one schedule; ImageNet-trained transfer sources get 50)."""
+    shots = context.shots
+    if _is_imagenet(context.dataset) or shots == 1:
         epochs = 50
     elif shots is not None and 1 < shots <= 4:
         epochs = 100
@@ -710,43 +741,41 @@ def coop_train_defaults(shots: int | None = None, dataset: str | None = None, su
     return {"batch_size": 32, "epochs": epochs}
 
 
-def cocoop_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
-                          ) -> dict[str, Any]:
-    """CoCoOp's reference schedule: batch 1, 10 epochs; the rest of the recipe is
-    :class:`~vlprompt.training.config.TrainConfig`'s defaults."""
+def cocoop_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
+    """CoCoOp's reference schedule: batch 1, 10 epochs (config vit_b16_c4_ep10_batch1_ctxv1 in both
+    scripts/cocoop/base2new_train.sh and xd_train.sh); the rest of the recipe is :class:`~vlprompt.training.config.TrainConfig`'s defaults."""
     return {"batch_size": 1, "epochs": 10}
 
 
-def kgcoop_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
-                          ) -> dict[str, Any]:
-    """KgCoOp's schedule: 100 epochs (official configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml); batch 128 in
-    base-to-novel training (``subset="base"``, the same official config), 32 otherwise (few-shot and transfer:
-    /work/shared/reference/prompt-learning.md, "few-shot uses 32"; the repository has no few-shot config); SGD lr
-    0.002, momentum 0.9, weight decay 5e-4, 1 constant warm-up epoch at 1e-5 (the same config = TrainConfig's
-    defaults)."""
-    return {"batch_size": 128 if subset == "base" else 32, "epochs": 100}
+def kgcoop_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
+    """KgCoOp's schedule: 100 epochs (official configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml, the one config of
+    every script); batch 128 in base-to-novel training (the same config, scripts/base2new_train.sh), 32 in few-shot
+    and transfer training (/work/shared/reference/prompt-learning.md, "few-shot uses 32"; the repository's only other
+    script, xd_train.sh, trains 4 shots on all classes with the batch-128 config); SGD lr 0.002, momentum 0.9, weight
+    decay 5e-4, 1 constant warm-up epoch at 1e-5 (the same config = TrainConfig's defaults)."""
+    return {"batch_size": 128 if context.recipe == "base2novel" else 32, "epochs": 100}
 
 
-def prograd_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
-                           ) -> dict[str, Any]:
-    """ProGrad's schedule: CoOp's (batch 32, epochs by shots; official README configs rn50_ep50 / rn50_ep100 / rn50),
-    and in base-to-novel training (``subset="base"``) 100 epochs, 50 on ImageNet (official
+def prograd_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
+    """ProGrad's schedule: in few-shot and transfer training CoOp's (batch 32, epochs by shots; official README
+    configs rn50_ep50 / rn50_ep100 / rn50; the domain-generalisation models are the few-shot ImageNet ones,
+    scripts/eval.sh); in base-to-novel training 100 epochs, 50 on ImageNet (official
     scripts/base2new_train_prograd.sh CFG=rn50_ep100; README: rn50_ep50 for ImageNet); SGD as TrainConfig's
     defaults."""
-    if subset != "base":
-        return coop_train_defaults(shots, dataset)
-    return {"batch_size": 32, "epochs": 50 if _is_imagenet(dataset) else 100}
+    if context.recipe != "base2novel":
+        return coop_train_defaults(context)
+    return {"batch_size": 32, "epochs": 50 if _is_imagenet(context.dataset) else 100}
 
 
-def tcp_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all") -> dict[str, Any]:
-    """TCP's schedule (official configs/trainers/TCP/vit_b16_ep100_ctxv1.yaml): Adam with epsilon 1e-3 (the
-    official README's edit of Dassl's optimiser, against NaN in fp16), batch 32, 50 epochs; lr 0.002, weight decay
-    5e-4 (Dassl's default), cosine with 1 constant warm-up epoch at 1e-5 (TrainConfig's defaults)."""
+def tcp_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
+    """TCP's schedule (official configs/trainers/TCP/vit_b16_ep100_ctxv1.yaml, its only config; the repository has
+    only the base-to-novel script): Adam with epsilon 1e-3 (the official README's edit of Dassl's optimiser, against
+    NaN in fp16), batch 32, 50 epochs; lr 0.002, weight decay 5e-4 (Dassl's default), cosine with 1 constant warm-up
+    epoch at 1e-5 (TrainConfig's defaults)."""
     return {"batch_size": 32, "epochs": 50, "optimizer": "adam", "adam_eps": 1e-3}
 
 
-def clap_train_defaults(shots: int | None = None, dataset: str | None = None,
-        subset: str = "all") -> dict[str, Any]:
+def clap_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
     """CLAP's official recipe (configs/trainers/SGD_lr1e-1_B256_ep300.yaml, trainers/adapters.py): SGD lr 0.1,
     weight decay 0, batch 256, 300 epochs (momentum 0.9, cosine with 1 constant warm-up epoch at 1e-5: TrainConfig's
     defaults, Dassl's); 20 augmented views of every training image (epochs_aumentation = 20) with Dassl's random
@@ -755,45 +784,96 @@ def clap_train_defaults(shots: int | None = None, dataset: str | None = None,
             "crop_scale_min": 0.08}
 
 
-def tip_adapter_train_defaults(shots: int | None = None, dataset: str | None = None,
-        subset: str = "all") -> dict[str, Any]:
+def tip_adapter_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
     """Tip-Adapter's cache: 10 augmented views (augment_epoch) with RandomResizedCrop scale 0.5-1 + flip (main.py)."""
     return {"views": 10, "crop_scale_min": 0.5}
 
 
-def tip_adapter_f_train_defaults(shots: int | None = None, dataset: str | None = None,
-        subset: str = "all") -> dict[str, Any]:
+def tip_adapter_f_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
     """Tip-Adapter-F: a pool of one augmented view per fine-tuning epoch (20; EuroSAT 100), crop scale 0.5-1; the
     cache averages the first 10 of them."""
-    return {"views": _tip_f_epochs(dataset), "crop_scale_min": 0.5}
+    return {"views": _tip_f_epochs(context.dataset), "crop_scale_min": 0.5}
 
 
-def lp_plus_plus_train_defaults(shots: int | None = None, dataset: str | None = None,
-        subset: str = "all") -> dict[str, Any]:
+def lp_plus_plus_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
     """LP++: one augmented view of each training image (the official loader's single pass, RandomResizedCrop scale
     0.5-1 + flip)."""
     return {"views": 1, "crop_scale_min": 0.5}
 
 
-def ivlp_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
-                        ) -> dict[str, Any]:
-    """IVLP's official recipe (PromptSRC repository, IVLP 4+4 config): batch 4, 20 epochs, lr 0.0025; the rest
-    (momentum 0.9, weight decay 5e-4, 1 constant warm-up epoch at 1e-5, cosine) is TrainConfig's defaults."""
+def ivlp_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
+    """IVLP's official recipe (PromptSRC repository, configs/trainers/IVLP/vit_b16_c2_ep20_batch4_4+4ctx.yaml, its
+    only IVLP config, so every setting): batch 4, 20 epochs, lr 0.0025; the rest (momentum 0.9, weight decay 5e-4,
+    1 constant warm-up epoch at 1e-5, cosine) is TrainConfig's defaults."""
     return {"batch_size": 4, "epochs": 20, "lr": 0.0025}
 
 
-def maple_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
-                        ) -> dict[str, Any]:
-    """MaPLe's official recipe (MaPLe repository, MaPLe 2ctx config): batch 4, 5 epochs, lr 0.0035 (cross-dataset
-    config: lr 0.0026, 2 epochs, depth 3); the rest is TrainConfig's defaults."""
-    return {"batch_size": 4, "epochs": 5, "lr": 0.0035}
+def maple_recipe(context: RecipeContext = RecipeContext()) -> dict[str, dict[str, Any]]:
+    """MaPLe's official recipe of ``context``'s setting: ``{"train": ..., "config": ...}`` (batch 4 everywhere).
+
+    Source: the MaPLe repository github.com/muzairkhattak/multimodal-prompt-learning @ 69bce21 (each value's
+    file and key in a comment).
+    """
+    if context.recipe == "crossdataset":
+        # configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml (scripts/maple/xd_train_maple.sh,
+        # trained on ImageNet, all classes, 16 shots; the same models are evaluated for domain generalisation)
+        return {"train": {"batch_size": 4,  # DATALOADER.TRAIN_X.BATCH_SIZE 4
+                          "epochs": 2,  # OPTIM.MAX_EPOCH 2 (xd_test_maple.sh --load-epoch 2)
+                          "lr": 0.0026},  # OPTIM.LR 0.0026
+                "config": {"prompt_depth": 3}}  # TRAINER.MAPLE.PROMPT_DEPTH 3
+    # base-to-novel: configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml (scripts/maple/base2new_train_maple.sh);
+    # few-shot: the repository has no few-shot config or script, so this one (the paper reports no few-shot setting)
+    return {"train": {"batch_size": 4,  # DATALOADER.TRAIN_X.BATCH_SIZE 4
+                      "epochs": 5,  # OPTIM.MAX_EPOCH 5 (README "Epochs 5"; the PromptSRC repository's copy says 2)
+                      "lr": 0.0035},  # OPTIM.LR 0.0035
+            "config": {"prompt_depth": 9}}  # TRAINER.MAPLE.PROMPT_DEPTH 9
 
 
-def promptsrc_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
-                        ) -> dict[str, Any]:
-    """PromptSRC's official base-to-novel recipe: batch 4, 20 epochs, lr 0.0025 (the few-shot config trains 50
-    epochs); the rest is TrainConfig's defaults."""
-    return {"batch_size": 4, "epochs": 20, "lr": 0.0025}
+def maple_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
+    """MaPLe's official training recipe of the setting (:func:`maple_recipe`): batch 4, 5 epochs, lr 0.0035;
+    cross-dataset 2 epochs, lr 0.0026. The rest is TrainConfig's defaults."""
+    return maple_recipe(context)["train"]
+
+
+PROMPTSRC_FEWSHOT_GPA_45_5: frozenset[str] = frozenset({
+    "stanford_cars", "oxford_flowers", "fgvc_aircraft", "dtd", "eurosat"})
+"""Datasets whose few-shot aggregation is mean 45, std 5 (the comment in PromptSRC's few-shot config: "StanfordCars,
+Flowers102, FGVCAircraft, DTD and EuroSAT"); the others (ImageNet, Caltech101, OxfordPets, Food101, UCF101, SUN397,
+and any custom dataset) take the config's active 30 / 30."""
+
+
+def promptsrc_recipe(context: RecipeContext = RecipeContext()) -> dict[str, dict[str, Any]]:
+    """PromptSRC's official recipe of ``context``'s setting: ``{"train": ..., "config": ...}``.
+
+    Sources: PromptSRC repository github.com/muzairkhattak/PromptSRC @ bb95c77, configs/trainers/PromptSRC/*.yaml
+    (all three: batch 4, SGD lr 0.0025, N_CTX 4 + 4, loss weights 25 / 10) and docs/TRAIN.md.
+    """
+    train = {"batch_size": 4,  # DATALOADER.TRAIN_X.BATCH_SIZE 4 (all three configs)
+             "lr": 0.0025}  # OPTIM.LR 0.0025 (all three configs)
+    if context.recipe == "crossdataset":
+        # vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml (docs/TRAIN.md: ImageNet, all classes, 16 shots; the
+        # same model for domain generalisation). scripts/promptsrc/xd_train.sh names "..._ep5_..._cross_datasets",
+        # a file the repository does not have; its xd_test.sh and reproduce_xd.sh load epoch 20 of the ep20 config.
+        return {"train": {**train, "epochs": 20},  # OPTIM.MAX_EPOCH 20
+                "config": {"prompt_depth_text": 3, "prompt_depth_vision": 3,  # PROMPT_DEPTH_TEXT / _VISION 3
+                           "gpa_mean": 6.0, "gpa_std": 10.0}}  # GPA_MEAN 6, GPA_STD 10
+    if context.recipe == "fewshot":
+        # vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml (scripts/promptsrc/few_shot.sh, K = 1, 2, 4, 8, 16)
+        key = key_of(context.dataset) if context.dataset else ""
+        gpa = (45.0, 5.0) if key in PROMPTSRC_FEWSHOT_GPA_45_5 else (30.0, 30.0)  # GPA_MEAN / GPA_STD, per dataset
+        return {"train": {**train, "epochs": 50},  # OPTIM.MAX_EPOCH 50 (reproduce_few_shot.sh LOADEP=50)
+                "config": {"prompt_depth_text": 9, "prompt_depth_vision": 9,  # PROMPT_DEPTH_TEXT / _VISION 9
+                           "gpa_mean": gpa[0], "gpa_std": gpa[1]}}
+    # base-to-novel: vit_b16_c2_ep20_batch4_4+4ctx.yaml (scripts/promptsrc/base2new_train.sh)
+    return {"train": {**train, "epochs": 20},  # OPTIM.MAX_EPOCH 20
+            "config": {"prompt_depth_text": 9, "prompt_depth_vision": 9,  # PROMPT_DEPTH_TEXT / _VISION 9
+                       "gpa_mean": 15.0, "gpa_std": 1.0}}  # GPA_MEAN 15, GPA_STD 1
+
+
+def promptsrc_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
+    """PromptSRC's official training recipe of the setting (:func:`promptsrc_recipe`): batch 4, lr 0.0025, 20 epochs
+    (base-to-novel, cross-dataset), 50 epochs (few-shot). The rest is TrainConfig's defaults."""
+    return promptsrc_recipe(context)["train"]
 
 
 CLIP_LORA_STEPS_PER_SHOT = 500
@@ -801,13 +881,13 @@ CLIP_LORA_STEPS_PER_SHOT = 500
 n_iters * shots)."""
 
 
-def clip_lora_train_defaults(shots: int | None = None, dataset: str | None = None, subset: str = "all"
-                             ) -> dict[str, Any]:
-    """CLIP-LoRA's official recipe (run_utils.py, lora.py, main.py), the same for every dataset and shot count:
-    500 x shots iterations (all training images, shots 0: as 16 shots, the largest setting of the paper), batch 32,
-    AdamW (lr 2e-4, betas 0.9 / 0.999, weight decay 1e-2), cosine per step to 1e-6 (CosineAnnealingLR(total_iters,
-    eta_min=1e-6)) with no warm-up, a fresh random resized crop (scale 0.08-1, bicubic) and flip at every visit."""
-    per_class = shots if shots else 16
+def clip_lora_train_defaults(context: RecipeContext = RecipeContext()) -> dict[str, Any]:
+    """CLIP-LoRA's official recipe (run_utils.py, lora.py, main.py), the same for every dataset, shot count and
+    setting: 500 x shots iterations (all training images, shots 0: as 16 shots, the largest setting of the paper),
+    batch 32, AdamW (lr 2e-4, betas 0.9 / 0.999, weight decay 1e-2), cosine per step to 1e-6
+    (CosineAnnealingLR(total_iters, eta_min=1e-6)) with no warm-up, a fresh random resized crop (scale 0.08-1,
+    bicubic) and flip at every visit."""
+    per_class = context.shots if context.shots else 16
     return {"steps": CLIP_LORA_STEPS_PER_SHOT * per_class, "batch_size": 32, "optimizer": "adamw",
             "lr": 2e-4, "weight_decay": 1e-2, "warmup_epochs": 0, "min_lr": 1e-6, "views": "epochs",
             "crop_scale_min": 0.08}

@@ -19,6 +19,7 @@ from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.configs import IVLPConfig, IndependentPromptOptions
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.methods.deep_prompt import DeepPromptLearner, DeepPrompts, check_depths, deep_tokens
 from vlprompt.methods.prompt_layout import INIT_STD
 
@@ -62,6 +63,8 @@ class IVLP(DeepPromptLearner):
         config = config or IVLPConfig()
         if not isinstance(config, IVLPConfig):
             raise ConfigError(f"IVLP needs an IVLPConfig, got {type(config).__name__}")
+        # fields left to the recipe (None) and not filled from a run's setting (RunConfig, api.build_method): few-shot's
+        config = config.for_recipe(RecipeContext())
         super().__init__(clip, classnames, config, n_ctx=config.n_ctx_text, ctx_init=config.ctx_init,
                          tokenizer=tokenizer)
         self.deep = IndependentPrompts.of(clip, config, "IVLP")

@@ -19,6 +19,7 @@ from torch import nn
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer
 from vlprompt.errors import ConfigError
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.methods.configs import MaPLeConfig
 from vlprompt.methods.deep_prompt import DeepPromptLearner, DeepPrompts, check_depths, deep_tokens
 
@@ -35,6 +36,8 @@ class MaPLe(DeepPromptLearner):
         config = config or MaPLeConfig()
         if not isinstance(config, MaPLeConfig):
             raise ConfigError(f"MaPLe needs a MaPLeConfig, got {type(config).__name__}")
+        # fields left to the recipe (None) and not filled from a run's setting (RunConfig, api.build_method): few-shot's
+        config = config.for_recipe(RecipeContext())
         super().__init__(clip, classnames, config, n_ctx=config.n_ctx, ctx_init=config.ctx_init, tokenizer=tokenizer)
         check_depths(clip, text_depth=config.prompt_depth, vision_depth=config.prompt_depth,
                      n_ctx_vision=config.n_ctx, method="MaPLe")

@@ -29,6 +29,7 @@ from torch import Tensor
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer
 from vlprompt.errors import ConfigError
+from vlprompt.methods.recipe import RecipeContext
 from vlprompt.methods.base import cosine_logits, logit_scale_of
 from vlprompt.methods.configs import PromptSRCConfig
 from vlprompt.methods.deep_prompt import DeepPromptLearner, DeepPrompts, gaussian_epoch_weights
@@ -87,6 +88,8 @@ class PromptSRC(DeepPromptLearner):
         config = config or PromptSRCConfig()
         if not isinstance(config, PromptSRCConfig):
             raise ConfigError(f"PromptSRC needs a PromptSRCConfig, got {type(config).__name__}")
+        # fields left to the recipe (None) and not filled from a run's setting (RunConfig, api.build_method): few-shot's
+        config = config.for_recipe(RecipeContext())
         super().__init__(clip, classnames, config, n_ctx=config.n_ctx_text, ctx_init=config.ctx_init,
                          tokenizer=tokenizer)
         self.deep = IndependentPrompts.of(clip, config, "PromptSRC")

@@ -25,8 +25,8 @@ from PIL import Image
 from vlprompt.backbone.transforms import EvalTransform, TensorEvalTransform, load_image
 from vlprompt.common.io import read_text
 from vlprompt.common.options import check_choice
-from vlprompt.common.precision import autocast_for
-from vlprompt.common.vocab import DEFAULT_TEMPLATE, PRECISIONS
+from vlprompt.common.precision import autocast_for, resolve_precision
+from vlprompt.common.vocab import DEFAULT_TEMPLATE, PRECISION_CHOICES
 from vlprompt.data.classnames import same_name_message, same_named
 from vlprompt.data.listing import format_offenders, is_hidden, is_image_name
 from vlprompt.errors import ConfigError, DatasetError
@@ -126,24 +126,27 @@ def _source(item: ImageInput, index: int) -> str:
 class Predictor:
     """Classify images with a method: ``Predictor(method).predict(images, top_k=5)``.
 
-    ``device`` defaults to the backbone's; ``precision`` ("fp32", "bf16", "fp16") is the autocast of the image tower
-    and classifier. Build one from a prompt file with :meth:`from_prompt`, or any class list (zero-shot) with
+    ``device`` defaults to the backbone's; ``precision`` ("auto", "fp32", "bf16", "fp16") is the autocast of the
+    image tower and classifier; "auto" (the default, as training, extraction and :func:`vlprompt.api.evaluate`) is
+    resolved on construction (:func:`vlprompt.common.precision.resolve_precision`: bf16 where this machine's cached
+    probe finds it faster, CUDA: where supported), so :attr:`precision` is the concrete one used. Build one from a
+    prompt file with :meth:`from_prompt`, or any class list (zero-shot) with
     :meth:`zero_shot`; :func:`vlprompt.harness.pipeline.run_predictor` builds one from a run folder.
     """
 
-    def __init__(self, method: Any, *, device: str | torch.device | None = None, precision: str = "fp32",
+    def __init__(self, method: Any, *, device: str | torch.device | None = None, precision: str = "auto",
                  batch_size: int = IMAGE_BATCH) -> None:
         if not hasattr(method, "classifier") or not hasattr(method, "clip"):
             raise ConfigError(f"Predictor needs a vlprompt method (with .clip and .classifier()), got "
                               f"{type(method).__name__}")
-        check_choice("precision", precision, PRECISIONS)
+        check_choice("precision", precision, PRECISION_CHOICES)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.method = method
         self.clip: CLIP = method.clip
         self.classnames: list[str] = list(method.classnames)
         self.device = torch.device(device) if device is not None else self.clip.device
-        self.precision = precision
+        self.precision: str = resolve_precision(precision, self.device)  # concrete: "auto" measured here
         self.batch_size = batch_size
         resolution = self.clip.config.image_resolution
         self._pil_transform = EvalTransform(resolution)

@@ -29,6 +29,7 @@ from vlprompt.common.options import check_choice, check_int, check_number, known
 from vlprompt.common.vocab import PRECISION_CHOICES, PrecisionChoice
 from vlprompt.errors import ConfigError
 from vlprompt.methods import get_method
+from vlprompt.methods.recipe import RecipeContext
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
@@ -211,26 +212,32 @@ Dassl recipe (SGD lr 0.002, weight decay 5e-4, a fresh view every epoch, random 
 constant warm-up epoch, a cosine decaying towards 0)."""
 
 
-def method_train_defaults(method: str, shots: int, dataset: str, subset: str = "all") -> dict[str, Any]:
-    """The method's reference values of the :data:`RESOLVED_KEYS` (from its MethodSpec in
-    ``vlprompt.methods.METHODS``; ``subset="base"`` is base-to-novel training, where some recipes differ: KgCoOp).
+def method_train_defaults(method: str, shots: int | None, dataset: str | None, subset: str = "all",
+                          protocol: str | None = None) -> dict[str, Any]:
+    """The method's official values of the :data:`RESOLVED_KEYS` in the setting of ``shots``, ``dataset``,
+    ``subset`` and ``protocol`` (its MethodSpec's ``train_defaults`` of that
+    :class:`~vlprompt.methods.recipe.RecipeContext`: the protocol's recipe; without a protocol base-to-novel for a
+    class subset, else few-shot).
 
     CoOp: batch 32, epochs 50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16 shots, ImageNet 50; CoCoOp: batch 1,
     10 epochs; CLAP: lr 0.1, weight decay 0, batch 256, 300 epochs, 20 views; Tip-Adapter(-F) and LP++: their views
-    and crop scale; TCP: Adam with epsilon 1e-3. Empty for methods without training images.
+    and crop scale; TCP: Adam with epsilon 1e-3; KgCoOp / ProGrad: their base-to-novel schedules; MaPLe / PromptSRC:
+    their cross-dataset / few-shot schedules. Empty for methods without training images.
     """
-    defaults = get_method(method).train_defaults(shots, dataset, subset)
+    context = RecipeContext(shots=shots, dataset=dataset, subset=subset, protocol=protocol)
+    defaults = get_method(method).train_defaults(context)
     return {key: defaults[key] for key in RESOLVED_KEYS if key in defaults}
 
 
-def resolve_train_config(train: TrainConfig, *, method: str, shots: int, dataset: str,
-                         subset: str = "all") -> TrainConfig:
-    """``train`` with the :data:`RESOLVED_KEYS` left at None replaced by the method's defaults, then by the
-    reference recipe (:data:`REFERENCE_RECIPE`).
+def resolve_train_config(train: TrainConfig, *, method: str, shots: int | None, dataset: str | None,
+                         subset: str = "all", protocol: str | None = None) -> TrainConfig:
+    """``train`` with the :data:`RESOLVED_KEYS` left at None replaced by the method's defaults in that setting
+    (:func:`method_train_defaults`), then by the reference recipe (:data:`REFERENCE_RECIPE`); values set in
+    ``train`` always win.
 
     ``epochs`` / ``batch_size`` of methods without SGD training (no defaults) stay None.
     """
-    defaults = method_train_defaults(method, shots, dataset, subset)
+    defaults = method_train_defaults(method, shots, dataset, subset, protocol)
     if train.epochs is not None or train.steps is not None:  # the length given is the length: one or the other
         defaults = {key: value for key, value in defaults.items() if key not in ("epochs", "steps")}
     values = {key: getattr(train, key) if getattr(train, key) is not None else defaults.get(key)
@@ -262,10 +269,16 @@ def train_identity(train: TrainConfig) -> dict[str, Any]:
                                 if key not in TRAIN_NON_IDENTITY_FIELDS})
 
 
-LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = {"optimizer": (None, "sgd"), "adam_eps": (None,), "steps": (None,),
-                                                 "min_lr": (None, 0.0)}
-"""Training options added after run folders existed, with the values that mean what those folders did (SGD): left
-out of the identity so that the configuration hashes and checkpoints of earlier runs stay valid."""
+LATER_DEFAULTS: Mapping[str, tuple[Any, ...]] = types.MappingProxyType({
+    "optimizer": (None, "sgd"),  # 0.1 trained with SGD only
+    "adam_eps": (None,),
+    "steps": (None,),  # 0.1: the length in epochs only
+    "min_lr": (None, 0.0),  # 0.1: cosine to 0
+    "crop_scale_min": (0.08,),  # 0.1's training views: random resized crop of scale (0.08, 1), fixed
+})
+"""Training options added after vlprompt 0.1, with the values that mean what 0.1 did: left out of the identity so
+that the configuration hashes and checkpoints of 0.1 runs stay valid (a 0.1 ``config.json`` lacks these keys:
+:data:`vlprompt.harness.config.FORMER_VALUES` reads them as these values)."""
 
 
 def drop_later_defaults(train: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,9 @@ never share a folder with full ones)::
     OUT/<tree>/<model-tag>/<dataset>/<method>/shots<K>/seed<S>/   trained and closed-form methods
     OUT/<tree>/<model-tag>/<dataset>/<method>/                     zero-shot and prompt ensembling (nothing to learn)
 
-``<tree>`` is the protocol's name, except for the ImageNet-trained runs that cross-dataset transfer and domain
-generalisation share (``transfer``), so the source models are trained once and evaluated by both.
+``<dataset>`` is a built-in dataset's registry key, or ``custom_<name>`` for a custom dataset (``folder:PATH``, ...,
+named after its folder or list file). ``<tree>`` is the protocol's name, except for the ImageNet-trained runs that
+cross-dataset transfer and domain generalisation share (``transfer``), so the source models are trained once and evaluated by both.
 
 This module imports neither torch nor numpy.
 """

@@ -9,6 +9,10 @@
 - ``domainshift`` (CoOp Table 1 right / CoCoOp Table 3): the same ImageNet-trained runs evaluated on ImageNet-V2,
   -Sketch, -A and -R (A and R on their 200-class subsets, as their readers give them).
 
+Datasets are the built-in ones or custom (``folder:PATH``, ``csv:FILE``, ``json:FILE``: planned as absolute specs,
+run folders ``custom_<name>``): in ``--datasets`` of few-shot and base-to-novel, as a transfer ``--source`` and in
+``--targets`` (only when given: a custom source has no default domain-shift targets).
+
 Cross-dataset and domain generalisation share their source runs (folder tree ``transfer``): a run trained by one is
 only evaluated by the other. The shared run is a cross-dataset run (its ``results.json``, the source's own test
 split, is the source column of CoCoOp's Table 2); each evaluation is labelled with the protocol that asked for it, and
@@ -17,8 +21,13 @@ same metrics as ``results.json``), so that the report's tables of both protocols
 
 Method settings follow the papers: CoOp's own defaults (M = 16, random init) in the few-shot protocol; in the
 base-to-novel and transfer protocols the CoCoOp paper fixes, for CoOp and CoCoOp alike, M = 4 initialised from
-"a photo of a" (CoCoOp's config already is that). Everything is overridable (methods, datasets, shots, seeds, source,
-targets, per-method options).
+"a photo of a" (CoCoOp's config already is that; a choice of the CoCoOp paper's comparison, so it stays here rather
+than in CoOp's own recipe). Every run records its protocol (``RunConfig.protocol``: the transfer runs
+``crossdataset``), and each method's defaults follow that setting's official recipe
+(:mod:`vlprompt.methods.recipe`: e.g. PromptSRC few-shot 50 epochs with aggregation 30 / 30 or 45 / 5; MaPLe and
+PromptSRC cross-dataset at prompt depth 3, MaPLe 2 epochs at lr 0.0026; KgCoOp / ProGrad base-to-novel schedules),
+exactly as ``vlprompt train --protocol P`` gets them. Everything is overridable (methods, datasets, shots, seeds,
+source, targets, per-method options, training options); explicit values win.
 
 This module imports neither torch nor numpy.
 """
@@ -34,6 +43,7 @@ from typing import Any
 
 from vlprompt.common.options import config_from_dict, config_to_dict
 from vlprompt.common.vocab import DEFAULT_MODEL
+from vlprompt.data.custom import CUSTOM_KINDS, CustomSpec, parse_custom_spec
 from vlprompt.data.registry import DATASETS, lookup
 from vlprompt.harness.bench.plan import PlannedRun, make_run, run_key, tree_name
 from vlprompt.harness.rundir import EvalSpec, eval_name
@@ -125,15 +135,57 @@ class Protocol:
 # ------------------------------------------------------------------------------------------------------- validation
 
 
-def _dataset_key(name: str, *, what: str, trainable: bool) -> str:
-    """The registry key of a built-in dataset (any spelling); ConfigError naming the known ones otherwise."""
-    info = lookup(name)
+def _dataset_key(name: str, *, what: str, trainable: bool, root: str = "") -> str:
+    """The registry key of a built-in dataset (any spelling), or the canonical spec of a custom dataset
+    (``folder:`` / ``csv:`` / ``json:`` and its absolute path, so that every worker reads the same data; found as
+    ``load_dataset`` finds it, also under ``root``); ConfigError naming the known ones otherwise."""
+    prefixed = isinstance(name, str) and any(name.startswith(f"{kind}:") for kind in CUSTOM_KINDS)
+    info = None if prefixed else lookup(name)
     if info is None:
-        raise ConfigError(f"unknown {what} {name!r}; known datasets: {', '.join(DATASETS)}")
+        custom = parse_custom_spec(name, Path(root).expanduser() if root else None) \
+            if isinstance(name, str) and name.strip() else None
+        if custom is None:
+            raise ConfigError(f"unknown {what} {name!r}; known datasets: {', '.join(DATASETS)}, or your own data as "
+                              "folder:PATH, csv:FILE or json:FILE")
+        return f"{custom.kind}:{custom.path}"
     if trainable and info.test_only:
         raise ConfigError(f"{info.title} is a test-only dataset (no training images): it cannot be a {what}; use it "
                           "as a domain generalisation target instead")
     return info.key
+
+
+def custom_name(dataset: str) -> str | None:
+    """The name of a planned custom dataset (a spec made by :func:`_dataset_key`: its folder's or file's name); None
+    for a built-in dataset."""
+    kind, _, path = dataset.partition(":")
+    if kind not in CUSTOM_KINDS or not path:
+        return None
+    return CustomSpec(kind, Path(path)).name  # type: ignore[arg-type]
+
+
+def dataset_label(dataset: str) -> str:
+    """How a planned dataset names its folder level and evaluation files: a built-in's registry key, a custom
+    dataset's name (its folder's or list file's name)."""
+    custom = custom_name(dataset)
+    return custom if custom is not None else dataset
+
+
+def _folder_label(dataset: str) -> str:
+    """The run folder level of a dataset: a built-in's key, ``custom_<name>`` for a custom dataset (never the same
+    folder as a built-in dataset)."""
+    custom = custom_name(dataset)
+    return dataset if custom is None else f"custom_{custom}"
+
+
+def _check_custom_names(datasets: Sequence[str]) -> None:
+    """Two custom datasets with the same name would share run folders and result names: refused."""
+    seen: dict[str, str] = {}
+    for dataset in datasets:
+        label = _folder_label(dataset)
+        if label in seen and seen[label] != dataset:
+            raise ConfigError(f"the custom datasets {seen[label]} and {dataset} have the same name "
+                              f"{dataset_label(dataset)!r}; rename one folder or file")
+        seen[label] = dataset
 
 
 def _unique(values: Sequence[Any]) -> tuple[Any, ...]:
@@ -218,7 +270,8 @@ def _runs_for(protocol: Protocol, options: ProtocolOptions, *, tree: str, datase
             method_config = _method_config(method, defaults, options)
             for variant in _variants(method, shots, seeds):
                 k, s = variant if variant is not None else (0, FIXED_SEED)
-                key = run_key(tree, model, dataset, method, *(variant if variant is not None else (None, None)))
+                key = run_key(tree, model, _folder_label(dataset), method,
+                              *(variant if variant is not None else (None, None)))
                 config = _config(config_protocol, options, model, method, dataset, shots=k, seed=s, subset=subset,
                                  method_config=method_config)
                 runs.append(make_run(options.out, key, config, evals(dataset, method)))
@@ -232,8 +285,7 @@ def _fewshot(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun, 
     if options.source is not None or options.targets is not None:
         raise ConfigError("--source and --targets belong to crossdataset and domainshift; few-shot runs train and "
                           "test on each of --datasets")
-    datasets = _unique([_dataset_key(d, what="training dataset", trainable=True)
-                        for d in (options.datasets or BENCHMARKS)])
+    datasets = _training_datasets(options)
     return tuple(_runs_for(
         protocol, options, tree=tree_name(protocol.name, options.budget), datasets=datasets,
         methods=_method_names(protocol, options), shots=_counts(options.shots, DEFAULT_SHOTS, "shots", 1),
@@ -248,30 +300,43 @@ def _base2novel(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRu
                           "on the base classes of each of --datasets")
     methods = _method_names(protocol, options)
     _refuse_fixed_classifiers(methods, "evaluated on the novel classes")
-    datasets = _unique([_dataset_key(d, what="training dataset", trainable=True)
-                        for d in (options.datasets or BENCHMARKS)])
+    datasets = _training_datasets(options)
     return tuple(_runs_for(
         protocol, options, tree=tree_name(protocol.name, options.budget), datasets=datasets, methods=methods,
         shots=_counts(options.shots, (BASE2NOVEL_SHOTS,), "shots", 1),
         seeds=_counts(options.seeds, DEFAULT_SEEDS, "seeds", 0), subset="base",
         method_defaults={"coop": COCOOP_PAPER_COOP},
-        evals=lambda dataset, method: (EvalSpec(dataset, "new", eval_name(dataset, "new")),),
+        evals=lambda dataset, method: (EvalSpec(dataset, "new", eval_name(dataset_label(dataset), "new")),),
         config_protocol=protocol.name,
     ))
 
 
-def transfer_targets(protocol: str, source: str, targets: Sequence[str] | None) -> tuple[str, ...]:
-    """The evaluation datasets of a transfer protocol: the user's, or the papers' (other benchmarks / variants)."""
+def _training_datasets(options: ProtocolOptions) -> tuple[str, ...]:
+    datasets = _unique([_dataset_key(d, what="training dataset", trainable=True, root=options.root)
+                        for d in (options.datasets or BENCHMARKS)])
+    _check_custom_names(datasets)
+    return datasets
+
+
+def transfer_targets(protocol: str, source: str, targets: Sequence[str] | None, root: str = "") -> tuple[str, ...]:
+    """The evaluation datasets of a transfer protocol: the user's, or the papers' (other benchmarks / variants).
+
+    A custom source has no default domain-shift targets (ImageNet's variants have ImageNet's classes): name its
+    shifted test sets with --targets. Custom targets are only evaluated when given."""
     if targets is None:
+        if protocol == "domainshift" and custom_name(source) is not None:
+            raise ConfigError(f"domain generalisation from the custom dataset {dataset_label(source)!r} has no default "
+                              "targets: name test sets with the same classes in --targets")
         chosen: Sequence[str] = (IMAGENET_VARIANTS if protocol == "domainshift"
                                  else [d for d in BENCHMARKS if d != source])
     else:
         chosen = targets
-    keys = _unique([_dataset_key(t, what="target dataset", trainable=False) for t in chosen])
+    keys = _unique([_dataset_key(t, what="target dataset", trainable=False, root=root) for t in chosen])
     if not keys:
         raise ConfigError("--targets is empty: name at least one evaluation dataset")
     if source in keys:
-        raise ConfigError(f"the source dataset {source} is evaluated anyway; leave it out of --targets")
+        raise ConfigError(f"the source dataset {dataset_label(source)} is evaluated anyway; leave it out of --targets")
+    _check_custom_names([source, *keys])
     return keys
 
 
@@ -282,14 +347,15 @@ def _transfer(protocol: Protocol, options: ProtocolOptions) -> tuple[PlannedRun,
     methods = _method_names(protocol, options)
     if protocol.name == SOURCE_PROTOCOL:  # domain shift keeps the source's classes (or a subset: ImageNet-A / -R)
         _refuse_fixed_classifiers(methods, "evaluated on another dataset's classes")
-    source = _dataset_key(options.source or "imagenet", what="source dataset", trainable=True)
-    targets = transfer_targets(protocol.name, source, options.targets)
+    source = _dataset_key(options.source or "imagenet", what="source dataset", trainable=True, root=options.root)
+    targets = transfer_targets(protocol.name, source, options.targets, options.root)
 
     def evals(dataset: str, method: str) -> tuple[EvalSpec, ...]:
-        found = tuple(EvalSpec(t, "all", t, protocol.name) for t in targets)
+        found = tuple(EvalSpec(t, "all", eval_name(dataset_label(t)), protocol.name) for t in targets)
         if protocol.name == SOURCE_PROTOCOL:
             return found
-        return (EvalSpec(source, "all", f"{source}-{protocol.name}", protocol.name), *found)
+        return (EvalSpec(source, "all", eval_name(f"{dataset_label(source)}-{protocol.name}"), protocol.name),
+                *found)
 
     return tuple(_runs_for(
         protocol, options, tree=tree_name(TRANSFER_TREE, options.budget), datasets=(source,), methods=methods,
@@ -323,6 +389,13 @@ PROTOCOLS: Mapping[str, Protocol] = MappingProxyType({
         "CoCoOp Table 3)", DEFAULT_MODEL, ("coop", "cocoop"), (), _transfer),
 })
 """Protocol name -> :class:`Protocol` (the one registry of protocols)."""
+
+
+def needs_data_root(runs: Sequence[PlannedRun]) -> bool:
+    """True when a planned run trains or evaluates on a built-in dataset (read under the data root); runs on custom
+    datasets alone need none (their specs are absolute paths)."""
+    return any(custom_name(dataset) is None
+               for run in runs for dataset in (run.config.dataset, *(e.dataset for e in run.evals)))
 
 
 def build_plan(protocol: str, options: ProtocolOptions) -> tuple[PlannedRun, ...]:

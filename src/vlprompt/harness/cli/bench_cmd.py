@@ -28,7 +28,14 @@ from vlprompt.common.io import atomic_write_json
 from vlprompt.common.options import add_dataclass_arguments, dataclass_from_args
 from vlprompt.common.progress import Progress
 from vlprompt.errors import ConfigError
-from vlprompt.harness.bench.protocols import BUDGET_EPOCHS, BUDGET_TEST_IMAGES, PROTOCOLS, ProtocolOptions, build_plan
+from vlprompt.harness.bench.protocols import (
+    BUDGET_EPOCHS,
+    BUDGET_TEST_IMAGES,
+    PROTOCOLS,
+    ProtocolOptions,
+    build_plan,
+    needs_data_root,
+)
 from vlprompt.harness.bench.status import RunState, count_states, inspect_run
 from vlprompt.harness.cli.common import (
     ROOT_ENV,
@@ -76,15 +83,17 @@ def add_parser(subparsers: Any) -> None:
     choice.add_argument("--no-baselines", action="store_true",
                         help="leave out the baselines (fewshot: zeroshot, linear_probe; base2novel: zeroshot)")
     choice.add_argument("--datasets", nargs="+", default=None, metavar="DATASET",
-                        help="fewshot / base2novel: training datasets (default: the 11 benchmarks)")
+                        help="fewshot / base2novel: training datasets, built-in names or your own data as "
+                             "folder:PATH, csv:FILE, json:FILE (default: the 11 benchmarks)")
     choice.add_argument("--shots", nargs="+", default=None, metavar="K",
                         help="shots per class (default: fewshot 1 2 4 8 16; other protocols 16)")
     choice.add_argument("--seeds", nargs="+", default=None, metavar="S", help="seeds (default: 1 2 3)")
     choice.add_argument("--source", default=None,
-                        help="crossdataset / domainshift: the training dataset (default: imagenet)")
+                        help="crossdataset / domainshift: the training dataset, built-in or custom (default: "
+                             "imagenet; a custom source needs --targets for domainshift)")
     choice.add_argument("--targets", nargs="+", default=None, metavar="DATASET",
-                        help="crossdataset / domainshift: evaluation datasets (default: the 10 other benchmarks / "
-                             "imagenetv2 imagenet_sketch imagenet_a imagenet_r)")
+                        help="crossdataset / domainshift: evaluation datasets, built-in or custom (default: the "
+                             "10 other benchmarks / imagenetv2 imagenet_sketch imagenet_a imagenet_r)")
     choice.add_argument("--method-option", action="append", default=[], metavar="METHOD.FIELD=VALUE",
                         help="override a method option, e.g. coop.n_ctx=16 or coop.ctx_init= (repeatable; VALUE is "
                              "JSON, else a string). base2novel / transfer default to CoOp n_ctx=4, ctx_init='a "
@@ -243,7 +252,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(plan_lines(args.protocol, runs, options.out, options.budget, options.train.epochs)))
         return 0
-    if not options.root:
+    if not options.root and needs_data_root(runs):
         raise ConfigError(f"give the data root with --root (or set ${ROOT_ENV}); it holds the dataset folders")
     if args.executor is not None:
         return _run_array(args, options, runs)

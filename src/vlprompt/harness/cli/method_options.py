@@ -102,7 +102,9 @@ def _help(option: MethodOption, specs: list[Any]) -> str:
         text = texts[0]
     else:
         text = "; ".join(f"{spec.name}: {t}" for spec, t in zip(specs, texts))
-    if len(set(map(repr, defaults))) == 1:
+    if defaults[0] is None and len(set(map(repr, defaults))) == 1 and "default: the recipe's" in text:
+        shown = "default: by --protocol"  # None = the official recipe of the run's setting (methods.recipe)
+    elif len(set(map(repr, defaults))) == 1:
         shown = f"default: {_show(defaults[0])}"
     else:
         shown = "default: " + ", ".join(f"{spec.name} {_show(d)}" for spec, d in zip(specs, defaults))

@@ -3,10 +3,13 @@
 ``fetch(url, part)`` appends to ``part`` (a ``<name>.part`` file): when it already holds bytes, the request asks for
 the rest (``Range: bytes=N-``); a server that answers 206 continues the file, one that answers 200 (no range support)
 sends it whole again and ``part`` is rewritten. A connection cut short is retried the same way ``retries`` times.
-Nothing here decides where files live or whether they are right: :func:`file_digest` and the caller do.
+Nothing here decides where files live or whether they are right: :func:`file_digest` and the caller do. It is the
+one downloader: datasets (:mod:`vlprompt.data.download`) and CLIP checkpoints (:mod:`vlprompt.backbone.download`)
+fetch through it.
 
-Progress goes to a tqdm bar when stderr is a terminal and otherwise to the ``vlprompt.data.fetch`` log, one line per
-10% (or per 256 MiB when the size is unknown), so that logs of unattended runs show it too.
+Progress goes to a tqdm bar when stderr is a terminal and otherwise to the ``vlprompt.common.fetch`` log, one line per
+10% (or per 256 MiB when the size is unknown), so that logs of unattended runs show it too. Imports only the standard
+library (tqdm when a bar is shown).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ _NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.cl
 
 
 class FetchError(DatasetError):
-    """A URL could not deliver the file (no connection, refused, HTTP error, a web page instead of the file)."""
+    """A URL could not deliver the file (no connection, refused, HTTP error, a web page instead of the file). A
+    DatasetError, as dataset downloads report it; the checkpoint download reports it as a CheckpointError."""
 
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"{url}: {reason}")
