@@ -819,8 +819,8 @@ def build_deep_method(kind: str, clip: CLIP, names: list[str], fast: bool) -> Fr
 def make_image_step(method: FrozenClipMethod, images: Tensor, labels: Tensor, precision: str,
                     lr: float) -> Callable[[], None]:
     """One SGD step of an image-in-the-loop method as :func:`vlprompt.training.loop.train` takes it (the
-    regulariser of a :class:`~vlprompt.training.loop.TrainOutput` weighted by the batch)."""
-    from vlprompt.training.loop import TrainOutput
+    regulariser of a :class:`~vlprompt.methods.base.TrainOutput` weighted by the batch)."""
+    from vlprompt.methods.base import TrainOutput
 
     device = method.clip.device
     images, labels = images.to(device), labels.to(device)
@@ -892,8 +892,8 @@ def bench_deep_group(kind: str, clip: CLIP, classes: int, args: argparse.Namespa
 def bench_data_path(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Images/s of the image-in-the-loop data path (decode + augment in workers) against the prompted image tower
     alone (forward + backward), and of whole training epochs against their steps alone."""
-    from vlprompt.features.extract import default_num_workers
-    from vlprompt.training.loop import epoch_batches, epoch_view_indices, train
+    from vlprompt.features.extract import default_num_workers, epoch_view_indices
+    from vlprompt.training.loop import epoch_batches, train
     from vlprompt.training.sources import ImageBatches, ImageTrainSet
 
     names, _ = class_names(args.fullrun_classes)

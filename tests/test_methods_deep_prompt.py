@@ -29,7 +29,8 @@ from vlprompt.methods.maple import MaPLe, MaPLeConfig
 from vlprompt.methods.promptsrc import PromptSRC, PromptSRCConfig, self_regulation
 from vlprompt.methods.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_60
 from vlprompt.training.config import TrainConfig
-from vlprompt.training.loop import TrainOutput, train
+from vlprompt.methods.base import TrainOutput
+from vlprompt.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

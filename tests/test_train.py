@@ -16,7 +16,8 @@ from vlprompt.training.config import TrainConfig
 from vlprompt.errors import CheckpointError, ConfigError, DatasetError, VlpromptError
 from vlprompt.harness.rundir import RunDir, load_params
 from vlprompt.common.vocab import derive_seed
-from vlprompt.training.loop import (TrainingDiverged, epoch_batches, epoch_view_indices, lr_at_epoch, lr_schedule,
+from vlprompt.features.extract import epoch_view_indices
+from vlprompt.training.loop import (TrainingDiverged, epoch_batches, lr_at_epoch, lr_schedule,
                             train)
 
 CONFIG = TrainConfig(epochs=4, batch_size=8, precision="fp32")

@@ -199,21 +199,10 @@ def merge(source: Any, out: str | os.PathLike[str], *, overwrite: bool = False, 
     prompt on its recorded backbone, or ``model``). The file is written atomically; an existing ``out`` is replaced
     only with ``overwrite`` and only if an earlier merge wrote it (else OutputError, nothing changed).
     """
+    if isinstance(source, str | os.PathLike):
+        from vlprompt.harness.pipeline import merge_run
+
+        return merge_run(source, out, overwrite=overwrite, model=model, device=device)
     from vlprompt.methods.clip_lora import save_merged_clip
 
-    method = source
-    if isinstance(source, str | os.PathLike):
-        from vlprompt.harness.pipeline import open_trained_run
-        from vlprompt.harness.rundir import reading_lock
-
-        with reading_lock(source):
-            method = open_trained_run(source, model=model, device=device).method
-    if getattr(method, "method_name", None) != "clip_lora":
-        raise ConfigError(f"merge folds CLIP-LoRA's low-rank updates into the backbone; {_what(source, method)} is "
-                          "not a clip_lora method (prompt learners keep their prompts beside the backbone)")
-    return save_merged_clip(method, out, overwrite=overwrite)
-
-
-def _what(source: Any, method: Any) -> str:
-    name = getattr(method, "method_name", None) or type(method).__name__
-    return f"the run {str(source)!r} ({name})" if isinstance(source, str | os.PathLike) else f"a {name} method"
+    return save_merged_clip(source, out, overwrite=overwrite)

@@ -200,7 +200,7 @@ def train_features(clip: CLIP, splits: DatasetSplits, train: TrainConfig, option
 
     The views form one pool per image, drawn from :data:`AUGMENTATION_POOL_SEED` rather than the run's seed, so the
     feature cache serves them to every run, method and seed; the run's seed decides which view each image shows in
-    each epoch (:func:`vlprompt.training.loop.epoch_view_indices`). The crop's smallest area fraction is
+    each epoch (:func:`vlprompt.features.extract.epoch_view_indices`). The crop's smallest area fraction is
     ``train.crop_scale_min`` (CoOp 0.08; a pool per value)."""
     views = train.num_views(len(splits.train))
     if views == 0:

@@ -7,7 +7,7 @@ encoded once and the features reused:
 * :func:`augmented_views`: training features ``[V, N, D]``; view ``v`` of image ``i`` is drawn with a generator seeded
   from (seed, v, the item's relative path) alone, so it does not depend on batching, worker count, rank or which other
   views are computed. Each image is decoded once for all of its views. Which view an image shows in a training epoch
-  is the trainer's choice (:func:`vlprompt.training.loop.epoch_view_indices`: ``(e + offset_i) % V`` with offsets
+  is the trainer's choice (:func:`epoch_view_indices`: ``(e + offset_i) % V`` with offsets
   drawn from the run's seed); ``views = epochs`` gives a fresh augmentation every epoch, as the reference.
 
 With a :class:`~vlprompt.features.cache.FeatureCache`, rows found in the cache are served from it and only the missing
@@ -48,6 +48,7 @@ from vlprompt.data.listing import format_offenders
 from vlprompt.data.types import Item
 from vlprompt.errors import ConfigError, DatasetError, RunError
 from vlprompt.common.precision import autocast_for, check_precision, resolve_precision
+from vlprompt.common.vocab import derive_seed
 from vlprompt.common.progress import Progress, progress as make_progress
 from vlprompt.features.cache import FeatureCache, FeatureKeyer
 
@@ -105,6 +106,22 @@ class FeatureSet:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # public entry points
+
+
+def epoch_view_indices(num_views: int, num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which augmented view [N] each image uses in ``epoch``: ``(epoch + offset_i) % V``.
+
+    The pool of ``V`` views per image is shared by every run (so the feature cache serves it across seeds and
+    methods); the run's seed draws each image's offset, so two seeds see different view sequences, and over ``V``
+    consecutive epochs every image visits each of its views exactly once (``views="epochs"`` therefore gives a fresh
+    augmentation every epoch, as the reference).
+    """
+    if num_views == 1:
+        return torch.zeros(num_items, dtype=torch.long)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "views"))
+    offsets = torch.randint(num_views, (num_items,), generator=generator)
+    return (offsets + epoch) % num_views
+
 
 
 def extract_features(

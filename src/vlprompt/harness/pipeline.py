@@ -358,6 +358,21 @@ def run_predictor(run_dir: str | os.PathLike[str], *, model: str | None = None, 
     return Predictor(trained.method, precision=precision or trained.config.train.precision, **kwargs)
 
 
+def merge_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False,
+              model: str | None = None, device: str | torch.device | None = None) -> Path:
+    """Fold a clip_lora run folder's low-rank updates into its backbone (or ``model``) and write a plain CLIP
+    checkpoint (:func:`vlprompt.methods.clip_lora.save_merged_clip`); returns the path."""
+    from vlprompt.methods.clip_lora import save_merged_clip
+
+    with reading_lock(run_dir):
+        trained = open_trained_run(run_dir, model=model, device=device)
+    if trained.config.method != "clip_lora":
+        raise ConfigError(f"merge folds CLIP-LoRA's low-rank updates into the backbone; the run {str(run_dir)!r} "
+                          f"({trained.config.method}) is not a clip_lora method (prompt learners keep their prompts "
+                          "beside the backbone)")
+    return save_merged_clip(trained.method, out, overwrite=overwrite)
+
+
 def evaluate_run(run_dir: str | os.PathLike[str], *, dataset: str | None = None, subset: str = "all",
                  root: str | os.PathLike[str] | None = None, name: str | None = None, model: str | None = None,
                  clip: CLIP | None = None, device: str | torch.device | None = None, precision: str | None = None,

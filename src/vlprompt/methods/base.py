@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,16 @@ from torch import Tensor, nn
 
 from vlprompt.backbone.model import CLIP
 from vlprompt.errors import ConfigError
+
+
+class TrainOutput(NamedTuple):
+    """What a method's training forward may return instead of bare logits: the logits (the loop adds the
+    cross-entropy) and a regulariser, a scalar that is a mean over the batch given (the loop weights it by that
+    batch's size within the global batch, so under DDP the averaged gradient is the global batch's)."""
+
+    logits: torch.Tensor
+    regularizer: torch.Tensor
+
 
 
 def check_classnames(classnames: Sequence[str]) -> list[str]:

@@ -239,10 +239,15 @@ def save_merged_clip(method: CLIPLoRA, path: str | os.PathLike[str], *, overwrit
     ``load_clip`` reads), atomically; returns the path.
 
     An existing file is replaced only with ``overwrite`` and only when it is a merged checkpoint this function wrote
-    (:data:`MERGED_FORMAT`); anything else is refused (OutputError) and left as it was."""
+    (:data:`MERGED_FORMAT`); anything else is refused (OutputError) and left as it was. ``method`` must be a
+    CLIP-LoRA (ConfigError otherwise)."""
     from vlprompt import __version__
     from vlprompt.common.io import atomic_write_bytes, safetensors_bytes
 
+    if not isinstance(method, CLIPLoRA):
+        name = getattr(method, "method_name", None) or type(method).__name__
+        raise ConfigError(f"merge folds CLIP-LoRA's low-rank updates into the backbone; a {name} method is not a "
+                          "clip_lora method (prompt learners keep their prompts beside the backbone)")
     target = Path(path)
     if target.suffix != ".safetensors":
         raise ConfigError(f"the merged checkpoint is a safetensors file: name it *.safetensors, got {str(target)!r}")

@@ -31,9 +31,8 @@ from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
 from vlprompt.common.vocab import seeded_torch
 from vlprompt.errors import ConfigError
-from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, cosine_logits, logit_scale_of
+from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, TrainOutput, cosine_logits, logit_scale_of
 from vlprompt.methods.prompt_layout import INIT_STD, PromptLayout, build_layout, context_phrase, phrase_embeddings
-from vlprompt.training.loop import TrainOutput
 
 
 @dataclass(frozen=True)

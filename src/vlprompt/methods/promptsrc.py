@@ -30,10 +30,9 @@ from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer
 from vlprompt.errors import ConfigError
 from vlprompt.methods.recipe import RecipeContext
-from vlprompt.methods.base import cosine_logits, logit_scale_of
+from vlprompt.methods.base import TrainOutput, cosine_logits, logit_scale_of
 from vlprompt.methods.configs import PromptSRCConfig
 from vlprompt.methods.deep_prompt import DeepPromptLearner, DeepPrompts, gaussian_epoch_weights
-from vlprompt.training.loop import TrainOutput
 from vlprompt.methods.ivlp import IndependentPrompts
 from vlprompt.methods.templates import template_set
 

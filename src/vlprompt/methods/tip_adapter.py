@@ -17,7 +17,7 @@ their validation accuracy.
 Tip-Adapter-F makes the keys learnable (initialised with the cache, values fixed) and fine-tunes them with AdamW
 (lr 0.001, eps 1e-4, weight decay 0.01, cosine annealing per step to 0, batch 256 with the last batch kept) for 20
 epochs (EuroSAT 100) at the initial alpha and beta; epoch ``e`` shows image ``i`` its pool view
-``(e + offset_i) % V`` (:func:`vlprompt.training.loop.epoch_view_indices`, offsets from the run's seed). After every
+``(e + offset_i) % V`` (:func:`vlprompt.features.extract.epoch_view_indices`, offsets from the run's seed). After every
 epoch the validation accuracy is measured; the keys of the best epoch (the first on ties) are kept, then alpha and
 beta are searched as above. The fine-tuned keys are not renormalised (as the official code).
 
@@ -40,11 +40,11 @@ from torch import Tensor
 from vlprompt.backbone.model import CLIP
 from vlprompt.common.vocab import derive_seed, seeded_torch
 from vlprompt.errors import ConfigError, DatasetError
+from vlprompt.features.extract import epoch_view_indices
 from vlprompt.methods.base import FrozenClipMethod, class_positions, logit_scale_of
 from vlprompt.methods.configs import TIP_FALLBACK_INIT_ALPHA, TipAdapterConfig, TipAdapterFConfig
 from vlprompt.methods.templates import DEFAULT_TEMPLATE
 from vlprompt.methods.zeroshot import class_text_features
-from vlprompt.training.loop import epoch_view_indices
 
 __all__ = ["TipAdapter", "TipAdapterConfig", "TipAdapterF", "TipAdapterFConfig", "build_tip_adapter",
            "build_tip_adapter_f", "cache_keys", "search_alpha_beta", "search_grid", "tip_logits"]

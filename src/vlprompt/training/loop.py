@@ -62,7 +62,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,8 @@ from vlprompt.errors import CheckpointError, ConfigError, DatasetError, NonFinit
 from vlprompt.common.precision import autocast_for, resolve_precision
 from vlprompt.common.progress import progress as make_progress
 from vlprompt.common.vocab import PRECISIONS, derive_seed, seeded_torch
+from vlprompt.features.extract import epoch_view_indices
+from vlprompt.methods.base import TrainOutput
 from vlprompt.training.sources import ImageTrainSet, batch_source
 
 logger = logging.getLogger(__name__)
@@ -98,15 +100,6 @@ CHECKPOINT_FORMAT = 1
 
 class TrainingDiverged(RunError, NonFiniteError):
     """The loss, the learned parameters or the logits became NaN or infinite; the run stopped without saving."""
-
-
-class TrainOutput(NamedTuple):
-    """What a method's training forward may return instead of bare logits: the logits (the loop adds the
-    cross-entropy) and a regulariser, a scalar that is a mean over the batch given (the loop weights it by that
-    batch's size within the global batch, so under DDP the averaged gradient is the global batch's)."""
-
-    logits: torch.Tensor
-    regularizer: torch.Tensor
 
 
 class FeatureData(Protocol):
@@ -176,21 +169,6 @@ def _warmup_cosine(t: int, length: int, warmup: int, config: TrainConfig) -> flo
 def lr_schedule(config: TrainConfig) -> list[float]:
     """The learning rate of every epoch."""
     return [lr_at_epoch(epoch, config) for epoch in range(config.epochs or 0)]
-
-
-def epoch_view_indices(num_views: int, num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """Which augmented view [N] each image uses in ``epoch``: ``(epoch + offset_i) % V``.
-
-    The pool of ``V`` views per image is shared by every run (so the feature cache serves it across seeds and
-    methods); the run's seed draws each image's offset, so two seeds see different view sequences, and over ``V``
-    consecutive epochs every image visits each of its views exactly once (``views="epochs"`` therefore gives a fresh
-    augmentation every epoch, as the reference).
-    """
-    if num_views == 1:
-        return torch.zeros(num_items, dtype=torch.long)
-    generator = torch.Generator().manual_seed(derive_seed(seed, "views"))
-    offsets = torch.randint(num_views, (num_items,), generator=generator)
-    return (offsets + epoch) % num_views
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:

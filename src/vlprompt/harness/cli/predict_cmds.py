@@ -198,12 +198,12 @@ def run_interpret(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     """``vlprompt merge``."""
-    from vlprompt.api import merge
+    from vlprompt.harness.pipeline import merge_run
 
     if not (args.run.is_dir() and (args.run / CONFIG_FILE).is_file()):
         raise ConfigError(f"{args.run} is not a run folder: give the folder of a trained clip_lora run")
     with console_logging(args.quiet):
-        written = merge(args.run, args.out, overwrite=args.overwrite, model=args.model, device=args.device)
+        written = merge_run(args.run, args.out, overwrite=args.overwrite, model=args.model, device=args.device)
     from vlprompt.methods.clip_lora import read_merged_metadata
 
     metadata = read_merged_metadata(written)
