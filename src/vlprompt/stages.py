@@ -11,7 +11,10 @@ nothing here touches a run folder except through the ``run_dir`` handed to :func
   feature cache (evaluation transform; augmented views for gradient-trained methods).
 - :func:`fit_method`: SGD (:func:`vlprompt.training.loop.train`), closed form (``method.fit``) or nothing, by the method's kind.
 - :func:`adapt_method`: the method for another class list (cross-dataset, base-to-novel "new").
-- :func:`score`: test metrics with the classifier's text features computed once.
+- :func:`evaluation_features`: what the classifier scores (frozen or prompted tower features; a test-time method's
+  views of each test image, :func:`test_time_views`).
+- :func:`score`: test metrics with the classifier's text features computed once (a test-time classifier adapts to
+  each image's views).
 """
 
 from __future__ import annotations
@@ -273,8 +276,13 @@ def train_images(clip: CLIP, splits: DatasetSplits, train: TrainConfig, options:
 def evaluation_features(spec: MethodSpec, method: Any, clip: CLIP, splits: DatasetSplits, split: str,
                   options: FeatureOptions) -> FeatureSet:
     """The image features ``method``'s classifier scores on ``split``, as its registry entry declares: the frozen
-    tower's (cached) evaluation features, or for ``Training.IMAGES`` the method's own prompted image tower
-    (``method.encode_images``) over the split, computed once per evaluation and never cached."""
+    tower's (cached) evaluation features, for ``Training.IMAGES`` the method's own prompted image tower
+    (``method.encode_images``) over the split, computed once per evaluation and never cached, and for
+    ``Training.TEST_TIME`` the frozen tower's features ``[V, N, D]`` of the views ``method.test_views()`` asks for
+    (each test image decoded once, its views augmented from it with generators seeded per image and view, whole
+    images' views per tower call; not cached), which its classifier adapts to image by image."""
+    if spec.training is Training.TEST_TIME:
+        return test_time_views(method, clip, splits, split, options)
     if spec.training is not Training.IMAGES:
         return eval_features(clip, splits, split, options)
     method.eval()
@@ -284,6 +292,22 @@ def evaluation_features(spec: MethodSpec, method: Any, clip: CLIP, splits: Datas
             precision=options.precision, batch_size=options.batch_size,  # type: ignore[arg-type]
             num_workers=options.num_workers, cache=None, progress=options.progress,
             on_error=options.on_error, encoder=method.encode_images))  # type: ignore[arg-type]
+
+
+def test_time_views(method: Any, clip: CLIP, splits: DatasetSplits, split: str,
+                    options: FeatureOptions) -> FeatureSet:
+    """The frozen tower's features ``[V, N, D]`` of the views of every image of ``split`` that a test-time method
+    asks for (``method.test_views()``: view 0 the image itself, the others augmented); the tower batch is the
+    largest multiple of V within ``options.batch_size`` (at least one image's views), so an image's views are encoded
+    together."""
+    views = method.test_views()
+    batch = max(1, options.batch_size // views.count) * views.count  # type: ignore[operator]
+    with options.timed():
+        return options.note_skipped(augmented_views(
+            clip, splits.image_dir, splits.split(split), views=views.count, seed=views.seed,
+            transform=views.transform, original=views.original, device=options.device,
+            precision=options.precision, batch_size=batch, num_workers=options.num_workers,  # type: ignore[arg-type]
+            cache=None, progress=options.progress, on_error=options.on_error))  # type: ignore[arg-type]
 
 
 def fit_method(method: Any, spec: MethodSpec, train_set: FeatureSet | ImageTrainSet | None,

@@ -7,6 +7,7 @@
 * :class:`TrainTransform` (PIL) and :class:`TensorTrainTransform`: CoOp's training transform: random resized crop
   (torchvision's sampling algorithm), bicubic resize to ``size``, random horizontal flip, [0, 1] tensor, normalisation.
   Randomness comes only from the ``generator`` argument; :func:`view_generator` derives one per (seed, image, view).
+* :class:`AugMixTransform` (PIL): TPT's augmented test views, the training crop and flip followed by AugMix.
 
 Geometry follows torchvision, so results match the papers' reference code: the longer side after resizing is
 ``int(size * long / short)``; the centre crop starts at ``round((h - size) / 2)``; crop sampling draws its numbers in
@@ -516,3 +517,137 @@ class TensorTrainTransform(_TrainParams):
             return _empty_output(images, self.size)
         result = normalize(torch.cat(out), self.mean, self.std)
         return result[0] if single else result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# AugMix views (test-time prompt tuning)
+
+
+def _level(generator: torch.Generator, severity: int) -> float:
+    """An operation's strength, uniform in [0.1, severity) (AugMix's ``sample_level``)."""
+    import torch
+
+    return 0.1 + (severity - 0.1) * torch.rand(1, generator=generator).item()
+
+
+def _sign(generator: torch.Generator) -> float:
+    import torch
+
+    return -1.0 if torch.rand(1, generator=generator).item() < 0.5 else 1.0
+
+
+def _autocontrast(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    from PIL import ImageOps
+
+    return ImageOps.autocontrast(img)
+
+
+def _equalize(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    from PIL import ImageOps
+
+    return ImageOps.equalize(img)
+
+
+def _posterize(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, 4 - int(_level(generator, severity) * 4 / 10))
+
+
+def _rotate(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    from PIL import Image
+
+    degrees = int(_level(generator, severity) * 30 / 10) * _sign(generator)
+    return img.rotate(degrees, resample=Image.Resampling.BILINEAR)
+
+
+def _solarize(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    from PIL import ImageOps
+
+    return ImageOps.solarize(img, 256 - int(_level(generator, severity) * 256 / 10))
+
+
+def _affine(img: Image.Image, coefficients: tuple[float, ...]) -> Image.Image:
+    from PIL import Image
+
+    return img.transform(img.size, Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR)
+
+
+def _shear_x(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    shear = _level(generator, severity) * 0.3 / 10 * _sign(generator)
+    return _affine(img, (1, shear, 0, 0, 1, 0))
+
+
+def _shear_y(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    shear = _level(generator, severity) * 0.3 / 10 * _sign(generator)
+    return _affine(img, (1, 0, 0, shear, 1, 0))
+
+
+def _translate_x(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    shift = int(_level(generator, severity) * (img.width / 3) / 10) * _sign(generator)
+    return _affine(img, (1, 0, shift, 0, 1, 0))
+
+
+def _translate_y(img: Image.Image, generator: torch.Generator, severity: int) -> Image.Image:
+    shift = int(_level(generator, severity) * (img.height / 3) / 10) * _sign(generator)
+    return _affine(img, (1, 0, 0, 0, 1, shift))
+
+
+AUGMIX_OPERATIONS = (_autocontrast, _equalize, _posterize, _rotate, _solarize, _shear_x, _shear_y, _translate_x,
+                     _translate_y)
+"""AugMix's operations that do not overlap ImageNet-C's corruptions (Hendrycks et al., ICLR 2020; the list TPT's
+official code draws from): strengths scale with the severity as AugMix's reference defines them (posterize to
+``4 - level * 4 / 10`` bits, rotation up to ``3 * level`` degrees, solarize above ``256 - 25.6 * level``, shear up to
+``0.03 * level``, translation up to ``level / 30`` of the side)."""
+
+
+@dataclass(frozen=True)
+class AugMixTransform(_TrainParams):
+    """TPT's augmented view of an image (PIL): :class:`TrainTransform`'s random resized crop and flip, then, with
+    ``mix``, AugMix: ``chains`` chains of 1..``max_depth`` operations drawn uniformly from
+    :data:`AUGMIX_OPERATIONS` applied to the crop, their normalised images mixed with Dirichlet(1, ..., 1) weights,
+    and the mixture blended with the normalised crop by ``m ~ Beta(1, 1)``: ``m * crop + (1 - m) * mixture``.
+
+    ``__call__(img, generator) -> float32 [3, size, size]``: every random number comes from ``generator``.
+    Without ``mix`` the view is :class:`TrainTransform`'s (the same crop and flip for the same generator).
+    """
+
+    mix: bool = True
+    chains: int = 3
+    max_depth: int = 3
+    severity: int = 1
+
+    def describe(self) -> str:
+        """A stable string naming the transform and its parameters (usable as a cache key)."""
+        base = self._describe("pil-bicubic")
+        if not self.mix:
+            return base
+        return f"{base}+augmix/v1(chains={self.chains},max_depth={self.max_depth},severity={self.severity})"
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | int) -> torch.Tensor:
+        import torch
+        from PIL import Image
+
+        gen = _as_generator(generator)
+        img = to_rgb(img)
+        box, flip = self.sample_params(img.height, img.width, gen)
+        img = img.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+        img = _resize_pil(img, self.size, self.size)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop = normalize(pil_to_tensor(img), self.mean, self.std)
+        if not self.mix:
+            return crop
+        # Dirichlet(1, ..., 1) as normalised Exponential(1) draws; Beta(1, 1) is uniform
+        exponential = -torch.log1p(-torch.rand(self.chains, generator=gen, dtype=torch.float64))
+        weights = (exponential / exponential.sum().clamp_min(1e-300)).tolist()
+        blend = torch.rand(1, generator=gen, dtype=torch.float64).item()
+        mixture = torch.zeros_like(crop)
+        for weight in weights:
+            chain = img
+            depth = int(torch.randint(1, self.max_depth + 1, (1,), generator=gen).item())
+            for _ in range(depth):
+                operation = AUGMIX_OPERATIONS[int(torch.randint(len(AUGMIX_OPERATIONS), (1,), generator=gen).item())]
+                chain = operation(chain, gen, self.severity)
+            mixture += weight * normalize(pil_to_tensor(chain), self.mean, self.std)
+        return blend * crop + (1.0 - blend) * mixture

@@ -1,7 +1,9 @@
 """Classification metrics: top-1 accuracy, macro F1, per-class accuracy, confusion matrix; top-k predictions.
 
 ``classifier`` is the callable returned by ``method.classifier()``: the text side (class weights) is computed once
-there, and the callable maps image features [B, D] to logits [B, K]. Accuracies are percentages (0-100).
+there, and the callable maps image features [B, D] to logits [B, K]. A test-time method's classifier (TPT) takes the
+features of each image's views ``[V, B, D]`` instead and adapts to every image: features ``[V, N, D]`` are passed to
+it one image at a time (the progress counts images). Accuracies are percentages (0-100).
 
 Macro F1 follows ``sklearn.metrics.f1_score(average="macro")``: per-class F1 = 2TP / (2TP + FP + FN), averaged over
 the classes that occur in the labels or the predictions (a class in neither has no defined F1 and is left out).
@@ -129,30 +131,34 @@ def _run_batches(classifier: Classifier, features: torch.Tensor, num_classes: in
                  device: str | torch.device, precision: str, progress: bool | None, labels: torch.Tensor | None,
                  reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply ``classifier`` batch by batch and collect ``reduce(logits)`` on the CPU."""
-    if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.dtype.is_floating_point:
-        raise DatasetError(f"features must be a float tensor [N, D], got {_describe(features)}")
-    if features.shape[0] == 0:
+    if not isinstance(features, torch.Tensor) or features.ndim not in (2, 3) or not features.dtype.is_floating_point:
+        raise DatasetError(f"features must be a float tensor [N, D] (or [V, N, D]: views of each image), got "
+                           f"{_describe(features)}")
+    views = features.ndim == 3
+    count = features.shape[-2]
+    if count == 0:
         raise DatasetError("no samples to evaluate: the feature set is empty")
     if labels is not None:
         labels = _check_labels(labels, num_classes)
-        if labels.shape[0] != features.shape[0]:
-            raise DatasetError(f"{features.shape[0]} feature rows but {labels.shape[0]} labels")
+        if labels.shape[0] != count:
+            raise DatasetError(f"{count} feature rows but {labels.shape[0]} labels")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     target = torch.device(device)
     outputs = []
-    starts = range(0, features.shape[0], batch_size)
+    step = 1 if views else batch_size  # a test-time classifier adapts per image: one image per call
     with torch.inference_mode(), autocast_for(target, precision), \
-            make_progress(features.shape[0], "evaluate", "img", show=progress) as shown:
-        for start in starts:
-            logits = classifier(features[start:start + batch_size].to(target, non_blocking=True))
+            make_progress(count, "evaluate", "img", show=progress) as shown:
+        for start in range(0, count, step):
+            rows = features[:, start:start + step] if views else features[start:start + step]
+            logits = classifier(rows.to(target, non_blocking=True))
             if logits.ndim != 2 or logits.shape[1] != num_classes:
                 raise ConfigError(f"the classifier returned logits of shape {tuple(logits.shape)} for "
                                   f"{num_classes} class names; expected [batch, {num_classes}]")
             if not bool(logits.isfinite().all()):
                 raise NonFiniteError(
                     f"the classifier gave NaN or infinite logits (images {start}..{start + logits.shape[0] - 1} of "
-                    f"{features.shape[0]}), so no score or prediction can be computed: its learned state is unusable "
+                    f"{count}), so no score or prediction can be computed: its learned state is unusable "
                     "(a training that diverged, or a damaged prompt file); train it again, e.g. with a lower --lr")
             outputs.append(reduce(logits).cpu())
             shown.update(logits.shape[0])

@@ -180,6 +180,7 @@ def augmented_views(
     on_error: OnError = "raise",
     progress: bool | None = None,
     distributed: bool | None = None,
+    original: Callable[[Any], Tensor] | None = None,
 ) -> FeatureSet:
     """Training features ``[V, N, D]``: ``V`` augmented views of every item, each image decoded once.
 
@@ -188,7 +189,11 @@ def augmented_views(
     CoOp's random resized crop + flip at the model's resolution); view ``v`` of an item uses the generator
     :func:`~vlprompt.backbone.transforms.view_generator` seeded with (``seed``, the item's path, ``v``). Other
     arguments as :func:`extract_features`.
+    ``original``: view number 0 is ``original(image)`` (the unaugmented image, e.g. the evaluation transform) and
+    the other views are drawn (a test-time method's views: TPT); not cached (``cache`` must be None).
     """
+    if original is not None and cache is not None:
+        raise ConfigError("views with an unaugmented original are not cached: pass cache=None")
     numbers = list(range(views)) if isinstance(views, int) else [int(v) for v in views]
     if not numbers or any(v < 0 for v in numbers) or len(set(numbers)) != len(numbers):
         raise ConfigError(f"views must be a positive count or distinct non-negative view numbers, got {views!r}")
@@ -197,7 +202,7 @@ def augmented_views(
     transform = transform if transform is not None else TrainTransform(clip.config.image_resolution)
     return _extract(clip, image_dir, items, transform=transform, views=numbers, seed=seed, device=device,
                     precision=precision, batch_size=batch_size, num_workers=num_workers, cache=cache,
-                    on_error=on_error, progress=progress, distributed=distributed, encoder=None)
+                    on_error=on_error, progress=progress, distributed=distributed, encoder=None, original=original)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,11 +217,13 @@ class _DecodeDataset(ImageDataset):
     """
 
     def __init__(self, items: Sequence[Item], image_dir: Path, transform: Callable[..., Tensor],
-                 views: Sequence[tuple[int, ...]] | None, seed: int) -> None:
+                 views: Sequence[tuple[int, ...]] | None, seed: int,
+                 original: Callable[[Any], Tensor] | None = None) -> None:
         super().__init__(items, image_dir, transform=None, on_error="skip")
         self.draw = transform
         self.views = views
         self.seed = seed
+        self.original = original
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int] | BadImage:
         sample = super().__getitem__(index)
@@ -226,7 +233,8 @@ class _DecodeDataset(ImageDataset):
         if self.views is None:
             return self.draw(image).unsqueeze(0), label, index
         path = self.items[index].path
-        rows = [self.draw(image, view_generator(self.seed, path, v)) for v in self.views[index]]  # type: ignore[arg-type]
+        rows = [self.original(image) if v == 0 and self.original is not None
+                else self.draw(image, view_generator(self.seed, path, v)) for v in self.views[index]]  # type: ignore[index]
         return torch.stack(rows), label, index
 
 
@@ -258,7 +266,8 @@ def _collate(samples: Sequence[tuple[Tensor, int, int] | BadImage]) -> _Batch:
 def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item], *, transform: Callable[..., Tensor],
              views: list[int] | None, seed: int, device: str | torch.device | None, precision: str, batch_size: int,
              num_workers: int | str, cache: FeatureCache | None, on_error: str, progress: bool | None,
-             distributed: bool | None, encoder: Callable[[Tensor], Tensor] | None) -> FeatureSet:
+             distributed: bool | None, encoder: Callable[[Tensor], Tensor] | None,
+             original: Callable[[Any], Tensor] | None = None) -> FeatureSet:
     _check_options(precision, batch_size, num_workers, on_error)
     target = _resolve_device(clip, device)
     precision = resolve_precision(precision, target)
@@ -279,7 +288,7 @@ def _extract(clip: CLIP, image_dir: str | os.PathLike[str], items: Sequence[Item
         encoded = _compute(clip, image_dir, local, todo, rows, keys, cache, transform=transform, views=views,
                            seed=seed, device=target, precision=precision, batch_size=batch_size,
                            num_workers=num_workers, bad=bad, stop_encoding_on_error=on_error == "raise",
-                           progress=progress, rank=rank, encoder=encoder)
+                           progress=progress, rank=rank, encoder=encoder, original=original)
         logger.info("image features (rank %d of %d): %d images x %d view(s), %d rows from the cache, %d encoded "
                     "(%s)", rank, world, len(local), num_views, served, encoded, precision)
     except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
@@ -405,7 +414,8 @@ def _compute(clip: CLIP, image_dir: Path, local: list[Item], todo: list[tuple[in
              keys: list[list[str]] | None, cache: FeatureCache | None, *, transform: Callable[..., Tensor],
              views: list[int] | None, seed: int, device: torch.device, precision: str, batch_size: int,
              num_workers: int | str, bad: dict[int, str], stop_encoding_on_error: bool, progress: bool | None,
-             rank: int, encoder: Callable[[Tensor], Tensor] | None = None) -> int:
+             rank: int, encoder: Callable[[Tensor], Tensor] | None = None,
+             original: Callable[[Any], Tensor] | None = None) -> int:
     """Decode and encode the images of ``todo`` into ``rows`` (and the cache); bad files go to ``bad``.
 
     Decoded rows are gathered into tower batches of exactly ``batch_size`` (the last one excepted), whatever the views
@@ -418,7 +428,8 @@ def _compute(clip: CLIP, image_dir: Path, local: list[Item], todo: list[tuple[in
     for n, (_, slots) in enumerate(todo):
         slot_table[n, :len(slots)] = torch.tensor(slots)
     dataset = _DecodeDataset([local[j] for j, _ in todo], image_dir, transform,
-                             None if views is None else [tuple(views[k] for k in slots) for _, slots in todo], seed)
+                             None if views is None else [tuple(views[k] for k in slots) for _, slots in todo], seed,
+                             original)
     workers = default_num_workers(device, len(todo)) if num_workers == "auto" else int(num_workers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // num_views), shuffle=False,
                                          num_workers=workers, collate_fn=_collate,

@@ -1,5 +1,5 @@
 """The methods: zero-shot CLIP, prompt ensembling, linear probe, CoOp, CoCoOp, KgCoOp, ProGrad, TCP, CLIP-Adapter,
-Tip-Adapter(-F), LP++, CLAP, IVLP, MaPLe, PromptSRC, CLIP-LoRA; one explicit registry dict.
+Tip-Adapter(-F), LP++, CLAP, IVLP, MaPLe, PromptSRC, CLIP-LoRA, TPT; one explicit registry dict.
 
 Every method is an ``nn.Module`` whose parameters and buffers are only its learned state (see "Method contract" in
 docs/architecture.md). Most work on frozen image features (``clip.encode_image`` output, float32, not normalised);
@@ -40,6 +40,7 @@ from vlprompt.methods.configs import (
     TipAdapterFConfig,
     ProGradConfig,
     TCPConfig,
+    TPTConfig,
     ZeroShotConfig,
     clap_train_defaults,
     clip_lora_train_defaults,
@@ -78,7 +79,8 @@ class Training(enum.StrEnum):
     IMAGES = "images"
     """the SGD loop with images decoded and augmented on the fly through the (prompted) towers"""
     TEST_TIME = "test_time"
-    """adaptation per test image at evaluation; no training images"""
+    """adaptation per test image at evaluation (TPT): no training images; evaluation gives the classifier the
+    frozen tower's features of augmented views of each test image ``[V, N, D]`` (``method.test_views()``)"""
 
     @property
     def uses_training_images(self) -> bool:
@@ -224,6 +226,11 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType({
         build=LazyBuild("vlprompt.methods.clip_lora:build_clip_lora"), train_defaults=clip_lora_train_defaults,
         description="CLIP-LoRA: low-rank updates of the q/k/v projections of both towers (mergeable into CLIP)",
     ),
+    "tpt": MethodSpec(
+        name="tpt", config_cls=TPTConfig, training=Training.TEST_TIME,
+        build=LazyBuild("vlprompt.methods.tpt:build_tpt"), train_defaults=no_train_defaults,
+        description="TPT: per test image, one entropy-minimising step of the prompt on its confident augmented views",
+    ),
 })
 """Every method, by name."""
 
@@ -292,6 +299,7 @@ __all__ = [
     "TipAdapterFConfig",
     "ProGradConfig",
     "TCPConfig",
+    "TPTConfig",
     "Training",
     "ZeroShotConfig",
     "RecipeContext",

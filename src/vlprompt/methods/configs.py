@@ -712,6 +712,84 @@ class CLIPLoRAConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# test-time prompt tuning
+# Source of the defaults: TPT's official code (github.com/azshue/TPT @ 63ecbac): tpt_classification.py's arguments and
+# scripts/test_tpt.sh (ctx_init a_photo_of_a, -b 64), the settings the paper (Shu et al., NeurIPS 2022) reports.
+
+IMAGENET_FAMILY: frozenset[str] = frozenset({"imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"})
+"""The datasets whose TPT views are random resized crops only; the official code mixes AugMix into every other
+dataset's views (``augmix=len(set_id) > 1``: the fine-grained cross-dataset sets)."""
+TPT_AUGMIX_CHOICES: tuple[str, ...] = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class TPTConfig:
+    """TPT: per test image, tune a unified CoOp-style context for a few steps to minimise the entropy of the mean
+    prediction over its most confident augmented views, classify the original image, then reset the context."""
+
+    n_ctx: int = option(4, "number of context vectors M when ctx_init is empty (official --n_ctx: 4)")
+    ctx_init: str = option(
+        "a photo of a",
+        "initialise the context from this phrase's word embeddings (official scripts: a_photo_of_a); empty = "
+        "random N(0, 0.02^2)",
+    )
+    init_prompt: str = option(
+        "",
+        "TPT+CoOp: start from a learned unified CoOp context instead: a CoOp prompt file (prompt.safetensors) or a "
+        "CoOp run folder, learned on the same backbone (official --load); empty = start from ctx_init",
+    )
+    tta_views: int = option(64, "views per test image: the original and tta_views - 1 augmented ones (official -b 64)")
+    tta_selection: float = option(
+        0.1, "fraction of the views the objective keeps, the lowest-entropy ones (official --selection_p 0.1)"
+    )
+    tta_steps: int = option(1, "optimiser steps per test image; 0 = no tuning (official --tta_steps 1)")
+    tta_lr: float = option(5e-3, "AdamW learning rate of the per-image steps (official --lr 5e-3)")
+    tta_weight_decay: float = option(
+        0.01, "AdamW weight decay (the official optimiser is torch.optim.AdamW with its default, 0.01)"
+    )
+    augmix: str = option(
+        "auto",
+        "AugMix on the augmented views: auto = on for every dataset but ImageNet and its variants (as the official "
+        "code), on, off (random resized crop and flip only)",
+        choices=TPT_AUGMIX_CHOICES,
+    )
+    fast_text: bool = option(
+        True,
+        "exact fast text encoding (shortest length, shared prefix computed once per step); off = the plain "
+        "77-token path",
+    )
+
+    def __post_init__(self) -> None:
+        _check_positive_int("n_ctx", self.n_ctx)
+        _check_ctx_init(self.ctx_init)
+        if not isinstance(self.init_prompt, str):
+            raise ConfigError(f"init_prompt must be a path (string), got {self.init_prompt!r}")
+        _check_positive_int("tta_views", self.tta_views)
+        if isinstance(self.tta_selection, bool) or not isinstance(self.tta_selection, int | float) \
+                or not 0 < self.tta_selection <= 1:
+            raise ConfigError(f"tta_selection must be a fraction in (0, 1], got {self.tta_selection!r}")
+        if self.kept_views < 1:
+            raise ConfigError(f"tta_selection {self.tta_selection} of {self.tta_views} views keeps no view "
+                              "(int(views x selection) must be at least 1): raise tta_views or tta_selection")
+        _check_non_negative_int("tta_steps", self.tta_steps)
+        _check_positive("tta_lr", self.tta_lr)
+        _check_weight("tta_weight_decay", self.tta_weight_decay)
+        check_choice("augmix", self.augmix, TPT_AUGMIX_CHOICES)
+
+    @property
+    def kept_views(self) -> int:
+        """The views the objective keeps: ``int(views * selection)`` (6 of 64), as the official code."""
+        return int(self.tta_views * self.tta_selection)
+
+    def for_dataset(self, dataset: str | None, template: str) -> TPTConfig:
+        """``augmix="auto"`` resolved for ``dataset``: off for ImageNet and its variants, on for any other."""
+        if self.augmix != "auto":
+            return self
+        imagenet = dataset is not None and key_of(dataset) in IMAGENET_FAMILY
+        return dataclasses.replace(self, augmix="off" if imagenet else "on")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # training defaults (the reference's per-method recipe), a function of the RecipeContext (shots, dataset, class subset,
 # protocol: vlprompt.methods.recipe); ``context.recipe`` is "fewshot", "base2novel" or "crossdataset"
 
