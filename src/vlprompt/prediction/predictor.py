@@ -9,6 +9,12 @@ Inputs: a path to an image file, a folder (its image files, recursively, in sort
 image, or a tensor holding a raw image ``[3, H, W]`` / a batch ``[N, 3, H, W]`` (uint8 0-255 or float 0-1; the tensor
 evaluation transform resizes and normalises it). A file that cannot be read raises a DatasetError naming every such
 file, unless ``skip_bad`` is set: then it is left out and reported in :attr:`PredictionReport.skipped`.
+
+A test-time method (TPT) is given the views it asks for (``method.test_views()``) of each image, as the evaluation
+computes them; an image's views are drawn from generators seeded by the method's view seed and the image's source
+(the path as given, or ``"<image N>"``), so a file predicts the same whatever else is predicted with it (but its
+views differ from those of an evaluation, which names images by their path inside the dataset). Tensors are turned
+into 8-bit PIL images first (the augmentations work on PIL images).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from vlprompt.backbone.transforms import EvalTransform, TensorEvalTransform, load_image
+from vlprompt.backbone.transforms import EvalTransform, TensorEvalTransform, load_image, view_generator
 from vlprompt.common.io import read_text
 from vlprompt.common.options import check_choice
 from vlprompt.common.precision import autocast_for, resolve_precision
@@ -31,7 +37,7 @@ from vlprompt.data.classnames import same_name_message, same_named
 from vlprompt.data.listing import format_offenders, is_hidden, is_image_name
 from vlprompt.errors import ConfigError, DatasetError
 from vlprompt.evaluation.metrics import predict_topk
-from vlprompt.methods import get_method
+from vlprompt.methods import METHODS, Training, get_method
 from vlprompt.methods.configs import EnsembleConfig, ZeroShotConfig
 from vlprompt.methods.prompt_file import load_prompt
 
@@ -151,6 +157,7 @@ class Predictor:
         resolution = self.clip.config.image_resolution
         self._pil_transform = EvalTransform(resolution)
         self._tensor_transform = TensorEvalTransform(resolution)
+        self._views = _test_views(method)  # a test-time method's views of each image, else None
         self._classifier = method.classifier()  # text features computed once, here
 
     # -- constructors -------------------------------------------------------------------------------------------------
@@ -186,8 +193,10 @@ class Predictor:
         items = expand_inputs(images)
         report = PredictionReport()
         bad: list[tuple[str, str]] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = list(enumerate(items[start:start + self.batch_size], start=start))
+        # images decoded at a time; a test-time method's images bring their views (batch_size rows at most)
+        size = self.batch_size if self._views is None else max(1, self.batch_size // self._views.count)
+        for start in range(0, len(items), size):
+            chunk = list(enumerate(items[start:start + size], start=start))
             pixels, sources, failed = self._decode(chunk)
             bad.extend(failed)
             if bad and not skip_bad:
@@ -211,7 +220,9 @@ class Predictor:
         for index, item in chunk:
             source = _source(item, index)
             try:
-                if isinstance(item, torch.Tensor):
+                if self._views is not None:
+                    tensor = self._test_views(item, source)
+                elif isinstance(item, torch.Tensor):
                     tensor = self._tensor_transform(_check_tensor(item, source))
                 else:
                     image: Image.Image = load_image(item) if isinstance(item, str | os.PathLike) else item
@@ -223,14 +234,45 @@ class Predictor:
             sources.append(source)
         return pixels, sources, bad
 
+    def _test_views(self, item: ImageInput, source: str) -> torch.Tensor:
+        """The views ``[V, 3, R, R]`` of one image for a test-time method (view 0: the evaluation transform)."""
+        views = self._views
+        assert views is not None
+        if isinstance(item, torch.Tensor):
+            image = _tensor_to_pil(_check_tensor(item, source))
+        else:
+            image = load_image(item) if isinstance(item, str | os.PathLike) else item
+        rows = [views.original(image)]
+        rows += [views.transform(image, view_generator(views.seed, source, v)) for v in range(1, views.count)]
+        return torch.stack(rows)
+
     def _classify(self, pixels: list[torch.Tensor], sources: list[str], top_k: int) -> list[Prediction]:
-        batch = torch.stack(pixels).to(self.device, dtype=self.clip.dtype)
-        with torch.inference_mode(), autocast_for(self.device, self.precision):
-            features = self.method.encode_images(batch).float()  # the prompted tower for image-in-the-loop methods
+        if self._views is not None:  # [V, 3, R, R] per image: one tower call per image, features [V, B, D]
+            with torch.inference_mode(), autocast_for(self.device, self.precision):
+                features = torch.stack([self.method.encode_images(views.to(self.device, dtype=self.clip.dtype))
+                                        .float() for views in pixels], dim=1)
+        else:
+            batch = torch.stack(pixels).to(self.device, dtype=self.clip.dtype)
+            with torch.inference_mode(), autocast_for(self.device, self.precision):
+                features = self.method.encode_images(batch).float()  # the prompted tower for image-in-the-loop ones
         ranked = predict_topk(self._classifier, features, self.classnames, top_k, device=self.device,
                               precision=self.precision, progress=False)
         return [Prediction(source, tuple(name for name, _ in row), tuple(prob for _, prob in row))
                 for source, row in zip(sources, ranked, strict=True)]
+
+
+def _test_views(method: Any) -> Any:
+    """``method.test_views()`` for a method declared ``Training.TEST_TIME`` in the registry, else None."""
+    spec = METHODS.get(getattr(method, "method_name", ""))
+    return method.test_views() if spec is not None and spec.training is Training.TEST_TIME else None
+
+
+def _tensor_to_pil(item: torch.Tensor) -> Image.Image:
+    """An image tensor ``[3, H, W]`` (uint8 0-255 or float 0-1) as an RGB PIL image (floats rounded to 8 bits)."""
+    pixels = item.detach().cpu()
+    if pixels.dtype != torch.uint8:
+        pixels = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
 def _check_tensor(item: torch.Tensor, source: str) -> torch.Tensor:
