@@ -735,8 +735,8 @@ class TPTConfig:
     )
     init_prompt: str = option(
         "",
-        "TPT+CoOp: start from a learned unified CoOp context instead: a CoOp prompt file (prompt.safetensors) or a "
-        "CoOp run folder, learned on the same backbone (official --load); empty = start from ctx_init",
+        "TPT+CoOp: start from a learned unified CoOp context instead: a CoOp prompt file (a CoOp run folder's "
+        "prompt.safetensors) learned on the same backbone (official --load); empty = start from ctx_init",
     )
     tta_views: int = option(64, "views per test image: the original and tta_views - 1 augmented ones (official -b 64)")
     tta_selection: float = option(

@@ -59,7 +59,9 @@ def _add_train(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train", help="train a method (CoOp, CoCoOp, ...) on a dataset into a run folder",
         description="Run one experiment: sample the few-shot training set, extract image features (cached), train "
-                    "or fit the method, save the learned prompt and evaluate it on the test split. The run folder "
+                    "or fit the method, save the learned prompt and evaluate it on the test split (a test-time "
+                    "method, tpt, learns nothing here: it adapts its prompt to each test image during the "
+                    "evaluation; its run records 0 shots). The run folder "
                     "(--out) receives config.json, fewshot.json, checkpoints (params/optim.safetensors, "
                     "state.json), prompt.safetensors, results.json, eval-<name>.json and log.txt.")
     parser.add_argument("--method", required=True, choices=list(METHODS),
