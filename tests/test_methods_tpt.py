@@ -274,3 +274,27 @@ def test_views_of_test_images_do_not_depend_on_the_order(clip, tmp_path):
         first, second = logits[path + "#logits"]
         assert torch.equal(first, second)
     assert EvalTransform(clip.config.image_resolution).describe() == method.test_views().original.describe()
+
+
+@needs_fixtures
+def test_api_build_fit_evaluate_predict_save_load(clip, tmp_path):
+    import vlprompt.api as vp
+
+    data = vp.load_dataset("dtd", FIXTURES)
+    method = vp.build_method("tpt", clip, data, tta_views=16, seed=3)
+    assert method.config.augmix == "on"  # resolved for dtd
+    assert vp.fit(method, data).kind == "test_time"
+    metrics = vp.evaluate(method, data, precision="fp32", feature_cache=False, progress=False)
+    assert metrics["num_samples"] == len(data.test)
+    path = vp.save_prompt(method, tmp_path / "tpt.safetensors")
+    loaded = vp.load_prompt(path, clip)
+    assert int(loaded.view_seed) == int(method.view_seed) and torch.equal(loaded.ctx, method.ctx)
+    assert vp.evaluate(loaded, data, precision="fp32", feature_cache=False, progress=False) == metrics
+    assert int(vp.build_method("tpt", clip, data, seed=3).view_seed) == int(method.view_seed)
+    assert int(vp.build_method("tpt", clip, data, seed=4).view_seed) != int(method.view_seed)
+    image = FIXTURES / "dtd" / "images" / data.test[0].path
+    predictor = vp.Predictor(loaded)
+    first = predictor.predict([image, image], top_k=2)
+    assert first[0] == first[1] and len(first[0].labels) == 2
+    tensor = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
+    assert predictor.predict(tensor, top_k=1) == predictor.predict([tensor], top_k=1)
