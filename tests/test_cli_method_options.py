@@ -24,7 +24,7 @@ def test_every_config_field_has_one_flag():
     options = collect_options(METHODS)
     assert sorted(o.field for o in options) == sorted(fields)
     shared = {o.field: o.methods for o in options if len(o.methods) > 1}
-    assert shared["n_ctx"] == ("coop", "cocoop", "kgcoop", "prograd", "tcp", "maple")
+    assert shared["n_ctx"] == ("coop", "cocoop", "kgcoop", "prograd", "tcp", "maple", "tpt")
     assert shared["template"] == ("zeroshot", "ensemble", "kgcoop", "prograd", "tcp", "clip_lora")
     assert shared["kg_weight"] == ("kgcoop", "tcp") and "prograd_lambda" not in shared
     assert shared["prompt_depth_text"] == ("ivlp", "promptsrc")
@@ -67,7 +67,7 @@ def test_an_option_of_another_method_is_refused():
     with pytest.raises(ConfigError, match=r"method cocoop does not take --csc \(an option of coop and kgcoop and prograd\);"):
         method_options_from_args(args, "cocoop", options)
     with pytest.raises(ConfigError, match=r"zeroshot does not take --n-ctx \(an option of coop and cocoop and kgcoop and "
-                                          r"prograd and tcp and maple\), --csc"):
+                                          r"prograd and tcp and maple and tpt\), --csc"):
         method_options_from_args(args, "zeroshot", options)
 
 
@@ -75,13 +75,13 @@ def test_help_groups_by_method_set_with_each_default(capsys):
     parser = argparse.ArgumentParser(prog="test")
     add_method_arguments(parser, METHODS)
     text = " ".join(parser.format_help().split())
-    assert ("options of coop and cocoop and kgcoop and prograd and tcp and maple "
-            "(--method coop|cocoop|kgcoop|prograd|tcp|maple):") in text
+    assert ("options of coop and cocoop and kgcoop and prograd and tcp and maple and tpt "
+            "(--method coop|cocoop|kgcoop|prograd|tcp|maple|tpt):") in text
     assert "options of coop and kgcoop and prograd (--method coop|kgcoop|prograd): --csc, --no-csc" in text
-    assert "[coop, cocoop, kgcoop, prograd, tcp, maple] coop: number of context vectors M" in text
-    assert "(default: coop 16, cocoop 4, kgcoop 4, prograd 16, tcp 4, maple 2)" in text
+    assert "[coop, cocoop, kgcoop, prograd, tcp, maple, tpt] coop: number of context vectors M" in text
+    assert "(default: coop 16, cocoop 4, kgcoop 4, prograd 16, tcp 4, maple 2, tpt 4)" in text
     assert ("(default: coop '', cocoop 'a photo of a', kgcoop 'a photo of a', prograd '', tcp '', ivlp 'a photo of a', "
-            "maple 'a photo of a', promptsrc 'a photo of a')") in text
+            "maple 'a photo of a', promptsrc 'a photo of a', tpt 'a photo of a')") in text
     assert "options of kgcoop and tcp (--method kgcoop|tcp): --kg-weight" in text
     assert "options of ivlp and promptsrc (--method ivlp|promptsrc): --n-ctx-text" in text
 

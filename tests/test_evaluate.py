@@ -113,6 +113,8 @@ def test_bad_input_is_reported():
     with pytest.raises(DatasetError, match="empty"):
         evaluate(lambda f: f, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), NAMES)
     with pytest.raises(DatasetError, match=r"float tensor \[N, D\]"):
-        evaluate(lambda f: f, torch.zeros(2, 3, 4), torch.tensor([0, 1]), NAMES)
+        evaluate(lambda f: f, torch.zeros(2, 3, 4, 5), torch.tensor([0, 1]), NAMES)
+    with pytest.raises(DatasetError, match="3 feature rows but 2 labels"):  # views [V, N, D]: N = 3
+        evaluate(lambda f: f[0], torch.zeros(2, 3, 3), torch.tensor([0, 1]), NAMES)
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         evaluate(lambda f: f, logits, torch.tensor([0, 1]), NAMES, batch_size=0)

@@ -33,7 +33,7 @@ def test_registry_lists_the_methods_with_their_kinds():
         "cocoop": "features", "kgcoop": "features", "prograd": "features", "tcp": "features",
         "clip_adapter": "features", "tip_adapter": "closed_form", "tip_adapter_f": "closed_form",
         "lp_plus_plus": "closed_form", "clap": "features", "ivlp": "images", "maple": "images", "promptsrc": "images",
-        "clip_lora": "images"}
+        "clip_lora": "images", "tpt": "test_time"}
     assert [name for name, spec in METHODS.items() if not spec.transfers] == [
         "linear_probe", "tip_adapter", "tip_adapter_f", "lp_plus_plus", "clap"]
     assert all(spec.name == name for name, spec in METHODS.items())

@@ -298,3 +298,16 @@ def test_api_build_fit_evaluate_predict_save_load(clip, tmp_path):
     assert first[0] == first[1] and len(first[0].labels) == 2
     tensor = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
     assert predictor.predict(tensor, top_k=1) == predictor.predict([tensor], top_k=1)
+
+
+def test_published_numbers_of_tpt_are_the_official_readme_table():
+    from vlprompt.harness.report.aggregate import method_label
+    from vlprompt.harness.report.published import lookup
+
+    expected = {"imagenet": 60.74, "imagenet_a": 26.67, "imagenetv2": 54.7, "imagenet_r": 59.11,
+                "imagenet_sketch": 35.09}
+    for target, accuracy in expected.items():
+        value = lookup("tpt", "imagenet", target, "all", 0, "RN50", "domainshift")
+        assert value is not None and value.accuracy == accuracy and "azshue/TPT" in value.source
+    assert lookup("tpt", "imagenet", "imagenet_a", "all", None, "ViT-B/16") is None  # none entered (not read)
+    assert method_label("tpt") == "TPT"

@@ -58,6 +58,7 @@ METHOD_NAMES: dict[str, str] = {
     "lp_plus_plus": "LP++",
     "clap": "CLAP",
     "clip_lora": "CLIP-LoRA",
+    "tpt": "TPT",
 }
 
 RESULT_FILE_PATTERN = re.compile(rf"^({re.escape(RESULTS_FILE[:-5])}|{re.escape(EVAL_PREFIX)}.+)\.json$")
