@@ -72,6 +72,20 @@ cost does not depend on them):
 
   ratio = plain / ours, with peak memory; plain is not measured above ``--plain-max-classes``.
 
+* **Test-time prompt tuning** (section ``tpt``): TPT's cost per test image for each K (64 views, one AdamW step,
+  the final prediction), as ratios in the same interleaved rounds against
+
+  - ``zero-shot``: the plain path of one image: the image tower on it and the zero-shot classifier (text features
+    computed once beforehand);
+  - ``official``: the official code's computation per image: the 64 views through the image tower (fp32, no grad),
+    the prompts at 77 tokens in fp32 with gradients to the context, the entropy of the 6 most confident views,
+    backward, AdamW, the 77-token text again and the prediction of the original view;
+  - ``ours``: the same through :meth:`vlprompt.methods.tpt.TPT.predict_views` (fast text, ``--precision``), the views
+    in one image-tower call.
+
+  The views are given as random pixels (decoding and augmenting happen in DataLoader workers beside the towers); the
+  official path is not measured above ``--plain-max-classes``.
+
 Threads: torch's intra-op thread count (``torch.get_num_threads()``, set with ``--threads``) is printed.
 """
 
@@ -1379,6 +1393,69 @@ def targets(groups: list[GroupResult], evals: list[dict[str, Any]]) -> list[dict
 # main
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# test-time prompt tuning
+
+
+TPT_VIEWS = 64
+"""Views per test image of TPT's official recipe (63 augmented + the original)."""
+
+
+def bench_tpt(clip: CLIP, args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """TPT's cost per test image for each K: zero-shot prediction of one image, the official-equivalent computation
+    (77-token text in fp32) and ours (:meth:`TPT.predict_views`), measured interleaved."""
+    from vlprompt.methods.tpt import TPT, TPTConfig
+    from vlprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
+
+    device = args.device
+    rows = []
+    resolution = clip.config.image_resolution
+    for classes in args.classes:
+        names, source = class_names(classes)
+        generator = torch.Generator().manual_seed(classes)
+        views = torch.randn(TPT_VIEWS, 3, resolution, resolution, generator=generator).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            ours_method = TPT(clip, names, TPTConfig())
+            official_method = TPT(clip, names, TPTConfig(fast_text=False))
+        zero_classifier = ZeroShot(clip, names, ZeroShotConfig(template="a photo of a {}.")).classifier()
+        ours_classifier, official_classifier = ours_method.classifier(), official_method.classifier()
+
+        def zero_shot() -> None:
+            with torch.inference_mode(), autocast_for(device, "fp32"):
+                zero_classifier(clip.encode_image(views[:1]).float())
+
+        def per_image(classifier: Callable[[Tensor], Tensor], precision: str) -> Callable[[], None]:
+            def run() -> None:
+                with torch.inference_mode(), autocast_for(device, precision):
+                    classifier(clip.encode_image(views).float()[:, None])  # all views in one tower call
+            return run
+
+        paths = [Measured("zeroshot", "zero-shot prediction of one image (fp32)", zero_shot, memory=False),
+                 Measured("ours", f"TPT ours (fast text, {args.precision})", per_image(ours_classifier,
+                                                                                     args.precision))]
+        if classes <= args.plain_max_classes:
+            paths.append(Measured("official", "TPT official-equivalent (77-token text, fp32)",
+                                  per_image(official_classifier, "fp32")))
+        log(f"  tpt K={classes} ({source}), {TPT_VIEWS} views")
+        measure(paths, args.reps, args.reps_slow, args.slow_s, log, device)
+        times = {p.key: p.median for p in paths}
+        zero_s, ours_s, official_s = times["zeroshot"], times["ours"], times.get("official")
+        rows.append({"classes": classes, "views": TPT_VIEWS, "zeroshot_s": zero_s, "ours_s": ours_s,
+                     "official_s": official_s,
+                     "ours_vs_zeroshot": ours_s / zero_s if ours_s and zero_s else None,
+                     "speedup": official_s / ours_s if official_s and ours_s else None,
+                     "peak_mib_ours": _mib(paths[1].peak_bytes),
+                     "peak_mib_official": _mib(paths[2].peak_bytes) if len(paths) > 2 else None,
+                     "note": "" if official_s else f"official not measured above K={args.plain_max_classes}"})
+        gc.collect()
+    return rows
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1390,9 +1467,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default="coop,cocoop", help="comma-separated: coop, cocoop")
     parser.add_argument("--deep-methods", default="maple,promptsrc",
                         help="comma-separated methods of the deep section: maple, promptsrc")
-    parser.add_argument("--sections", default="steps,successors,adapters,eval,fullrun,deep,lora",
+    parser.add_argument("--sections", default="steps,successors,adapters,eval,fullrun,deep,lora,tpt",
                         help="comma-separated: steps, successors (KgCoOp, ProGrad, TCP steps), adapters (CLIP-Adapter, "
-                             "CLAP, Tip-Adapter-F, LP++), eval, fullrun, deep (MaPLe, PromptSRC), lora (CLIP-LoRA)")
+                             "CLAP, Tip-Adapter-F, LP++), eval, fullrun, deep (MaPLe, PromptSRC), lora (CLIP-LoRA), "
+                             "tpt (TPT's cost per test image)")
     parser.add_argument("--adapter-methods", default="clip_adapter,clap,tip_adapter_f,lp_plus_plus",
                         help="comma-separated methods of the adapters section")
     parser.add_argument("--lora-classes", default="10,102", help="comma-separated K values of the lora section")
@@ -1473,7 +1551,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in ("maple", "promptsrc"):
             parser.error(f"unknown deep-prompt method {name!r}")
     for name in args.sections:
-        if name not in ("steps", "successors", "adapters", "eval", "fullrun", "deep", "lora"):
+        if name not in ("steps", "successors", "adapters", "eval", "fullrun", "deep", "lora", "tpt"):
             parser.error(f"unknown section {name!r}")
     return args
 
@@ -1744,6 +1822,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{fmt_x(row['speedup']):>9} {fmt_mib(row['plain_peak_bytes']):>10} "
                 f"{fmt_mib(row['ours_peak_bytes']):>9}  {row['note']}")
         results["lora"] = lora
+
+    if "tpt" in args.sections:
+        out(f"\n== TPT per test image ({TPT_VIEWS} views, one step, the final prediction; median seconds) ==")
+        out("zero-shot = the plain prediction of one image; official = views through the tower + 77-token text in "
+            f"fp32; ours = views in one tower call + fast text ({args.precision})")
+        tpt_rows = bench_tpt(clip, args, log)
+        out(f"  {'K':>5} {'zero-shot s':>12} {'official s':>11} {'ours s':>9} {'ours/zero-shot':>15} "
+            f"{'speed-up':>9}  note")
+        for row in tpt_rows:
+            out(f"  {row['classes']:>5} {fmt_s(row['zeroshot_s']):>12} {fmt_s(row['official_s']):>11} "
+                f"{fmt_s(row['ours_s']):>9} {fmt_x(row['ours_vs_zeroshot']):>15} {fmt_x(row['speedup']):>9}  "
+                f"{row['note']}")
+        results["tpt"] = tpt_rows
 
     checks = targets(groups, evals)
     if checks:

@@ -46,7 +46,7 @@ def test_benchmark_runs_every_section_on_a_tiny_model(bench: ModuleType, tmp_pat
     ])
     saved = json.loads(report.read_text())
     assert {"env", "steps", "successors", "adapters", "eval", "fullrun", "targets", "profile", "deep",
-            "deep_data_path", "lora"} <= saved.keys()
+            "deep_data_path", "lora", "tpt"} <= saved.keys()
     assert [(row["method"], row["classes"]) for row in saved["lora"]] == [("clip_lora", 3), ("clip_lora", 5)]
     for row in saved["lora"]:  # --plain-max-classes 4: K = 5 has ours only
         assert row["ours_s"] > 0 and row["ours_peak_bytes"] > 0 and (row["plain_s"] is None) == (row["classes"] > 4)
@@ -110,3 +110,15 @@ def test_class_names_are_real_and_mostly_distinct(bench: ModuleType) -> None:
     assert source == "Flowers102" and len(flowers) == 102
     mixed, _ = bench.class_names(1000)
     assert len(mixed) == 1000 and len(set(mixed)) > 990  # the shipped sets share a few names (as ImageNet has)
+
+
+def test_tpt_section_gives_the_per_image_ratios(bench: ModuleType, tmp_path: Path) -> None:
+    report = tmp_path / "tpt.json"
+    bench.main(["--model", "tiny", "--sections", "tpt", "--classes", "3,5", "--plain-max-classes", "4", "--reps", "1",
+                "--reps-slow", "1", "--slow-s", "60", "--precision", "fp32", "--json", str(report)])
+    rows = json.loads(report.read_text())["tpt"]
+    assert [(row["classes"], row["views"]) for row in rows] == [(3, 64), (5, 64)]
+    for row in rows:
+        assert row["zeroshot_s"] > 0 and row["ours_s"] > 0 and row["ours_vs_zeroshot"] > 0
+        assert (row["official_s"] is None) == (row["classes"] > 4) and row["peak_mib_ours"] > 0
+    assert rows[0]["speedup"] > 0
