@@ -311,3 +311,25 @@ def test_published_numbers_of_tpt_are_the_official_readme_table():
         assert value is not None and value.accuracy == accuracy and "azshue/TPT" in value.source
     assert lookup("tpt", "imagenet", "imagenet_a", "all", None, "ViT-B/16") is None  # none entered (not read)
     assert method_label("tpt") == "TPT"
+
+
+@pytest.mark.parametrize("device, precision", [
+    ("cpu", "bf16"),
+    pytest.param("cuda", "fp16", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA GPU")]),
+])  # fp16 autocast on a CPU takes minutes; on CUDA it is the official setting (the loss scaled from 1000)
+def test_a_step_under_mixed_precision_autocast(device, precision):
+    from vlprompt.common.precision import autocast_for
+
+    target = torch.device(device)
+    clip = build_tiny_clip("vit", seed=0).to(target)  # its own: the module's CLIP stays on the CPU
+    method = TPT(clip, CLASSNAMES, TPTConfig())
+    views = _views(clip, 1)[:, 0].to(target)
+    with torch.inference_mode(), autocast_for(target, precision):
+        adapted = method.adapt(views)
+        logits = method.classifier()(views[:, None])
+    moved = (adapted.ctx - method.ctx.detach()).abs()
+    # AdamW's first step moves every element by lr * |g| / (|g| + eps) <= lr, plus the decay lr * wd * |ctx|
+    bound = 5e-3 * (1 + 0.01 * method.ctx.detach().abs().max().item()) + 1e-6
+    assert 0 < moved.max().item() <= bound and moved.median().item() > 1e-3
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

@@ -16,7 +16,8 @@
     vp.fit(lora, data, shots=4)                              # 500 x 4 AdamW steps, images through the towers
     vp.merge(lora, "merged.safetensors")                     # a plain CLIP checkpoint: vp.load_clip reads it
 
-Methods: "coop", "cocoop" (trained by SGD), "linear_probe" (closed form), "zeroshot", "ensemble" (nothing to fit).
+Methods: "coop", "cocoop" (trained by SGD), "linear_probe" (closed form), "zeroshot", "ensemble" (nothing to fit),
+"tpt" (nothing to fit: :func:`evaluate` and the Predictor tune its prompt on each test image), ... (``METHODS``).
 For experiments with run folders, checkpoints, resume and result files use :func:`run_experiment` /
 :func:`evaluate_run` (what ``vlprompt train`` / ``vlprompt eval`` run).
 """
@@ -122,7 +123,8 @@ def fit(method: Any, data: DatasetSplits, *, shots: int = 16, seed: int = 1, tra
 
     CoOp / CoCoOp are trained by SGD with the papers' recipe (``train_options`` are TrainConfig fields: ``epochs``,
     ``lr``, ``batch_size``, ``views``, ``precision``, ``device`` ...; or pass a whole ``train``); the linear probe is
-    fitted in closed form (C searched on the few-shot validation split); zero-shot methods have nothing to fit.
+    fitted in closed form (C searched on the few-shot validation split); zero-shot methods and test-time methods
+    (TPT, which adapts to each test image in :func:`evaluate`) have nothing to fit.
     Training options left unset take the method's official recipe of ``protocol`` (None = few-shot; e.g.
     PromptSRC: 50 epochs few-shot, 20 in "base2novel" and "crossdataset"), as :func:`build_method`.
     Image features come from the frozen image tower through the feature cache (``feature_cache``: None = the
