@@ -120,3 +120,16 @@ def test_budget_bench_of_every_protocol(env, tmp_path):
     assert read(transfer / "eval-imagenet_a.json")["protocol"] == "domainshift"
     assert main(["report", str(out)]) == 0
     assert any(p.suffix == ".md" for p in (out / "report").iterdir())
+    # TPT+CoOp in the transfer protocols: from the ImageNet-trained CoOp run (its own output folder: the run key is
+    # the method's, and its configuration differs from plain TPT's)
+    coop_out = tmp_path / "coop"
+    assert main(["bench", "crossdataset", "--out", str(coop_out), "--model", env["model"], "--methods", "coop",
+                 "--seeds", "1", "--budget", "--device", "cpu", "--num-workers", "0", "--root", str(root),
+                 "--targets", "dtd"]) == 0
+    prompt = coop_out / "transfer-budget/tiny/imagenet/coop/shots16/seed1/prompt.safetensors"
+    plus = tmp_path / "tpt-coop"
+    assert main(["bench", "domainshift", *common[2:], "--out", str(plus), "--root", str(root),
+                 "--method-option", f"tpt.init_prompt={prompt}"]) == 0
+    run = plus / "transfer-budget/tiny/imagenet/tpt"
+    assert read(run / "results.json")["config"]["method_config"]["init_prompt"] == str(prompt)
+    assert read(run / "eval-imagenet_r.json")["protocol"] == "domainshift"
