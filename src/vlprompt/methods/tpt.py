@@ -161,8 +161,8 @@ class TPT(FrozenClipMethod):
         caller's autocast; fp16 autocast scales the loss (a fresh scaler per image, initial scale 1000).
         """
         config = self.config
-        logit_scale = logit_scale_of(self.clip)
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # normal tensors: autograd may save them
+            logit_scale = logit_scale_of(self.clip)
             ctx = self.ctx.detach().clone().requires_grad_(True)
             if config.tta_steps == 0:
                 return Adaptation(ctx.detach(), None, ())
