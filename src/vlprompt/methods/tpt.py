@@ -41,7 +41,8 @@ from vlprompt.backbone.transforms import AugMixTransform, EvalTransform
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, cosine_logits, logit_scale_of
 from vlprompt.methods.configs import TPTConfig
-from vlprompt.methods.coop import encode_context
+from vlprompt.methods.coop import CoOp, encode_context
+from vlprompt.methods.prompt_file import load_prompt
 from vlprompt.methods.prompt_layout import initial_context, prepare_prompts
 
 __all__ = ["TPT", "TPTConfig", "Adaptation", "TestTimeClassifier", "TestViews", "average_entropy", "build_tpt",
@@ -230,9 +231,6 @@ def _cosine_classifier(text: Tensor, clip: CLIP) -> CosineClassifier:
 def read_coop_context(clip: CLIP, path: str | os.PathLike[str]) -> Tensor:
     """The unified context ``[M, width]`` of a CoOp prompt file learned on ``clip`` (TPT+CoOp's initialisation);
     the backbone fingerprint is checked (:func:`vlprompt.methods.prompt_file.load_prompt`)."""
-    from vlprompt.methods.coop import CoOp
-    from vlprompt.methods.prompt_file import load_prompt
-
     source = Path(path)
     if source.is_dir():
         raise ConfigError(f"init_prompt {str(source)!r} is a folder: give the CoOp prompt file in it (a run folder "
