@@ -163,7 +163,8 @@ def test_tpt_domain_shift_rows():
     time, so its ImageNet accuracy is one cell for every protocol."""
     for protocol in (None, "fewshot", "domainshift"):
         assert pub.lookup("tpt", "imagenet", "imagenet", "all", None, "RN50", protocol).accuracy == 60.74
-    assert pub.lookup("tpt", "imagenet", "imagenet", "all", 16, "RN50").accuracy == 64.73
+    assert pub.lookup("tpt_coop", "imagenet", "imagenet", "all", None, "RN50").accuracy == 64.73
+    assert pub.lookup("tpt", "imagenet", "imagenet", "all", 16, "RN50") is None
     assert pub.lookup("tpt", "imagenet", pub.AVERAGE, "all", None, "RN50", "crossdataset") is None
     assert pub.lookup("tpt", "imagenet", "imagenetv2", "all", None, "ViT-B/16") is None
 
@@ -176,7 +177,7 @@ def test_transfer_means_are_the_means_of_their_targets(protocol, targets):
     assert {(v.method, v.model) for v in averages} >= (
         {("coop", "ViT-B/16"), ("cocoop", "ViT-B/16"), ("maple", "ViT-B/16"), ("promptsrc", "ViT-B/16"),
          ("tcp", "ViT-B/16")} if protocol == "crossdataset" else
-        {("promptsrc", "ViT-B/16"), ("kgcoop", "ViT-B/16"), ("tpt", "RN50")})
+        {("promptsrc", "ViT-B/16"), ("kgcoop", "ViT-B/16"), ("tpt", "RN50"), ("tpt_coop", "RN50")})
     for average in averages:
         row = [pub.lookup(average.method, "imagenet", t, "all", average.shots, average.model, protocol)
                for t in targets]
@@ -225,7 +226,9 @@ def test_report_places_fewshot_and_domain_shift_values(tmp_path):
     common = {"protocol": "domainshift", "method": "tpt", "dataset": "imagenet", "model": "RN50", "seed": None}
     for target, acc in (("imagenet", 60.0), ("imagenet_a", 25.0), ("imagenet_r", 58.0)):
         write_result(tmp_path, eval_dataset=target, shots=None, accuracy=acc, **common)
-        write_result(tmp_path, eval_dataset=target, shots=16, accuracy=acc + 3, **common)
+        # TPT+CoOp: a TPT run started from a CoOp prompt (its recorded init_prompt) is the paper's own row
+        write_result(tmp_path / "tpt-coop", eval_dataset=target, shots=0, accuracy=acc + 3,
+                     config={"method_config": {"init_prompt": "/runs/coop/prompt.safetensors"}}, **common)
     write_seeds(tmp_path, [40.0, 41.0], method="clip_lora", dataset="eurosat", shots=4, model="RN50")  # none known
     tables = tables_of(tmp_path)
     fewshot = tables["fewshot_tip-adapter"]
@@ -236,7 +239,8 @@ def test_report_places_fewshot_and_domain_shift_values(tmp_path):
     assert shift.columns == ("ImageNet (source)", "ImageNet-A", "ImageNet-R", "Average (2 targets)")
     # the published target average is the mean of all four variants; it stands beside our two-target mean
     assert cells(shift, "TPT (published)") == ["60.74", "26.67", "59.11", "43.89"]
-    assert cells(shift, "TPT (16 shots) (published)") == ["64.73", "30.32", "58.99", "45.75"]
+    assert cells(shift, "TPT+CoOp") == ["63.00", "28.00", "61.00", "44.50"]
+    assert cells(shift, "TPT+CoOp (published)") == ["64.73", "30.32", "58.99", "45.75"]
 
 
 def test_cli_report_writes_the_published_rows(tmp_path):

@@ -26,7 +26,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ METHOD_NAMES: dict[str, str] = {
     "clap": "CLAP",
     "clip_lora": "CLIP-LoRA",
     "tpt": "TPT",
+    "tpt_coop": "TPT+CoOp",
 }
 
 RESULT_FILE_PATTERN = re.compile(rf"^({re.escape(RESULTS_FILE[:-5])}|{re.escape(EVAL_PREFIX)}.+)\.json$")
@@ -82,6 +83,16 @@ def _is_set_aside(relative: Path, root: Path) -> bool:
         if part == PREVIOUS_DIR and (root.joinpath(*relative.parts[:depth]) / CONFIG_FILE).is_file():
             return True
     return False
+
+
+def report_method(method: str, config: Any) -> str:
+    """The row a result belongs to: its method, except TPT started from a learned CoOp prompt (``init_prompt`` in
+    the recorded method config), which the TPT paper reports as its own row, TPT+CoOp (``tpt_coop``)."""
+    if method == "tpt" and isinstance(config, Mapping):
+        options = config.get("method_config")
+        if isinstance(options, Mapping) and options.get("init_prompt"):
+            return "tpt_coop"
+    return method
 
 
 def method_label(name: str) -> str:
@@ -273,7 +284,7 @@ def parse_result(path: Path) -> ResultRecord:
         if schema is None:
             raise MalformedResultError("missing 'schema'")
         raise MalformedResultError(f"schema {schema!r} is not supported (this version reads {RESULT_SCHEMA})")
-    method = _required_str(data, "method")
+    method = report_method(_required_str(data, "method"), data.get("config"))
     dataset = _required_str(data, "dataset")
     eval_dataset = _optional_str(data, "eval_dataset") or dataset
     subset = data.get("subset", "all")

@@ -366,11 +366,12 @@ _TIP_SOURCES = {"tip_adapter": _TIP_EXP_LOG, "tip_adapter_f": _TIP_EXP_LOG, "cli
 
 _TPT_README = "TPT official README (github azshue/TPT @ 63ecbac), 'Out-of-Distribution Generalization', CLIP-RN50"
 # domain shift, ResNet-50: TPT needs no training images, so its ImageNet accuracy is the same cell in every protocol;
-# TPT + CoOp starts from CoOp's prompt learned on 16-shot ImageNet, so it is keyed as a 16-shot TPT run. The mean is
+# TPT + CoOp starts from CoOp's prompt learned on 16-shot ImageNet: its own row, ``tpt_coop`` (a TPT run with an
+# ``init_prompt``, see ``aggregate.report_method``), with no training images of its own. The mean is
 # the README's "OOD Average" (of the four variants; its "Average" includes ImageNet).
 _TPT_RN50: tuple[tuple[str, int | None, str, _TransferTable], ...] = (
     ("tpt", None, "60.74", _domain("54.7 35.09 26.67 59.11", "43.89", _TPT_README + ", row TPT")),
-    ("tpt", 16, "64.73", _domain("57.83 35.86 30.32 58.99", "45.75", _TPT_README + ", row TPT + CoOp (16 shots)")),
+    ("tpt_coop", None, "64.73", _domain("57.83 35.86 30.32 58.99", "45.75", _TPT_README + ", row TPT + CoOp (16 shots)")),
 )
 
 
