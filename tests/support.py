@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 SHARED = Path(__file__).parents[2] / "shared"
 FIXTURES = SHARED / "fixtures" / "coop_data"
@@ -117,3 +121,36 @@ def assert_same_state(loaded: torch.nn.Module, original: torch.nn.Module) -> Non
     assert state.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
+
+
+CLI_LAUNCHER = "import sys; from vlprompt.harness.cli.main import main; sys.exit(main(sys.argv[1:]))"
+
+
+def kill_and_resume(args: list[str], environ: Mapping[str, str], tmp_path: Path, kill_after: str) -> None:
+    """Run ``vlprompt *args`` to the end in ``tmp_path/straight``; run it again in ``tmp_path/killed``, SIGKILL it
+    (no clean-up at all) when a stdout line contains ``kill_after``, resume it with ``--resume``; then assert that the
+    resumed run saved the same learned tensors, bit for bit, and the same metrics as the uninterrupted one."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    command = [sys.executable, "-c", CLI_LAUNCHER, *args, "--out"]
+    done = subprocess.run([*command, str(straight)], env=dict(environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    process = subprocess.Popen([*command, str(killed)], env=dict(environ), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if kill_after in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "results.json").exists()
+    resumed = subprocess.run([*command, str(killed), "--resume"], env=dict(environ), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((killed / "results.json").read_text())
+    assert results["fit"]["resumed_after_epoch"] >= 2
+    want, got = load_file(straight / "prompt.safetensors"), load_file(killed / "prompt.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert (want[key] == got[key]).all(), key
+    assert results["metrics"] == json.loads((straight / "results.json").read_text())["metrics"]

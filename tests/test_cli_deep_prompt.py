@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
-from safetensors.torch import load_file
-from support import FIXTURES, needs_fixtures, run_cli
+from support import FIXTURES, kill_and_resume, needs_fixtures, run_cli
 
 from vlprompt.data import load_dataset
 
@@ -86,32 +82,6 @@ def test_budget_benches_of_the_deep_prompt_methods(cli_env, tmp_path, capsys):
 def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_prompts(cli_env, tmp_path):
     args = ["train", "--method", "promptsrc", *DEPTHS["promptsrc"], *COMMON[:-1], "--epochs", "4", "--model",
             cli_env["model"]]
-    launcher = "import sys; from vlprompt.harness.cli.main import main; sys.exit(main(sys.argv[1:]))"
     environ = os.environ | {"PYTHONUNBUFFERED": "1", "VLPROMPT_CACHE": str(cli_env["base"] / "cache"),
                             "VLPROMPT_DATA_ROOT": str(FIXTURES)}
-    straight = tmp_path / "straight"
-    done = subprocess.run([sys.executable, "-c", launcher, *args, "--out", str(straight)], env=environ,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-c", launcher, *args, "--out", str(killed)], env=environ,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:  # no clean-up at all, once epoch 2's checkpoint is written
-        if "epoch 2/4: loss" in line:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    assert not (killed / "results.json").exists()
-    resumed = subprocess.run([sys.executable, "-c", launcher, *args, "--out", str(killed), "--resume"], env=environ,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    results = json.loads((killed / "results.json").read_text())
-    assert results["fit"]["resumed_after_epoch"] >= 2
-    want, got = load_file(straight / "prompt.safetensors"), load_file(killed / "prompt.safetensors")
-    assert want.keys() == got.keys()
-    for key in want:
-        assert (want[key] == got[key]).all(), key
-    assert results["metrics"] == json.loads((straight / "results.json").read_text())["metrics"]
+    kill_and_resume(args, environ, tmp_path, kill_after="epoch 2/4: loss")
