@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone.model import CLIP
+from vlprompt.common.vocab import seeded_torch
 from vlprompt.errors import ConfigError
 
 
@@ -176,3 +177,14 @@ class FrozenClipMethod(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method_name!r}, classes={self.num_classes}, backbone={self.clip.config.name!r}"
+
+
+def rebuilt_on(method: FrozenClipMethod, classnames: Sequence[str], **kwargs: Any) -> Any:
+    """``method``'s class built on ``classnames`` (same CLIP, config and ``kwargs``) carrying ``method``'s learned
+    state: ``with_classnames`` of a method whose state does not depend on the classes (deep prompts, LoRA factors).
+    The throw-away initialisation draws from a forked RNG, so the caller's random stream is untouched."""
+    with seeded_torch(method.clip.device, None):
+        clone = type(method)(method.clip, classnames, method.config, **kwargs)
+    clone.load_state_dict(method.state_dict())
+    clone.train(method.training)
+    return clone

@@ -32,7 +32,7 @@ from vlprompt.backbone.fast_text import encode_trimmed
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer
 from vlprompt.errors import CheckpointError, ConfigError, OutputError
-from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, cosine_logits, logit_scale_of
+from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, cosine_logits, logit_scale_of, rebuilt_on
 from vlprompt.methods.configs import LORA_PROJECTIONS, CLIPLoRAConfig
 from vlprompt.methods.templates import fill
 from vlprompt.methods.zeroshot import class_text_features, tokenize_prompts
@@ -197,13 +197,7 @@ class CLIPLoRA(FrozenClipMethod):
 
     def with_classnames(self, classnames: Sequence[str]) -> CLIPLoRA:
         """The same adapted towers on another class list (the factors do not depend on the classes)."""
-        from vlprompt.common.vocab import seeded_torch
-
-        with seeded_torch(self.clip.device, None):  # the fresh initialisation is overwritten below
-            clone = type(self)(self.clip, classnames, self.config, tokenizer=self._tokenizer)
-        clone.load_state_dict(self.state_dict())
-        clone.train(self.training)
-        return clone
+        return rebuilt_on(self, classnames, tokenizer=self._tokenizer)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, rank={self.config.rank}, text_blocks={len(self.text)}, "

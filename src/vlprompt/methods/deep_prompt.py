@@ -29,9 +29,9 @@ from vlprompt.backbone.extension import TokenEdit, TowerExtension
 from vlprompt.backbone.fast_text import encode_full, encode_shared_prefix
 from vlprompt.backbone.model import CLIP
 from vlprompt.backbone.tokenizer import ClipTokenizer, get_tokenizer
-from vlprompt.common.vocab import seeded_torch
 from vlprompt.errors import ConfigError
-from vlprompt.methods.base import CosineClassifier, FrozenClipMethod, TrainOutput, cosine_logits, logit_scale_of
+from vlprompt.methods.base import (CosineClassifier, FrozenClipMethod, TrainOutput, cosine_logits, logit_scale_of,
+                                   rebuilt_on)
 from vlprompt.methods.prompt_layout import INIT_STD, PromptLayout, build_layout, context_phrase, phrase_embeddings
 
 
@@ -170,11 +170,7 @@ class DeepPromptLearner(FrozenClipMethod):
 
     def with_classnames(self, classnames: Sequence[str]) -> DeepPromptLearner:
         """The same learned prompts on another class list (none of them depends on the classes)."""
-        with seeded_torch(self.clip.device, None):  # the fresh initialisation is overwritten below
-            clone = type(self)(self.clip, classnames, self.config, tokenizer=self._tokenizer)
-        clone.load_state_dict(self.state_dict())
-        clone.train(self.training)
-        return clone
+        return rebuilt_on(self, classnames, tokenizer=self._tokenizer)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n_ctx={self.n_ctx}"
